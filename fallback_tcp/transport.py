@@ -1,0 +1,233 @@
+"""Client side of the TCP path: requests, pipelined batches, verified chunk fetches.
+
+This is the fallback transport and the baseline every RDMA number is compared
+against, so the hot loops avoid per-chunk work where a batch will do: chunks
+go out in scatter-gather frames of up to ``batch_bytes`` with up to ``window``
+frames in flight, and come back in frames of up to ``fetch_bytes``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from rdmakv import messages as msg
+from rdmakv.errors import ConnectionLost, IntegrityError, ProtocolError, RdmakvError
+from rdmakv.hashing import chunk_key
+from rdmakv.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+
+from .framed import FramedSocket, client_handshake, raise_error_frame
+
+DEFAULT_WINDOW = 64
+DEFAULT_BATCH_BYTES = 512 << 10
+DEFAULT_FETCH_BYTES = 1 << 20
+
+
+class TcpChannel:
+    """One authenticated connection to a server namespace."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        namespace: str,
+        key: bytes,
+        *,
+        timeout: float | None = 60.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        window: int = DEFAULT_WINDOW,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        fetch_bytes: int = DEFAULT_FETCH_BYTES,
+    ) -> None:
+        self.namespace = namespace
+        self.window = window
+        self.batch_bytes = batch_bytes
+        self.fetch_bytes = min(fetch_bytes, max_frame // 2)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot reach rdmakv server at {host}:{port}: {e.strerror or e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fs = FramedSocket(sock, max_frame)
+        self._req = 0
+        self.round_trips = 0
+        try:
+            self.server_info = client_handshake(self.fs, key, namespace)
+        except BaseException:
+            self.fs.close()
+            raise
+
+    # -- counters ------------------------------------------------------------------------
+    @property
+    def bytes_sent(self) -> int:
+        return self.fs.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.fs.bytes_received
+
+    def close(self) -> None:
+        self.fs.close()
+
+    # -- request machinery -----------------------------------------------------------------
+    def _send(self, op: int, parts: Sequence[bytes | memoryview]) -> int:
+        self._req += 1
+        try:
+            self.fs.send(op, 0, self._req, parts)
+        except OSError as e:
+            raise ConnectionLost(f"connection to the server lost while sending: {e}") from e
+        return self._req
+
+    def _recv(self, req_id: int) -> memoryview:
+        try:
+            header, payload = self.fs.recv()
+        except OSError as e:
+            raise ConnectionLost(f"connection to the server lost: {e}") from e
+        if header.op == Op.ERROR:
+            raise_error_frame(payload)
+        if not header.flags & FLAG_RESPONSE or header.req_id != req_id:
+            raise ProtocolError(f"response {header.req_id} does not answer request {req_id}")
+        return payload
+
+    def request(self, op: int, parts: Sequence[bytes | memoryview]) -> memoryview:
+        """One round trip; the reply view is valid until the next receive."""
+        req = self._send(op, parts)
+        self.round_trips += 1
+        return self._recv(req)
+
+    def pipeline(
+        self,
+        op: int,
+        requests: Sequence[Sequence[bytes | memoryview]],
+        on_reply: Callable[[int, memoryview], None],
+    ) -> None:
+        """Send ``requests`` keeping up to ``window`` in flight; replies arrive in order.
+
+        If a reply is an error, the remaining replies are still read (the stream
+        stays in sync) and the first error is raised at the end.
+        """
+        inflight: deque[tuple[int, int]] = deque()
+        first_error: RdmakvError | None = None
+        if requests:
+            self.round_trips += 1
+        for i, parts in enumerate(requests):
+            if len(inflight) >= self.window:
+                first_error = self._drain_one(inflight, on_reply, first_error)
+            inflight.append((i, self._send(op, parts)))
+        while inflight:
+            first_error = self._drain_one(inflight, on_reply, first_error)
+        if first_error is not None:
+            raise first_error
+
+    def _drain_one(self, inflight: deque, on_reply: Callable, first_error: RdmakvError | None):
+        i, req = inflight.popleft()
+        try:
+            payload = self._recv(req)
+            if first_error is None:
+                on_reply(i, payload)
+        except ConnectionLost:
+            raise
+        except RdmakvError as e:
+            return first_error or e
+        return first_error
+
+    # -- operations ------------------------------------------------------------------------
+    def exists(self, keys: np.ndarray) -> np.ndarray:
+        return msg.dec_bitmap(self.request(Op.EXISTS, [msg.enc_keys(keys)]))
+
+    def put_chunks(self, keys: Sequence[int], chunks: Sequence[bytes | memoryview]) -> tuple[int, int]:
+        """Pipelined batch put; returns (stored, already present)."""
+        frames: list[list[bytes | memoryview]] = []
+        start, size = 0, 0
+        for i, c in enumerate(chunks):
+            size += memoryview(c).nbytes
+            if size >= self.batch_bytes or i == len(chunks) - 1:
+                frames.append(msg.enc_put_chunks(keys[start : i + 1], chunks[start : i + 1]))
+                start, size = i + 1, 0
+        totals = [0, 0]
+
+        def add(_: int, payload: memoryview) -> None:
+            stored, existed = msg.dec_put_result(payload)
+            totals[0] += stored
+            totals[1] += existed
+
+        self.pipeline(Op.PUT_CHUNKS, frames, add)
+        return totals[0], totals[1]
+
+    def fetch_chunks(
+        self,
+        keys: Sequence[int],
+        lengths: Sequence[int],
+        sink: Callable[[int, memoryview], None],
+    ) -> None:
+        """Pipelined batched GET; every chunk is checked against its key before ``sink(i, bytes)``."""
+        batches: list[tuple[int, int]] = []
+        start, size = 0, 0
+        for i, n in enumerate(lengths):
+            size += n
+            if size >= self.fetch_bytes or i == len(lengths) - 1:
+                batches.append((start, i + 1))
+                start, size = i + 1, 0
+        frames = [[msg.enc_keys(keys[a:b])] for a, b in batches]
+
+        def deliver(j: int, payload: memoryview) -> None:
+            a, b = batches[j]
+            chunks = msg.dec_chunks(payload)
+            if len(chunks) != b - a:
+                raise ProtocolError("GET_CHUNKS reply has the wrong number of chunks")
+            for i, data in zip(range(a, b), chunks):
+                if data is None:
+                    raise msg_missing(keys[i])
+                if data.nbytes != lengths[i] or chunk_key(data) != keys[i]:
+                    raise IntegrityError(f"chunk {keys[i]:016x} failed verification: bytes do not match its key")
+                sink(i, data)
+
+        self.pipeline(Op.GET_CHUNKS, frames, deliver)
+
+    def get_chunks(self, keys: Sequence[int]) -> list[bytes | None]:
+        """Unverified-length fetch (lengths unknown): one batch per request, verified by key."""
+        out: list[bytes | None] = []
+        for a in range(0, len(keys), 256):
+            part = keys[a : a + 256]
+            for k, data in zip(part, msg.dec_chunks(self.request(Op.GET_CHUNKS, [msg.enc_keys(part)]))):
+                if data is not None and chunk_key(data) != k:
+                    raise IntegrityError(f"chunk {k:016x} failed verification: bytes do not match its key")
+                out.append(None if data is None else bytes(data))
+        return out
+
+    def put_manifest(self, name: str, manifest: bytes) -> np.ndarray:
+        return msg.dec_manifest_result(self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest))).copy()
+
+    def get_manifest(self, name: str, want_locations: bool = False) -> tuple[bytes, msg.Locations | None]:
+        flags = msg.GET_WANT_LOCATIONS if want_locations else 0
+        data, loc = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
+        if loc is not None:
+            loc = msg.Locations(loc.regions.copy(), loc.slots.copy())
+        return bytes(data), loc
+
+    def locate(self, keys: np.ndarray) -> msg.Locations:
+        loc = msg.dec_locations(self.request(Op.LOCATE, [msg.enc_keys(keys)]))
+        return msg.Locations(loc.regions.copy(), loc.slots.copy())
+
+    def delete_manifest(self, name: str) -> None:
+        self.request(Op.DELETE_MANIFEST, [msg.enc_name_only(name)])
+
+    def list(self, prefix: str = "") -> list[dict]:
+        out = msg.dec_json(self.request(Op.LIST, [prefix.encode("utf-8")]))
+        return out if isinstance(out, list) else []
+
+    def stats(self) -> dict:
+        out = msg.dec_json(self.request(Op.STATS, []))
+        return out if isinstance(out, dict) else {}
+
+    def rdma_connect(self, payload: bytes) -> bytes:
+        return bytes(self.request(Op.RDMA_CONNECT, [payload]))
+
+
+def msg_missing(key: int) -> RdmakvError:
+    from rdmakv.errors import NotFoundError
+
+    return NotFoundError(f"chunk {key:016x} is no longer stored on the server")

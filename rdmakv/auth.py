@@ -1,0 +1,59 @@
+"""The shared auth key and per-connection key derivation (DESIGN §4)."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import AuthError
+
+KEY_ENV = "RDMAKV_AUTH_KEY"
+KEY_BYTES = 32
+NONCE_BYTES = 32
+
+
+def parse_key(text: str | bytes) -> bytes:
+    """A 32-byte key from 64 hex characters (or the raw 32 bytes)."""
+    if isinstance(text, bytes) and len(text) == KEY_BYTES:
+        return text
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    text = text.strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise AuthError(
+            f"auth key must be {2 * KEY_BYTES} hex characters ({KEY_BYTES} bytes); "
+            f"got {len(text)} characters"
+        )
+    return key
+
+
+def key_from_env(explicit: str | bytes | None = None) -> bytes:
+    """The explicit key if given, else ``$RDMAKV_AUTH_KEY``; a clear error when neither is set."""
+    if explicit is not None:
+        return parse_key(explicit)
+    value = os.environ.get(KEY_ENV)
+    if not value:
+        raise AuthError(
+            f"no auth key: set {KEY_ENV} to 64 hex characters "
+            f"(e.g. export {KEY_ENV}=$(openssl rand -hex 32)) or pass key="
+        )
+    return parse_key(value)
+
+
+def derive_session_keys(
+    key: bytes, client_nonce: bytes, server_nonce: bytes, namespace: str
+) -> tuple[bytes, bytes]:
+    """(client->server key, server->client key); the namespace is bound into both."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=2 * KEY_BYTES,
+        salt=client_nonce + server_nonce,
+        info=b"rdmakv/1 session " + namespace.encode("utf-8"),
+    ).derive(key)
+    return okm[:KEY_BYTES], okm[KEY_BYTES:]

@@ -1,0 +1,169 @@
+"""The ``rdmakv`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from .auth import KEY_ENV, key_from_env, parse_key
+from .errors import RdmakvError
+from .units import fmt_bytes, parse_size
+
+KEY_HELP = f"auth key: 64 hex characters, read from ${KEY_ENV} (generate one with: openssl rand -hex 32)"
+
+
+def _key_for_serve(args: argparse.Namespace) -> bytes:
+    if args.key_file:
+        with open(args.key_file) as f:
+            return parse_key(f.read())
+    return key_from_env()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    run_server(
+        args.listen,
+        args.data_dir,
+        parse_size(args.capacity),
+        _key_for_serve(args),
+        fsync=args.fsync,
+        transport=args.transport,
+        region_bytes=parse_size(args.region_size),
+        max_frame=parse_size(args.max_frame),
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args.transport, args.json, args.runs)
+
+
+def _open(args: argparse.Namespace):
+    from .client import connect
+
+    return connect(args.url, transport="tcp", timeout=args.timeout)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        rows = store.list(args.prefix)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("(no manifests)")
+    for r in rows:
+        print(f"{r['name']}\t{r['chunks']} chunks\t{fmt_bytes(r['kv_bytes'])}\tmanifest {r['manifest_bytes']} B")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        st = store.stats()
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        for k in sorted(st):
+            v = st[k]
+            extra = f"  ({fmt_bytes(v)})" if k.endswith("bytes") and isinstance(v, int) else ""
+            print(f"{k:28} {v}{extra}")
+    return 0
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).cli(args.rest)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rdmakv",
+        description="KV-cache store for LLM inference servers: content-addressed chunks, "
+        "RDMA-direct restore, authenticated TCP fallback.",
+        epilog=f"URLs look like rdmakv://HOST:PORT/NAMESPACE (default port 9900). {KEY_HELP}.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run a store server", description="Run a store server. " + KEY_HELP + ".")
+    s.add_argument("--listen", default="127.0.0.1:9900", help="HOST:PORT to listen on (default 127.0.0.1:9900)")
+    s.add_argument("--data-dir", required=True, help="directory of the durable segment log (created if missing)")
+    s.add_argument("--capacity", default="2GiB", help="memory for stored chunks across all namespaces, e.g. 2GiB")
+    s.add_argument(
+        "--fsync",
+        choices=("manifest", "always", "never"),
+        default="manifest",
+        help="when to fsync the log: before acknowledging each manifest commit (default), "
+        "after every record, or never (fast, not crash-safe)",
+    )
+    s.add_argument(
+        "--transport",
+        choices=("auto", "rdma", "tcp"),
+        default="auto",
+        help="auto: export the slab over RDMA when a device is present; rdma: fail if none; tcp: never",
+    )
+    s.add_argument("--region-size", default="64MiB", help="size of each registered slab region (default 64MiB)")
+    s.add_argument("--max-frame", default="64MiB", help="largest frame payload accepted (default 64MiB)")
+    s.add_argument("--key-file", help=f"read the auth key from this file instead of ${KEY_ENV}")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser(
+        "demo",
+        help="run the seed scenarios on an embedded loopback server",
+        description="Start an embedded server on a free loopback port with a temporary data dir and "
+        "reproduce the seed document's scenarios (Qwen2.5-0.5B KV shape) next to its reference figures.",
+    )
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+    d.add_argument("--transport", choices=("auto", "rdma", "tcp"), default="auto", help="restore transport")
+    d.add_argument("--runs", type=int, default=20, help="timed repetitions for the wall-time table (default 20)")
+    d.set_defaults(func=cmd_demo)
+
+    for name, func, helptext in (
+        ("ls", cmd_ls, "list the manifests of a namespace"),
+        ("stats", cmd_stats, "show a namespace's storage and traffic counters"),
+    ):
+        c = sub.add_parser(name, help=helptext, description=helptext.capitalize() + ". " + KEY_HELP + ".")
+        c.add_argument("url", help="rdmakv://HOST:PORT/NAMESPACE")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
+        if name == "ls":
+            c.add_argument("--prefix", default="", help="only names starting with this prefix")
+        c.set_defaults(func=func)
+
+    for name, module, helptext in (
+        ("rxe-vm", "rdmakv.rxe_vm", "run a command inside a guest with real soft-RoCE (rxe0)"),
+        ("doctor", "rdmakv.doctor", "report RDMA readiness: pyverbs, devices, memlock, transport choice"),
+        ("bench", "bench.cli", "benchmarks: RDMA vs TCP vs v1 single blob"),
+        ("slotfile", "rdmakv.slotfile_cli", "inspect, import and export llama.cpp slot files"),
+        ("llama-proxy", "rdmakv.llama_proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
+    ):
+        c = sub.add_parser(name, help=helptext, add_help=False, description=helptext)
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+        c.set_defaults(func=_delegate(module))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (RdmakvError, ValueError, OSError) as e:
+        print(f"rdmakv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser", "os"]

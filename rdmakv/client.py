@@ -1,0 +1,273 @@
+"""The client API: ``rdmakv.connect(url)`` -> Store with save/restore and kv_store-style calls."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fallback_tcp.transport import TcpChannel
+
+from . import chunking
+from . import manifest as mf
+from .auth import key_from_env
+from .errors import MissingChunksError, RdmakvError, StoreFullError
+from .hashing import chunk_key
+from .kvstate import KVState, RestoreReport, SaveReport
+from .url import parse_url
+
+TRANSPORTS = ("auto", "rdma", "tcp")
+BLOB_PIECE = 16 << 20
+
+
+def connect(
+    url: str,
+    key: str | bytes | None = None,
+    transport: str = "auto",
+    window: int = chunking.DEFAULT_WINDOW,
+    *,
+    timeout: float | None = 60.0,
+    pipeline_window: int = 64,
+) -> Store:
+    """Open a store. ``key`` defaults to ``$RDMAKV_AUTH_KEY``; ``window`` is W in tokens."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    return Store(url, key_from_env(key), transport, window, timeout=timeout, pipeline_window=pipeline_window)
+
+
+class Store:
+    def __init__(
+        self,
+        url: str,
+        key: bytes,
+        transport: str = "auto",
+        window: int = chunking.DEFAULT_WINDOW,
+        *,
+        timeout: float | None = 60.0,
+        pipeline_window: int = 64,
+    ) -> None:
+        self.url = parse_url(url)
+        self.window = window
+        self.transport = transport
+        self.channel = TcpChannel(
+            self.url.host, self.url.port, self.url.namespace, key, timeout=timeout, window=pipeline_window
+        )
+        self.server_info = self.channel.server_info
+        self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
+        self.rdma_reason = ""
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_limit = 256 << 20
+        if transport != "tcp":
+            self._setup_rdma(required=transport == "rdma")
+
+    def _setup_rdma(self, required: bool) -> None:
+        from .rdma.restore import open_restorer
+
+        self.rdma, self.rdma_reason = open_restorer(self)
+        if self.rdma is None and required:
+            self.close()
+            raise RdmakvError(f"transport='rdma' requested but RDMA is unavailable: {self.rdma_reason}")
+
+    @property
+    def active_transport(self) -> str:
+        return "rdma" if self.rdma is not None and self.rdma.usable else "tcp"
+
+    def close(self) -> None:
+        if self.rdma is not None:
+            self.rdma.close()
+            self.rdma = None
+        self.channel.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- high level ---------------------------------------------------------------------
+    def save(self, name: str, kv: KVState, window: int | None = None) -> SaveReport:
+        """Save a session: one round trip when every chunk is already stored."""
+        t0 = time.perf_counter()
+        manifest, chunks = chunking.split(kv, window or self.window)
+        return self._save_manifest(name, manifest, chunks, t0)
+
+    def save_object(
+        self, name: str, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
+    ) -> SaveReport:
+        """Save any manifest kind (slot files, blobs): body + ordered chunks with tags."""
+        t0 = time.perf_counter()
+        keys = np.fromiter((chunk_key(c) for c in chunks), dtype=np.uint64, count=len(chunks))
+        lengths = np.fromiter((memoryview(c).nbytes for c in chunks), dtype=np.uint32, count=len(chunks))
+        manifest = mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64))
+        return self._save_manifest(name, manifest, chunks, t0)
+
+    def put_blob(self, name: str, data: bytes | memoryview) -> SaveReport:
+        """A v1-style single blob (stored as opaque pieces of at most 16 MiB)."""
+        view = memoryview(data).cast("B")
+        pieces = [view[i : i + BLOB_PIECE] for i in range(0, max(len(view), 1), BLOB_PIECE)]
+        return self.save_object(name, mf.KIND_OPAQUE, b"", pieces, range(len(pieces)))
+
+    def get_blob(self, name: str) -> bytes:
+        manifest, pieces = self.load_object(name)
+        if manifest.kind != mf.KIND_OPAQUE:
+            raise RdmakvError(f"{name!r} is a {mf.KIND_NAMES[manifest.kind]} manifest, not a blob")
+        return b"".join(pieces)
+
+    def _save_manifest(
+        self, name: str, manifest: mf.Manifest, chunks: Sequence[bytes | memoryview], t0: float
+    ) -> SaveReport:
+        ch = self.channel
+        sent0, recv0, rt0 = ch.bytes_sent, ch.bytes_received, ch.round_trips
+        data = manifest.encode()
+        missing = ch.put_manifest(name, data)
+        sent_chunks = 0
+        for attempt in range(3):
+            if len(missing) == 0:
+                break
+            if attempt == 2:
+                raise StoreFullError(
+                    f"save of {name!r}: {len(missing)} chunks were evicted again before the commit "
+                    "(the store is too full for this save)"
+                )
+            want = set(missing.tolist())
+            keys: list[int] = []
+            views: list[bytes | memoryview] = []
+            for k, c in zip(manifest.keys.tolist(), chunks):
+                if k in want:
+                    want.discard(k)
+                    keys.append(k)
+                    views.append(c)
+            if want:
+                raise MissingChunksError("server asked for chunks this manifest does not name", list(want))
+            ch.put_chunks(keys, views)
+            sent_chunks += len(keys)
+            missing = ch.put_manifest(name, data)
+        unique = len(np.unique(manifest.keys))
+        return SaveReport(
+            chunks_total=manifest.n_chunks,
+            chunks_sent=sent_chunks,
+            chunks_skipped=unique - sent_chunks if sent_chunks <= unique else 0,
+            bytes_on_wire=(ch.bytes_sent - sent0) + (ch.bytes_received - recv0),
+            round_trips=ch.round_trips - rt0,
+            wall_s=time.perf_counter() - t0,
+            transport="tcp",
+            manifest_bytes=len(data),
+        )
+
+    def restore(self, name: str, report: bool = False, **hooks: Callable) -> KVState | tuple[KVState, RestoreReport]:
+        """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""
+        t0 = time.perf_counter()
+        rep = RestoreReport()
+        kv = None
+        if self.rdma is not None and self.rdma.usable:
+            kv = self.rdma.restore(name, rep, **hooks)
+        if kv is None:
+            if self.rdma_reason and not rep.fallback_reason:
+                rep.fallback_reason = self.rdma_reason
+            kv = self._restore_tcp(name, rep)
+        rep.wall_s = time.perf_counter() - t0
+        return (kv, rep) if report else kv
+
+    def _restore_tcp(self, name: str, rep: RestoreReport) -> KVState:
+        ch = self.channel
+        sent0, recv0, rt0 = ch.bytes_sent, ch.bytes_received, ch.round_trips
+        data, _ = ch.get_manifest(name)
+        m = mf.decode(data)
+        layout = chunking.decode_layout(m)
+        _, _, offsets = layout.chunk_table()
+        buf = np.empty(layout.total_bytes, dtype=np.uint8)
+        self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
+        rep.transport = "tcp"
+        rep.chunks = m.n_chunks
+        rep.bytes = (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
+        rep.round_trips += ch.round_trips - rt0
+        return chunking.assemble(layout, buf)
+
+    def fill_tcp(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
+        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``."""
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # fetch in manifest order: sequential slab reads
+        ukeys = uniq[order].tolist()
+        ulens = lengths[first[order]].tolist()
+        targets: list[list[int]] = [[] for _ in ukeys]
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        for pos, u in zip(offsets.tolist(), rank[inverse].tolist()):
+            targets[u].append(pos)
+
+        def sink(i: int, data: memoryview | bytes) -> None:
+            n = ulens[i]
+            for pos in targets[i]:
+                dest[pos : pos + n] = data
+
+        todo = []
+        for i, k in enumerate(ukeys):
+            cached = self._cache.pop(k, None)
+            if cached is not None:
+                self._cache_bytes -= len(cached)
+                sink(i, cached)
+            else:
+                todo.append(i)
+        if todo:
+            sub_keys = [ukeys[i] for i in todo]
+            sub_lens = [ulens[i] for i in todo]
+            self.channel.fetch_chunks(sub_keys, sub_lens, lambda j, data: sink(todo[j], data))
+
+    def load_object(self, name: str) -> tuple[mf.Manifest, list[bytes]]:
+        """Any manifest plus its chunks (verified), in manifest order."""
+        data, _ = self.channel.get_manifest(name)
+        m = mf.decode(data)
+        offsets = np.zeros(m.n_chunks, dtype=np.uint64)
+        if m.n_chunks:
+            offsets[1:] = np.cumsum(m.lengths[:-1], dtype=np.uint64)
+        buf = bytearray(m.total_bytes)
+        self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
+        view = memoryview(buf)
+        return m, [bytes(view[o : o + n]) for o, n in zip(offsets.tolist(), m.lengths.tolist())]
+
+    # -- kv_store-style low level ----------------------------------------------------------
+    def exists(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.channel.exists(np.asarray(keys, dtype=np.uint64))
+
+    def put_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[int]:
+        """Store chunks (content-addressed); returns their keys."""
+        keys = [chunk_key(c) for c in chunks]
+        self.channel.put_chunks(keys, chunks)
+        return keys
+
+    def get_chunks(self, keys: Sequence[int]) -> list[bytes | None]:
+        """Chunks by key (None where absent); every chunk is verified against its key."""
+        return self.channel.get_chunks([int(k) for k in keys])
+
+    def prefetch(self, keys: Sequence[int]) -> int:
+        """Fetch chunks into a local cache that the next restore uses; returns bytes cached."""
+        got = 0
+        for k, data in zip(keys, self.get_chunks(keys)):
+            if data is not None and int(k) not in self._cache:
+                self._cache[int(k)] = data
+                self._cache_bytes += len(data)
+                got += len(data)
+        while self._cache_bytes > self.cache_limit and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+        return got
+
+    def put_manifest(self, name: str, manifest: bytes | mf.Manifest) -> list[int]:
+        """Commit if every chunk is present; returns the missing keys (empty = committed)."""
+        data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
+        return self.channel.put_manifest(name, data).tolist()
+
+    def get_manifest(self, name: str) -> mf.Manifest:
+        return mf.decode(self.channel.get_manifest(name)[0])
+
+    def delete_manifest(self, name: str) -> None:
+        self.channel.delete_manifest(name)
+
+    def list(self, prefix: str = "") -> list[dict]:
+        return self.channel.list(prefix)
+
+    def stats(self) -> dict:
+        return self.channel.stats()

@@ -1,0 +1,105 @@
+"""Exception types shared by the codecs, the client and the server.
+
+Every error carries a stable ``code`` so the wire protocol can transport it and
+operators can script against it.
+"""
+
+from __future__ import annotations
+
+
+class RdmakvError(Exception):
+    """Base class for every error rdmakv raises on purpose."""
+
+    code = 1
+
+
+class CodecError(RdmakvError, ValueError):
+    """Bytes that do not decode: malformed frame, manifest or record."""
+
+    code = 2
+
+
+class ManifestError(CodecError):
+    """A manifest that fails validation."""
+
+    code = 3
+
+
+class ProtocolError(RdmakvError):
+    """The peer broke the protocol (bad frame, unknown opcode, oversized length)."""
+
+    code = 4
+
+
+class AuthError(RdmakvError):
+    """Authentication failed: wrong key, tampered, replayed or reordered frame."""
+
+    code = 5
+
+
+class StoreFullError(RdmakvError):
+    """The server has no capacity left for the chunks of this save."""
+
+    code = 6
+
+
+class NotFoundError(RdmakvError, KeyError):
+    """An unknown manifest name."""
+
+    code = 7
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a plain message
+        return str(self.args[0]) if self.args else "not found"
+
+
+class MissingChunksError(RdmakvError):
+    """A manifest references chunks the server does not hold."""
+
+    code = 8
+
+    def __init__(self, message: str, missing: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+
+
+class IntegrityError(RdmakvError):
+    """A chunk's bytes do not hash to its key."""
+
+    code = 9
+
+
+class TooLargeError(ProtocolError):
+    """A length field exceeds the configured maximum."""
+
+    code = 10
+
+
+class ConnectionLost(RdmakvError, ConnectionError):
+    """The peer went away mid-exchange."""
+
+    code = 11
+
+
+class ServerError(RdmakvError):
+    """The server reported an internal failure."""
+
+    code = 12
+
+
+ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
+    cls.code: cls
+    for cls in (
+        RdmakvError,
+        CodecError,
+        ManifestError,
+        ProtocolError,
+        AuthError,
+        StoreFullError,
+        NotFoundError,
+        MissingChunksError,
+        IntegrityError,
+        TooLargeError,
+        ConnectionLost,
+        ServerError,
+    )
+}

@@ -1,0 +1,310 @@
+"""Payload codecs for each operation (pure: bytes in, objects out).
+
+Every decoder checks lengths against the buffer before slicing, so a
+malformed payload raises ``CodecError`` and never an IndexError or a huge
+allocation. Bulk data (chunk bytes) is returned as memoryviews of the frame.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CodecError
+
+MAX_NAME = 255
+MISSING = 0xFFFFFFFF
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_PUT_ENTRY = np.dtype([("key", "<u8"), ("length", "<u4")])
+_REGION = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
+LOCATION_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("gen", "<u4"), ("size", "<u4")])
+NO_REGION = 0xFFFFFFFF
+
+
+class Reader:
+    """Bounds-checked cursor over a payload."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            have = len(self.data) - self.pos
+            raise CodecError(f"payload truncated: need {n} bytes at offset {self.pos}, have {have}")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return _U8.unpack(self.take(1))[0]
+
+    def u16(self) -> int:
+        return _U16.unpack(self.take(2))[0]
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def array(self, dtype: np.dtype, count: int) -> np.ndarray:
+        return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)
+
+    def rest(self) -> memoryview:
+        return self.take(len(self.data) - self.pos)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise CodecError(f"{len(self.data) - self.pos} unexpected trailing bytes in payload")
+
+
+def validate_name(name: str) -> bytes:
+    raw = name.encode("utf-8") if isinstance(name, str) else b""
+    if not 0 < len(raw) <= MAX_NAME:
+        raise CodecError(f"manifest name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
+    if any(c < 0x20 or c == 0x7F for c in raw):
+        raise CodecError("manifest name contains control characters")
+    return raw
+
+
+def _name(r: Reader) -> str:
+    raw = bytes(r.take(r.u8()))
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CodecError("manifest name is not valid UTF-8") from e
+    validate_name(name)
+    return name
+
+
+def enc_name(name: str) -> bytes:
+    raw = validate_name(name)
+    return _U8.pack(len(raw)) + raw
+
+
+# -- EXISTS / LOCATE / GET_CHUNKS requests: a list of keys ------------------------
+def enc_keys(keys: np.ndarray | Sequence[int]) -> bytes:
+    arr = np.ascontiguousarray(keys, dtype="<u8")
+    return _U32.pack(len(arr)) + arr.tobytes()
+
+
+def dec_keys(data: bytes | memoryview, max_keys: int = 1 << 22) -> np.ndarray:
+    r = Reader(data)
+    n = r.u32()
+    if n > max_keys:
+        raise CodecError(f"{n} keys in one request exceeds {max_keys}")
+    keys = r.array(np.dtype("<u8"), n)
+    r.end()
+    return keys
+
+
+def enc_bitmap(flags: np.ndarray) -> bytes:
+    return _U32.pack(len(flags)) + np.packbits(flags.astype(bool)).tobytes()
+
+
+def dec_bitmap(data: bytes | memoryview) -> np.ndarray:
+    r = Reader(data)
+    n = r.u32()
+    bits = r.array(np.dtype("u1"), (n + 7) // 8)
+    r.end()
+    return np.unpackbits(bits, count=n).astype(bool)
+
+
+# -- PUT_CHUNKS --------------------------------------------------------------------
+def enc_put_chunks(keys: Sequence[int], chunks: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    table = np.empty(len(keys), dtype=_PUT_ENTRY)
+    table["key"] = keys
+    table["length"] = [memoryview(c).nbytes for c in chunks]
+    return [_U32.pack(len(keys)) + table.tobytes(), *chunks]
+
+
+def dec_put_chunks(data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+    r = Reader(data)
+    n = r.u32()
+    table = r.array(_PUT_ENTRY, n)
+    if int(table["length"].sum(dtype=np.uint64)) != len(r.data) - r.pos:
+        raise CodecError("PUT_CHUNKS lengths do not add up to the payload size")
+    out = []
+    for key, length in zip(table["key"].tolist(), table["length"].tolist()):
+        if length == 0:
+            raise CodecError("zero-length chunk")
+        out.append((key, r.take(length)))
+    r.end()
+    return out
+
+
+def enc_put_result(stored: int, existed: int) -> bytes:
+    return _U32.pack(stored) + _U32.pack(existed)
+
+
+def dec_put_result(data: bytes | memoryview) -> tuple[int, int]:
+    r = Reader(data)
+    out = (r.u32(), r.u32())
+    r.end()
+    return out
+
+
+# -- GET_CHUNKS response -------------------------------------------------------------
+def enc_chunks(chunks: Sequence[bytes | memoryview | None]) -> list[bytes | memoryview]:
+    lengths = np.array([MISSING if c is None else memoryview(c).nbytes for c in chunks], dtype="<u4")
+    return [_U32.pack(len(chunks)) + lengths.tobytes(), *(c for c in chunks if c is not None)]
+
+
+def dec_chunks(data: bytes | memoryview) -> list[memoryview | None]:
+    r = Reader(data)
+    n = r.u32()
+    lengths = r.array(np.dtype("<u4"), n).tolist()
+    out: list[memoryview | None] = [None if ln == MISSING else r.take(ln) for ln in lengths]
+    r.end()
+    return out
+
+
+# -- manifests -------------------------------------------------------------------------
+def enc_put_manifest(name: str, manifest: bytes) -> list[bytes | memoryview]:
+    return [enc_name(name), manifest]
+
+
+def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview]:
+    r = Reader(data)
+    name = _name(r)
+    return name, r.rest()
+
+
+def enc_manifest_result(missing: np.ndarray) -> bytes:
+    return _U8.pack(0 if len(missing) == 0 else 1) + enc_keys(missing)
+
+
+def dec_manifest_result(data: bytes | memoryview) -> np.ndarray:
+    r = Reader(data)
+    status = r.u8()
+    missing = dec_keys(r.rest())
+    if (status == 0) != (len(missing) == 0):
+        raise CodecError("PUT_MANIFEST result status disagrees with its missing list")
+    return missing
+
+
+GET_WANT_LOCATIONS = 1
+
+
+def enc_get_manifest(name: str, flags: int = 0) -> bytes:
+    return _U8.pack(flags) + enc_name(name)
+
+
+def dec_get_manifest(data: bytes | memoryview) -> tuple[str, int]:
+    r = Reader(data)
+    flags = r.u8()
+    name = _name(r)
+    r.end()
+    return name, flags
+
+
+@dataclass
+class Locations:
+    """Where chunks live in the server's registered slab (for one-sided READs)."""
+
+    regions: np.ndarray  # _REGION records: id, addr, length, rkey
+    slots: np.ndarray  # LOCATION_DTYPE per requested key; region NO_REGION = not stored
+
+    def encode(self) -> bytes:
+        return (
+            _U32.pack(len(self.regions))
+            + np.ascontiguousarray(self.regions, dtype=_REGION).tobytes()
+            + _U32.pack(len(self.slots))
+            + np.ascontiguousarray(self.slots, dtype=LOCATION_DTYPE).tobytes()
+        )
+
+    @classmethod
+    def decode(cls, r: Reader) -> Locations:
+        regions = r.array(_REGION, r.u32())
+        slots = r.array(LOCATION_DTYPE, r.u32())
+        known = set(regions["id"].tolist()) | {NO_REGION}
+        if not set(np.unique(slots["region"]).tolist()) <= known:
+            raise CodecError("location refers to a region not in the region table")
+        return cls(regions, slots)
+
+
+def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+    out = np.zeros(len(rows), dtype=_REGION)
+    for i, row in enumerate(rows):
+        out[i] = row
+    return out
+
+
+def enc_manifest_reply(manifest: bytes, locations: Locations | None) -> list[bytes | memoryview]:
+    parts: list[bytes | memoryview] = [_U32.pack(len(manifest)), manifest]
+    if locations is not None:
+        parts.append(locations.encode())
+    return parts
+
+
+def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations | None]:
+    r = Reader(data)
+    manifest = r.take(r.u32())
+    locations = None if r.pos == len(r.data) else Locations.decode(r)
+    r.end()
+    return manifest, locations
+
+
+def dec_locations(data: bytes | memoryview) -> Locations:
+    r = Reader(data)
+    loc = Locations.decode(r)
+    r.end()
+    return loc
+
+
+def enc_name_only(name: str) -> bytes:
+    return enc_name(name)
+
+
+def dec_name_only(data: bytes | memoryview) -> str:
+    r = Reader(data)
+    name = _name(r)
+    r.end()
+    return name
+
+
+# -- LIST / STATS / ERROR -------------------------------------------------------------
+def enc_json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode("utf-8")
+
+
+def dec_json(data: bytes | memoryview) -> object:
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError(f"bad JSON payload: {e}") from e
+
+
+def enc_error(code: int, message: str, missing: np.ndarray | None = None) -> bytes:
+    msg = message.encode("utf-8")[:4000]
+    return _U16.pack(code) + _U16.pack(len(msg)) + msg + enc_keys(missing if missing is not None else [])
+
+
+def dec_error(data: bytes | memoryview) -> tuple[int, str, np.ndarray]:
+    r = Reader(data)
+    code = r.u16()
+    msg = bytes(r.take(r.u16())).decode("utf-8", "replace")
+    missing = dec_keys(r.rest())
+    return code, msg, missing
+
+
+# -- handshake ---------------------------------------------------------------------------
+def enc_hello(nonce: bytes, namespace: str) -> bytes:
+    ns = namespace.encode("utf-8")
+    return nonce + _U16.pack(len(ns)) + ns
+
+
+def dec_hello(data: bytes | memoryview, nonce_len: int = 32) -> tuple[bytes, str]:
+    r = Reader(data)
+    nonce = bytes(r.take(nonce_len))
+    raw = bytes(r.take(r.u16()))
+    r.end()
+    try:
+        ns = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CodecError("namespace is not valid UTF-8") from e
+    return nonce, ns

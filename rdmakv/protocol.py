@@ -1,0 +1,122 @@
+"""Wire frames and their authentication (sans-IO: bytes in, objects out).
+
+Frame = header | payload | tag. The header is fixed-size; the tag is
+HMAC-SHA256(direction key, u64 sequence number || header || payload). The
+sequence number is implicit (each side counts frames per direction), so a
+replayed, dropped or reordered frame fails the MAC, and a frame reflected back
+to its sender fails because each direction has its own key. Only the two
+handshake frames and a handshake-failure error travel without a tag
+(``FLAG_PLAIN``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import AuthError, ProtocolError, TooLargeError
+
+MAGIC = b"RDKV"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHII")  # magic, version, opcode, flags, request id, payload length
+TAG_LEN = 32
+DEFAULT_MAX_FRAME = 64 << 20
+_SEQ = struct.Struct("<Q")
+
+FLAG_RESPONSE = 0x1
+FLAG_PLAIN = 0x2
+_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_PLAIN
+
+
+class Op(IntEnum):
+    HELLO = 1
+    AUTH = 2
+    EXISTS = 3
+    PUT_CHUNKS = 4
+    GET_CHUNKS = 5
+    PUT_MANIFEST = 6
+    GET_MANIFEST = 7
+    DELETE_MANIFEST = 8
+    LIST = 9
+    STATS = 10
+    RDMA_CONNECT = 11
+    LOCATE = 12
+    ERROR = 127
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    op: int
+    flags: int
+    req_id: int
+    length: int
+
+    @property
+    def plain(self) -> bool:
+        return bool(self.flags & FLAG_PLAIN)
+
+
+def encode_header(op: int, flags: int, req_id: int, length: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, req_id & 0xFFFFFFFF, length)
+
+
+def decode_header(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Header:
+    """Validate a header before anything is allocated for its payload."""
+    if len(data) != HEADER.size:
+        raise ProtocolError(f"truncated frame header ({len(data)} of {HEADER.size} bytes)")
+    magic, version, op, flags, req_id, length = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"not an rdmakv frame (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this build speaks {VERSION})")
+    if flags & ~_KNOWN_FLAGS:
+        raise ProtocolError(f"unknown frame flags 0x{flags:04x}")
+    if length > max_frame:
+        raise TooLargeError(f"frame payload of {length} bytes exceeds the limit of {max_frame}")
+    return Header(op, flags, req_id, length)
+
+
+def payload_size(parts: Sequence[bytes | memoryview]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+class FrameAuth:
+    """Per-connection MAC state: one key and one sequence counter per direction."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send = hmac.new(send_key, digestmod=hashlib.sha256)
+        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
+        self.send_seq = 0
+        self.recv_seq = 0
+
+    def seal(
+        self, op: int, flags: int, req_id: int, parts: Sequence[bytes | memoryview]
+    ) -> list[bytes | memoryview]:
+        """Header, payload parts and tag, ready for one scatter-gather send."""
+        header = encode_header(op, flags, req_id, payload_size(parts))
+        mac = self._send.copy()
+        mac.update(_SEQ.pack(self.send_seq))
+        mac.update(header)
+        for p in parts:
+            mac.update(p)
+        self.send_seq += 1
+        return [header, *parts, mac.digest()]
+
+    def verify(self, header: bytes | memoryview, payload: bytes | memoryview, tag: bytes) -> None:
+        mac = self._recv.copy()
+        mac.update(_SEQ.pack(self.recv_seq))
+        mac.update(header)
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest(), bytes(tag)):
+            raise AuthError(
+                "frame authentication failed (wrong key, tampered, replayed or reordered frame)"
+            )
+        self.recv_seq += 1
+
+
+def plain_frame(op: int, flags: int, req_id: int, payload: bytes) -> bytes:
+    return encode_header(op, flags | FLAG_PLAIN, req_id, len(payload)) + payload

@@ -1,0 +1,37 @@
+"""RDMA transport pieces. Only ``verbs`` touches pyverbs (imported lazily)."""
+
+from rdmakv.rdma.verbs import (
+    Device,
+    DeviceCaps,
+    MemoryRegion,
+    ProtectionDomain,
+    QPInfo,
+    RdmaError,
+    RdmaUnavailable,
+    ReadOp,
+    ReadStats,
+    Requester,
+    Responder,
+    Sge,
+    WorkCompletionError,
+    list_devices,
+    pyverbs_status,
+)
+
+__all__ = [
+    "Device",
+    "DeviceCaps",
+    "MemoryRegion",
+    "ProtectionDomain",
+    "QPInfo",
+    "RdmaError",
+    "RdmaUnavailable",
+    "ReadOp",
+    "ReadStats",
+    "Requester",
+    "Responder",
+    "Sge",
+    "WorkCompletionError",
+    "list_devices",
+    "pyverbs_status",
+]

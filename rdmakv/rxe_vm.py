@@ -1,0 +1,684 @@
+"""Run a command inside a throw-away guest that has real soft-RoCE (rdma_rxe) device ``rxe0``.
+
+The host kernel of our CI machines has no RDMA. A User-Mode Linux (UML) kernel built from
+Debian's ``linux-source-6.1`` with rxe compiled in boots in well under a second and runs the
+host's own userland (host root shared read-only over hostfs, a tmpfs overlay on top), so the
+project's venv, pyverbs, perftest and tests are all available unchanged inside.
+
+Inside the guest: ``lo`` up, a ``dummy`` netdev ``d0`` with 192.0.2.1/24 (a documentation
+address; the guest has no network device to the host), ``rxe0`` on ``d0`` (checked
+PORT_ACTIVE), ``ulimit -l unlimited``, fresh /proc /sys /dev, /tmp and /run on tmpfs, the
+caller's cwd mounted read-write at the same path, and ``RDMAKV_IN_GUEST=1 RDMAKV_GUEST=uml``.
+
+Public API: :func:`run`, :func:`ensure_kernel`, :func:`host_has_rdma`, :func:`cli`,
+:class:`GuestError`; helpers :func:`cache_root`, :func:`kernel_key`, :func:`cached_kernel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import pathlib
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+GUEST_DIR = pathlib.Path(__file__).resolve().parent / "guest"
+KERNEL_INPUTS = ("uml.config", "build-uml.sh")  # order matters for the cache key
+
+#: Host packages the guest needs at run time (it runs the host's userland through hostfs).
+RUNTIME_PACKAGES = (
+    "rdma-core",
+    "ibverbs-providers",
+    "ibverbs-utils",
+    "rdmacm-utils",
+    "perftest",
+    "python3-pyverbs",
+    "iproute2",
+)
+#: Host packages needed to build the UML kernel.
+BUILD_PACKAGES = (
+    "build-essential",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "xz-utils",
+    "linux-source-6.1",
+)
+
+#: Environment variables passed from the caller into the guest command (plus every RDMAKV_*).
+PASS_ENV = (
+    "PATH",
+    "VIRTUAL_ENV",
+    "HOME",
+    "PYTHONPATH",
+    "CI",
+    "GITHUB_ACTIONS",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "NO_COLOR",
+    "FORCE_COLOR",
+    "COLUMNS",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONHASHSEED",
+    "PYTHONUNBUFFERED",
+    "PYTEST_ADDOPTS",
+)
+
+#: cli() exit status when the harness itself fails (not the command).
+HARNESS_FAILURE = 125
+
+_PREFIX = "rdmakv rxe-vm"
+
+
+class GuestError(RuntimeError):
+    """The guest could not be prepared, booted, or did not report the command's status."""
+
+
+def _log(msg: str) -> None:
+    print(f"{_PREFIX}: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Host facts
+
+
+def host_has_rdma() -> bool:
+    """True when this kernel already exposes an RDMA device (then no guest is needed)."""
+    d = pathlib.Path("/sys/class/infiniband")
+    try:
+        return any(d.iterdir())
+    except OSError:
+        return False
+
+
+def _host_cpu_mhz() -> str:
+    """The host CPU clock in MHz as text (perftest inside UML needs it in /proc/cpuinfo)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    for p in (
+        "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",
+        "/sys/devices/system/cpu/cpu0/cpufreq/base_frequency",
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            return f"{int(pathlib.Path(p).read_text()) / 1000:.3f}"
+    return "2000.000"
+
+
+def _guest_cpuinfo() -> str:
+    """/proc/cpuinfo for the one-CPU guest: the host's first processor block (guest user code
+    runs natively on that CPU, so its flags are right), with a "cpu MHz" line (UML's own
+    cpuinfo has none and perftest then prints "inf" latencies)."""
+    try:
+        block = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        block = ["processor\t: 0"]
+    out = []
+    for line in block:
+        key = line.split(":", 1)[0].strip()
+        if key in ("siblings", "cpu cores"):
+            line = f"{line.split(':', 1)[0]}: 1"
+        elif key in ("core id", "physical id", "apicid", "initial apicid"):
+            line = f"{line.split(':', 1)[0]}: 0"
+        out.append(line)
+    if not any(line.startswith("cpu MHz") for line in out):
+        out.insert(1, f"cpu MHz\t\t: {_host_cpu_mhz()}")
+    return "\n".join(out) + "\n\n"
+
+
+def _fstab_escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def _pick_cpu():
+    """Choose the host core to pin UML to; returns (cpu, open lock file or None).
+
+    $RDMAKV_UML_CPU wins. Otherwise prefer the last core we may run on, but skip cores another
+    concurrent rdmakv guest holds (flock on a per-core lock file), so parallel runs spread out.
+    """
+    if os.environ.get("RDMAKV_UML_CPU"):
+        return int(os.environ["RDMAKV_UML_CPU"]), None
+    try:
+        cpus = sorted(os.sched_getaffinity(0), reverse=True)
+    except (AttributeError, OSError):
+        cpus = [0]
+    lock_dir = pathlib.Path(tempfile.gettempdir())
+    for cpu in cpus:
+        try:
+            f = open(lock_dir / f"rdmakv-uml-cpu{cpu}.lock", "a")
+        except OSError:
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        return cpu, f
+    return cpus[0], None  # all busy: share the last core
+
+
+# --------------------------------------------------------------------------------------------
+# Packages
+
+
+def _missing_packages(packages) -> list[str]:
+    if shutil.which("dpkg-query") is None:
+        raise GuestError(
+            "dpkg-query not found: the rxe guest needs a Debian/Ubuntu host with: " + " ".join(packages)
+        )
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${Status}\\n", *packages],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    installed = {
+        line.split()[0].split(":")[0] for line in r.stdout.splitlines() if line.strip().endswith(" installed")
+    }
+    return [p for p in packages if p not in installed]
+
+
+def ensure_packages(packages) -> None:
+    """Install missing Debian packages (as root), or raise GuestError saying what is missing."""
+    missing = _missing_packages(packages)
+    if not missing:
+        return
+    cmd = "apt-get install -y " + " ".join(missing)
+    if os.geteuid() != 0:
+        raise GuestError(f"missing packages {' '.join(missing)} and not root; run: sudo {cmd}")
+    _log(f"installing missing packages: {' '.join(missing)}")
+    apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
+        # apt's chatter goes to stderr so that our stdout stays the command's stdout.
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=apt_env)
+        if r.returncode != 0:
+            raise GuestError(f"`{' '.join(argv)}` failed with status {r.returncode}")
+    still = _missing_packages(missing)
+    if still:
+        raise GuestError(f"packages still missing after apt-get install: {' '.join(still)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel cache
+
+
+def kernel_key() -> str:
+    """16 hex chars identifying the kernel build inputs.
+
+    Identical to ``cd rdmakv/guest && sha256sum uml.config build-uml.sh | sha256sum | cut -c1-16``.
+    """
+    lines = "".join(
+        f"{hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest()}  {name}\n" for name in KERNEL_INPUTS
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def _writable_dir(path: pathlib.Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def cache_root() -> pathlib.Path:
+    """$RDMAKV_CACHE, else /var/cache/rdmakv when writable, else ~/.cache/rdmakv."""
+    env = os.environ.get("RDMAKV_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    system = pathlib.Path("/var/cache/rdmakv")
+    if _writable_dir(system):
+        return system
+    return pathlib.Path.home() / ".cache" / "rdmakv"
+
+
+def cached_kernel() -> pathlib.Path | None:
+    """The cached UML kernel for the current config, or None (never builds)."""
+    key = kernel_key()
+    candidates = [cache_root()]
+    if not os.environ.get("RDMAKV_CACHE"):
+        # A kernel a root run built is usable read-only by everyone.
+        candidates.append(pathlib.Path("/var/cache/rdmakv"))
+    for root in candidates:
+        k = root / f"uml-{key}" / "linux"
+        if k.is_file() and os.access(k, os.X_OK):
+            return k
+    return None
+
+
+def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
+    """Return the cached UML kernel, building it (~5 min on 2 cores) when missing or stale.
+
+    The cache directory name carries :func:`kernel_key`, so editing uml.config or build-uml.sh
+    triggers a rebuild. A lock file serialises concurrent builders; waiters reuse the result.
+    """
+    if not rebuild:
+        k = cached_kernel()
+        if k is not None:
+            return k
+    root = cache_root()
+    key = kernel_key()
+    if not _writable_dir(root):
+        raise GuestError(f"UML kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
+    out = root / f"uml-{key}"
+    kernel = out / "linux"
+    with open(root / f"uml-{key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process building the UML kernel into {out}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rebuild = False  # whoever held the lock just built it
+        if kernel.is_file() and not rebuild:
+            return kernel
+        ensure_packages(BUILD_PACKAGES)
+        _log(f"building the UML guest kernel (rxe) into {out}; takes ~5 min on 2 cores")
+        t0 = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            kernel.unlink()
+        r = subprocess.run(
+            ["bash", str(GUEST_DIR / "build-uml.sh"), str(out)],
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+        )
+        if r.returncode != 0 or not kernel.is_file():
+            raise GuestError(f"UML kernel build failed (build-uml.sh status {r.returncode})")
+        _log(f"UML kernel built in {time.monotonic() - t0:.0f} s: {kernel}")
+        return kernel
+
+
+# --------------------------------------------------------------------------------------------
+# Running a command in the guest
+
+
+def _guest_env(env: dict | None) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("RDMAKV_")}
+    out.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
+    out.setdefault("PYTHONUNBUFFERED", "1")  # live output from Python commands through the pipe
+    if env:
+        out.update({str(k): str(v) for k, v in env.items()})
+    out["RDMAKV_IN_GUEST"] = "1"
+    out["RDMAKV_GUEST"] = "uml"
+    return out
+
+
+def _nul_file(path: pathlib.Path, items) -> None:
+    data = b""
+    for item in items:
+        b = os.fsencode(item)
+        if b"\0" in b:
+            raise ValueError(f"NUL byte in {item!r}")
+        data += b + b"\0"
+    path.write_bytes(data)
+
+
+def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
+    """Everything stage1.sh / stage2.sh read from the io dir (see their headers)."""
+    e = _fstab_escape
+    root = f"{io}/root"
+    (io / "fstab1").write_text(
+        f"hostfs {e(str(io))} hostfs {e(str(io))} 0 0\nrdmakv-rw {e(str(io))}/rw tmpfs mode=0755 0 0\n"
+    )
+    lines = [
+        f"rdmakv-root {e(root)} overlay "
+        f"lowerdir=/,upperdir={e(str(io))}/rw/upper,workdir={e(str(io))}/rw/work 0 0",
+        f"proc {e(root)}/proc proc defaults 0 0",
+        f"sysfs {e(root)}/sys sysfs defaults 0 0",
+        f"devtmpfs {e(root)}/dev devtmpfs defaults 0 0",
+        f"devpts {e(root)}/dev/pts devpts newinstance,ptmxmode=0666,mode=0620,X-mount.mkdir 0 0",
+        f"tmpfs {e(root)}/dev/shm tmpfs mode=1777,X-mount.mkdir 0 0",
+        f"tmpfs {e(root)}/run tmpfs mode=0755 0 0",
+        f"tmpfs {e(root)}/tmp tmpfs mode=1777 0 0",
+        f"{e(str(io))} {e(root)}/run/rdmakv-io none bind,X-mount.mkdir 0 0",
+    ]
+    if workdir != "/":
+        # after /tmp, /run, /dev/shm so that a cwd below them is not hidden
+        lines.append(f"hostfs {e(root + workdir)} hostfs {e(workdir)},X-mount.mkdir 0 0")
+    lines.append(f"{e(str(io))}/cpuinfo {e(root)}/proc/cpuinfo none bind,ro 0 0")
+    (io / "fstab2").write_text("\n".join(lines) + "\n")
+    (io / "cpuinfo").write_text(_guest_cpuinfo())
+    links = io / "devlinks"
+    links.mkdir()
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        (links / name).symlink_to(target)
+    net = ["link set lo up", "link add d0 type dummy"]
+    mtu = os.environ.get("RDMAKV_GUEST_MTU")
+    if mtu:
+        net.append(f"link set d0 mtu {int(mtu)}")
+    net += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
+    (io / "net.ip").write_text("\n".join(net) + "\n")
+    _nul_file(io / "argv", [str(a) for a in command])
+    _nul_file(io / "env", [f"{k}={v}" for k, v in genv.items()])
+    _nul_file(io / "cwd", [workdir])
+    if os.environ.get("RDMAKV_VM_TRACE", "") not in ("", "0"):
+        (io / "trace").write_text("1")  # stage2 runs with `set -x` into console.log
+
+
+def _pump(fd: int, stream) -> None:
+    """Copy a pipe to a Python stream, live (chunk by chunk)."""
+    buf = getattr(stream, "buffer", None)
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            try:
+                if buf is not None:
+                    buf.write(data)
+                    buf.flush()
+                else:
+                    stream.write(data.decode(errors="replace"))
+                    stream.flush()
+            except (OSError, ValueError):
+                pass  # the consumer went away; keep draining so the guest never blocks
+    finally:
+        os.close(fd)
+
+
+def _read_float(path: pathlib.Path) -> float | None:
+    try:
+        return float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: pathlib.Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no console log)"
+    return "\n".join(lines[-n:]) or "(console log empty)"
+
+
+def _mem_bytes(mem: str) -> int:
+    n, unit = (mem[:-1], mem[-1]) if mem[-1] in "KMG" else (mem, "")
+    return int(n) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+
+
+def _uml_host_env(mem: str, tmp: pathlib.Path) -> dict[str, str]:
+    """Environment of the UML process itself. UML backs guest RAM with a file in $TMPDIR, else
+    /dev/shm; a small /dev/shm (containers often have 64 MB) would SIGBUS the guest, so then
+    point TMPDIR at our temp dir instead."""
+    env = dict(os.environ)
+    if env.get("TMPDIR"):
+        return env
+    try:
+        st = os.statvfs("/dev/shm")
+        shm_free = st.f_bavail * st.f_frsize
+    except OSError:
+        shm_free = 0
+    if shm_free < _mem_bytes(mem):
+        env["TMPDIR"] = str(tmp)
+    return env
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _no_core() -> None:  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run(
+    command: list[str],
+    *,
+    guest: str = "uml",
+    timeout: float = 3000,
+    mem: str = "3G",
+    cwd: str | None = None,
+    env: dict | None = None,
+    verbose: bool | None = None,
+) -> int:
+    """Boot a guest with ``rxe0`` up, run ``command`` in it, return the command's exit status.
+
+    ``command`` runs with ``cwd`` (default: the current directory, mounted read-write from the
+    host at the same path) and the caller's environment (:data:`PASS_ENV`, every ``RDMAKV_*``,
+    then ``env``) plus ``RDMAKV_IN_GUEST=1`` and ``RDMAKV_GUEST=<guest>``. Its stdout and stderr
+    are streamed live to ``sys.stdout`` / ``sys.stderr``. A status >= 128 means "killed by signal
+    status-128" as in a shell. ``timeout`` bounds the whole boot+run+shutdown (seconds; kernel
+    build and package installs are not counted). ``verbose`` (default: $RDMAKV_VM_VERBOSE) prints
+    boot/run/shutdown timings to stderr.
+
+    Raises :class:`GuestError` when the guest cannot be prepared (missing kernel or packages,
+    rxe0 not ACTIVE, ...), dies without reporting a status, or times out.
+    """
+    if isinstance(command, (str, bytes)) or not command:
+        raise ValueError("command must be a non-empty list of strings")
+    if guest == "qemu":
+        raise GuestError("guest='qemu' (TCG fallback) is not implemented yet; use guest='uml'")
+    if guest != "uml":
+        raise GuestError(f"unknown guest {guest!r} (expected 'uml' or 'qemu')")
+    if not re.fullmatch(r"[0-9]+[KMG]?", mem):
+        raise GuestError(f"bad mem {mem!r} (expected e.g. 3G, 512M)")
+    if verbose is None:
+        verbose = os.environ.get("RDMAKV_VM_VERBOSE", "") not in ("", "0")
+    workdir = os.path.realpath(cwd if cwd is not None else os.getcwd())
+    if not os.path.isdir(workdir):
+        raise GuestError(f"cwd {workdir} is not a directory")
+    if "," in workdir:
+        raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
+    for tool in ("taskset",):
+        if shutil.which(tool) is None:
+            raise GuestError(f"{tool} not found on the host (package util-linux)")
+    ensure_packages(RUNTIME_PACKAGES)
+    kernel = ensure_kernel()
+    genv = _guest_env(env)
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rdmakv-uml-"))
+    proc = None
+    pumps: list[threading.Thread] = []
+    fds: list[int] = []
+    log = None
+    cpu, cpu_lock = _pick_cpu()
+    try:
+        io = tmp / "io"
+        for d in (io / "rw", io / "root", tmp / "uml"):
+            d.mkdir(parents=True)
+        for name in ("stage1.sh", "stage2.sh"):
+            dst = io / name
+            shutil.copyfile(GUEST_DIR / name, dst)
+            dst.chmod(0o755)
+        _write_guest_files(io, command, genv, workdir)
+        console = tmp / "console.log"
+        log = open(console, "wb")
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        fds += [r_out, w_out, r_err, w_err]
+        argv = [
+            "taskset", "-c", str(cpu),
+            str(kernel),
+            f"mem={mem}",
+            f"uml_dir={tmp / 'uml'}",
+            "rootfstype=hostfs", "rootflags=/", "ro",
+            "quiet", "loglevel=4",
+            f"init={io / 'stage1.sh'}",
+            "con=null", "ssl=null",
+            f"con0=null,fd:{log.fileno()}",
+            f"con1=null,fd:{w_out}",
+            f"con2=null,fd:{w_err}",
+        ]  # fmt: skip
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        t_launch = time.time()
+        deadline = time.monotonic() + timeout
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(log.fileno(), w_out, w_err),
+            cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
+            env=_uml_host_env(mem, tmp),
+            start_new_session=True,
+            preexec_fn=_no_core,
+        )
+        for fd in (w_out, w_err):
+            os.close(fd)
+            fds.remove(fd)
+        for fd, stream in ((r_out, sys.stdout), (r_err, sys.stderr)):
+            fds.remove(fd)
+            t = threading.Thread(target=_pump, args=(fd, stream), daemon=True)
+            t.start()
+            pumps.append(t)
+        try:
+            uml_status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+            raise GuestError(
+                f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}"
+            ) from None
+        t_exit = time.time()
+        _killpg(proc.pid)  # stray helper processes, if any
+        for t in pumps:
+            t.join(timeout=5)
+        err = io / "error"
+        if err.exists():
+            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
+        rc_file = io / "rc"
+        if not rc_file.exists():
+            raise GuestError(
+                f"guest died without reporting a status (UML exit status {uml_status}); "
+                f"console log tail:\n{_tail(console)}"
+            )
+        rc = int(rc_file.read_text().strip())
+        if verbose:
+            t_cmd = _read_float(io / "t_cmd")
+            t_end = _read_float(io / "t_end")
+            t_s2 = _read_float(io / "t_stage2")
+            if t_cmd and t_end and t_s2:
+                _log(
+                    f"timings (cpu {cpu}): boot to stage2 {t_s2 - t_launch:.3f} s, "
+                    f"boot to command {t_cmd - t_launch:.3f} s, "
+                    f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
+                    f"total {t_exit - t_launch:.3f} s "
+                    f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
+                )
+        return rc
+    finally:
+        if proc is not None and proc.returncode is None:
+            _killpg(proc.pid)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if log is not None:
+            log.close()
+        if cpu_lock is not None:
+            cpu_lock.close()
+        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
+            _log(f"kept guest temp dir {tmp} (console.log, io/)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rdmakv rxe-vm",
+        description=(
+            "Run COMMAND inside a throw-away User-Mode Linux guest that has a real soft-RoCE "
+            "device rxe0 (rdma_rxe on a dummy netdev d0, 192.0.2.1/24, PORT_ACTIVE). The host's "
+            "root is shared read-only (writes go to a tmpfs overlay), the current directory is "
+            "mounted read-write at the same path, and COMMAND runs there with the caller's "
+            "environment plus RDMAKV_IN_GUEST=1. Its output is streamed live; its exit status "
+            f"becomes ours. Harness failures exit with {HARNESS_FAILURE}."
+        ),
+        epilog="Example: rdmakv rxe-vm -- ibv_devinfo -d rxe0",
+    )
+    p.add_argument(
+        "--guest",
+        choices=("uml", "qemu"),
+        default="uml",
+        help="guest kind: 'uml' (User-Mode Linux, boots in <1 s, the default) or 'qemu' "
+        "(QEMU TCG emulation, no kernel build but 20-50x slower; not implemented yet)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3000,
+        metavar="S",
+        help="kill the guest and fail after S seconds for boot + COMMAND + shutdown "
+        "(default: %(default)g; a first-time kernel build is not counted)",
+    )
+    p.add_argument(
+        "--mem",
+        default="3G",
+        help="guest RAM, UML 'mem=' syntax such as 512M or 3G (default: %(default)s; "
+        "backed lazily by host memory in /dev/shm or $TMPDIR)",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild the cached UML kernel first even if one matching the current "
+        "config is cached (normally it is rebuilt only when missing or when "
+        "rdmakv/guest/uml.config or build-uml.sh changed)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print boot / command / shutdown timings to stderr (same as RDMAKV_VM_VERBOSE=1)",
+    )
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run in the guest"
+    )
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    """``rdmakv rxe-vm [--guest uml|qemu] [--timeout S] [--mem 3G] [--rebuild] -- COMMAND...``"""
+    p = _parser()
+    args = p.parse_args(argv)
+    command = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        p.error("no COMMAND given (usage: rdmakv rxe-vm [options] -- COMMAND...)")
+    try:
+        if args.rebuild:
+            ensure_kernel(rebuild=True)
+        return run(
+            command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None
+        )
+    except GuestError as e:
+        msg = str(e)
+        print(f"{_PREFIX}: error: {msg}", file=sys.stderr, flush=True)
+        return HARNESS_FAILURE
+    except KeyboardInterrupt:
+        print(f"{_PREFIX}: interrupted; guest killed", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

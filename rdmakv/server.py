@@ -1,0 +1,313 @@
+"""The rdmakv server: TCP control plane and TCP data path over the Engine.
+
+One thread per connection (blocking sockets keep the frame handling simple and
+let pyverbs calls block without an event loop); the Engine's lock serialises
+store updates. RDMA restores never reach this code: clients READ the slab
+directly, so the server spends CPU only on the control round trip.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fallback_tcp.framed import FramedSocket, server_handshake
+
+from . import __version__
+from . import messages as msg
+from .engine import Engine
+from .errors import (
+    AuthError,
+    CodecError,
+    ConnectionLost,
+    NotFoundError,
+    ProtocolError,
+    RdmakvError,
+    ServerError,
+)
+from .protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+
+
+class Server:
+    def __init__(
+        self,
+        engine: Engine,
+        key: bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        rdma: object | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.key = key
+        self.max_frame = max_frame
+        self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self.address = self.listener.getsockname()[:2]
+        self._stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[FramedSocket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def url_base(self) -> str:
+        host, port = self.address
+        return f"rdmakv://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._serve_conn, args=(sock, peer), daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    def start(self) -> Server:
+        threading.Thread(target=self.serve_forever, daemon=True, name="rdmakv-accept").start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- one connection ---------------------------------------------------------------
+    def _serve_conn(self, sock: socket.socket, peer: tuple) -> None:
+        fs = FramedSocket(sock, self.max_frame)
+        with self._lock:
+            self._conns.add(fs)
+        conn = _Connection(self, fs, peer)
+        try:
+            conn.run()
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.discard(fs)
+                self._threads.discard(threading.current_thread())
+
+
+class _Connection:
+    def __init__(self, server: Server, fs: FramedSocket, peer: tuple) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.fs = fs
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.ns = ""
+        self.rdma_session: object | None = None
+        self.handlers: dict[int, Callable[[memoryview], list]] = {
+            Op.EXISTS: self.on_exists,
+            Op.PUT_CHUNKS: self.on_put_chunks,
+            Op.GET_CHUNKS: self.on_get_chunks,
+            Op.PUT_MANIFEST: self.on_put_manifest,
+            Op.GET_MANIFEST: self.on_get_manifest,
+            Op.DELETE_MANIFEST: self.on_delete_manifest,
+            Op.LIST: self.on_list,
+            Op.STATS: self.on_stats,
+            Op.LOCATE: self.on_locate,
+            Op.RDMA_CONNECT: self.on_rdma_connect,
+        }
+
+    def run(self) -> None:
+        fs = self.fs
+        try:
+            info = {
+                "server": "rdmakv",
+                "version": __version__,
+                "max_frame": self.server.max_frame,
+                "rdma": self.server.rdma is not None,
+            }
+            self.ns = server_handshake(fs, self.server.key, info)
+        except (ProtocolError, CodecError) as e:
+            self.server.log(f"rdmakv: {self.peer}: handshake failed: {e}")
+            self._send_error_plain(e)
+            self._linger()
+            return
+        except (AuthError, ConnectionLost, OSError) as e:
+            self.server.log(f"rdmakv: {self.peer}: handshake failed: {e}")
+            self._linger()
+            return
+        while True:
+            before = fs.bytes_received
+            try:
+                header, payload = fs.recv()
+            except ConnectionLost:
+                return
+            except (AuthError, ProtocolError, CodecError) as e:
+                # The byte stream can no longer be trusted: say why, then hang up.
+                self.server.log(f"rdmakv: {self.peer} ns={self.ns}: closing: {e}")
+                self._send_error_plain(e)
+                self._linger()
+                return
+            except OSError:
+                return
+            try:
+                parts = self.dispatch(header.op, payload)
+                op, resp = header.op, parts
+            except RdmakvError as e:
+                op, resp = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+                self.server.log(f"rdmakv: {self.peer}: internal error on op {header.op}: {e!r}")
+                op, resp = Op.ERROR, [msg.enc_error(ServerError.code, f"internal server error: {e!r}")]
+            with self.engine.lock:
+                counters = self.engine.namespace(self.ns).counters
+                counters["bytes_received"] += fs.bytes_received - before
+            try:
+                sent = fs.send(op, FLAG_RESPONSE, header.req_id, resp)
+            except OSError:
+                return
+            with self.engine.lock:
+                counters["bytes_sent"] += sent
+
+    def _send_error_plain(self, e: RdmakvError) -> None:
+        try:
+            self.fs.send_plain(Op.ERROR, FLAG_RESPONSE, 0, msg.enc_error(e.code, str(e)))
+        except OSError:
+            pass
+
+    def _linger(self) -> None:
+        """Half-close and drain briefly so the peer reads our error instead of a reset."""
+        sock = self.fs.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+
+    def dispatch(self, op: int, payload: memoryview) -> list:
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise ProtocolError(f"unknown opcode {op}")
+        return handler(payload)
+
+    def close(self) -> None:
+        if self.rdma_session is not None:
+            try:
+                self.rdma_session.close()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001
+                pass
+        self.fs.close()
+
+    # -- handlers ------------------------------------------------------------------------
+    def on_exists(self, payload: memoryview) -> list:
+        keys = msg.dec_keys(payload)
+        return [msg.enc_bitmap(self.engine.exists(self.ns, keys))]
+
+    def on_put_chunks(self, payload: memoryview) -> list:
+        items = msg.dec_put_chunks(payload)
+        stored, existed = self.engine.put_chunks(self.ns, items)
+        return [msg.enc_put_result(stored, existed)]
+
+    def on_get_chunks(self, payload: memoryview) -> list:
+        keys = msg.dec_keys(payload)
+        return msg.enc_chunks(self.engine.read_chunks(self.ns, keys.tolist()))
+
+    def on_put_manifest(self, payload: memoryview) -> list:
+        name, data = msg.dec_put_manifest(payload)
+        missing = self.engine.commit_manifest(self.ns, name, bytes(data))
+        return [msg.enc_manifest_result(missing)]
+
+    def on_get_manifest(self, payload: memoryview) -> list:
+        name, flags = msg.dec_get_manifest(payload)
+        want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
+        data, loc = self.engine.get_manifest(self.ns, name, want)
+        return msg.enc_manifest_reply(data, loc)
+
+    def on_locate(self, payload: memoryview) -> list:
+        keys = msg.dec_keys(payload)
+        return [self.engine.locate(self.ns, keys).encode()]
+
+    def on_delete_manifest(self, payload: memoryview) -> list:
+        self.engine.delete_manifest(self.ns, msg.dec_name_only(payload))
+        return []
+
+    def on_list(self, payload: memoryview) -> list:
+        prefix = bytes(payload).decode("utf-8", "strict") if len(payload) else ""
+        return [msg.enc_json(self.engine.list(self.ns, prefix))]
+
+    def on_stats(self, payload: memoryview) -> list:
+        stats = self.engine.stats(self.ns)
+        stats["rdma"] = self.server.rdma is not None
+        if self.server.rdma is not None:
+            stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
+        return [msg.enc_json(stats)]
+
+    def on_rdma_connect(self, payload: memoryview) -> list:
+        exporter = self.server.rdma
+        if exporter is None:
+            raise NotFoundError("this server has no RDMA device; use TCP")
+        if self.rdma_session is not None:
+            self.rdma_session.close()  # type: ignore[attr-defined]
+            self.rdma_session = None
+        self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
+        return [reply]
+
+
+def run_server(
+    listen: str,
+    data_dir: str | Path,
+    capacity: int,
+    key: bytes,
+    *,
+    fsync: str = "manifest",
+    transport: str = "auto",
+    region_bytes: int = 64 << 20,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    ready: Callable[[Server], None] | None = None,
+) -> None:
+    host, _, port = listen.rpartition(":")
+    engine = Engine(data_dir, capacity, fsync=fsync, region_bytes=region_bytes)
+    engine.open()
+    exporter = None
+    if transport in ("auto", "rdma"):
+        from .rdma.exporter import make_exporter
+
+        exporter, why = make_exporter(engine)
+        if exporter is None and transport == "rdma":
+            raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
+        if exporter is None:
+            print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
+    server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), max_frame=max_frame, rdma=exporter)
+    stats = engine.replay_stats
+    print(
+        f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
+        f"fsync={fsync} rdma={'on' if exporter else 'off'} "
+        f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks "
+        f"in {stats.get('replay_s', 0):.3f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        engine.close()
+
+
+__all__ = ["Server", "run_server", "np"]

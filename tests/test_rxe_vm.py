@@ -1,0 +1,77 @@
+"""The rxe guest harness (rdmakv.rxe_vm): boots the UML guest a few times (~1 s each).
+
+The first run on a machine builds the UML kernel (~5 min) unless it is cached.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+from rdmakv import rxe_vm
+
+pytestmark = pytest.mark.guest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_exit_status_propagates():
+    assert rxe_vm.run(["sh", "-c", "exit 7"], timeout=120) == 7
+
+
+def test_output_and_environment_propagate(capfd):
+    rc = rxe_vm.run(
+        ["sh", "-c", 'echo "out $RDMAKV_IN_GUEST $RDMAKV_GUEST $FOO"; echo err-line >&2'],
+        env={"FOO": "bar"},
+        timeout=120,
+    )
+    out, err = capfd.readouterr()
+    assert rc == 0
+    assert "out 1 uml bar\n" in out
+    assert "err-line\n" in err
+    assert "err-line" not in out
+
+
+def test_rxe0_active_and_pyverbs_opens_it(capfd):
+    script = (
+        "import pyverbs.device as d\n"
+        "with d.Context(name='rxe0') as c:\n"
+        "    print('pyverbs-ok', c.query_port(1).state)\n"
+    )
+    rc = rxe_vm.run(
+        ["sh", "-c", f'ibv_devinfo -d rxe0 && /usr/bin/python3 -c "{script}"'],
+        timeout=120,
+    )
+    out, _ = capfd.readouterr()
+    assert rc == 0
+    assert "PORT_ACTIVE" in out
+    assert "pyverbs-ok 4" in out  # IBV_PORT_ACTIVE
+
+
+def test_cwd_is_shared_read_write(tmp_path):
+    rc = rxe_vm.run(
+        ["sh", "-c", "pwd > where.txt && mkdir -p sub && echo hi > sub/f.txt"], cwd=str(tmp_path), timeout=120
+    )
+    assert rc == 0
+    assert (tmp_path / "sub" / "f.txt").read_text() == "hi\n"
+    assert (tmp_path / "where.txt").read_text().strip() == str(tmp_path.resolve())
+
+
+def test_doctor_lists_rxe0(capfd):
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    rc = rxe_vm.run([sys.executable, "-m", "rdmakv.doctor", "--json"], cwd=str(REPO), env=env, timeout=120)
+    out, _ = capfd.readouterr()
+    assert rc == 0
+    report = json.loads(out)
+    assert report["in_guest"] == "uml"
+    names = {d["name"]: d for d in report["devices"]}
+    assert "rxe0" in names
+    assert names["rxe0"]["ports"][0]["state"] == "ACTIVE"
+    assert report["transport"]["choice"] == "rdma"
+
+
+def test_timeout_kills_guest():
+    with pytest.raises(rxe_vm.GuestError, match="timed out"):
+        rxe_vm.run(["sleep", "60"], timeout=4)
