@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -164,7 +165,7 @@ def _pick_cpu():
     lock_dir = pathlib.Path(tempfile.gettempdir())
     for cpu in cpus:
         try:
-            f = open(lock_dir / f"rdmakv-uml-cpu{cpu}.lock", "a")
+            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")
         except OSError:
             continue
         try:
@@ -182,18 +183,14 @@ def _pick_cpu():
 
 def _missing_packages(packages) -> list[str]:
     if shutil.which("dpkg-query") is None:
-        raise GuestError(
-            "dpkg-query not found: the rxe guest needs a Debian/Ubuntu host with: " + " ".join(packages)
-        )
+        raise GuestError("dpkg-query not found: the rxe guest needs a Debian/Ubuntu host with: " + " ".join(packages))
     r = subprocess.run(
         ["dpkg-query", "-W", "-f=${Package} ${Status}\\n", *packages],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    installed = {
-        line.split()[0].split(":")[0] for line in r.stdout.splitlines() if line.strip().endswith(" installed")
-    }
+    installed = {line.split()[0].split(":")[0] for line in r.stdout.splitlines() if line.strip().endswith(" installed")}
     return [p for p in packages if p not in installed]
 
 
@@ -209,7 +206,7 @@ def ensure_packages(packages) -> None:
     apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
         # apt's chatter goes to stderr so that our stdout stays the command's stdout.
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=apt_env)
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=2, env=apt_env)
         if r.returncode != 0:
             raise GuestError(f"`{' '.join(argv)}` failed with status {r.returncode}")
     still = _missing_packages(missing)
@@ -293,12 +290,11 @@ def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
         ensure_packages(BUILD_PACKAGES)
         _log(f"building the UML guest kernel (rxe) into {out}; takes ~5 min on 2 cores")
         t0 = time.monotonic()
-        with contextlib.suppress(FileNotFoundError):
-            kernel.unlink()
+        # build-uml.sh replaces the kernel atomically (install + mv): a failed rebuild keeps the old one.
         r = subprocess.run(
             ["bash", str(GUEST_DIR / "build-uml.sh"), str(out)],
             stdin=subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(),
+            stdout=2,  # build chatter to stderr; our stdout stays the command's
         )
         if r.returncode != 0 or not kernel.is_file():
             raise GuestError(f"UML kernel build failed (build-uml.sh status {r.returncode})")
@@ -339,8 +335,7 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> N
         f"hostfs {e(str(io))} hostfs {e(str(io))} 0 0\nrdmakv-rw {e(str(io))}/rw tmpfs mode=0755 0 0\n"
     )
     lines = [
-        f"rdmakv-root {e(root)} overlay "
-        f"lowerdir=/,upperdir={e(str(io))}/rw/upper,workdir={e(str(io))}/rw/work 0 0",
+        f"rdmakv-root {e(root)} overlay lowerdir=/,upperdir={e(str(io))}/rw/upper,workdir={e(str(io))}/rw/work 0 0",
         f"proc {e(root)}/proc proc defaults 0 0",
         f"sysfs {e(root)}/sys sysfs defaults 0 0",
         f"devtmpfs {e(root)}/dev devtmpfs defaults 0 0",
@@ -440,8 +435,14 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _no_core() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+_PR_SET_PDEATHSIG = 1
+
+
+def _uml_preexec() -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a UML panic must not leave a core dump
+    with contextlib.suppress(Exception):
+        # If the harness dies (even by SIGKILL) the guest dies with it instead of lingering.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def run(
@@ -536,7 +537,7 @@ def run(
             cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
             env=_uml_host_env(mem, tmp),
             start_new_session=True,
-            preexec_fn=_no_core,
+            preexec_fn=_uml_preexec,
         )
         for fd in (w_out, w_err):
             os.close(fd)
@@ -551,9 +552,7 @@ def run(
         except subprocess.TimeoutExpired:
             _killpg(proc.pid)
             proc.wait()
-            raise GuestError(
-                f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}"
-            ) from None
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}") from None
         t_exit = time.time()
         _killpg(proc.pid)  # stray helper processes, if any
         for t in pumps:
@@ -650,9 +649,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print boot / command / shutdown timings to stderr (same as RDMAKV_VM_VERBOSE=1)",
     )
-    p.add_argument(
-        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run in the guest"
-    )
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run in the guest")
     return p
 
 
@@ -665,12 +662,16 @@ def cli(argv: list[str]) -> int:
         command = command[1:]
     if not command:
         p.error("no COMMAND given (usage: rdmakv rxe-vm [options] -- COMMAND...)")
+
+    def _on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds run(): kills the guest, removes temp dirs
+
+    with contextlib.suppress(ValueError):  # ValueError: not in the main thread
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.rebuild:
             ensure_kernel(rebuild=True)
-        return run(
-            command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None
-        )
+        return run(command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None)
     except GuestError as e:
         msg = str(e)
         print(f"{_PREFIX}: error: {msg}", file=sys.stderr, flush=True)

@@ -34,8 +34,18 @@ def test_gid_bytes_keep_their_order() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("qpn", 0), ("qpn", 1 << 24), ("psn", -1), ("psn", 1 << 24), ("gid", b"\0" * 15),
-     ("mtu", 0), ("mtu", 6), ("lid", 1 << 16), ("rd_atomic", 0), ("rd_atomic", 256)],
+    [
+        ("qpn", 0),
+        ("qpn", 1 << 24),
+        ("psn", -1),
+        ("psn", 1 << 24),
+        ("gid", b"\0" * 15),
+        ("mtu", 0),
+        ("mtu", 6),
+        ("lid", 1 << 16),
+        ("rd_atomic", 0),
+        ("rd_atomic", 256),
+    ],
 )
 def test_rejects_out_of_range(field: str, value: object) -> None:
     ok = QPInfo(qpn=2, psn=3, gid=GID, mtu=1)

@@ -74,4 +74,4 @@ def test_doctor_lists_rxe0(capfd):
 
 def test_timeout_kills_guest():
     with pytest.raises(rxe_vm.GuestError, match="timed out"):
-        rxe_vm.run(["sleep", "60"], timeout=4)
+        rxe_vm.run(["sleep", "60"], timeout=3)

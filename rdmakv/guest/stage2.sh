@@ -82,8 +82,9 @@ printf '%s\n' "$EPOCHREALTIME" >"$io/t_end"
 
 # Let the relays drain. A background child of the command that still holds stdout/stderr
 # open gets 2 s, then its output is cut off.
-for ((i = 0; i < 200; i++)); do
-    kill -0 "$p_out" 2>/dev/null || kill -0 "$p_err" 2>/dev/null || break
+drain_until=$((${EPOCHREALTIME/./} + 2000000))
+while kill -0 "$p_out" 2>/dev/null || kill -0 "$p_err" 2>/dev/null; do
+    ((${EPOCHREALTIME/./} < drain_until)) || break
     read -r -t 0.01 -u 9
 done
 kill "$p_out" "$p_err" 2>/dev/null

@@ -67,16 +67,17 @@ class WorkCompletionError(RdmaError):
     reads (create a new one, or fall back to TCP for that connection).
     """
 
-    def __init__(self, status: int, status_name: str, vendor_err: int, op_index: int | None,
-                 detail: str = "") -> None:
+    def __init__(self, status: int, status_name: str, vendor_err: int, op_index: int | None, detail: str = "") -> None:
         self.status = status
         self.status_name = status_name
         self.vendor_err = vendor_err
         self.op_index = op_index
         where = f" at READ #{op_index} of the call" if op_index is not None else ""
-        msg = (f"RDMA READ failed{where}: {status_name} (status {status}, vendor_err "
-               f"{vendor_err:#x}); the QP is now in the error state and this Requester is "
-               "unusable")
+        msg = (
+            f"RDMA READ failed{where}: {status_name} (status {status}, vendor_err "
+            f"{vendor_err:#x}); the QP is now in the error state and this Requester is "
+            "unusable"
+        )
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
@@ -107,8 +108,9 @@ class _Pyverbs:
         self.addr = importlib.import_module("pyverbs.addr")
         self.err = importlib.import_module("pyverbs.pyverbs_error")
         e = self.e
-        self.wc_names = {int(v): n for n, v in vars(e).items()
-                         if n.startswith("IBV_WC_") and type(v) is type(e.IBV_WC_SUCCESS)}
+        self.wc_names = {
+            int(v): n for n, v in vars(e).items() if n.startswith("IBV_WC_") and type(v) is type(e.IBV_WC_SUCCESS)
+        }
         self.version = getattr(importlib.import_module("pyverbs"), "__version__", "")
 
 
@@ -121,8 +123,10 @@ def _load() -> _Pyverbs:
             try:
                 _pv = _Pyverbs()
             except ImportError as exc:
-                _pv_error = (f"pyverbs is not importable ({exc}); install Debian's "
-                             "python3-pyverbs and use a venv made with --system-site-packages")
+                _pv_error = (
+                    f"pyverbs is not importable ({exc}); install Debian's "
+                    "python3-pyverbs and use a venv made with --system-site-packages"
+                )
             except Exception as exc:  # a broken build raises odd things (ABI mismatch)
                 _pv_error = f"pyverbs failed to load: {type(exc).__name__}: {exc}"
     if _pv is None:
@@ -202,7 +206,7 @@ def _gid_to_bytes(gid_str: str) -> bytes:
 
 def _gid_from_bytes(pv: _Pyverbs, raw: bytes) -> Any:
     h = raw.hex()
-    return pv.addr.GID(":".join(h[i:i + 4] for i in range(0, 32, 4)))
+    return pv.addr.GID(":".join(h[i : i + 4] for i in range(0, 32, 4)))
 
 
 def _gid_score(raw: bytes, roce_v2: bool, ethernet: bool) -> int:
@@ -253,7 +257,8 @@ class Device:
             raise RdmaUnavailable(
                 "no RDMA devices: the kernel exposes none (no /sys/class/infiniband entries; "
                 "is ib_uverbs loaded and an rxe link added, e.g. `rdma link add rxe0 type rxe "
-                "netdev IFACE`?)")
+                "netdev IFACE`?)"
+            )
         if name is not None and name not in names:
             raise RdmaUnavailable(f"RDMA device {name!r} not found; devices: {', '.join(names)}")
         reasons = []
@@ -299,8 +304,7 @@ class Device:
                 for idx in range(pattr.gid_tbl_len):
                     try:
                         raw = _gid_to_bytes(ctx.query_gid(port, idx).gid)
-                        v2 = ethernet and ctx.query_gid_type(port, idx) == \
-                            e.IBV_GID_TYPE_SYSFS_ROCE_V2
+                        v2 = ethernet and ctx.query_gid_type(port, idx) == e.IBV_GID_TYPE_SYSFS_ROCE_V2
                     except pv.err.PyverbsError:
                         continue
                     score = _gid_score(raw, v2, ethernet)
@@ -310,20 +314,31 @@ class Device:
                         break
             if best is None:
                 if ethernet:
-                    why.append(f"port {port} is ACTIVE but has no GID (RoCE needs an IP "
-                               "address on the netdev under the rxe link)")
+                    why.append(
+                        f"port {port} is ACTIVE but has no GID (RoCE needs an IP "
+                        "address on the netdev under the rxe link)"
+                    )
                     continue
                 best = (1, 0, bytes(16))  # InfiniBand addresses by LID; the GID is unused
             mtu = int(pattr.active_mtu)
             return DeviceCaps(
-                name=name, port=port, gid_index=best[1], gid=best[2],
-                link_layer=int(pattr.link_layer), lid=int(pattr.lid), active_mtu=mtu,
-                mtu_bytes=_MTU_BYTES.get(mtu, 0), max_msg_sz=int(pattr.max_msg_sz),
-                max_sge=int(attr.max_sge), max_sge_rd=int(attr.max_sge_rd),
+                name=name,
+                port=port,
+                gid_index=best[1],
+                gid=best[2],
+                link_layer=int(pattr.link_layer),
+                lid=int(pattr.lid),
+                active_mtu=mtu,
+                mtu_bytes=_MTU_BYTES.get(mtu, 0),
+                max_msg_sz=int(pattr.max_msg_sz),
+                max_sge=int(attr.max_sge),
+                max_sge_rd=int(attr.max_sge_rd),
                 max_qp_rd_atom=int(attr.max_qp_rd_atom),
                 max_qp_init_rd_atom=int(attr.max_qp_init_rd_atom),
-                max_qp_wr=int(attr.max_qp_wr), max_mr_size=int(attr.max_mr_size),
-                max_cqe=int(attr.max_cqe))
+                max_qp_wr=int(attr.max_qp_wr),
+                max_mr_size=int(attr.max_mr_size),
+                max_cqe=int(attr.max_cqe),
+            )
         raise RdmaUnavailable(f"{name}: " + ("; ".join(why) or "no ports"))
 
     @property
@@ -397,8 +412,10 @@ class MemoryRegion:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"MemoryRegion(addr={self.addr:#x}, length={self.length}, lkey={self.lkey:#x}, "
-                f"rkey={self.rkey:#x}{', closed' if self.closed else ''})")
+        return (
+            f"MemoryRegion(addr={self.addr:#x}, length={self.length}, lkey={self.lkey:#x}, "
+            f"rkey={self.rkey:#x}{', closed' if self.closed else ''})"
+        )
 
 
 class ProtectionDomain:
@@ -415,8 +432,9 @@ class ProtectionDomain:
             raise RdmaError("protection domain is closed")
         return self._pd
 
-    def register(self, address: int, length: int, *, remote_read: bool,
-                 keepalive: object | None = None) -> MemoryRegion:
+    def register(
+        self, address: int, length: int, *, remote_read: bool, keepalive: object | None = None
+    ) -> MemoryRegion:
         """Register [address, address+length) (memory the caller owns, e.g. an mmap).
 
         LOCAL_WRITE always (READ destinations need it); REMOTE_READ if asked.
@@ -436,10 +454,8 @@ class ProtectionDomain:
         except pv.err.PyverbsError as exc:
             hint = ""
             if getattr(exc, "error_code", None) in (errno.ENOMEM, errno.EPERM, errno.EFAULT):
-                hint = ("; registration pins pages: raise RLIMIT_MEMLOCK (ulimit -l) and check "
-                        "the range is mapped")
-            raise RdmaError(f"ibv_reg_mr({address:#x}, {length}) failed: "
-                            f"{_errno_text(exc)}{hint}") from exc
+                hint = "; registration pins pages: raise RLIMIT_MEMLOCK (ulimit -l) and check the range is mapped"
+            raise RdmaError(f"ibv_reg_mr({address:#x}, {length}) failed: {_errno_text(exc)}{hint}") from exc
         region = MemoryRegion(mr, address, length, keepalive)
         self._children.append(region)
         return region
@@ -453,8 +469,7 @@ class ProtectionDomain:
         import ctypes
 
         view = (ctypes.c_char * memoryview(buf).nbytes).from_buffer(buf)
-        return self.register(ctypes.addressof(view), len(view), remote_read=remote_read,
-                             keepalive=view)
+        return self.register(ctypes.addressof(view), len(view), remote_read=remote_read, keepalive=view)
 
     def _adopt(self, child: Any) -> None:
         self._children.append(child)
@@ -519,8 +534,7 @@ class QPInfo:
             raise ValueError(f"rd_atomic {self.rd_atomic} outside 1..255")
 
     def to_bytes(self) -> bytes:
-        return self._STRUCT.pack(self.VERSION, self.mtu, self.rd_atomic, self.qpn, self.psn,
-                                 self.lid, self.gid)
+        return self._STRUCT.pack(self.VERSION, self.mtu, self.rd_atomic, self.qpn, self.psn, self.lid, self.gid)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> QPInfo:
@@ -544,14 +558,23 @@ DEFAULT_RNR_RETRY = 3
 MIN_RNR_TIMER = 12
 
 
-def _rc_connect(pv: _Pyverbs, qp: Any, caps: DeviceCaps, local_psn: int, remote: QPInfo, *,
-                access: int, max_rd_atomic: int, max_dest_rd_atomic: int, ack_timeout: int,
-                retry_cnt: int) -> None:
+def _rc_connect(
+    pv: _Pyverbs,
+    qp: Any,
+    caps: DeviceCaps,
+    local_psn: int,
+    remote: QPInfo,
+    *,
+    access: int,
+    max_rd_atomic: int,
+    max_dest_rd_atomic: int,
+    ack_timeout: int,
+    retry_cnt: int,
+) -> None:
     """RESET/INIT -> RTR -> RTS for an RC QP towards ``remote``."""
     e = pv.e
     if caps.is_roce:
-        gr = pv.addr.GlobalRoute(dgid=_gid_from_bytes(pv, remote.gid),
-                                 sgid_index=caps.gid_index, hop_limit=64)
+        gr = pv.addr.GlobalRoute(dgid=_gid_from_bytes(pv, remote.gid), sgid_index=caps.gid_index, hop_limit=64)
         ah = pv.addr.AHAttr(port_num=caps.port, is_global=1, gr=gr, dlid=remote.lid)
     else:
         ah = pv.addr.AHAttr(port_num=caps.port, dlid=remote.lid)
@@ -575,8 +598,7 @@ def _rc_connect(pv: _Pyverbs, qp: Any, caps: DeviceCaps, local_psn: int, remote:
         qp.to_rtr(attr)
         qp.to_rts(attr)
     except pv.err.PyverbsError as exc:
-        raise RdmaError(f"RC QP {qp.qp_num:#x} -> RTS towards QP {remote.qpn:#x} failed: "
-                        f"{_errno_text(exc)}") from exc
+        raise RdmaError(f"RC QP {qp.qp_num:#x} -> RTS towards QP {remote.qpn:#x} failed: {_errno_text(exc)}") from exc
 
 
 def _new_psn() -> int:
@@ -590,9 +612,14 @@ class Responder:
     nothing itself, so the server's CPU does no work per READ.
     """
 
-    def __init__(self, pd: ProtectionDomain, remote: QPInfo, *,
-                 ack_timeout: int = DEFAULT_ACK_TIMEOUT,
-                 retry_cnt: int = DEFAULT_RETRY_CNT) -> None:
+    def __init__(
+        self,
+        pd: ProtectionDomain,
+        remote: QPInfo,
+        *,
+        ack_timeout: int = DEFAULT_ACK_TIMEOUT,
+        retry_cnt: int = DEFAULT_RETRY_CNT,
+    ) -> None:
         pv = _load()
         e = pv.e
         self._pd = pd
@@ -608,11 +635,21 @@ class Responder:
             self._qp = pv.qp.QP(pd.pd, init)
             psn = _new_psn()
             rd_atom = max(1, min(caps.max_qp_rd_atom, 255))
-            self.local_info = QPInfo(qpn=self._qp.qp_num, psn=psn, gid=caps.gid,
-                                     mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom)
-            _rc_connect(pv, self._qp, caps, psn, remote, access=e.IBV_ACCESS_REMOTE_READ,
-                        max_rd_atomic=1, max_dest_rd_atomic=rd_atom, ack_timeout=ack_timeout,
-                        retry_cnt=retry_cnt)
+            self.local_info = QPInfo(
+                qpn=self._qp.qp_num, psn=psn, gid=caps.gid, mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom
+            )
+            _rc_connect(
+                pv,
+                self._qp,
+                caps,
+                psn,
+                remote,
+                access=e.IBV_ACCESS_REMOTE_READ,
+                max_rd_atomic=1,
+                max_dest_rd_atomic=rd_atom,
+                ack_timeout=ack_timeout,
+                retry_cnt=retry_cnt,
+            )
         except pv.err.PyverbsError as exc:
             self.close()
             raise RdmaError(f"creating the responder QP failed: {_errno_text(exc)}") from exc
@@ -673,31 +710,44 @@ def _no_clock() -> float:
     return 0.0
 
 
+_channel_lock = threading.Lock()
+
+
+def _event_fds() -> set[int] | None:
+    """The process's open uverbs event descriptors (async-event files and completion channels)."""
+    fd_dir = "/proc/self/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    found = set()
+    for name in names:
+        try:
+            if "infinibandevent" in os.readlink(f"{fd_dir}/{name}"):
+                found.add(int(name))
+        except (OSError, ValueError):
+            continue  # e.g. the descriptor listdir itself used, closed by now
+    return found
+
+
 def _find_channel_fd(pv: _Pyverbs, ctx: Any) -> tuple[Any, int | None]:
     """Create a CompChannel and find its fd.
 
     pyverbs < 59 does not expose the fd, and ibv_get_cq_event() blocks with no timeout, so we
-    identify the one new ``[infinibandevent]`` descriptor the creation adds.
+    identify the one ``[infinibandevent]`` descriptor the creation adds. Comparing plain fd
+    numbers would not do: listdir's own descriptor can hold the very number the channel gets.
     """
-    fd_dir = "/proc/self/fd"
-    try:
-        before = set(os.listdir(fd_dir))
-    except OSError:
-        before = None
-    channel = pv.cq.CompChannel(ctx)
-    fd = getattr(channel, "fd", None)
-    if fd is not None:
-        return channel, int(fd)
-    if before is None:
+    with _channel_lock:
+        before = _event_fds()
+        channel = pv.cq.CompChannel(ctx)
+        fd = getattr(channel, "fd", None)
+        if fd is not None:
+            return channel, int(fd)
+        after = _event_fds()
+    if before is None or after is None:
         return channel, None
-    found = []
-    for name in set(os.listdir(fd_dir)) - before:
-        try:
-            if "infinibandevent" in os.readlink(f"{fd_dir}/{name}"):
-                found.append(int(name))
-        except OSError:
-            continue
-    return channel, found[0] if len(found) == 1 else None
+    new = after - before
+    return channel, new.pop() if len(new) == 1 else None
 
 
 class Requester:
@@ -706,11 +756,19 @@ class Requester:
     Not thread-safe: one caller at a time.
     """
 
-    def __init__(self, device: Device, pd: ProtectionDomain, *,
-                 max_outstanding: int | None = None, max_sge: int | None = None,
-                 spin_polls: int = 200, ack_timeout: int = DEFAULT_ACK_TIMEOUT,
-                 retry_cnt: int = DEFAULT_RETRY_CNT, post_api: str = "auto",
-                 timing: bool = False) -> None:
+    def __init__(
+        self,
+        device: Device,
+        pd: ProtectionDomain,
+        *,
+        max_outstanding: int | None = None,
+        max_sge: int | None = None,
+        spin_polls: int = 200,
+        ack_timeout: int = DEFAULT_ACK_TIMEOUT,
+        retry_cnt: int = DEFAULT_RETRY_CNT,
+        post_api: str = "auto",
+        timing: bool = False,
+    ) -> None:
         """``max_outstanding``: send-queue depth, i.e. READ WRs posted but not yet completed
         (default min(1024, max_qp_wr)). ``max_sge``: SGEs per READ (default the device's
         READ limit). ``spin_polls``: CQ polls before blocking on the completion channel.
@@ -771,23 +829,28 @@ class Requester:
             raise
         self._psn = _new_psn()
         rd_atom = max(1, min(caps.max_qp_rd_atom, 255))
-        self.local_info = QPInfo(qpn=self._qp.qp_num, psn=self._psn, gid=caps.gid,
-                                 mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom)
+        self.local_info = QPInfo(
+            qpn=self._qp.qp_num, psn=self._psn, gid=caps.gid, mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom
+        )
         self._SIGNALED = int(e.IBV_SEND_SIGNALED)
         self._READ = int(e.IBV_WR_RDMA_READ)
         pd._adopt(self)
 
     def _create_qp(self, pv: _Pyverbs, post_api: str, ctx: Any, depth: int) -> Any:
         e = pv.e
-        cap = pv.qp.QPCap(max_send_wr=depth, max_recv_wr=1, max_send_sge=self.max_sge,
-                          max_recv_sge=1)
+        cap = pv.qp.QPCap(max_send_wr=depth, max_recv_wr=1, max_send_sge=self.max_sge, max_recv_sge=1)
         if post_api not in ("auto", "ex", "legacy"):
             raise ValueError(f"post_api must be auto, ex or legacy, not {post_api!r}")
         if post_api in ("auto", "ex"):
             init = pv.qp.QPInitAttrEx(
-                qp_type=e.IBV_QPT_RC, scq=self._cq, rcq=self._cq, cap=cap, pd=self._pd.pd,
+                qp_type=e.IBV_QPT_RC,
+                scq=self._cq,
+                rcq=self._cq,
+                cap=cap,
+                pd=self._pd.pd,
                 comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-                send_ops_flags=e.IBV_QP_EX_WITH_RDMA_READ)
+                send_ops_flags=e.IBV_QP_EX_WITH_RDMA_READ,
+            )
             try:
                 qp = pv.qp.QPEx(ctx, init)
             except pv.err.PyverbsError:
@@ -813,6 +876,11 @@ class Requester:
         return "ex" if self._ex else "legacy"
 
     @property
+    def sleeps_on_channel(self) -> bool:
+        """True when waits block in poll() on the completion channel (else: 1 ms naps)."""
+        return self._poller is not None
+
+    @property
     def usable(self) -> bool:
         return self._broken is None and self._qp is not None
 
@@ -824,15 +892,28 @@ class Requester:
             raise RdmaError("requester is already connected")
         caps = self.device.caps
         init_depth = max(1, min(caps.max_qp_init_rd_atom, remote.rd_atomic, 255))
-        _rc_connect(self._pv, self._qp, caps, self._psn, remote, access=0,
-                    max_rd_atomic=init_depth, max_dest_rd_atomic=1,
-                    ack_timeout=self._ack_timeout, retry_cnt=self._retry_cnt)
+        _rc_connect(
+            self._pv,
+            self._qp,
+            caps,
+            self._psn,
+            remote,
+            access=0,
+            max_rd_atomic=init_depth,
+            max_dest_rd_atomic=1,
+            ack_timeout=self._ack_timeout,
+            retry_cnt=self._retry_cnt,
+        )
         self._connected = True
 
     # ------------------------------------------------------------------ hot path
 
     def _prepare(self, ops: Iterable[Any]) -> list[tuple[int, int, Sequence[Sge]]]:
+        # Everything is checked before the first WR is posted: a bad WR found mid-chain would
+        # leave earlier ones in flight, and the device would turn it into an error completion
+        # that kills the QP.
         limit = self.max_sge
+        max_msg = self.device.caps.max_msg_sz
         out = []
         for i, op in enumerate(ops):
             raddr, rkey, sges = op
@@ -844,6 +925,9 @@ class Requester:
                     # pyverbs reads .addr/.length/.lkey: plain tuples need wrapping.
                     sges = [Sge(*s) for s in sges]
                     break
+            size = sges[0].length if n == 1 else sum(s.length for s in sges)
+            if not 0 < size <= max_msg:
+                raise ValueError(f"READ #{i} moves {size} bytes; allowed 1..{max_msg} (port max_msg_sz)")
             out.append((raddr, rkey, sges))
         return out
 
@@ -899,8 +983,9 @@ class Requester:
             raise
         return total
 
-    def _post_ex(self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int,
-                 last: int, stats: ReadStats) -> None:
+    def _post_ex(
+        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats
+    ) -> None:
         qp = self._qp
         sig = self._SIGNALED
         every = self._sig_every
@@ -930,8 +1015,9 @@ class Requester:
         stats.build_s += t1 - t0
         stats.batches += 1
 
-    def _post_legacy(self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int,
-                     count: int, last: int, stats: ReadStats) -> None:
+    def _post_legacy(
+        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats
+    ) -> None:
         pv = self._pv
         SendWR = pv.wr.SendWR
         SGE = pv.wr.SGE
@@ -949,8 +1035,7 @@ class Requester:
         for j in range(start + count - 1, start - 1, -1):
             raddr, rkey, sges = prepared[j]
             flags = sig if (seq == last or not seq % every) else 0
-            wr = SendWR(seq, opcode, len(sges), 0, [SGE(a, n, k) for a, n, k in sges], flags,
-                        nxt)
+            wr = SendWR(seq, opcode, len(sges), 0, [SGE(a, n, k) for a, n, k in sges], flags, nxt)
             wr.set_wr_rdma(rkey, raddr)
             chain.append(wr)
             nxt = wr
@@ -1006,7 +1091,8 @@ class Requester:
                 if left <= 0:
                     raise TimeoutError(
                         f"RDMA READs not completed in time ({self._seq - self._retired} WRs "
-                        "outstanding); the requester is unusable")
+                        "outstanding); the requester is unusable"
+                    )
                 wait_ms = max(1, int(left * 1000))
             if self._poller is None:
                 # No fd to sleep on: nap in small steps so the deadline still holds.

@@ -53,16 +53,16 @@ def pds(device: Device) -> Iterator[tuple[ProtectionDomain, ProtectionDomain, Pr
         pd.close()  # idempotent
 
 
-def _buffer(pd: ProtectionDomain, *, fill: bytes | None, remote_read: bool
-            ) -> tuple[mmap.mmap, MemoryRegion]:
+def _buffer(pd: ProtectionDomain, *, fill: bytes | None, remote_read: bool) -> tuple[mmap.mmap, MemoryRegion]:
     buf = mmap.mmap(-1, SIZE)
     if fill is not None:
         buf[:] = fill
     return buf, pd.register_buffer(buf, remote_read=remote_read)
 
 
-def _connect(device: Device, server_pd: ProtectionDomain, client_pd: ProtectionDomain,
-             **kw: object) -> tuple[Requester, Responder]:
+def _connect(
+    device: Device, server_pd: ProtectionDomain, client_pd: ProtectionDomain, **kw: object
+) -> tuple[Requester, Responder]:
     req = Requester(device, client_pd, **kw)
     resp = Responder(server_pd, req.local_info)
     req.connect(resp.local_info)
@@ -98,7 +98,7 @@ def test_scatter_read_chain_longer_than_send_queue(device, pds, post_api) -> Non
             laddr = dst_mr.addr + slot * piece
             sges.append(Sge(laddr, length, dst_mr.lkey) if p % 2 else (laddr, length, dst_mr.lkey))
             off = i * wr_len + p * piece
-            expected[slot * piece:slot * piece + length] = src_bytes[off:off + length]
+            expected[slot * piece : slot * piece + length] = src_bytes[off : off + length]
         ops.append(ReadOp(raddr, src_mr.rkey, sges) if i % 2 else (raddr, src_mr.rkey, sges))
     assert req.read(ops, timeout=30) == n_wrs
     assert req.last_stats.batches > 1
@@ -107,12 +107,15 @@ def test_scatter_read_chain_longer_than_send_queue(device, pds, post_api) -> Non
     # A second call on the same QP works (wr_id accounting carries over).
     one = [(src_mr.addr + SIZE - 8192, src_mr.rkey, [(dst_mr.addr, 8192, dst_mr.lkey)])]
     assert req.read(one) == 1
-    assert dst[:8192] == src_bytes[SIZE - 8192:]
+    assert dst[:8192] == src_bytes[SIZE - 8192 :]
 
     with pytest.raises(ValueError):
         req.read([(src_mr.addr, src_mr.rkey, [(dst_mr.addr, 1, dst_mr.lkey)] * (req.max_sge + 1))])
     with pytest.raises(ValueError):
         req.read([(src_mr.addr, src_mr.rkey, [])])
+    too_big = device.caps.max_msg_sz + 1
+    with pytest.raises(ValueError, match="max_msg_sz"):
+        req.read([(src_mr.addr, src_mr.rkey, [(dst_mr.addr, too_big, dst_mr.lkey)])])
     assert req.usable
     req.close()
     req.close()
@@ -155,6 +158,7 @@ def test_dead_responder_errors_within_seconds(device, pds) -> None:
     _, src_mr = _buffer(pd_a, fill=b"\x01" * SIZE, remote_read=True)
     _, dst_mr = _buffer(pd_c, fill=None, remote_read=False)
     req, resp = _connect(device, pd_a, pd_c)
+    assert req.sleeps_on_channel  # the error arrives from a timer: this wait really blocks
     op = [(src_mr.addr, src_mr.rkey, [(dst_mr.addr, 4096, dst_mr.lkey)])]
     assert req.read(op) == 1
     resp.close()
@@ -164,6 +168,7 @@ def test_dead_responder_errors_within_seconds(device, pds) -> None:
     elapsed = time.monotonic() - t0
     assert info.value.status_name == "IBV_WC_RETRY_EXC_ERR"
     assert elapsed < 5, elapsed
+    assert req.last_stats.blocked >= 1
 
 
 def test_register_rejects_bad_ranges(device, pds) -> None:

@@ -1,0 +1,86 @@
+"""Client-side registered buffer pool: restore destinations, registered once.
+
+A restore takes one contiguous extent of a registered arena and the restored
+numpy arrays are views of it (no copy after the READ). The extent returns to
+the pool when the last array viewing it is garbage-collected. Arenas are
+registered when created, never per restore.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import threading
+import weakref
+
+import numpy as np
+
+from . import verbs
+
+ALIGN = 64
+DEFAULT_ARENA_BYTES = 256 << 20
+
+
+class _Arena:
+    def __init__(self, pd: verbs.ProtectionDomain, size: int) -> None:
+        self.size = size
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.anchor = ctypes.c_char.from_buffer(self.map)
+        self.addr = ctypes.addressof(self.anchor)
+        self.mr = pd.register(self.addr, size, remote_read=False, keepalive=self.map)
+        self.free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
+
+    def take(self, n: int) -> int | None:
+        for i, (off, ln) in enumerate(self.free):
+            if ln >= n:
+                if ln == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (off + n, ln - n)
+                return off
+        return None
+
+    def give(self, off: int, n: int) -> None:
+        i = bisect.bisect_left(self.free, (off, 0))
+        self.free.insert(i, (off, n))
+        # coalesce with neighbours
+        if i + 1 < len(self.free) and off + n == self.free[i + 1][0]:
+            self.free[i] = (off, n + self.free[i + 1][1])
+            del self.free[i + 1]
+        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == off:
+            self.free[i - 1] = (self.free[i - 1][0], self.free[i - 1][1] + self.free[i][1])
+            del self.free[i]
+
+
+class BufferPool:
+    def __init__(self, pd: verbs.ProtectionDomain, arena_bytes: int = DEFAULT_ARENA_BYTES) -> None:
+        self.pd = pd
+        self.arena_bytes = arena_bytes
+        self.arenas: list[_Arena] = []
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> tuple[np.ndarray, int, int]:
+        """(uint8 array of nbytes, its address, lkey); freed when the array is collected."""
+        n = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            for arena in self.arenas:
+                off = arena.take(n)
+                if off is not None:
+                    break
+            else:
+                size = max(self.arena_bytes, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+                arena = _Arena(self.pd, size)
+                self.arenas.append(arena)
+                off = arena.take(n)
+                assert off is not None
+        arr = np.frombuffer(arena.map, dtype=np.uint8, count=nbytes, offset=off)
+        weakref.finalize(arr, self._give, arena, off, n)
+        return arr, arena.addr + off, arena.mr.lkey
+
+    def _give(self, arena: _Arena, off: int, n: int) -> None:
+        with self._lock:
+            arena.give(off, n)
+
+    def registered_bytes(self) -> int:
+        return sum(a.size for a in self.arenas)
