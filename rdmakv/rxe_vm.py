@@ -470,6 +470,8 @@ def run(
     """
     if isinstance(command, (str, bytes)) or not command:
         raise ValueError("command must be a non-empty list of strings")
+    if os.environ.get("RDMAKV_IN_GUEST"):
+        raise GuestError("already inside the rxe guest (RDMAKV_IN_GUEST is set): run the command directly")
     if guest == "qemu":
         raise GuestError("guest='qemu' (TCG fallback) is not implemented yet; use guest='uml'")
     if guest != "uml":

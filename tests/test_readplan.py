@@ -14,10 +14,10 @@ SCRATCH = 1 << 40
 
 def _simulate(plan, remote: dict[int, bytearray], region_addr, local: bytearray, base: int, scratch: bytearray):
     """Execute a plan in memory the way the NIC would."""
-    for raddr, rkey, sges in plan.reads:
+    for raddr, _rkey, sges in plan.reads:
         reg = next(r for r, a in region_addr.items() if a <= raddr < a + len(remote[r]))
         pos = raddr - region_addr[reg]
-        for laddr, ln, lkey in sges:
+        for laddr, ln, _lkey in sges:
             data = remote[reg][pos : pos + ln]
             if laddr >= SCRATCH:
                 scratch[laddr - SCRATCH : laddr - SCRATCH + ln] = data

@@ -12,7 +12,12 @@ import pytest
 
 from rdmakv import rxe_vm
 
-pytestmark = pytest.mark.guest
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.skipif(
+        bool(os.environ.get("RDMAKV_IN_GUEST")), reason="already inside the rxe guest: cannot boot a nested one"
+    ),
+]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,7 @@ class RdmaRestorer:
         self.pd = device.alloc_pd()
         self.requester: verbs.Requester | None = None
         try:
-            self.requester = verbs.Requester(device, self.pd)
+            self.requester = verbs.Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
             reply = store.channel.rdma_connect(self.requester.local_info.to_bytes())
             self.requester.connect(verbs.QPInfo.from_bytes(reply))
             self.pool = BufferPool(self.pd)

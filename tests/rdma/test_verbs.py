@@ -20,6 +20,7 @@ from rdmakv.rdma.verbs import (
     RdmaError,
     RdmaUnavailable,
     ReadOp,
+    ReadTimeout,
     Requester,
     Responder,
     Sge,
@@ -169,6 +170,22 @@ def test_dead_responder_errors_within_seconds(device, pds) -> None:
     assert info.value.status_name == "IBV_WC_RETRY_EXC_ERR"
     assert elapsed < 5, elapsed
     assert req.last_stats.blocked >= 1
+
+
+def test_read_timeout_instead_of_hanging(device, pds) -> None:
+    pd_a, _, pd_c = pds
+    _, src_mr = _buffer(pd_a, fill=b"\x02" * SIZE, remote_read=True)
+    _, dst_mr = _buffer(pd_c, fill=None, remote_read=False)
+    # 4.096 us * 2**20 = 4.3 s per retransmission: the device will not give up before we do.
+    req, resp = _connect(device, pd_a, pd_c, ack_timeout=20)
+    op = [(src_mr.addr, src_mr.rkey, [(dst_mr.addr, 4096, dst_mr.lkey)])]
+    assert req.read(op) == 1
+    resp.close()
+    t0 = time.monotonic()
+    with pytest.raises(ReadTimeout):
+        req.read(op, timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    assert not req.usable
 
 
 def test_register_rejects_bad_ranges(device, pds) -> None:
