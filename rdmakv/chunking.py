@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -37,7 +38,12 @@ def split_tag(tag: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of a KV session: enough to lay out a restore buffer and validate chunks."""
+    """Shape of a KV session: enough to lay out a restore buffer and validate chunks.
+
+    The restore buffer holds, per layer, K then V (each ``n_tokens`` rows, or V
+    transposed); the chunk table is computed with numpy because a restore pays for
+    it on its hot path (a 16k-token session at W=8 has ~100k chunks).
+    """
 
     dtype: np.dtype
     n_tokens: int
@@ -55,44 +61,55 @@ class KVLayout:
     def elem(self) -> int:
         return self.dtype.itemsize
 
-    def layer_bytes(self, layer: int) -> tuple[int, int]:
-        n = self.n_tokens * self.elem
-        return n * self.n_embd_k[layer], n * self.n_embd_v[layer]
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        """Row bytes per (layer, K|V)."""
+        return np.array([self.n_embd_k, self.n_embd_v], dtype=np.int64).T * self.elem
 
-    @property
+    def layer_bytes(self, layer: int) -> tuple[int, int]:
+        rk, rv = self._rows[layer].tolist()
+        return rk * self.n_tokens, rv * self.n_tokens
+
+    @cached_property
     def total_bytes(self) -> int:
-        return sum(sum(self.layer_bytes(i)) for i in range(self.n_layer))
+        return int(self._rows.sum()) * self.n_tokens
 
     def windows(self) -> list[tuple[int, int]]:
         w, n = self.window, self.n_tokens
         return [(a, min(a + w, n)) for a in range(0, n, w)]
 
+    @cached_property
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n, L = self.n_tokens, self.n_layer
+        rows = self._rows  # (L, 2)
+        base = np.zeros((L, 2), dtype=np.int64)
+        per_layer = rows.sum(axis=1) * n
+        base[1:, 0] = np.cumsum(per_layer)[:-1]
+        base[:, 1] = base[:, 0] + rows[:, 0] * n
+        starts = np.arange(0, n, self.window, dtype=np.int64)
+        counts = np.minimum(starts + self.window, n) - starts
+        wins = np.arange(len(starts), dtype=np.int64)
+        layer = np.arange(L, dtype=np.int64)[:, None]
+        k_tags = (layer << 33) | wins[None, :]
+        k_len = rows[:, :1] * counts[None, :]
+        k_off = base[:, :1] + rows[:, :1] * starts[None, :]
+        if self.v_trans:
+            has = 1 if n else 0
+            v_tags = ((layer << 33) | (KIND_V << 32))[:, :has]
+            v_len = (rows[:, 1:] * n)[:, :has]
+            v_off = base[:, 1:][:, :has]
+        else:
+            v_tags = (layer << 33) | (KIND_V << 32) | wins[None, :]
+            v_len = rows[:, 1:] * counts[None, :]
+            v_off = base[:, 1:] + rows[:, 1:] * starts[None, :]
+        tags = np.concatenate([k_tags, v_tags], axis=1).ravel().astype(np.uint64)
+        lengths = np.concatenate([k_len, v_len], axis=1).ravel().astype(np.uint32)
+        offsets = np.concatenate([k_off, v_off], axis=1).ravel().astype(np.uint64)
+        return tags, lengths, offsets
+
     def chunk_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Expected (tags, lengths, offsets into the restore buffer), manifest order."""
-        tags: list[int] = []
-        lengths: list[int] = []
-        offsets: list[int] = []
-        base = 0
-        wins = self.windows()
-        for layer in range(self.n_layer):
-            for kind, width in ((KIND_K, self.n_embd_k[layer]), (KIND_V, self.n_embd_v[layer])):
-                row = width * self.elem
-                if kind == KIND_V and self.v_trans:
-                    if self.n_tokens:
-                        tags.append(make_tag(layer, kind, 0))
-                        lengths.append(row * self.n_tokens)
-                        offsets.append(base)
-                else:
-                    for w, (a, b) in enumerate(wins):
-                        tags.append(make_tag(layer, kind, w))
-                        lengths.append(row * (b - a))
-                        offsets.append(base + row * a)
-                base += row * self.n_tokens
-        return (
-            np.array(tags, dtype=np.uint64),
-            np.array(lengths, dtype=np.uint32),
-            np.array(offsets, dtype=np.uint64),
-        )
+        return self._table
 
 
 def layout_of(kv: KVState, window: int) -> KVLayout:
@@ -198,15 +215,23 @@ def decode_layout(m: Manifest) -> KVLayout:
 def assemble(layout: KVLayout, buffer: memoryview | bytearray | np.ndarray) -> KVState:
     """Numpy arrays that are views of ``buffer`` (the restore buffer), no copy."""
     buf = np.frombuffer(buffer, dtype=np.uint8, count=layout.total_bytes)
+    n = layout.n_tokens
+    dt = layout.dtype
+    if len(set(layout.n_embd_k)) == 1 and len(set(layout.n_embd_v)) == 1:
+        # uniform layers (the common case): a handful of numpy calls instead of a few per layer
+        ek, ev = layout.n_embd_k[0], layout.n_embd_v[0]
+        per = buf.view(dt).reshape(layout.n_layer, n * (ek + ev))
+        k = list(per[:, : n * ek].reshape(layout.n_layer, n, ek))
+        vshape = (layout.n_layer, ev, n) if layout.v_trans else (layout.n_layer, n, ev)
+        v = list(per[:, n * ek :].reshape(vshape))
+        return KVState(k, v, layout.tokens.copy(), v_trans=layout.v_trans)
     k, v = [], []
     base = 0
-    n = layout.n_tokens
     for layer in range(layout.n_layer):
         kb, vb = layout.layer_bytes(layer)
-        k.append(buf[base : base + kb].view(layout.dtype).reshape(n, layout.n_embd_k[layer]))
+        k.append(buf[base : base + kb].view(dt).reshape(n, layout.n_embd_k[layer]))
         base += kb
-        vv = buf[base : base + vb].view(layout.dtype)
         shape = (layout.n_embd_v[layer], n) if layout.v_trans else (n, layout.n_embd_v[layer])
-        v.append(vv.reshape(shape))
+        v.append(buf[base : base + vb].view(dt).reshape(shape))
         base += vb
     return KVState(k, v, layout.tokens.copy(), v_trans=layout.v_trans)

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 
 from .auth import KEY_ENV, key_from_env, parse_key
 from .errors import RdmakvError
@@ -76,15 +75,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).cli(args.rest)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rdmakv",
@@ -139,20 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--prefix", default="", help="only names starting with this prefix")
         c.set_defaults(func=func)
 
-    for name, module, helptext in (
-        ("rxe-vm", "rdmakv.rxe_vm", "run a command inside a guest with real soft-RoCE (rxe0)"),
-        ("doctor", "rdmakv.doctor", "report RDMA readiness: pyverbs, devices, memlock, transport choice"),
-        ("bench", "bench.cli", "benchmarks: RDMA vs TCP vs v1 single blob"),
-        ("slotfile", "rdmakv.slotfile_cli", "inspect, import and export llama.cpp slot files"),
-        ("llama-proxy", "rdmakv.llama_proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
+    for name, helptext in (
+        ("rxe-vm", "run a command inside a guest with real soft-RoCE (rxe0); see rdmakv rxe-vm --help"),
+        ("doctor", "report RDMA readiness: pyverbs, devices, memlock, transport choice"),
+        ("bench", "benchmarks: RDMA vs TCP vs v1 single blob; see rdmakv bench --help"),
+        ("slotfile", "inspect, import and export llama.cpp slot files; see rdmakv slotfile --help"),
+        ("llama-proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
     ):
-        c = sub.add_parser(name, help=helptext, add_help=False, description=helptext)
-        c.add_argument("rest", nargs=argparse.REMAINDER)
-        c.set_defaults(func=_delegate(module))
+        sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 
+DELEGATED = {
+    "rxe-vm": "rdmakv.rxe_vm",
+    "doctor": "rdmakv.doctor",
+    "bench": "bench.cli",
+    "slotfile": "rdmakv.slotfile_cli",
+    "llama-proxy": "rdmakv.llama_proxy",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:  # these parse their own flags (argparse REMAINDER would not)
+        import importlib
+
+        try:
+            return importlib.import_module(DELEGATED[argv[0]]).cli(argv[1:])
+        except KeyboardInterrupt:
+            return 130
+        except (RdmakvError, OSError) as e:
+            print(f"rdmakv {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -58,6 +58,7 @@ class Store:
         self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
         self.rdma_reason = ""
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._decoded: OrderedDict[bytes, tuple[mf.Manifest, chunking.KVLayout]] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = 256 << 20
         if transport != "tcp":
@@ -175,8 +176,7 @@ class Store:
         ch = self.channel
         sent0, recv0, rt0 = ch.bytes_sent, ch.bytes_received, ch.round_trips
         data, _ = ch.get_manifest(name)
-        m = mf.decode(data)
-        layout = chunking.decode_layout(m)
+        m, layout = self.decode_kv(data)
         _, _, offsets = layout.chunk_table()
         buf = np.empty(layout.total_bytes, dtype=np.uint8)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
@@ -185,6 +185,19 @@ class Store:
         rep.bytes = (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
         rep.round_trips += ch.round_trips - rt0
         return chunking.assemble(layout, buf)
+
+    def decode_kv(self, data: bytes) -> tuple[mf.Manifest, chunking.KVLayout]:
+        """Decode and validate a KV manifest; identical bytes decode once (repeat restores)."""
+        hit = self._decoded.get(data)
+        if hit is not None:
+            self._decoded.move_to_end(data)
+            return hit
+        m = mf.decode(data)
+        out = (m, chunking.decode_layout(m))
+        self._decoded[data] = out
+        if len(self._decoded) > 64:
+            self._decoded.popitem(last=False)
+        return out
 
     def fill_tcp(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
         """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``."""

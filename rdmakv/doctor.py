@@ -195,8 +195,7 @@ def _uml_kernel() -> dict:
     info["path"] = str(k) if k else None
     if k is None:
         info["hint"] = (
-            "built on first `rdmakv rxe-vm` (~5 min on 2 cores), "
-            "or force with `rdmakv rxe-vm --rebuild -- true`"
+            "built on first `rdmakv rxe-vm` (~5 min on 2 cores), or force with `rdmakv rxe-vm --rebuild -- true`"
         )
     return info
 
@@ -262,10 +261,7 @@ def _print_text(r: dict) -> None:
             w("  caps: " + ", ".join(f"{k}={v}" for k, v in dev["caps"].items()) + "\n")
         for p in dev["ports"]:
             mtu = p.get("active_mtu")
-            w(
-                f"  port {p['port']}: {p['state']}, active_mtu {mtu if mtu else '?'}, "
-                f"link_layer {p.get('link_layer')}\n"
-            )
+            w(f"  port {p['port']}: {p['state']}, active_mtu {mtu if mtu else '?'}, link_layer {p.get('link_layer')}\n")
             for g in p["gids"]:
                 extra = " ".join(x for x in (g.get("type"), g.get("netdev")) if x)
                 w(f"    gid[{g['index']}] {g['gid']} {extra}".rstrip() + "\n")
@@ -291,9 +287,7 @@ def cli(argv: list[str]) -> int:
         description="Report pyverbs, RDMA devices (state, caps, MTU, GIDs), the memlock limit, "
         "the cached UML rxe guest kernel, and whether rdmakv would connect over rdma or tcp.",
     )
-    p.add_argument(
-        "--json", action="store_true", help="print one machine-readable JSON object instead of text"
-    )
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
     args = p.parse_args(argv)
     report = collect()
     if args.json:

@@ -234,10 +234,10 @@ def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
     return out
 
 
-def enc_manifest_reply(manifest: bytes, locations: Locations | None) -> list[bytes | memoryview]:
+def enc_manifest_reply(manifest: bytes, locations: Locations | bytes | None) -> list[bytes | memoryview]:
     parts: list[bytes | memoryview] = [_U32.pack(len(manifest)), manifest]
     if locations is not None:
-        parts.append(locations.encode())
+        parts.append(locations if isinstance(locations, bytes) else locations.encode())
     return parts
 
 

@@ -157,7 +157,10 @@ def _pick_cpu():
     concurrent rdmakv guest holds (flock on a per-core lock file), so parallel runs spread out.
     """
     if os.environ.get("RDMAKV_UML_CPU"):
-        return int(os.environ["RDMAKV_UML_CPU"]), None
+        cpus = os.environ["RDMAKV_UML_CPU"].strip()
+        if not re.fullmatch(r"[0-9]+([,-][0-9]+)*", cpus):
+            raise GuestError(f"RDMAKV_UML_CPU={cpus!r} is not a taskset cpu list such as 1 or 0-1")
+        return cpus, None
     try:
         cpus = sorted(os.sched_getaffinity(0), reverse=True)
     except (AttributeError, OSError):
@@ -357,9 +360,10 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> N
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         (links / name).symlink_to(target)
     net = ["link set lo up", "link add d0 type dummy"]
-    mtu = os.environ.get("RDMAKV_GUEST_MTU")
-    if mtu:
-        net.append(f"link set d0 mtu {int(mtu)}")
+    # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
+    # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
+    mtu = int(os.environ.get("RDMAKV_GUEST_MTU") or DEFAULT_GUEST_MTU)
+    net.append(f"link set d0 mtu {mtu}")
     net += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
     (io / "net.ip").write_text("\n".join(net) + "\n")
     _nul_file(io / "argv", [str(a) for a in command])
@@ -367,6 +371,9 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> N
     _nul_file(io / "cwd", [workdir])
     if os.environ.get("RDMAKV_VM_TRACE", "") not in ("", "0"):
         (io / "trace").write_text("1")  # stage2 runs with `set -x` into console.log
+
+
+DEFAULT_GUEST_MTU = 9000
 
 
 def _pump(fd: int, stream) -> None:
@@ -492,12 +499,12 @@ def run(
     kernel = ensure_kernel()
     genv = _guest_env(env)
 
+    cpu, cpu_lock = _pick_cpu()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rdmakv-uml-"))
     proc = None
     pumps: list[threading.Thread] = []
     fds: list[int] = []
     log = None
-    cpu, cpu_lock = _pick_cpu()
     try:
         io = tmp / "io"
         for d in (io / "rw", io / "root", tmp / "uml"):

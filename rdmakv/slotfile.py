@@ -818,7 +818,19 @@ def _decode_payload(b: _Body, p: memoryview) -> _Body:
     b.regions = np.frombuffer(p, _REGION_DTYPE, nreg, r.skip(nreg * _REGION_DTYPE.itemsize, "regions"))
     if r.left:
         raise ValueError(f"{r.left} trailing bytes")
+    _check_regions(b.regions, len(b.plans))
     return b
+
+
+def _check_regions(regions: np.ndarray, n_plans: int) -> None:
+    trans = regions["transposed"] != 0
+    if len(regions) and int(regions["stream"].max()) >= n_plans:
+        raise ValueError("a region refers to a stream that is not there")
+    if (regions["row"] == 0).any() or (regions["row"] > MAX_ROW_BYTES).any():
+        raise ValueError("a region has an invalid row size")
+    shape = regions["n_embd"].astype(np.uint64) * regions["el"]
+    if (trans & ((regions["el"] == 0) | (shape != regions["row"]))).any():
+        raise ValueError("a transposed region's n_embd x element size is not its row size")
 
 
 def rebuild(body: Buffer, chunks: list[Buffer]) -> bytes:

@@ -127,7 +127,7 @@ class SlotConfig:
     seq: int = 0
     type_k: int = GGML_TYPE_F16
     type_v: int = GGML_TYPE_F16
-    shuffled: bool = False  # decode the second half of the prompt first: cell order != pos order
+    shuffled: bool = False  # second half of the prompt lands in lower cells: cell order != pos order
     packed: bool = False  # write the newer server's packed token blob as the token words
 
 
@@ -137,7 +137,7 @@ SLOT_CONFIGS: dict[str, SlotConfig] = {
     "np3": SlotConfig(n_seq_max=3, kv_unified=False, seq=1),
     "np3_fa_off": SlotConfig(flash_attn=False, n_seq_max=3, kv_unified=False, seq=2),
     "q8k": SlotConfig(type_k=GGML_TYPE_Q8_0),
-    "shuffled": SlotConfig(flash_attn=False, shuffled=True),
+    "shuffled": SlotConfig(flash_attn=False, n_seq_max=2, shuffled=True),
     "packed": SlotConfig(packed=True),
 }
 
@@ -231,9 +231,7 @@ def _save_one(lc: Any, model: Any, cfg: SlotConfig, prompt: list[int], path: Pat
             _decode(lc, ctx, PROMPT_B[::-1][:30], list(range(30)), 0)
         pos = list(range(len(prompt)))
         if cfg.shuffled:
-            half = len(prompt) // 2
-            _decode(lc, ctx, prompt[half:], pos[half:], cfg.seq)
-            _decode(lc, ctx, prompt[:half], pos[:half], cfg.seq)
+            _decode_shuffled(lc, ctx, prompt, cfg.seq)
         else:
             _decode(lc, ctx, prompt, pos, cfg.seq)
         words = packed_token_words(prompt) if cfg.packed else prompt
@@ -244,6 +242,22 @@ def _save_one(lc: Any, model: Any, cfg: SlotConfig, prompt: list[int], path: Pat
         _check_reload(lc, ctx, path, cfg, len(words))
     finally:
         lc.llama_free(ctx)
+
+
+def _decode_shuffled(lc: Any, ctx: Any, prompt: list[int], seq: int) -> None:
+    # Another sequence takes the low cells, our first half goes above it; once the other
+    # sequence is removed, our second half reuses the low cells. Saved cells (in cell-index
+    # order) then run pos half.., 0..half-1.
+    other = (seq + 1) % 2
+    half = len(prompt) // 2
+    pos = list(range(len(prompt)))
+    _decode(lc, ctx, PROMPT_B[-60:], list(range(60)), other)
+    _decode(lc, ctx, prompt[:half], pos[:half], seq)
+    if hasattr(lc, "llama_memory_seq_rm"):
+        lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), other, -1, -1)
+    else:
+        lc.llama_kv_self_seq_rm(ctx, other, -1, -1)
+    _decode(lc, ctx, prompt[half:], pos[half:], seq)
 
 
 def _check_reload(lc: Any, ctx: Any, path: Path, cfg: SlotConfig, n_words: int) -> None:

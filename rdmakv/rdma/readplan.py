@@ -47,6 +47,7 @@ def plan_reads(
     scratch_bytes: int,
     max_sge: int,
     max_read_bytes: int = 1 << 20,
+    merge: bool = True,
 ) -> ReadPlan:
     """READs for chunks at (region, offset) of ``length`` bytes into ``local_base + dest``.
 
@@ -72,7 +73,7 @@ def plan_reads(
 
     # a new READ starts where adjacency breaks...
     start = np.ones(n, dtype=bool)
-    start[1:] = (region[1:] != region[:-1]) | (offset[1:] != offset[:-1] + slot_size[:-1])
+    start[1:] = (region[1:] != region[:-1]) | (offset[1:] != offset[:-1] + slot_size[:-1]) | (not merge)
     # ...and where the SGE or byte budget of the current READ would overflow. SGEs are counted
     # per chunk (a new one unless it continues the previous destination, plus one for slack)
     # and budgets are cut in fixed strides from each adjacency run's start, which keeps this

@@ -912,6 +912,17 @@ class Requester:
     def usable(self) -> bool:
         return self._broken is None and self._qp is not None
 
+    @property
+    def signal_every(self) -> int:
+        """Every how many WRs one is signaled (the last WR of a call always is)."""
+        return self._sig_every
+
+    @signal_every.setter
+    def signal_every(self, n: int) -> None:
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"signal_every must be 1..{self.depth} (the send-queue depth)")
+        self._sig_every = n
+
     def connect(self, remote: QPInfo) -> None:
         """Move the QP to RTS towards the server's Responder."""
         if self._qp is None:

@@ -68,12 +68,6 @@ def test_long_session_16k_tokens(server, ns):
         assert got.k[0].base is not None and not got.k[0].flags.owndata
 
 
-def _cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def test_server_cpu_rdma_is_a_small_fraction_of_tcp(fresh_server, capsys):
     srv = fresh_server("256MiB", "--fsync", "never")
     kv = kvgen.generate(kvgen.token_stream(2, 256), QWEN)
@@ -81,13 +75,13 @@ def test_server_cpu_rdma_is_a_small_fraction_of_tcp(fresh_server, capsys):
         rd.save("s", kv)
         rd.restore("s")
         tcp.restore("s")
-        c0 = _cpu_ticks(srv.pid())
+        c0 = srv.cpu_ticks()
         for _ in range(100):
             tcp.restore("s")
-        c1 = _cpu_ticks(srv.pid())
+        c1 = srv.cpu_ticks()
         for _ in range(100):
             rd.restore("s")
-        c2 = _cpu_ticks(srv.pid())
+        c2 = srv.cpu_ticks()
     tcp_ticks, rdma_ticks = c1 - c0, c2 - c1
     with capsys.disabled():
         print(f"\n[server CPU] 100 TCP restores: {tcp_ticks} ticks; 100 RDMA restores: {rdma_ticks} ticks; "

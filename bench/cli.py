@@ -1,0 +1,149 @@
+"""`rdmakv bench` / `python -m bench`: RDMA vs TCP vs v1 single blob, against the link's limit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from rdmakv.spawn import ServerProcess
+
+from . import envinfo, report, suites
+
+QUICK = {
+    "walls_runs": 10,
+    "sizes": [256, 1024],
+    "windows": [8, 64, 256],
+    "window_tokens": 1024,
+    "scale_runs": 5,
+    "limit_runs": 10,
+    "cpu_restores": 30,
+    "clients": [1, 2],
+    "client_reps": 3,
+    "client_tokens": 256,
+    "tune_runs": 3,
+}
+FULL = {
+    "walls_runs": 30,
+    "sizes": [256, 1024, 4096, 16384],
+    "windows": [8, 64, 256],
+    "window_tokens": 1024,
+    "scale_runs": 20,
+    "limit_runs": 30,
+    "cpu_restores": 100,
+    "clients": [1, 2, 4, 8],
+    "client_reps": 5,
+    "client_tokens": 1024,
+    "tune_runs": 20,
+}
+
+
+def _client_rdma() -> tuple[bool, str]:
+    from rdmakv.rdma import verbs
+
+    ok, why = verbs.pyverbs_status()
+    if not ok:
+        return False, f"pyverbs not importable ({why})"
+    if not verbs.list_devices():
+        return False, "no RDMA device on this host"
+    return True, ""
+
+
+def run(args: argparse.Namespace) -> dict:
+    params = dict(QUICK if args.quick else FULL)
+    if args.runs:
+        params["walls_runs"] = params["scale_runs"] = params["limit_runs"] = params["tune_runs"] = args.runs
+    os.makedirs(args.out, exist_ok=True)
+    key = os.urandom(32).hex()
+    data_dir = tempfile.mkdtemp(prefix="rdmakv-bench-")
+    extra = ["--fsync", args.fsync, "--transport", "tcp" if args.transport == "tcp" else "auto"]
+    server = ServerProcess(data_dir, args.capacity, *extra, key_hex=key).start()
+    try:
+        ok, why = _client_rdma()
+        rdma = args.transport != "tcp" and server.rdma and ok
+        reason = "" if rdma else (why or ("disabled (--transport tcp)" if args.transport == "tcp" else
+                                          "server found no RDMA device"))
+        if args.transport == "rdma" and not rdma:
+            raise SystemExit(f"rdmakv bench: --transport rdma but RDMA is unavailable: {reason}")
+        ctx = suites.Ctx(server, key, rdma, reason, args.out, args.quick)
+        result: dict = {
+            "mode": "quick" if args.quick else "full",
+            "params": {**params, "fsync": args.fsync, "capacity": args.capacity},
+            "environment": envinfo.collect(),
+            "rdma_used": rdma,
+            "rdma_skipped_because": reason,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        steps = [
+            ("seed_scenarios", lambda: suites.seed_scenarios(ctx)),
+            ("walls", lambda: suites.walls(ctx, params["walls_runs"], args.fsync != "never")),
+            ("scaling", lambda: suites.scaling(ctx, params["sizes"], params["windows"], params["window_tokens"],
+                                               params["scale_runs"])),
+            ("server_cpu", lambda: suites.server_cpu(ctx, params["cpu_restores"])),
+            ("concurrency", lambda: suites.concurrency(ctx, params["clients"], params["client_reps"],
+                                                       params["client_tokens"])),
+            ("tuning", lambda: suites.tuning(ctx, params["tune_runs"])),
+        ]
+        if rdma:
+            steps.append(("limits", lambda: suites.limits(
+                ctx, result["walls"].get("restore_rdma", {}).get("median_ms"), result["walls"]["kv_bytes"],
+                params["limit_runs"])))
+        t_all = time.perf_counter()
+        for name, fn in steps:
+            t0 = time.perf_counter()
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            result[name] = fn()
+            result.setdefault("suite_seconds", {})[name] = round(time.perf_counter() - t0, 2)
+        result["total_seconds"] = round(time.perf_counter() - t_all, 2)
+        result["targets"] = report.targets(result)
+        return result
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rdmakv bench",
+        description="Benchmark save/restore over TCP and RDMA READ against the v1 single-blob baseline and the "
+        "link's own limit (perftest, raw pyverbs). Writes results.json, report.md and PNG plots. Without an "
+        "RDMA device it runs the TCP/v1 parts and says why RDMA was skipped. In a machine without RDMA run it "
+        "in the soft-RoCE guest: rdmakv rxe-vm -- rdmakv bench --quick",
+    )
+    p.add_argument("--quick", action="store_true", help="small run (< 3 min in the UML guest); CI uses it")
+    p.add_argument("--out", default="bench/out/latest", help="output directory (default bench/out/latest)")
+    p.add_argument("--runs", type=int, default=0, help="override the repetition count of the timed suites")
+    p.add_argument("--transport", choices=("auto", "rdma", "tcp"), default="auto",
+                   help="auto: RDMA where both ends can; rdma: fail without it; tcp: TCP/v1 only")
+    p.add_argument("--fsync", choices=("never", "manifest", "always"), default="never",
+                   help="server log fsync policy; v1 files are fsync'd too unless 'never' (default never)")
+    p.add_argument("--capacity", default="2GiB", help="server capacity (default 2GiB)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    md = report.markdown(result)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(md)
+    if not args.no_plots:
+        result["plots"] = report.plots(result, args.out)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+    print(json.dumps({"environment": result["environment"], "targets": result["targets"],
+                      "results": path}, indent=2, default=float))
+    print(f"bench: wrote {path}, {os.path.join(args.out, 'report.md')}", file=sys.stderr)
+    return 0
+
+
+def main() -> int:
+    return cli(sys.argv[1:])
