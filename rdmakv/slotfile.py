@@ -842,7 +842,12 @@ def rebuild(body: Buffer, chunks: list[Buffer]) -> bytes:
             raise SlotFileError(f"opaque slot file needs {want} chunk(s), got {len(chunks)}")
         out = bytes(chunks[0]) if want else b""
     else:
-        out = _assemble(b, chunks)
+        try:
+            out = _assemble(b, chunks)
+        except SlotFileError:
+            raise
+        except (ValueError, IndexError) as e:  # a body that passed the checks but does not fit
+            raise SlotFileError(f"slot-file manifest body does not fit its chunks: {e}") from None
     if len(out) != b.file_size or xxhash.xxh3_64_intdigest(out) != b.file_hash:
         raise SlotFileError(
             f"rebuilt slot file ({len(out)} bytes) does not match the recorded "

@@ -555,6 +555,28 @@ def test_rebuild_rejects_bad_inputs() -> None:
         slotfile.split(slot, 0)
 
 
+def test_corrupt_body_payload_raises_only_slotfileerror() -> None:
+    # mutate the (decompressed) body and re-wrap it: rebuild must fail cleanly or be exact
+    import random
+    import zlib
+
+    head_size = 4 + 1 + 1 + 2 + 8 + 8
+    rng = random.Random(7)
+    shuffled = prompt_cells(TOKENS)[::-1]
+    for data in (GOOD, write_slot("v3", TOKENS, [Block([shuffled], v_trans=True)])):
+        body, chunks = slotfile.split(slotfile.parse(data), 8)
+        parts = [bytes(c) for _, c in chunks]
+        payload = zlib.decompress(body[head_size:])
+        for _ in range(300):
+            bad = bytearray(payload)
+            for _ in range(rng.randint(1, 3)):
+                bad[rng.randrange(len(bad))] = rng.randrange(256)
+            try:
+                assert slotfile.rebuild(body[:head_size] + zlib.compress(bytes(bad)), parts) == data
+            except SlotFileError:
+                pass
+
+
 def test_body_is_small_and_described() -> None:
     slot = slotfile.parse(GOOD)
     body, chunks = slotfile.split(slot, 16)
