@@ -265,7 +265,9 @@ class _Connection:
             self.rdma_session.close()  # type: ignore[attr-defined]
             self.rdma_session = None
         self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
-        return [reply]
+        # QP info, then the namespace's region table (later regions arrive with every location reply)
+        regions = self.engine.locate(self.ns, np.zeros(0, dtype=np.uint64)).encode()
+        return [reply, regions]
 
 
 def run_server(
@@ -310,4 +312,4 @@ def run_server(
         engine.close()
 
 
-__all__ = ["Server", "run_server", "np"]
+__all__ = ["Server", "run_server"]

@@ -657,9 +657,13 @@ def _plan(pos: np.ndarray, window: int) -> _Plan:
 
 
 def split(slot: SlotFile, window: int) -> tuple[bytes, list[tuple[int, memoryview | bytes]]]:
-    """Cut a parsed slot file into (manifest body, [(tag, chunk), ...])."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    """Cut a parsed slot file into (manifest body, [(tag, chunk), ...]).
+
+    One chunk per (block, stream, layer, K|V, window of ``window`` positions), in file
+    order; chunks of memoryview type point into ``slot.data``. The body holds the rest.
+    """
+    if not 1 <= window < 1 << 32:
+        raise ValueError(f"window must be in [1, 2**32), got {window}")
     buf = slot.data
     skel: list[memoryview] = []
     skel_len = cursor = 0

@@ -20,7 +20,7 @@ from .. import chunking
 from ..errors import RdmakvError
 from ..hashing import chunk_key
 from ..kvstate import KVState, RestoreReport
-from ..messages import NO_REGION, Locations
+from ..messages import NO_REGION, Locations, dec_locations
 from . import verbs
 from .exporter import DEVICE_ENV
 from .pool import BufferPool
@@ -40,7 +40,8 @@ class RdmaRestorer:
         try:
             self.requester = verbs.Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
             reply = store.channel.rdma_connect(self.requester.local_info.to_bytes())
-            self.requester.connect(verbs.QPInfo.from_bytes(reply))
+            self.requester.connect(verbs.QPInfo.from_bytes(reply[: verbs.QPInfo.SIZE]))
+            self.regions = dec_locations(reply[verbs.QPInfo.SIZE :]).regions  # the table at connect time
             self.pool = BufferPool(self.pd)
             self.scratch, self.scratch_addr, self.scratch_lkey = self.pool.alloc(SCRATCH_BYTES)
         except BaseException:
