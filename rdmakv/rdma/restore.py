@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .. import chunking
+from .. import manifest as mf
 from ..errors import RdmakvError
 from ..hashing import chunk_key
 from ..kvstate import KVState, RestoreReport
@@ -68,26 +69,41 @@ class RdmaRestorer:
 
     # -- restore -----------------------------------------------------------------------
     def restore(self, name: str, rep: RestoreReport, **hooks) -> KVState | None:
+        got = self._fetch(name, rep, kv=True, **hooks)
+        if got is None:
+            return None
+        layout, buf = got
+        return chunking.assemble(layout, buf)
+
+    def fetch_object(self, name: str, rep: RestoreReport) -> tuple[mf.Manifest, np.ndarray, np.ndarray] | None:
+        """Any manifest kind: (manifest, buffer holding its chunks back to back, chunk offsets)."""
+        got = self._fetch(name, rep, kv=False)
+        if got is None:
+            return None
+        m, buf = got
+        return m, buf, _packed_offsets(m)
+
+    def _fetch(self, name: str, rep: RestoreReport, *, kv: bool, **hooks):
         ch = self.store.channel
         rt0, sent0, recv0 = ch.round_trips, ch.bytes_sent, ch.bytes_received
         data, loc = ch.get_manifest(name, want_locations=True)
-        m, layout = self.store.decode_kv(data)
+        if kv:
+            m, layout = self.store.decode_kv(data)
+            _, lengths, offsets = layout.chunk_table()
+            total = layout.total_bytes
+        else:
+            m = layout = mf.decode(data)
+            lengths, offsets, total = m.lengths, _packed_offsets(m), m.total_bytes
         if loc is None:
             self.latch("server returned no chunk locations (its RDMA session is gone)")
             return None
-        _, lengths, offsets = layout.chunk_table()
-        buf, laddr, lkey = self.pool.alloc(layout.total_bytes)
+        buf, laddr, lkey = self.pool.alloc(total)
         if "after_locate" in hooks:
             hooks["after_locate"]()
         try:
             self._fill(m.keys, lengths, offsets, loc, buf, laddr, lkey, rep)
-        except verbs.WorkCompletionError as e:
+        except verbs.RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
-            rep.fallback_reason = self.latched_reason
-            rep.round_trips += ch.round_trips - rt0
-            return None
-        except verbs.RdmaError as e:
-            self.latch(f"RDMA unusable ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
             rep.round_trips += ch.round_trips - rt0
             return None
@@ -95,7 +111,7 @@ class RdmaRestorer:
         rep.chunks = m.n_chunks
         rep.round_trips += ch.round_trips - rt0
         rep.bytes += (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
-        return chunking.assemble(layout, buf)
+        return layout, buf
 
     def _fill(
         self,
@@ -173,6 +189,13 @@ class RdmaRestorer:
         if len(self._plans) > PLAN_CACHE:
             self._plans.popitem(last=False)
         return out
+
+
+def _packed_offsets(m: mf.Manifest) -> np.ndarray:
+    offsets = np.zeros(m.n_chunks, dtype=np.uint64)
+    if m.n_chunks:
+        offsets[1:] = np.cumsum(m.lengths[:-1], dtype=np.uint64)
+    return offsets
 
 
 def open_restorer(store) -> tuple[RdmaRestorer | None, str]:

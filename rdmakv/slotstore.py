@@ -1,0 +1,25 @@
+"""llama.cpp slot files in the store: chunked and deduplicated when they parse, whole when not."""
+
+from __future__ import annotations
+
+from . import manifest as mf
+from . import slotfile
+from .client import Store
+from .kvstate import RestoreReport, SaveReport
+
+
+def put_slotfile(
+    store: Store, name: str, data: bytes | memoryview, window: int | None = None
+) -> tuple[SaveReport, str]:
+    """Store a slot file; returns (report, parse error or ""). Unparseable files are kept whole."""
+    body, chunks, error = slotfile.split_any(data, window or store.window)
+    report = store.save_object(name, mf.KIND_SLOTFILE, body, [c for _, c in chunks], [t for t, _ in chunks])
+    return report, error or ""
+
+
+def get_slotfile(store: Store, name: str, report: RestoreReport | None = None) -> bytes:
+    """The exact bytes that were stored under ``name``."""
+    manifest, pieces = store.load_object(name, report)
+    if manifest.kind != mf.KIND_SLOTFILE:
+        raise slotfile.SlotFileError(f"{name!r} is a {mf.KIND_NAMES[manifest.kind]} manifest, not a slot file")
+    return slotfile.rebuild(manifest.body, pieces)
