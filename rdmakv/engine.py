@@ -184,6 +184,31 @@ class Engine:
                 ns.slab.free(ns.chunks.pop(victim))
                 ns.counters["evicted_orphans"] += 1
 
+    def read_chunks_into(
+        self, ns_name: str, keys: Sequence[int], out: bytearray
+    ) -> tuple[bytearray, list[memoryview | None]]:
+        """Copy chunks into ``out`` and return (buffer, views of it). The caller keeps the buffer
+        for the next call, so a large restore does not allocate and fault in fresh memory each
+        time; a bigger one replaces it when needed (views of the old one may still be alive)."""
+        with self.lock:
+            ns = self.namespace(ns_name)
+            slots = [ns.chunks.get(k) for k in keys]
+            need = sum(s.length for s in slots if s is not None)
+            if len(out) < need:
+                out = bytearray(max(need, 2 * len(out)))
+            view = memoryview(out)
+            result: list[memoryview | None] = []
+            pos = 0
+            for slot in slots:
+                if slot is None:
+                    result.append(None)
+                    continue
+                dst = view[pos : pos + slot.length]
+                dst[:] = ns.slab.view(slot)
+                result.append(dst)
+                pos += slot.length
+            return out, result
+
     def read_chunks(self, ns_name: str, keys: Iterable[int]) -> list[bytes | None]:
         with self.lock:
             ns = self.namespace(ns_name)

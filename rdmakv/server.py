@@ -117,6 +117,7 @@ class _Connection:
         self.peer = f"{peer[0]}:{peer[1]}"
         self.ns = ""
         self.rdma_session: object | None = None
+        self.scratch = bytearray()  # GET_CHUNKS replies are staged here, reused across requests
         self.handlers: dict[int, Callable[[memoryview], list]] = {
             Op.EXISTS: self.on_exists,
             Op.PUT_CHUNKS: self.on_put_chunks,
@@ -225,7 +226,8 @@ class _Connection:
 
     def on_get_chunks(self, payload: memoryview) -> list:
         keys = msg.dec_keys(payload)
-        return msg.enc_chunks(self.engine.read_chunks(self.ns, keys.tolist()))
+        self.scratch, chunks = self.engine.read_chunks_into(self.ns, keys.tolist(), self.scratch)
+        return msg.enc_chunks(chunks)
 
     def on_put_manifest(self, payload: memoryview) -> list:
         name, data = msg.dec_put_manifest(payload)
