@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import lzma
 import os
 import pathlib
 import re
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 GUEST_DIR = pathlib.Path(__file__).resolve().parent / "guest"
 KERNEL_INPUTS = ("uml.config", "build-uml.sh")  # order matters for the cache key
@@ -309,14 +311,14 @@ def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
 # Running a command in the guest
 
 
-def _guest_env(env: dict | None) -> dict[str, str]:
+def _guest_env(env: dict | None, guest: str = "uml") -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("RDMAKV_")}
     out.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
     out.setdefault("PYTHONUNBUFFERED", "1")  # live output from Python commands through the pipe
     if env:
         out.update({str(k): str(v) for k, v in env.items()})
     out["RDMAKV_IN_GUEST"] = "1"
-    out["RDMAKV_GUEST"] = "uml"
+    out["RDMAKV_GUEST"] = guest
     return out
 
 
@@ -354,6 +356,11 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> N
     lines.append(f"{e(str(io))}/cpuinfo {e(root)}/proc/cpuinfo none bind,ro 0 0")
     (io / "fstab2").write_text("\n".join(lines) + "\n")
     (io / "cpuinfo").write_text(_guest_cpuinfo())
+    _write_run_files(io, command, genv, workdir)
+
+
+def _write_run_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
+    """The io files both guests' stage 2 read: devlinks, net.ip, argv, env, cwd, trace."""
     links = io / "devlinks"
     links.mkdir()
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
@@ -452,6 +459,499 @@ def _uml_preexec() -> None:  # runs in the child between fork and exec
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# --------------------------------------------------------------------------------------------
+# QEMU TCG guest (fallback for machines where the UML kernel cannot be built)
+#
+# Debian's stock kernel package is extracted (never installed) into the cache; a small
+# initramfs (busybox-static + the 9p/virtio/overlay modules; qemu-init.sh) mounts the host root
+# read-only over 9p with a tmpfs overlay and switch_roots into qemu-stage2.sh, which loads
+# rdma_rxe and runs the command like stage2.sh does. Always TCG: /dev/kvm on these machines is
+# a stub that hangs a guest kernel in its decompressor (RXE.md).
+
+#: Host packages the QEMU guest needs on top of RUNTIME_PACKAGES.
+QEMU_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod")
+#: Debian meta package whose dependency names the stock kernel package we extract.
+QEMU_KERNEL_META = "linux-image-amd64"
+#: Modules the initramfs loads (plus their dependencies, in `modprobe --show-depends` order)
+#: to reach the 9p root; everything else is modprobe'd by stage 2 from the shared module tree.
+QEMU_INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+QEMU_INIT = "qemu-init.sh"  # the initramfs /init: part of the initramfs cache key
+QEMU_STAGE2 = "qemu-stage2.sh"  # copied into the io dir per run, like stage2.sh
+QEMU_BUSYBOX = pathlib.Path("/bin/busybox")  # busybox-static's binary
+QEMU_KERNEL_ARGS = (
+    "console=ttyS0",
+    "quiet",
+    "loglevel=4",
+    "panic=-1",  # with -no-reboot: a panic (e.g. PID 1 exiting) ends QEMU at once
+    # No ACPI: interpreting the AML under TCG costs ~0.3 s per PCI device (interrupt links)
+    # and more at boot. IRQ routing then comes from the firmware's tables; the guest ends
+    # with a reboot, which -no-reboot turns into QEMU exiting (there is no ACPI power-off).
+    "pci=noacpi",
+    "rdinit=/init",
+    # Under TCG every CR3 switch flushes the soft TLB; page-table isolation and the other
+    # speculation mitigations only cost time in a throw-away guest.
+    "mitigations=off",
+    # The emulated TSC is fine as a clocksource; without this the watchdog may demote it.
+    "tsc=reliable",
+    # No keyboard/mouse controller probing (there is nothing to talk to).
+    "i8042.noaux",
+    "i8042.nokbd",
+)
+
+
+class QemuKernel:
+    """A stock Debian kernel package extracted into the cache: ``boot/vmlinuz-KVER`` and the
+    depmod'ed module tree ``lib/modules/KVER`` under :attr:`root`."""
+
+    def __init__(self, root: pathlib.Path, kver: str) -> None:
+        self.root = root
+        self.kver = kver
+
+    @property
+    def vmlinuz(self) -> pathlib.Path:
+        return self.root / "boot" / f"vmlinuz-{self.kver}"
+
+    @property
+    def boot_image(self) -> pathlib.Path:
+        """What QEMU boots: the uncompressed ``vmlinux`` (PVH entry) when we could extract it,
+        else the bzImage. Under TCG the bzImage's own xz decompressor takes ~5 s."""
+        vmlinux = self.root / "boot" / f"vmlinux-{self.kver}"
+        return vmlinux if vmlinux.is_file() else self.vmlinuz
+
+    @property
+    def modules_dir(self) -> pathlib.Path:
+        """The directory holding ``KVER/`` (shared read-only as the guest's /lib/modules)."""
+        for d in (self.root / "lib" / "modules", self.root / "usr" / "lib" / "modules"):
+            if (d / self.kver).is_dir():
+                return d
+        return self.root / "lib" / "modules"
+
+    def __repr__(self) -> str:
+        return f"QemuKernel({str(self.root)!r}, {self.kver!r})"
+
+
+_QEMU_MARKER = ".rdmakv-kver"  # written last into an extracted kernel dir: it is complete
+
+
+def _cache_roots() -> list[pathlib.Path]:
+    roots = [cache_root()]
+    if not os.environ.get("RDMAKV_CACHE") and pathlib.Path("/var/cache/rdmakv") not in roots:
+        roots.append(pathlib.Path("/var/cache/rdmakv"))  # what a root run prepared, read-only
+    return roots
+
+
+def cached_qemu_kernel() -> QemuKernel | None:
+    """The newest complete extracted kernel in the cache, or None (never downloads).
+
+    A cached kernel is used as long as it exists, so runs stay offline and reproducible;
+    ``rdmakv rxe-vm --guest qemu --rebuild`` fetches the one linux-image-amd64 currently names.
+    """
+    best: tuple[float, QemuKernel] | None = None
+    for root in _cache_roots():
+        for d in sorted(root.glob("qemu-linux-*")):
+            marker = d / _QEMU_MARKER
+            try:
+                kver = marker.read_text().strip()
+                mtime = marker.stat().st_mtime
+            except OSError:
+                continue
+            k = QemuKernel(d, kver)
+            if kver and k.vmlinuz.is_file() and (best is None or mtime > best[0]):
+                best = (mtime, k)
+    return best[1] if best else None
+
+
+def _extract_vmlinux(kernel: QemuKernel) -> bool:
+    """Write ``boot/vmlinux-KVER``, the ELF kernel inside the bzImage, when the kernel can
+    boot it directly (CONFIG_PVH) and it is xz- or gzip-compressed (Debian: xz). Under TCG this
+    saves the ~5 s the kernel's own decompressor needs. False when not possible."""
+    config = kernel.root / "boot" / f"config-{kernel.kver}"
+    try:
+        if "\nCONFIG_PVH=y\n" not in config.read_text(errors="replace"):
+            return False
+        image = kernel.vmlinuz.read_bytes()
+    except OSError:
+        return False
+    for magic, make in ((b"\xfd7zXZ\x00", lzma.LZMADecompressor), (b"\x1f\x8b\x08", lambda: zlib.decompressobj(31))):
+        start = image.find(magic)
+        while start >= 0:
+            try:
+                elf = make().decompress(image[start:])
+            except (lzma.LZMAError, zlib.error):
+                elf = b""
+            if elf.startswith(b"\x7fELF"):
+                out = kernel.root / "boot" / f"vmlinux-{kernel.kver}"
+                tmp = out.with_name(f".{out.name}.{os.getpid()}")
+                tmp.write_bytes(elf)
+                os.replace(tmp, out)
+                return True
+            start = image.find(magic, start + 1)
+    return False
+
+
+def _sbin_tool(name: str) -> str:
+    """A tool from /sbin or /usr/sbin (often not on a normal user's PATH)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise GuestError(f"{name} not found on the host (package kmod)")
+    return found
+
+
+def _stock_kernel_package() -> str:
+    """The versioned kernel package linux-image-amd64 depends on (e.g. linux-image-6.1.0-56-amd64)."""
+
+    def lookup() -> str | None:
+        r = subprocess.run(
+            ["apt-cache", "depends", QEMU_KERNEL_META],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for line in r.stdout.splitlines():
+            m = re.match(r"\s*\|?Depends:\s*(linux-image-[0-9]\S*)", line)
+            if m:
+                return m.group(1)
+        return None
+
+    if shutil.which("apt-cache") is None:
+        raise GuestError("apt-cache not found: the QEMU guest needs a Debian/Ubuntu host")
+    pkg = lookup()
+    if pkg is None and os.geteuid() == 0:
+        _log("apt-get update (to find the kernel package linux-image-amd64 depends on)")
+        subprocess.run(["apt-get", "update"], stdin=subprocess.DEVNULL, stdout=2)
+        pkg = lookup()
+    if pkg is None:
+        raise GuestError(f"cannot tell which kernel package {QEMU_KERNEL_META} depends on (apt-cache depends)")
+    return pkg
+
+
+def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
+    """Return the cached stock kernel for the QEMU guest, downloading and extracting it
+    (~70 MB download, ~400 MB extracted, ~15 s) when none is cached or ``rebuild`` is true.
+
+    The package is ``apt-get download``-ed and ``dpkg-deb -x``-ed, never installed (the host's
+    /boot and /lib/modules stay untouched); ``depmod -b`` adds the modules.dep it lacks.
+    """
+    if not rebuild:
+        k = cached_qemu_kernel()
+        if k is not None:
+            return k
+    root = cache_root()
+    if not _writable_dir(root):
+        raise GuestError(f"QEMU guest kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
+    with open(root / "qemu-linux.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process extracting the QEMU guest kernel into {root}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rebuild = False  # whoever held the lock just fetched it
+        if not rebuild:
+            k = cached_qemu_kernel()
+            if k is not None:
+                return k
+        ensure_packages(QEMU_PACKAGES)
+        pkg = _stock_kernel_package()
+        kver = pkg.removeprefix("linux-image-")
+        t0 = time.monotonic()
+        _log(f"fetching {pkg} for the QEMU guest into {root} (download ~70 MB, extract ~400 MB)")
+        work = pathlib.Path(tempfile.mkdtemp(prefix=".qemu-linux-", dir=root))
+        try:
+            # As root, apt drops to the _apt user for downloads, which cannot write our 0700 dir.
+            sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+            r = subprocess.run(["apt-get", *sandbox, "download", pkg], cwd=work, stdin=subprocess.DEVNULL, stdout=2)
+            debs = sorted(work.glob("*.deb"))
+            if r.returncode != 0 or len(debs) != 1:
+                raise GuestError(f"`apt-get download {pkg}` failed (status {r.returncode})")
+            version = subprocess.run(
+                ["dpkg-deb", "-f", str(debs[0]), "Version"], stdout=subprocess.PIPE, text=True, check=False
+            ).stdout.strip()
+            tree = work / "tree"
+            r = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tree)], stdin=subprocess.DEVNULL, stdout=2)
+            debs[0].unlink()
+            k = QemuKernel(tree, kver)
+            if r.returncode != 0 or not k.vmlinuz.is_file() or not (k.modules_dir / kver).is_dir():
+                raise GuestError(f"`dpkg-deb -x` of {pkg} failed or has no vmlinuz/modules for {kver}")
+            modules_base = k.modules_dir.parent.parent  # depmod -b wants the dir above lib/modules
+            depmod = [_sbin_tool("depmod"), "-b", str(modules_base), kver]
+            r = subprocess.run(depmod, stdin=subprocess.DEVNULL, stdout=2)
+            if r.returncode != 0:
+                raise GuestError(f"depmod -b {modules_base} {kver} failed (status {r.returncode})")
+            if not _extract_vmlinux(k):
+                _log("could not extract an uncompressed PVH vmlinux; booting the bzImage (~5 s slower)")
+            (tree / _QEMU_MARKER).write_text(kver + "\n")
+            dest = root / f"qemu-linux-{kver}_{re.sub(r'[^A-Za-z0-9.+~-]', '_', version)}"
+            if dest.exists():
+                old = pathlib.Path(tempfile.mkdtemp(prefix=".qemu-linux-old-", dir=root))
+                dest.rename(old / "tree")
+                shutil.rmtree(old, ignore_errors=True)
+            tree.rename(dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        others = [d.name for d in root.glob("qemu-linux-*") if d != dest and d.is_dir()]
+        if others:
+            _log(f"older QEMU guest kernels in {root} (unused now, removable): {' '.join(others)}")
+        _log(f"QEMU guest kernel {kver} ({version}) ready in {time.monotonic() - t0:.0f} s: {dest}")
+        return QemuKernel(dest, kver)
+
+
+def _initrd_modules(kernel: QemuKernel) -> list[tuple[pathlib.Path, str]]:
+    """(module file, parameters) for QEMU_INITRD_MODULES and their dependencies, load order."""
+    modprobe = _sbin_tool("modprobe")
+    out: list[tuple[pathlib.Path, str]] = []
+    seen: set[pathlib.Path] = set()
+    for mod in QEMU_INITRD_MODULES:
+        r = subprocess.run(
+            [modprobe, "-d", str(kernel.modules_dir.parent.parent), "-S", kernel.kver, "--show-depends", mod],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise GuestError(f"modprobe --show-depends {mod} for {kernel.kver} failed: {r.stderr.strip()}")
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "insmod":
+                path = pathlib.Path(words[1])
+                if path not in seen:
+                    seen.add(path)
+                    out.append((path, " ".join(words[2:])))
+            # "builtin NAME" lines: nothing to load
+    return out
+
+
+def qemu_initrd_key(kernel: QemuKernel) -> str:
+    """16 hex chars identifying the initramfs: kernel build, qemu-init.sh, module list."""
+    h = hashlib.sha256()
+    h.update(f"{kernel.root.name}\0{kernel.kver}\0{' '.join(QEMU_INITRD_MODULES)}\0".encode())
+    h.update((GUEST_DIR / QEMU_INIT).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes, int, int]]) -> bytes:
+    """An uncompressed "newc" cpio archive (the kernel's initramfs format) of
+    (name, mode, data, rdev major, rdev minor) entries; owner root, mtime 0 (reproducible)."""
+    out = bytearray()
+    for ino, (name, mode, data, major, minor) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0, 0)], 1):
+        bname = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, major, minor, len(bname), 0)
+        out += b"070701" + "".join(f"{v:08x}" for v in fields).encode() + bname
+        out += b"\0" * (-len(out) % 4)
+        out += data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def ensure_qemu_initrd(kernel: QemuKernel) -> pathlib.Path:
+    """Return the cached initramfs for ``kernel`` (``qemu-KVER-KEY/initrd.cpio``), building it
+    (~4 MB, well under a second) when missing. Uncompressed: nothing to inflate under TCG."""
+    name = f"qemu-{kernel.kver}-{qemu_initrd_key(kernel)}"
+    for root in _cache_roots():
+        if (root / name / "initrd.cpio").is_file():
+            return root / name / "initrd.cpio"
+    if not QEMU_BUSYBOX.is_file():
+        raise GuestError(f"{QEMU_BUSYBOX} missing (package busybox-static)")
+    d = cache_root() / name
+    if not _writable_dir(d):
+        raise GuestError(f"cannot create {d} for the QEMU guest initramfs (set RDMAKV_CACHE)")
+    dirm, filem, exem = 0o040755, 0o100644, 0o100755
+    entries: list[tuple[str, int, bytes, int, int]] = [
+        (p, dirm, b"", 0, 0) for p in ("bin", "dev", "proc", "sys", "lib", "lib/modules", "newroot")
+    ]
+    # The kernel opens /dev/console for init's stdio before any /dev is mounted.
+    entries.append(("dev/console", 0o020600, b"", 5, 1))
+    entries.append(("bin/busybox", exem, QEMU_BUSYBOX.read_bytes(), 0, 0))
+    entries.append(("bin/sh", 0o120777, b"busybox", 0, 0))  # for /init's #!/bin/sh
+    entries.append(("init", exem, (GUEST_DIR / QEMU_INIT).read_bytes(), 0, 0))
+    order = []
+    for path, params in _initrd_modules(kernel):
+        entries.append((f"lib/modules/{path.name}", filem, path.read_bytes(), 0, 0))
+        order.append(f"{path.name} {params}".rstrip())
+    entries.append(("modules.list", filem, ("\n".join(order) + "\n").encode(), 0, 0))
+    out = d / "initrd.cpio"
+    tmp = d / f".initrd.cpio.{os.getpid()}"
+    tmp.write_bytes(_cpio_newc(entries))
+    os.replace(tmp, out)  # atomic: concurrent builders write identical files
+    return out
+
+
+def ensure_qemu_guest(rebuild: bool = False) -> tuple[QemuKernel, pathlib.Path]:
+    """Kernel and initramfs for the QEMU guest (see :func:`ensure_qemu_kernel`)."""
+    kernel = ensure_qemu_kernel(rebuild=rebuild)
+    return kernel, ensure_qemu_initrd(kernel)
+
+
+def _qemu_opt(value: str) -> str:
+    """Escape a value for a QEMU -option list: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def _qemu_smp() -> int:
+    """vCPUs: $RDMAKV_QEMU_SMP, else up to 2 (multi-threaded TCG runs one host thread per vCPU;
+    two let a server and a client in the guest make progress at the same time)."""
+    if os.environ.get("RDMAKV_QEMU_SMP"):
+        try:
+            return max(1, int(os.environ["RDMAKV_QEMU_SMP"]))
+        except ValueError:
+            raise GuestError(f"RDMAKV_QEMU_SMP={os.environ['RDMAKV_QEMU_SMP']!r} is not a number") from None
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(2, n))
+
+
+def _mtime(path: pathlib.Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
+    """run(guest="qemu"): boot the QEMU TCG guest, run ``command``, return its exit status."""
+    ensure_packages(RUNTIME_PACKAGES + QEMU_PACKAGES)
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise GuestError("qemu-system-x86_64 not found on the host (package qemu-system-x86)")
+    kernel, initrd = ensure_qemu_guest()
+    genv = _guest_env(env, "qemu")
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rdmakv-qemu-"))
+    proc = None
+    pumps: list[threading.Thread] = []
+    fds: list[int] = []
+    log = None
+    try:
+        io = tmp / "io"
+        io.mkdir()
+        dst = io / QEMU_STAGE2
+        shutil.copyfile(GUEST_DIR / QEMU_STAGE2, dst)
+        dst.chmod(0o755)
+        _write_run_files(io, command, genv, workdir)
+        console = tmp / "console.log"
+        # O_APPEND: QEMU's own messages (stderr) and the guest serial console (chardev with
+        # append=on) share this file without overwriting each other.
+        log = open(console, "ab")
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        fds += [r_out, w_out, r_err, w_err]
+        for fd in (w_out, w_err):
+            # QEMU drops whatever it still holds for a port when the guest powers off; a big
+            # pipe keeps the command's last output in the kernel until our pump reads it.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+
+        def share(tag: str, path: str, readonly: bool) -> list[str]:
+            # security_model=none: files are accessed/created with QEMU's (the caller's)
+            # credentials, like hostfs under UML; multidevs=remap: the host root spans mounts.
+            ro = ",readonly=on" if readonly else ""
+            return [
+                "-fsdev", f"local,id=fs_{tag},path={_qemu_opt(path)},security_model=none,multidevs=remap{ro}",
+                "-device", f"virtio-9p-pci,fsdev=fs_{tag},mount_tag={tag}",
+            ]  # fmt: skip
+
+        argv = [
+            qemu,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            # Never KVM: /dev/kvm here answers ioctls but the guest hangs in its decompressor.
+            "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-smp", str(_qemu_smp()),
+            "-m", f"{max(256, _mem_bytes(mem) >> 20)}M",
+            # No NIC at all: rxe runs on a dummy netdev, nothing leaves the guest.
+            "-nic", "none",
+            "-kernel", str(kernel.boot_image),
+            "-initrd", str(initrd),
+            # $RDMAKV_QEMU_APPEND: extra kernel arguments for debugging (e.g. "loglevel=7").
+            "-append", " ".join([*QEMU_KERNEL_ARGS, *os.environ.get("RDMAKV_QEMU_APPEND", "").split()]),
+            "-chardev", f"file,id=con,path={_qemu_opt(str(console))},append=on",
+            "-serial", "chardev:con",
+            "-device", "virtio-serial-pci,id=vser",
+            "-chardev", f"file,id=out,path=/dev/fd/{w_out}",
+            "-device", "virtserialport,bus=vser.0,chardev=out,name=rdmakv.out",
+            "-chardev", f"file,id=err,path=/dev/fd/{w_err}",
+            "-device", "virtserialport,bus=vser.0,chardev=err,name=rdmakv.err",
+            *share("root", "/", readonly=True),
+            *share("io", str(io), readonly=False),
+            *share("modules", str(kernel.modules_dir), readonly=True),
+        ]  # fmt: skip
+        if workdir != "/":
+            argv += share("cwd", workdir, readonly=False)
+        bios = pathlib.Path("/usr/share/qemu/qboot.rom")
+        if bios.is_file():
+            argv += ["-bios", str(bios)]  # a minimal firmware: boots faster than SeaBIOS under TCG
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        t_launch = time.time()
+        deadline = time.monotonic() + timeout
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(w_out, w_err),
+            cwd=tmp,
+            start_new_session=True,
+            preexec_fn=_uml_preexec,  # no core dump; dies with the harness
+        )
+        for fd in (w_out, w_err):
+            os.close(fd)
+            fds.remove(fd)
+        for fd, stream in ((r_out, sys.stdout), (r_err, sys.stderr)):
+            fds.remove(fd)
+            t = threading.Thread(target=_pump, args=(fd, stream), daemon=True)
+            t.start()
+            pumps.append(t)
+        try:
+            qemu_status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}") from None
+        t_exit = time.time()
+        _killpg(proc.pid)
+        for t in pumps:
+            t.join(timeout=5)
+        err = io / "error"
+        if err.exists():
+            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
+        rc_file = io / "rc"
+        if not rc_file.exists():
+            raise GuestError(
+                f"guest died without reporting a status (QEMU exit status {qemu_status}); "
+                f"console log tail:\n{_tail(console)}"
+            )
+        rc = int(rc_file.read_text().strip())
+        if verbose:
+            # Host-side mtimes of files the guest wrote through 9p: no guest-clock skew.
+            t_s2, t_cmd, t_end = (_mtime(io / n) for n in ("t_stage2", "t_cmd", "t_end"))
+            if t_s2 and t_cmd and t_end:
+                _log(
+                    f"timings (qemu tcg, {_qemu_smp()} vCPU): boot to stage2 {t_s2 - t_launch:.3f} s, "
+                    f"boot to command {t_cmd - t_launch:.3f} s, "
+                    f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
+                    f"total {t_exit - t_launch:.3f} s "
+                    f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
+                )
+        return rc
+    finally:
+        if proc is not None and proc.returncode is None:
+            _killpg(proc.pid)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if log is not None:
+            log.close()
+        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
+            _log(f"kept guest temp dir {tmp} (console.log, io/)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(
     command: list[str],
     *,
@@ -479,9 +979,7 @@ def run(
         raise ValueError("command must be a non-empty list of strings")
     if os.environ.get("RDMAKV_IN_GUEST"):
         raise GuestError("already inside the rxe guest (RDMAKV_IN_GUEST is set): run the command directly")
-    if guest == "qemu":
-        raise GuestError("guest='qemu' (TCG fallback) is not implemented yet; use guest='uml'")
-    if guest != "uml":
+    if guest not in ("uml", "qemu"):
         raise GuestError(f"unknown guest {guest!r} (expected 'uml' or 'qemu')")
     if not re.fullmatch(r"[0-9]+[KMG]?", mem):
         raise GuestError(f"bad mem {mem!r} (expected e.g. 3G, 512M)")
@@ -490,6 +988,8 @@ def run(
     workdir = os.path.realpath(cwd if cwd is not None else os.getcwd())
     if not os.path.isdir(workdir):
         raise GuestError(f"cwd {workdir} is not a directory")
+    if guest == "qemu":
+        return _run_qemu(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
     if "," in workdir:
         raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
     for tool in ("taskset",):

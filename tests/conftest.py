@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -55,3 +56,13 @@ def ns(request) -> str:
     """A namespace unique to the test, so tests sharing the session server never interfere."""
     _ns_counter[0] += 1
     return re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:200] + f"-{_ns_counter[0]}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where a suite is required (./dev test sets RDMAKV_REQUIRE_LLAMA=1), a skip is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("RDMAKV_REQUIRE_LLAMA") and item.get_closest_marker("llama"):
+        report.outcome = "failed"
+        report.longrepr = f"required llama.cpp test was skipped: {report.longrepr}"

@@ -175,7 +175,7 @@ def test_llama_server_quantized_kv_rotation(tmp_path: Path, server_bin: Path) ->
     slot_dir = tmp_path / "slots"
     slot_dir.mkdir()
     with lf.LlamaServer(server_bin, model, slot_dir, "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on") as srv:
-        assert srv.request("POST", "/completion", {"prompt": PROMPT, "n_predict": 2})[0] == 200
+        assert srv.request("POST", "/completion", {"prompt": PROMPT, "n_predict": 2, "id_slot": 0})[0] == 200
         st, saved = srv.request("POST", "/slots/0?action=save", {"filename": "q.bin"})
         assert st == 200, saved
         slot, _ = roundtrip((slot_dir / "q.bin").read_bytes())

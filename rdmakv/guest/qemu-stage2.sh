@@ -1,0 +1,118 @@
+#!/bin/bash
+# rdmakv QEMU guest, stage 2: PID 1 inside the overlay root (exec'd by qemu-init.sh).
+#
+# The QEMU counterpart of stage2.sh (same io files: net.ip, argv, env, cwd, devlinks, trace;
+# same results: rc, error, t_*). Differences: the kernel's RDMA/virtio-console modules are
+# loaded here (the stock Debian kernel has them as modules), /tmp, /dev/pts, /dev/shm and the
+# caller's cwd (9p tag 'cwd') are mounted here, the guest clock is set from the host's, and
+# the command's stdout/stderr go straight to two virtio-serial ports (rdmakv.out/rdmakv.err)
+# that the harness wired to host pipes. The harness times the run from the host-side mtimes
+# of the t_* files (written through 9p). Under TCG every process costs milliseconds:
+# builtins where possible.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+io=/run/rdmakv-io
+P9=trans=virtio,version=9p2000.L,msize=512000
+: >"$io/t_stage2"
+if [[ -e $io/trace ]]; then
+    PS4='+ $EPOCHREALTIME '
+    set -x
+fi
+
+halt_now() {
+    sync
+    # The guest runs without ACPI (no power-off): it reboots, and QEMU's -no-reboot turns
+    # that into QEMU exiting. busybox (busybox-static is a host requirement of the QEMU
+    # guest) reboots at once; sysrq 'b' is the fallback; -no-reboot + panic=-1 the last
+    # resort (if PID 1 exits, the kernel panics and reboots).
+    busybox reboot -f 2>/dev/null
+    echo b >/proc/sysrq-trigger 2>/dev/null
+    read -r -t 30 -u 9 2>/dev/null || sleep 30
+}
+
+fail() {
+    echo "rdmakv stage2: $*" >&2
+    echo "$*" >"$io/error"
+    halt_now
+}
+
+first_line() { # first line of a file (for error messages)
+    local line=
+    IFS= read -r line <"$1" 2>/dev/null
+    printf '%s' "$line"
+}
+
+mkfifo /run/rdmakv-tick || fail "mkfifo in /run failed"
+exec 9<>/run/rdmakv-tick # `read -t S -u 9` sleeps without a fork
+
+mapfile -t -d '' argv <"$io/argv" || fail "cannot read $io/argv"
+mapfile -t -d '' envv <"$io/env" || fail "cannot read $io/env"
+IFS= read -r -d '' cwd <"$io/cwd"
+((${#argv[@]} > 0)) || fail "empty command"
+
+# --- filesystems --------------------------------------------------------------------------
+mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "tmpfs on /tmp failed"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts || fail "devpts failed"
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "tmpfs on /dev/shm failed"
+cp -a "$io/devlinks/." /dev/ || fail "cannot create /dev/fd and /dev/std* links"
+if [[ $cwd != / ]]; then
+    # after /tmp, /run, /dev/shm so that a cwd below them is not hidden
+    mkdir -p -- "$cwd" 2>/dev/null
+    mount -t 9p -o "$P9,cache=mmap" cwd "$cwd" 2>/run/rdmakv-mount.err ||
+        fail "mounting the cwd $cwd (9p tag 'cwd') failed: $(first_line /run/rdmakv-mount.err)"
+fi
+
+# The guest clock comes from the emulated RTC (whole seconds at boot). The host stamps a file
+# created over 9p with its own time: copy that, so mtimes and time.time() agree with the host.
+: >"$io/clock" && now=$(stat -c %.9Y "$io/clock") && date -u -s "@$now" >/dev/null ||
+    echo "rdmakv stage2: warning: could not set the guest clock from the host's" >&2
+
+# --- modules, network + rxe -----------------------------------------------------------------
+modprobe -a virtio_console dummy rdma_rxe ib_uverbs rdma_ucm 2>/run/rdmakv-modprobe.err ||
+    fail "modprobe virtio_console dummy rdma_rxe ib_uverbs rdma_ucm failed: $(first_line /run/rdmakv-modprobe.err)"
+ulimit -l unlimited || fail "ulimit -l unlimited failed"
+ip -batch "$io/net.ip" 2>/run/rdmakv-ip.err ||
+    fail "network setup (lo up, dummy d0 192.0.2.1/24) failed: $(first_line /run/rdmakv-ip.err)"
+rdma link add rxe0 type rxe netdev d0 2>/run/rdmakv-rdma.err ||
+    fail "rdma link add rxe0 type rxe netdev d0 failed: $(first_line /run/rdmakv-rdma.err)"
+state=
+for ((i = 0; i < 200; i++)); do
+    IFS= read -r state 2>/dev/null </sys/class/infiniband/rxe0/ports/1/state
+    [[ $state == *": ACTIVE" ]] && break
+    read -r -t 0.05 -u 9
+done
+ibv_devinfo -d rxe0 >/run/rdmakv-devinfo 2>&1
+mapfile -t devinfo </run/rdmakv-devinfo
+[[ "${devinfo[*]}" == *PORT_ACTIVE* ]] ||
+    fail "rxe0 is not PORT_ACTIVE per ibv_devinfo -d rxe0 (sysfs state '$state'): ${devinfo[0]}"
+
+# --- output channels ----------------------------------------------------------------------
+# virtio-serial ports appear asynchronously after virtio_console loads; devtmpfs names them
+# /dev/vportNpM, their names are in sysfs (no udev for /dev/virtio-ports/*).
+out= err=
+for ((i = 0; i < 200; i++)); do
+    for p in /sys/class/virtio-ports/vport*; do
+        name=
+        IFS= read -r name 2>/dev/null <"$p/name"
+        [[ $name == rdmakv.out ]] && out=/dev/${p##*/}
+        [[ $name == rdmakv.err ]] && err=/dev/${p##*/}
+    done
+    [[ -n $out && -n $err && -c $out && -c $err ]] && break
+    read -r -t 0.05 -u 9
+done
+[[ -n $out && -n $err ]] || fail "virtio-serial ports rdmakv.out / rdmakv.err did not appear"
+# A port can be open only once at a time: open each here, the command inherits the fds.
+exec 7>"$out" 8>"$err" || fail "cannot open the virtio-serial ports $out $err"
+
+# --- the command --------------------------------------------------------------------------
+: >"$io/t_cmd"
+(
+    cd -- "$cwd" || { echo "rdmakv guest: cannot cd to $cwd" >&2; exit 126; }
+    exec env -i "${envv[@]}" "${argv[@]}"
+) </dev/null >&7 2>&8 7>&- 8>&- 9<&-
+rc=$?
+: >"$io/t_end"
+exec 7>&- 8>&-
+
+printf '%s\n' "$rc" >"$io/rc"
+halt_now
