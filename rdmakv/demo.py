@@ -18,11 +18,15 @@ from . import kvgen
 from .client import connect
 from .embedded import EmbeddedServer
 from .kvstate import KVState
+from .protocol import HEADER, TAG_LEN
 
 CHAT_TURNS = (40, 100, 256, 272)  # KV tokens after each of the 4 turns
 SHARED_PROMPT = 25
 SESSION_TOKENS = 68
 N_SESSIONS = 5
+# What one STATS request adds to the server's received counter (header + tag, no payload);
+# the "received" columns subtract the STATS call made between two readings.
+_STATS_REQUEST_BYTES = HEADER.size + TAG_LEN
 REFERENCE = {  # DESIGN §6 (seed document; Mac mini M4, loopback TCP)
     "v1_turn3_wire": 3_150_428,
     "manifest_turn3": 5_728,
@@ -68,7 +72,7 @@ def chat_scenario(srv: EmbeddedServer, transport: str) -> dict:
                 else:
                     rep = st.save(f"chat-turn{turn}", kv)
                 row[label] = {
-                    "server_received": _received(st) - before - _stats_request_bytes(st),
+                    "server_received": _received(st) - before - _STATS_REQUEST_BYTES,
                     "bytes_on_wire": rep.bytes_on_wire,
                     "chunks_sent": rep.chunks_sent,
                     "chunks_skipped": rep.chunks_skipped,
@@ -81,13 +85,6 @@ def chat_scenario(srv: EmbeddedServer, transport: str) -> dict:
         for st in stores.values():
             st.close()
     return {"turns": rows, "storage": storage}
-
-
-def _stats_request_bytes(store) -> int:
-    """Bytes one STATS request adds to the server's received counter (header + tag)."""
-    from .protocol import HEADER, TAG_LEN
-
-    return HEADER.size + TAG_LEN
 
 
 def shared_prompt_scenario(srv: EmbeddedServer) -> dict:
@@ -107,7 +104,7 @@ def shared_prompt_scenario(srv: EmbeddedServer) -> dict:
                     st.put_blob(f"session{i}", kvgen.encode_v1(kv))
                 else:
                     st.save(f"session{i}", kv)
-                out["last_save_received"][label] = _received(st) - before - _stats_request_bytes(st)
+                out["last_save_received"][label] = _received(st) - before - _STATS_REQUEST_BYTES
             out["storage"][label] = _stored(st)
     return out
 

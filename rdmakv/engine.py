@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,15 +208,6 @@ class Engine:
                 result.append(dst)
                 pos += slot.length
             return out, result
-
-    def read_chunks(self, ns_name: str, keys: Iterable[int]) -> list[bytes | None]:
-        with self.lock:
-            ns = self.namespace(ns_name)
-            out: list[bytes | None] = []
-            for k in keys:
-                slot = ns.chunks.get(k)
-                out.append(None if slot is None else bytes(ns.slab.view(slot)))
-            return out
 
     def locate(self, ns_name: str, keys: np.ndarray) -> Locations:
         with self.lock:

@@ -29,7 +29,8 @@ def _restore(engine, ns, name):
     _, _, offsets = layout.chunk_table()
     buf = np.zeros(layout.total_bytes, np.uint8)
     for k, off, n in zip(m.keys.tolist(), offsets.tolist(), m.lengths.tolist()):
-        buf[off : off + n] = np.frombuffer(engine.read_chunks(ns, [k])[0], np.uint8)
+        _, (chunk,) = engine.read_chunks_into(ns, [k], bytearray())
+        buf[off : off + n] = np.frombuffer(chunk, np.uint8)
     return chunking.assemble(layout, buf)
 
 

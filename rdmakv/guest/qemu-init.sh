@@ -7,7 +7,8 @@
 #   root     the host's / (read-only)  -> lower layer of an overlay with a tmpfs upper layer
 #   io       the run's io dir (rw)     -> /run/rdmakv-io (stage 2 script, argv, env, rc, ...)
 #   modules  <kernel>/lib/modules (ro) -> /lib/modules (the host has no tree for this kernel)
-#   cwd      the caller's cwd (rw)     -> mounted by stage 2 at the same path, after /tmp
+#   cwd      the caller's cwd (rw)     -> the same path (after /tmp, /run, /dev/shm)
+# plus fresh /proc /sys /dev /dev/pts /dev/shm /tmp /run and the io dir's devlinks in /dev,
 # then switch_root into the overlay and exec stage 2 (qemu-stage2.sh, bash from the host).
 # Errors go to the console (ttyS0, the host's console.log) and, once mounted, to io/error.
 # This file is part of the initramfs cache key: editing it rebuilds the initramfs.
@@ -62,6 +63,19 @@ mount -t 9p -o $P9,cache=mmap io $R/run/rdmakv-io || fail "mounting the io dir (
 mkdir -p $R/lib/modules
 mount -t 9p -o ro,$P9,cache=loose modules $R/lib/modules ||
     fail "mounting the kernel modules (9p tag 'modules') failed"
+# The rest of the mounts are done here too: busybox runs from RAM, while every program stage 2
+# starts is loaded through 9p (~0.1 s each under TCG).
+mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "tmpfs on /tmp failed"
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts $R/dev/pts || fail "devpts on /dev/pts failed"
+mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm || fail "tmpfs on /dev/shm failed"
+cp -a $R/run/rdmakv-io/devlinks/. $R/dev/ || fail "cannot create /dev/fd and /dev/std* links"
+IFS= read -r -d '' cwd <$R/run/rdmakv-io/cwd || fail "cannot read the io dir's cwd file"
+if [ "$cwd" != / ]; then
+    # after /tmp, /run, /dev/shm so that a cwd below them is not hidden
+    mkdir -p "$R$cwd"
+    mount -t 9p -o $P9,cache=mmap cwd "$R$cwd" || fail "mounting the cwd $cwd (9p tag 'cwd') failed"
+fi
 
 exec switch_root $R /bin/bash /run/rdmakv-io/qemu-stage2.sh
 fail "switch_root into the overlay root and exec /bin/bash failed"

@@ -1,17 +1,15 @@
 #!/bin/bash
 # rdmakv QEMU guest, stage 2: PID 1 inside the overlay root (exec'd by qemu-init.sh).
 #
-# The QEMU counterpart of stage2.sh (same io files: net.ip, argv, env, cwd, devlinks, trace;
-# same results: rc, error, t_*). Differences: the kernel's RDMA/virtio-console modules are
-# loaded here (the stock Debian kernel has them as modules), /tmp, /dev/pts, /dev/shm and the
-# caller's cwd (9p tag 'cwd') are mounted here, the guest clock is set from the host's, and
-# the command's stdout/stderr go straight to two virtio-serial ports (rdmakv.out/rdmakv.err)
-# that the harness wired to host pipes. The harness times the run from the host-side mtimes
-# of the t_* files (written through 9p). Under TCG every process costs milliseconds:
-# builtins where possible.
+# The QEMU counterpart of stage2.sh (same io files: net.ip, argv, env, cwd, trace; same
+# results: rc, error, t_*). Stage 1 already mounted everything (cwd included). Differences:
+# the kernel's RDMA/virtio-console modules are loaded here (the stock Debian kernel has them
+# as modules), the guest clock is set from the host's, and the command's stdout/stderr go
+# straight to two virtio-serial ports (rdmakv.out/rdmakv.err) wired to host pipes. The
+# harness times the run from the host-side mtimes of the t_* files (written through 9p).
+# Under TCG every program started here costs ~0.1 s: builtins where possible.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 io=/run/rdmakv-io
-P9=trans=virtio,version=9p2000.L,msize=512000
 : >"$io/t_stage2"
 if [[ -e $io/trace ]]; then
     PS4='+ $EPOCHREALTIME '
@@ -20,10 +18,9 @@ fi
 
 halt_now() {
     sync
-    # The guest runs without ACPI (no power-off): it reboots, and QEMU's -no-reboot turns
-    # that into QEMU exiting. busybox (busybox-static is a host requirement of the QEMU
-    # guest) reboots at once; sysrq 'b' is the fallback; -no-reboot + panic=-1 the last
-    # resort (if PID 1 exits, the kernel panics and reboots).
+    # A reboot ends QEMU (-no-reboot) and needs no ACPI. busybox (busybox-static is a host
+    # requirement of the QEMU guest) reboots at once; sysrq 'b' is the fallback; panic=-1 the
+    # last resort (if PID 1 exits, the kernel panics and reboots).
     busybox reboot -f 2>/dev/null
     echo b >/proc/sysrq-trigger 2>/dev/null
     read -r -t 30 -u 9 2>/dev/null || sleep 30
@@ -48,19 +45,6 @@ mapfile -t -d '' argv <"$io/argv" || fail "cannot read $io/argv"
 mapfile -t -d '' envv <"$io/env" || fail "cannot read $io/env"
 IFS= read -r -d '' cwd <"$io/cwd"
 ((${#argv[@]} > 0)) || fail "empty command"
-
-# --- filesystems --------------------------------------------------------------------------
-mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "tmpfs on /tmp failed"
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts || fail "devpts failed"
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "tmpfs on /dev/shm failed"
-cp -a "$io/devlinks/." /dev/ || fail "cannot create /dev/fd and /dev/std* links"
-if [[ $cwd != / ]]; then
-    # after /tmp, /run, /dev/shm so that a cwd below them is not hidden
-    mkdir -p -- "$cwd" 2>/dev/null
-    mount -t 9p -o "$P9,cache=mmap" cwd "$cwd" 2>/run/rdmakv-mount.err ||
-        fail "mounting the cwd $cwd (9p tag 'cwd') failed: $(first_line /run/rdmakv-mount.err)"
-fi
 
 # The guest clock comes from the emulated RTC (whole seconds at boot). The host stamps a file
 # created over 9p with its own time: copy that, so mtimes and time.time() agree with the host.

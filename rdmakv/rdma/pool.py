@@ -19,7 +19,7 @@ import numpy as np
 from . import verbs
 
 ALIGN = 64
-DEFAULT_ARENA_BYTES = 256 << 20
+DEFAULT_ARENA_BYTES = 32 << 20
 
 
 class _Arena:
@@ -69,7 +69,9 @@ class BufferPool:
                 if off is not None:
                     break
             else:
-                size = max(self.arena_bytes, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+                # arenas double: a connection that restores little pins little
+                grow = 2 * self.arenas[-1].size if self.arenas else self.arena_bytes
+                size = max(grow, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
                 arena = _Arena(self.pd, size)
                 self.arenas.append(arena)
                 off = arena.take(n)
