@@ -33,6 +33,9 @@ def problems(r: dict, need_rdma: bool) -> list[str]:
         if section not in r:
             out.append(f"missing section {section}")
             continue
+        if "error" in r[section]:
+            out.append(f"{section} failed: {r[section]['error']}")
+            continue
         out.extend(f"{section}: missing {k}" for k in keys if k not in r[section])
     if need_rdma and not r.get("rdma_used"):
         out.append(f"RDMA was required but skipped: {r.get('rdma_skipped_because')}")

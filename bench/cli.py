@@ -96,7 +96,15 @@ def run(args: argparse.Namespace) -> dict:
         for name, fn in steps:
             t0 = time.perf_counter()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            result[name] = fn()
+            try:
+                result[name] = fn()
+            except Exception as e:  # noqa: BLE001 - one failed suite must not lose the others
+                alive = server.proc is not None and server.proc.poll() is None
+                result[name] = {"error": f"{type(e).__name__}: {e}", "server_alive": alive,
+                                "server_log_tail": "".join(server.log[-10:])}
+                print(f"bench: {name} failed: {e}", file=sys.stderr, flush=True)
+                if not alive:  # e.g. the OOM killer in a small guest: carry on with a fresh server
+                    server.start()
             result.setdefault("suite_seconds", {})[name] = round(time.perf_counter() - t0, 2)
         result["total_seconds"] = round(time.perf_counter() - t_all, 2)
         result["targets"] = report.targets(result)

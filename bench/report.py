@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _get(d: dict, *path, default=None):
@@ -38,6 +39,16 @@ def _fmt(x, nd=2) -> str:
     return str(x)
 
 
+def _section_ok(r: dict, name: str, w) -> bool:
+    """False (after saying why) when a suite is absent or failed, so the report still renders."""
+    sec = r.get(name)
+    if isinstance(sec, dict) and "error" in sec:
+        w(f"## {name}: FAILED — {sec['error']}")
+        w("")
+        return False
+    return sec is not None
+
+
 def markdown(r: dict) -> str:
     env = r["environment"]
     lines: list[str] = []
@@ -63,107 +74,114 @@ def markdown(r: dict) -> str:
     for k, t in r["targets"].items():
         w(f"| {k} | {_fmt(t['value'], 3)} | {t['target']} | {_fmt(t['met'])} |")
     w("")
-    s = r["seed_scenarios"]
-    ref = s["reference"]
-    w("## 1. Seed scenarios (Qwen2.5-0.5B KV shape; bytes counted by the server)")
-    b = s["bytes_on_wire"]
-    w("| bytes on the wire | ours | reference |")
-    w("|---|---|---|")
-    w(f"| v1 blob save, turn 3 | {_fmt(b['v1_blob_turn3'])} | {_fmt(ref['v1_turn3_wire'])} |")
-    w(f"| chunked save, turn 3 (W=64; new chunks + manifest) | {_fmt(b['chunked_turn3_W64'])} | — |")
-    w(f"| manifest, turn 3 (W=64) | {_fmt(b['manifest_turn3_W64'])} | {_fmt(ref['manifest_turn3'])} |")
-    w(f"| shared-prefix save, 5th session (W=8) | {_fmt(b['shared_prefix_last_save_W8'])} | "
-      f"{_fmt(ref['shared_prefix_save_wire'])} |")
-    w("")
-    w(f"Chat turns (KV tokens after each turn): {s['chat_turns']}; the reference does not give its turn lengths.")
-    w("")
-    w("| storage (bytes stored) | ours | reference |")
-    w("|---|---|---|")
-    for label in ("v1", "W=64", "W=8"):
-        w(f"| 4-turn chat, {label} | {_fmt(s['chat_storage'][label])} | {_fmt(ref['chat_storage'][label])} |")
-    for label in ("v1", "W=64", "W=8"):
-        w(f"| 5 sessions sharing a 25-token prompt, {label} | {_fmt(s['shared_prompt_storage'][label])} | "
-          f"{_fmt(ref['shared_storage'][label])} |")
-    w("")
-    wl = r["walls"]
-    w(f"## 2. Save/restore wall, 256-token session at W=64 ({_fmt(wl['kv_bytes'])} B of KV), interleaved runs")
-    w("| operation | n | median ms | p99 ms | min ms | max ms | IQR ms |")
-    w("|---|---|---|---|---|---|---|")
-    for k in ("cold_save", "warm_save", "restore_tcp", "restore_rdma", "v1_save", "v1_restore"):
-        if k in wl:
-            v = wl[k]
-            w(f"| {k} | {v['n']} | {_fmt(v['median_ms'], 3)} | {_fmt(v['p99_ms'], 3)} | {_fmt(v['min_ms'], 3)} | "
-              f"{_fmt(v['max_ms'], 3)} | {_fmt(v['iqr_ms'], 3)} |")
-    w(f"\nReference (seed, Mac mini M4, loopback TCP): cold save {ref['cold_save_ms']} ms, warm save "
-      f"{ref['warm_save_ms']} ms, restore {ref['restore_ms']} ms. RDMA READs per restore: "
-      f"{wl.get('rdma_reads_per_restore')}.")
-    w("")
-    sc = r["scaling"]
-    w("## 3. Scaling")
-    w("| tokens | bytes | TCP median ms | RDMA median ms | RDMA READs / chunks |")
-    w("|---|---|---|---|---|")
-    for row in sc["by_size"]:
-        rd = row.get("rdma", {})
-        w(f"| {row['tokens']:,} | {_fmt(row['bytes'])} | {_fmt(row['tcp']['median_ms'], 3)} | "
-          f"{_fmt(rd.get('median_ms'), 3)} | {rd.get('reads_posted', '—')} / {row['tcp'].get('chunks')} |")
-    w("")
-    w("| W | tokens | chunks | TCP median ms | RDMA median ms | RDMA READs |")
-    w("|---|---|---|---|---|---|")
-    for row in sc["by_window"]:
-        rd = row.get("rdma", {})
-        w(f"| {row['window']} | {row['tokens']:,} | {row['tcp']['chunks']} | {_fmt(row['tcp']['median_ms'], 3)} | "
-          f"{_fmt(rd.get('median_ms'), 3)} | {rd.get('reads_posted', '—')} |")
-    w("")
-    if "limits" in r:
-        lm = r["limits"]
-        pt = lm.get("perftest", {})
-        w(f"## 4. The physical limit ({_fmt(lm['bytes'])} bytes)")
-        if "error" in pt:
-            w(f"- perftest failed: {pt['error']}")
-        else:
-            w(f"- perftest ib_read_bw: {_fmt(pt['bw_avg_MBps'])} MB/s average → "
-              f"{_fmt(pt['bw_time_per_message_ms'], 3)} ms per {_fmt(lm['bytes'])} B message")
-            w(f"- perftest ib_read_lat: typical {_fmt(pt.get('lat_typical_ms'), 3)} ms")
-        raw = lm["raw_pyverbs"]
-        w(f"- raw pyverbs READ chain ({raw['reads_per_op']} READs): median {_fmt(raw['median_ms'], 3)} ms")
-        w(f"- RDMA restore / perftest: {_fmt(lm.get('rdma_restore_over_perftest'), 3)}; "
-          f"RDMA restore / raw pyverbs: {_fmt(lm.get('rdma_restore_over_raw_pyverbs'), 3)}")
+    if _section_ok(r, "seed_scenarios", w):
+        s = r["seed_scenarios"]
+        ref = s["reference"]
+        w("## 1. Seed scenarios (Qwen2.5-0.5B KV shape; bytes counted by the server)")
+        b = s["bytes_on_wire"]
+        w("| bytes on the wire | ours | reference |")
+        w("|---|---|---|")
+        w(f"| v1 blob save, turn 3 | {_fmt(b['v1_blob_turn3'])} | {_fmt(ref['v1_turn3_wire'])} |")
+        w(f"| chunked save, turn 3 (W=64; new chunks + manifest) | {_fmt(b['chunked_turn3_W64'])} | — |")
+        w(f"| manifest, turn 3 (W=64) | {_fmt(b['manifest_turn3_W64'])} | {_fmt(ref['manifest_turn3'])} |")
+        w(f"| shared-prefix save, 5th session (W=8) | {_fmt(b['shared_prefix_last_save_W8'])} | "
+          f"{_fmt(ref['shared_prefix_save_wire'])} |")
         w("")
-    cpu = r["server_cpu"]
-    w(f"## 5. Server CPU per restore ({cpu['restores']} restores each, /proc user+sys)")
-    for t in ("tcp", "rdma"):
-        if t in cpu:
-            w(f"- {t}: {cpu[t]['ticks']} ticks → {_fmt(cpu[t]['ms_per_restore'], 3)} ms CPU per restore")
-    if "rdma_over_tcp" in cpu:
-        w(f"- RDMA / TCP: {_fmt(cpu['rdma_over_tcp'], 3)}")
-    w("")
-    cc = r["concurrency"]
-    w(f"## 6. Concurrency ({cc['tokens']}-token sessions, {cc['reps_per_client']} restores per client)")
-    w("| clients | TCP aggregate MB/s | RDMA aggregate MB/s |")
-    w("|---|---|---|")
-    for row in cc["rows"]:
-        w(f"| {row['clients']} | {_fmt(row['tcp']['aggregate_MBps'])} | "
-          f"{_fmt(_get(row, 'rdma', 'aggregate_MBps'))} |")
-    w("")
-    tu = r["tuning"]
-    w("## 7. Tuning knobs (256-token session)")
-    w("| knob | median ms | note |")
-    w("|---|---|---|")
-    for k, v in tu.items():
-        if k.startswith("tcp_window"):
-            w(f"| {k} | restore {_fmt(v['restore']['median_ms'], 3)} / cold save {_fmt(v['cold_save']['median_ms'], 3)}"
-              " | pipelined frames in flight |")
-        elif k.startswith("rdma_") and "median_ms" in v:
-            note = f"{v['reads_posted']} READs" if "reads_posted" in v else ""
-            w(f"| {k} | {_fmt(v['median_ms'], 3)} | {note} |")
-    if "per_wr_cost_us" in tu:
-        p = tu["per_wr_cost_us"]
-        w(f"| per-WR software cost | {_fmt(p['us_per_wr'], 2)} µs/WR | {p['wrs']} tiny READs, "
-          f"{p['post_api']} post API |")
-    for size, v in tu["hash_throughput"].items():
-        w(f"| HMAC-SHA256 / xxh3 at {int(size) // 1024} KiB | {_fmt(v['hmac_sha256_MBps'], 0)} / "
-          f"{_fmt(v['xxh3_MBps'], 0)} MB/s | per-frame MAC and per-chunk key check |")
-    w("")
+        w(f"Chat turns (KV tokens after each turn): {s['chat_turns']}; the reference does not give its turn lengths.")
+        w("")
+        w("| storage (bytes stored) | ours | reference |")
+        w("|---|---|---|")
+        for label in ("v1", "W=64", "W=8"):
+            w(f"| 4-turn chat, {label} | {_fmt(s['chat_storage'][label])} | {_fmt(ref['chat_storage'][label])} |")
+        for label in ("v1", "W=64", "W=8"):
+            w(f"| 5 sessions sharing a 25-token prompt, {label} | {_fmt(s['shared_prompt_storage'][label])} | "
+              f"{_fmt(ref['shared_storage'][label])} |")
+        w("")
+    if _section_ok(r, "walls", w):
+        wl = r["walls"]
+        w(f"## 2. Save/restore wall, 256-token session at W=64 ({_fmt(wl['kv_bytes'])} B of KV), interleaved runs")
+        w("| operation | n | median ms | p99 ms | min ms | max ms | IQR ms |")
+        w("|---|---|---|---|---|---|---|")
+        for k in ("cold_save", "warm_save", "restore_tcp", "restore_rdma", "v1_save", "v1_restore"):
+            if k in wl:
+                v = wl[k]
+                w(f"| {k} | {v['n']} | {_fmt(v['median_ms'], 3)} | {_fmt(v['p99_ms'], 3)} | {_fmt(v['min_ms'], 3)} | "
+                  f"{_fmt(v['max_ms'], 3)} | {_fmt(v['iqr_ms'], 3)} |")
+        w(f"\nReference (seed, Mac mini M4, loopback TCP): cold save {ref['cold_save_ms']} ms, warm save "
+          f"{ref['warm_save_ms']} ms, restore {ref['restore_ms']} ms. RDMA READs per restore: "
+          f"{wl.get('rdma_reads_per_restore')}.")
+        w("")
+    if _section_ok(r, "scaling", w):
+        sc = r["scaling"]
+        w("## 3. Scaling")
+        w("| tokens | bytes | TCP median ms | RDMA median ms | RDMA READs / chunks |")
+        w("|---|---|---|---|---|")
+        for row in sc["by_size"]:
+            rd = row.get("rdma", {})
+            w(f"| {row['tokens']:,} | {_fmt(row['bytes'])} | {_fmt(row['tcp']['median_ms'], 3)} | "
+              f"{_fmt(rd.get('median_ms'), 3)} | {rd.get('reads_posted', '—')} / {row['tcp'].get('chunks')} |")
+        w("")
+        w("| W | tokens | chunks | TCP median ms | RDMA median ms | RDMA READs |")
+        w("|---|---|---|---|---|---|")
+        for row in sc["by_window"]:
+            rd = row.get("rdma", {})
+            w(f"| {row['window']} | {row['tokens']:,} | {row['tcp']['chunks']} | {_fmt(row['tcp']['median_ms'], 3)} | "
+              f"{_fmt(rd.get('median_ms'), 3)} | {rd.get('reads_posted', '—')} |")
+        w("")
+    if _section_ok(r, "limits", w):
+        if "limits" in r:
+            lm = r["limits"]
+            pt = lm.get("perftest", {})
+            w(f"## 4. The physical limit ({_fmt(lm['bytes'])} bytes)")
+            if "error" in pt:
+                w(f"- perftest failed: {pt['error']}")
+            else:
+                w(f"- perftest ib_read_bw: {_fmt(pt['bw_avg_MBps'])} MB/s average → "
+                  f"{_fmt(pt['bw_time_per_message_ms'], 3)} ms per {_fmt(lm['bytes'])} B message")
+                w(f"- perftest ib_read_lat: typical {_fmt(pt.get('lat_typical_ms'), 3)} ms")
+            raw = lm["raw_pyverbs"]
+            w(f"- raw pyverbs READ chain ({raw['reads_per_op']} READs): median {_fmt(raw['median_ms'], 3)} ms")
+            w(f"- RDMA restore / perftest: {_fmt(lm.get('rdma_restore_over_perftest'), 3)}; "
+              f"RDMA restore / raw pyverbs: {_fmt(lm.get('rdma_restore_over_raw_pyverbs'), 3)}")
+            w("")
+    if _section_ok(r, "server_cpu", w):
+        cpu = r["server_cpu"]
+        w(f"## 5. Server CPU per restore ({cpu['restores']} restores each, /proc user+sys)")
+        for t in ("tcp", "rdma"):
+            if t in cpu:
+                w(f"- {t}: {cpu[t]['ticks']} ticks → {_fmt(cpu[t]['ms_per_restore'], 3)} ms CPU per restore")
+        if "rdma_over_tcp" in cpu:
+            w(f"- RDMA / TCP: {_fmt(cpu['rdma_over_tcp'], 3)}")
+        w("")
+    if _section_ok(r, "concurrency", w):
+        cc = r["concurrency"]
+        w(f"## 6. Concurrency ({cc['tokens']}-token sessions, {cc['reps_per_client']} restores per client)")
+        w("| clients | TCP aggregate MB/s | RDMA aggregate MB/s |")
+        w("|---|---|---|")
+        for row in cc["rows"]:
+            w(f"| {row['clients']} | {_fmt(row['tcp']['aggregate_MBps'])} | "
+              f"{_fmt(_get(row, 'rdma', 'aggregate_MBps'))} |")
+        w("")
+    if _section_ok(r, "tuning", w):
+        tu = r["tuning"]
+        w("## 7. Tuning knobs (256-token session)")
+        w("| knob | median ms | note |")
+        w("|---|---|---|")
+        for k, v in tu.items():
+            if k.startswith("tcp_window"):
+                w(f"| {k} | restore {_fmt(v['restore']['median_ms'], 3)} / cold save "
+                  f"{_fmt(v['cold_save']['median_ms'], 3)} | pipelined frames in flight |")
+            elif k.startswith("rdma_") and "median_ms" in v:
+                note = f"{v['reads_posted']} READs" if "reads_posted" in v else ""
+                w(f"| {k} | {_fmt(v['median_ms'], 3)} | {note} |")
+        if "per_wr_cost_us" in tu:
+            p = tu["per_wr_cost_us"]
+            w(f"| per-WR software cost | {_fmt(p['us_per_wr'], 2)} µs/WR | {p['wrs']} tiny READs, "
+              f"{p['post_api']} post API |")
+        for size, v in tu["hash_throughput"].items():
+            w(f"| HMAC-SHA256 / xxh3 at {int(size) // 1024} KiB | {_fmt(v['hmac_sha256_MBps'], 0)} / "
+              f"{_fmt(v['xxh3_MBps'], 0)} MB/s | per-frame MAC and per-chunk key check |")
+        w("")
     w(f"Suite wall times (s): {r.get('suite_seconds')}; total {r.get('total_seconds')} s.")
     return "\n".join(lines) + "\n"
 
@@ -177,6 +195,15 @@ def plots(r: dict, out_dir: str) -> list[str]:
     except ImportError:
         return []
     made = []
+    for name, fn in (("restore_vs_size.png", _plot_scaling), ("walls.png", _plot_walls)):
+        try:
+            made.append(fn(r, os.path.join(out_dir, name), plt))
+        except (KeyError, TypeError, ValueError) as e:  # a failed suite: no plot, say so
+            print(f"bench: no {name}: {e!r}", file=sys.stderr)
+    return made
+
+
+def _plot_scaling(r: dict, path: str, plt) -> str:
     sc = r["scaling"]["by_size"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [row["tokens"] for row in sc]
@@ -194,12 +221,13 @@ def plots(r: dict, out_dir: str) -> list[str]:
     ax.set_title(f"Restore latency vs session size — {r['environment']['accel']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = os.path.join(out_dir, "restore_vs_size.png")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    made.append(path)
+    return path
 
+
+def _plot_walls(r: dict, path: str, plt) -> str:
     wl = r["walls"]
     labels = [k for k in ("cold_save", "warm_save", "restore_tcp", "restore_rdma", "v1_save", "v1_restore") if k in wl]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -212,8 +240,6 @@ def plots(r: dict, out_dir: str) -> list[str]:
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20)
     fig.tight_layout()
-    path = os.path.join(out_dir, "walls.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    made.append(path)
-    return made
+    return path

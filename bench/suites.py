@@ -147,6 +147,8 @@ def scaling(ctx: Ctx, sizes: list[int], windows: list[int], fixed: int, runs: in
                 samples, rep = _restore_samples(st, f"s{n}", reps)
             row[t] = {**summary(samples), "reads_posted": rep.reads_posted, "chunks": rep.chunks}
         by_size.append(row)
+        with ctx.connect("scale", "tcp", 64) as w:
+            w.delete_manifest(f"s{n}")  # free the slab (and the guest's RAM) for what follows
     by_window = []
     kv = session(fixed, 8)
     for w in windows:

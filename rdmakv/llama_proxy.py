@@ -8,29 +8,46 @@ except ``POST /slots/{id}?action=save|restore``:
   a one-round-trip warm save when every chunk is already there), removes the
   local file and answers llama-server's JSON plus an ``rdmakv`` report.
 - restore: the proxy materialises the file from the store (over RDMA when the
-  connection can) by writing it aside and renaming it into place, forwards the
-  restore, then removes the file.
+  connection can), forwards the restore, then removes the file.
+
+Both hand llama-server a private scratch filename (``.rdmakv-PID-N.slot``) in
+place of the client's and put the client's name back in the answer, so
+concurrent saves/restores of one name (a shared system prompt restored into
+every slot) never see each other's file, and a file the operator keeps in the
+directory under that name is never overwritten or deleted by a restore. The
+client's name is checked with llama-server's own rules first; names that
+break them go to llama-server unchanged, so it answers them in its own words.
 
 Errors use llama-server's error shape. An unreachable store is a 503 with a
-clear message, and never leaves a half-written slot file behind.
+clear message, and never leaves a half-written slot file behind (a save whose
+store is unreachable leaves llama-server's complete file under the client's
+name, as llama-server alone would have, so nothing is lost).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import slotfile
 from .auth import KEY_ENV
-from .errors import ConnectionLost, NotFoundError, RdmakvError
+from .errors import CodecError, ConnectionLost, NotFoundError, RdmakvError
+
+if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
+    from aiohttp import web
+
+T = TypeVar("T")
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -39,7 +56,7 @@ HOP_BY_HOP = {
 SLOT_PATH = re.compile(r"^(?P<prefix>.*)/slots/(?P<id>[^/]+)$")
 
 
-def llama_error(status: int, message: str, etype: str):
+def llama_error(status: int, message: str, etype: str) -> web.Response:
     from aiohttp import web
 
     return web.json_response({"error": {"code": status, "message": message, "type": etype}}, status=status)
@@ -53,7 +70,7 @@ class StorePool:
         self._store = None
         self._lock = threading.Lock()
 
-    def run(self, fn, *args):
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
         from .client import connect
 
         with self._lock:
@@ -62,10 +79,13 @@ class StorePool:
                     self._store = connect(self.url, transport=self.transport, window=self.window, timeout=30)
                 try:
                     return fn(self._store, *args)
-                except ConnectionLost:
+                except (NotFoundError, CodecError):
+                    raise  # answers, not failures: the connection is still in step
+                except Exception as e:
+                    # A timeout or reset can leave half a frame on the socket: never reuse it.
                     self._store.close()
                     self._store = None
-                    if attempt:
+                    if attempt or not isinstance(e, (ConnectionLost, OSError)):
                         raise
             raise AssertionError("unreachable")
 
@@ -82,6 +102,7 @@ class Proxy:
         self.slot_dir = Path(slot_dir)
         self.store = store
         self.session = None
+        self._scratch = itertools.count()
 
     async def start(self) -> None:
         import aiohttp
@@ -95,7 +116,7 @@ class Proxy:
         await asyncio.to_thread(self.store.close)
 
     # -- plumbing ----------------------------------------------------------------------------
-    async def handle(self, request):
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         m = SLOT_PATH.match(request.path)
         action = request.query.get("action")
         if m and request.method == "POST" and action in ("save", "restore"):
@@ -110,7 +131,21 @@ class Proxy:
             request.method, self.upstream + request.path_qs, headers=self._headers(request.headers), data=body
         )
 
-    async def passthrough(self, request, body: bytes):
+    def _scratch_name(self) -> str:
+        # valid for llama-server, unique per request, and never a name a client can ask for
+        # (clients' names are validated before we substitute this one)
+        return f".rdmakv-{os.getpid()}-{next(self._scratch)}.slot"
+
+    @staticmethod
+    def _with_filename(body: bytes, name: str) -> bytes:
+        parsed = json.loads(body)
+        parsed["filename"] = name
+        return json.dumps(parsed).encode()
+
+    def _upstream_down(self, e: Exception) -> web.Response:
+        return llama_error(502, f"rdmakv llama-proxy: upstream {self.upstream} unreachable: {e}", "server_error")
+
+    async def passthrough(self, request: web.Request, body: bytes) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
         try:
@@ -122,9 +157,9 @@ class Proxy:
                 await resp.write_eof()
                 return resp
         except ClientError as e:
-            return llama_error(502, f"rdmakv llama-proxy: upstream {self.upstream} unreachable: {e}", "server_error")
+            return self._upstream_down(e)
 
-    async def _upstream_json(self, request, body: bytes) -> tuple[int, dict | None, bytes, dict]:
+    async def _upstream_json(self, request: web.Request, body: bytes) -> tuple[int, dict | None, bytes, dict]:
         async with await self._forward(request, body) as up:
             raw = await up.read()
             try:
@@ -148,32 +183,41 @@ class Proxy:
         return name
 
     # -- save --------------------------------------------------------------------------------
-    async def slot_save(self, request):
-        from aiohttp import web
+    async def slot_save(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import ClientError, web
 
         body = await request.read()
         name = self._filename(body)
         if name is None:  # llama-server answers bad filenames itself, in its own words
             return await self.passthrough(request, body)
+        scratch = self.slot_dir / self._scratch_name()
         t0 = time.perf_counter()
-        status, parsed, raw, headers = await self._upstream_json(request, body)
-        t_llama = time.perf_counter() - t0
-        if status != 200 or not isinstance(parsed, dict):
-            return web.Response(status=status, body=raw, headers=headers)
-        path = self.slot_dir / name
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            status, parsed, raw, headers = await self._upstream_json(request, self._with_filename(body, scratch.name))
+        except ClientError as e:
+            await asyncio.to_thread(_remove, scratch)  # llama-server may have written it before the link broke
+            return self._upstream_down(e)
+        finally:
+            t_llama = time.perf_counter() - t0
+        if status != 200 or not isinstance(parsed, dict):
+            await asyncio.to_thread(_remove, scratch)
+            return web.Response(status=status, body=raw, headers=headers)
+        try:
+            data = await asyncio.to_thread(scratch.read_bytes)
         except OSError as e:
-            return llama_error(500, f"rdmakv llama-proxy: llama-server saved the slot but {path} is unreadable "
+            return llama_error(500, f"rdmakv llama-proxy: llama-server saved the slot but {scratch} is unreadable "
                                f"({e.strerror}); is --slot-dir the same directory as --slot-save-path?", "server_error")
         from .slotstore import put_slotfile
 
         try:
             report, parse_error = await asyncio.to_thread(self.store.run, put_slotfile, name, data)
         except (RdmakvError, OSError) as e:
-            return llama_error(503, f"rdmakv store unreachable or refused the save ({e}); the slot file was left "
-                               f"in {self.slot_dir}", "unavailable_error")
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+            # keep llama-server's complete file under the client's name: the save is not lost
+            await asyncio.to_thread(os.replace, scratch, self.slot_dir / name)
+            return llama_error(503, f"rdmakv store {self.store.url} unreachable or refused the save ({e}); the slot "
+                               f"file was left in {self.slot_dir} as {name!r}", "unavailable_error")
+        await asyncio.to_thread(_remove, scratch)
+        parsed["filename"] = name
         parsed["rdmakv"] = {
             "stored_as": name,
             "chunked": not parse_error,
@@ -186,8 +230,8 @@ class Proxy:
         return web.json_response(parsed)
 
     # -- restore -----------------------------------------------------------------------------
-    async def slot_restore(self, request):
-        from aiohttp import web
+    async def slot_restore(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import ClientError, web
 
         from .kvstate import RestoreReport
         from .slotstore import get_slotfile
@@ -202,19 +246,24 @@ class Proxy:
             data = await asyncio.to_thread(self.store.run, get_slotfile, name, rep)
         except NotFoundError:
             return llama_error(404, f"slot file {name!r} is not in the rdmakv store", "not_found_error")
+        except CodecError as e:  # e.g. the name holds a KV manifest, not a slot file
+            return llama_error(400, f"rdmakv store: {e}", "invalid_request_error")
         except (RdmakvError, OSError) as e:
-            return llama_error(503, f"rdmakv store unreachable: {e}", "unavailable_error")
-        path = self.slot_dir / name
-        tmp = self.slot_dir / f".rdmakv-{os.getpid()}-{id(request):x}.tmp"
+            return llama_error(503, f"rdmakv store {self.store.url} unreachable: {e}", "unavailable_error")
+        # llama-server only opens the scratch file after it is complete and closed
+        scratch = self.slot_dir / self._scratch_name()
         try:
-            await asyncio.to_thread(_write_atomically, tmp, path, data)
+            await asyncio.to_thread(scratch.write_bytes, data)
             t1 = time.perf_counter()
-            status, parsed, raw, headers = await self._upstream_json(request, body)
+            status, parsed, raw, headers = await self._upstream_json(request, self._with_filename(body, scratch.name))
             t_llama = time.perf_counter() - t1
+        except ClientError as e:
+            return self._upstream_down(e)
         finally:
-            await asyncio.to_thread(_remove, tmp, path)
+            await asyncio.to_thread(_remove, scratch)
         if status != 200 or not isinstance(parsed, dict):
             return web.Response(status=status, body=raw, headers=headers)
+        parsed["filename"] = name
         parsed["rdmakv"] = {
             "file_bytes": len(data),
             "llama_restore_ms": t_llama * 1e3,
@@ -222,12 +271,6 @@ class Proxy:
             **asdict(rep),
         }
         return web.json_response(parsed)
-
-
-def _write_atomically(tmp: Path, path: Path, data: bytes) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # llama-server sees the whole file or none
 
 
 def _remove(*paths: Path) -> None:

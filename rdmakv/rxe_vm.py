@@ -10,8 +10,14 @@ address; the guest has no network device to the host), ``rxe0`` on ``d0`` (check
 PORT_ACTIVE), ``ulimit -l unlimited``, fresh /proc /sys /dev, /tmp and /run on tmpfs, the
 caller's cwd mounted read-write at the same path, and ``RDMAKV_IN_GUEST=1 RDMAKV_GUEST=uml``.
 
+``run(..., guest="qemu")`` is the fallback for machines where that kernel cannot be built:
+QEMU TCG (never KVM) boots Debian's stock kernel package, extracted into the same cache, with
+the host root shared read-only over 9p; same guest setup, ``RDMAKV_GUEST=qemu``, ~10 s to
+boot and everything 20-50x slower (see the QEMU section below and /work/shared/RXE.md).
+
 Public API: :func:`run`, :func:`ensure_kernel`, :func:`host_has_rdma`, :func:`cli`,
-:class:`GuestError`; helpers :func:`cache_root`, :func:`kernel_key`, :func:`cached_kernel`.
+:class:`GuestError`; helpers :func:`cache_root`, :func:`kernel_key`, :func:`cached_kernel`;
+for the QEMU guest :func:`ensure_qemu_guest`, :func:`cached_qemu_kernel`.
 """
 
 from __future__ import annotations
@@ -970,7 +976,8 @@ def run(
     are streamed live to ``sys.stdout`` / ``sys.stderr``. A status >= 128 means "killed by signal
     status-128" as in a shell. ``timeout`` bounds the whole boot+run+shutdown (seconds; kernel
     build and package installs are not counted). ``verbose`` (default: $RDMAKV_VM_VERBOSE) prints
-    boot/run/shutdown timings to stderr.
+    boot/run/shutdown timings to stderr. ``guest="qemu"`` uses the QEMU TCG fallback instead of
+    UML (its one-time kernel download/extract is not counted in ``timeout`` either).
 
     Raises :class:`GuestError` when the guest cannot be prepared (missing kernel or packages,
     rxe0 not ACTIVE, ...), dies without reporting a status, or times out.
@@ -1129,7 +1136,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("uml", "qemu"),
         default="uml",
         help="guest kind: 'uml' (User-Mode Linux, boots in <1 s, the default) or 'qemu' "
-        "(QEMU TCG emulation, no kernel build but 20-50x slower; not implemented yet)",
+        "(QEMU TCG emulation of Debian's stock kernel: no kernel build, but ~10 s to boot and "
+        "20-50x slower; for machines where the UML kernel cannot be built)",
     )
     p.add_argument(
         "--timeout",
@@ -1150,7 +1158,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild the cached UML kernel first even if one matching the current "
         "config is cached (normally it is rebuilt only when missing or when "
-        "rdmakv/guest/uml.config or build-uml.sh changed)",
+        "rdmakv/guest/uml.config or build-uml.sh changed); with --guest qemu: fetch and "
+        "extract the kernel package linux-image-amd64 now depends on again",
     )
     p.add_argument(
         "-v",
@@ -1178,7 +1187,9 @@ def cli(argv: list[str]) -> int:
     with contextlib.suppress(ValueError):  # ValueError: not in the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.rebuild:
+        if args.rebuild and args.guest == "qemu":
+            ensure_qemu_guest(rebuild=True)
+        elif args.rebuild:
             ensure_kernel(rebuild=True)
         return run(command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None)
     except GuestError as e:

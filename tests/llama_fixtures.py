@@ -342,14 +342,70 @@ class LlamaServer:
             return ""
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
+        return http_json(self.url, method, path, body)
+
+
+def http_json(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One JSON request; HTTP errors come back as (status, parsed body) instead of raising."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+class LlamaProxy:
+    """`python -m rdmakv llama-proxy` as a subprocess on 127.0.0.1; use as a context manager."""
+
+    def __init__(
+        self, upstream: str, slot_dir: Path, store_url: str, key_hex: str, *extra: str, log: Path | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log or slot_dir.parent / f"llama-proxy-{self.port}.log"
+        self.env = dict(os.environ, RDMAKV_AUTH_KEY=key_hex, PYTHONUNBUFFERED="1")
+        self.cmd = [
+            sys.executable, "-m", "rdmakv", "llama-proxy", "--upstream", upstream, "--slot-dir", str(slot_dir),
+            "--store", store_url, "--listen", f"127.0.0.1:{self.port}", *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LlamaProxy:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ready once it accepts connections
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-proxy exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError(f"llama-proxy not listening after 60 s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, n: int = 4000) -> str:
         try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        return http_json(self.url, method, path, body)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,22 @@ def test_doctor_lists_rxe0(capfd):
 def test_timeout_kills_guest():
     with pytest.raises(rxe_vm.GuestError, match="timed out"):
         rxe_vm.run(["sleep", "60"], timeout=3)
+
+
+def test_qemu_guest_smoke(tmp_path, capfd):
+    """The QEMU TCG fallback, booted once (~10-20 s): status, output, env, rxe0, shared cwd."""
+    # One-time preparation (kernel package download + extract, ~15 s) is outside the timeout.
+    rxe_vm.ensure_qemu_guest()
+    script = (
+        'echo "out $RDMAKV_IN_GUEST $RDMAKV_GUEST $FOO"; echo err-line >&2; '
+        "ibv_devinfo -d rxe0 | grep -m1 state; pwd > where.txt; echo hi > f.txt; exit 7"
+    )
+    rc = rxe_vm.run(["sh", "-c", script], guest="qemu", cwd=str(tmp_path), env={"FOO": "bar"}, timeout=120)
+    out, err = capfd.readouterr()
+    assert rc == 7
+    assert "out 1 qemu bar\n" in out
+    assert "PORT_ACTIVE" in out
+    assert "err-line\n" in err
+    assert "err-line" not in out
+    assert (tmp_path / "f.txt").read_text() == "hi\n"
+    assert (tmp_path / "where.txt").read_text().strip() == str(tmp_path.resolve())
