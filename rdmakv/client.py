@@ -13,6 +13,7 @@ from fallback_tcp.transport import TcpChannel
 from . import chunking
 from . import manifest as mf
 from .auth import key_from_env
+from .bufpool import BufferPool
 from .errors import MissingChunksError, RdmakvError, StoreFullError
 from .hashing import chunk_key
 from .kvstate import KVState, RestoreReport, SaveReport
@@ -58,6 +59,7 @@ class Store:
         self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
         self.rdma_reason = ""
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._host_pool: BufferPool | None = None
         self._decoded: OrderedDict[bytes, tuple[mf.Manifest, chunking.KVLayout]] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = 256 << 20
@@ -178,13 +180,21 @@ class Store:
         data, _ = ch.get_manifest(name)
         m, layout = self.decode_kv(data)
         _, _, offsets = layout.chunk_table()
-        buf = np.empty(layout.total_bytes, dtype=np.uint8)
+        buf = self._restore_buffer(layout.total_bytes)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
         rep.transport = "tcp"
         rep.chunks = m.n_chunks
         rep.bytes = (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
         rep.round_trips += ch.round_trips - rt0
         return chunking.assemble(layout, buf)
+
+    def _restore_buffer(self, nbytes: int) -> np.ndarray:
+        """Destination of a TCP restore: from the RDMA pool when there is one, else a plain pool."""
+        if self.rdma is not None:
+            return self.rdma.pool.alloc(nbytes)[0]
+        if self._host_pool is None:
+            self._host_pool = BufferPool(None)
+        return self._host_pool.alloc(nbytes)[0]
 
     def decode_kv(self, data: bytes) -> tuple[mf.Manifest, chunking.KVLayout]:
         """Decode and validate a KV manifest; identical bytes decode once (repeat restores)."""

@@ -273,6 +273,20 @@ class Proxy:
         return web.json_response(parsed)
 
 
+def sweep_scratch(slot_dir: Path) -> list[str]:
+    """Remove scratch files left by a proxy that died mid-request (its pid is gone); returns their names."""
+    removed = []
+    for p in slot_dir.glob(".rdmakv-*-*.slot"):
+        try:
+            os.kill(int(p.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        except (ValueError, OSError):  # not our naming, or a live process of another user
+            pass
+    return removed
+
+
 def _remove(*paths: Path) -> None:
     for p in paths:
         try:
@@ -308,6 +322,8 @@ def cli(argv: list[str]) -> int:
     if not Path(args.slot_dir).is_dir():
         print(f"rdmakv llama-proxy: --slot-dir {args.slot_dir} is not a directory", file=sys.stderr)
         return 1
+    for name in sweep_scratch(Path(args.slot_dir)):
+        print(f"rdmakv llama-proxy: removed stale scratch file {name}", file=sys.stderr)
     host, _, port = args.listen.rpartition(":")
     pool = StorePool(args.store, args.transport, args.window)
     try:

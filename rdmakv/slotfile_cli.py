@@ -57,12 +57,18 @@ def _get(args: argparse.Namespace) -> int:
     with _connect(args) as store:
         data = get_slotfile(store, args.name, rep)
     tmp = f"{args.out}.rdmakv-tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:  # write aside, then rename: never a half-written slot file
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.out)
-    print(json.dumps({"name": args.name, "out": args.out, "bytes": len(data), **asdict(rep)}, indent=2))
+    try:
+        with open(tmp, "wb") as f:  # write aside, then rename: never a half-written slot file
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.out)
+    except BaseException:
+        if os.path.exists(tmp):  # e.g. disk full: leave no partial file behind
+            os.unlink(tmp)
+        raise
+    # "file_bytes", as in `put`: the RestoreReport's own "bytes" (bytes on the wire) must not hide it
+    print(json.dumps({"name": args.name, "out": args.out, "file_bytes": len(data), **asdict(rep)}, indent=2))
     return 0
 
 

@@ -226,7 +226,7 @@ def test_real_files_round_trip_byte_identical(
         out = tmp_path / "exported.bin"
         r = cli("slotfile", "get", url, "via-proxy.bin", str(out))
         assert r.returncode == 0, r.stderr
-        assert out.read_bytes() == orig
+        assert out.read_bytes() == orig and json.loads(r.stdout)["file_bytes"] == len(orig)
 
         r = cli("slotfile", "put", url, "imported.bin", str(st_.slot_dir / "orig.bin"))
         assert r.returncode == 0, r.stderr
@@ -293,7 +293,7 @@ def test_corrupt_and_unknown_files_are_stored_opaque(stack: Stack, tmp_path: Pat
 
 def test_streaming_completion_passes_through_incrementally(stack: Stack) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=60)
-    body = {"prompt": "abc", "n_predict": 400, "ignore_eos": True, "stream": True, "id_slot": 1}
+    body = {"prompt": "abc", "n_predict": 200, "ignore_eos": True, "stream": True, "id_slot": 1}
     t0 = time.perf_counter()
     conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -304,7 +304,7 @@ def test_streaming_completion_passes_through_incrementally(stack: Stack) -> None
             stamps.append(time.perf_counter() - t0)
             json.loads(line[6:])
     conn.close()
-    assert len(stamps) >= 100  # random byte tokens: incomplete UTF-8 waits for the next token
+    assert len(stamps) >= 50  # random byte tokens: incomplete UTF-8 waits for the next token
     # a buffering proxy would deliver the first token only when the last one is generated
     assert stamps[0] < 0.5 * stamps[-1], (stamps[0], stamps[-1])
 
@@ -370,7 +370,12 @@ def test_filename_rules_are_llama_servers(stack: Stack) -> None:
 def test_store_unreachable_is_503_and_leaves_no_file(stack: Stack, fresh_server) -> None:
     store = fresh_server()
     url = store.url("unreachable")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = stack.slot_dir / f".rdmakv-{dead.pid}-7.slot"  # as if a proxy was killed mid-restore
+    stale.write_bytes(b"ggsq")
     with lf.LlamaProxy(stack.llama.url, stack.slot_dir, url, KEY_HEX) as proxy:
+        assert not stale.exists()  # swept at start-up
         stack.complete(text(11, 300), 0)
         st, saved = proxy.request("POST", "/slots/0?action=save", {"filename": "kept.bin"})
         assert st == 200, saved

@@ -18,13 +18,13 @@ import numpy as np
 
 from .. import chunking
 from .. import manifest as mf
+from ..bufpool import BufferPool
 from ..errors import RdmakvError
 from ..hashing import chunk_key
 from ..kvstate import KVState, RestoreReport
 from ..messages import NO_REGION, Locations, dec_locations
 from . import verbs
 from .exporter import DEVICE_ENV
-from .pool import BufferPool
 from .readplan import plan_reads
 
 SCRATCH_BYTES = 1 << 20

@@ -1,9 +1,10 @@
-"""Client-side registered buffer pool: restore destinations, registered once.
+"""Client-side buffer pool for restore destinations.
 
-A restore takes one contiguous extent of a registered arena and the restored
-numpy arrays are views of it (no copy after the READ). The extent returns to
-the pool when the last array viewing it is garbage-collected. Arenas are
-registered when created, never per restore.
+A restore takes one contiguous extent of an arena and the restored numpy
+arrays are views of it (no copy after the data lands). The extent returns to
+the pool when the last array viewing it is garbage-collected. For RDMA the
+arenas are registered when created, never per restore; for TCP they are plain
+memory, reused so that a large restore does not fault in fresh pages each time.
 """
 
 from __future__ import annotations
@@ -13,22 +14,23 @@ import ctypes
 import mmap
 import threading
 import weakref
+from typing import Any
 
 import numpy as np
-
-from . import verbs
 
 ALIGN = 64
 DEFAULT_ARENA_BYTES = 32 << 20
 
 
 class _Arena:
-    def __init__(self, pd: verbs.ProtectionDomain, size: int) -> None:
+    def __init__(self, pd: Any | None, size: int) -> None:
         self.size = size
         self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.anchor = ctypes.c_char.from_buffer(self.map)
         self.addr = ctypes.addressof(self.anchor)
-        self.mr = pd.register(self.addr, size, remote_read=False, keepalive=self.map)
+        # pd: an rdmakv.rdma.verbs.ProtectionDomain, or None for plain (TCP) memory
+        self.mr = pd.register(self.addr, size, remote_read=False, keepalive=self.map) if pd is not None else None
+        self.lkey = self.mr.lkey if self.mr is not None else 0
         self.free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
 
     def take(self, n: int) -> int | None:
@@ -54,7 +56,7 @@ class _Arena:
 
 
 class BufferPool:
-    def __init__(self, pd: verbs.ProtectionDomain, arena_bytes: int = DEFAULT_ARENA_BYTES) -> None:
+    def __init__(self, pd: Any | None = None, arena_bytes: int = DEFAULT_ARENA_BYTES) -> None:
         self.pd = pd
         self.arena_bytes = arena_bytes
         self.arenas: list[_Arena] = []
@@ -78,7 +80,7 @@ class BufferPool:
                 assert off is not None
         arr = np.frombuffer(arena.map, dtype=np.uint8, count=nbytes, offset=off)
         weakref.finalize(arr, self._give, arena, off, n)
-        return arr, arena.addr + off, arena.mr.lkey
+        return arr, arena.addr + off, arena.lkey
 
     def _give(self, arena: _Arena, off: int, n: int) -> None:
         with self._lock:
