@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096, help="llama-server -c")
     p.add_argument("--system-tokens", type=int, default=800, help="chat: system prompt tokens")
     p.add_argument("--user-tokens", type=int, default=200, help="chat: tokens per user message")
-    p.add_argument("--reply-tokens", type=int, default=128, help="chat: tokens per reply")
+    p.add_argument("--reply-tokens", type=int, default=64, help="chat: tokens per reply")
     return p
 
 
