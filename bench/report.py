@@ -32,6 +32,8 @@ def targets(r: dict) -> dict:
 def _fmt(x, nd=2) -> str:
     if x is None:
         return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float):
         return f"{x:,.{nd}f}"
     if isinstance(x, int):
@@ -218,7 +220,7 @@ def _plot_scaling(r: dict, path: str, plt) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("session tokens (Qwen2.5-0.5B shape, 12 KiB/token)")
     ax.set_ylabel("restore latency, ms")
-    ax.set_title(f"Restore latency vs session size — {r['environment']['accel']}", fontsize=9)
+    ax.set_title(f"Restore latency vs session size — {r['environment']['accel'].split(' (')[0]}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -235,7 +237,8 @@ def _plot_walls(r: dict, path: str, plt) -> str:
     p99 = [wl[k]["p99_ms"] - wl[k]["median_ms"] for k in labels]
     ax.bar(labels, med, yerr=[[0] * len(p99), p99], capsize=4, color="#4c72b0")
     ax.set_ylabel("wall time, ms (bar: median, whisker: p99)")
-    ax.set_title(f"256-token session, W=64 ({wl['kv_bytes']:,} B) — {r['environment']['accel']}", fontsize=9)
+    where = r["environment"]["accel"].split(" (")[0]
+    ax.set_title(f"256-token session, W=64 ({wl['kv_bytes']:,} B of KV) — {where}", fontsize=9)
     for i, v in enumerate(med):
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20)
