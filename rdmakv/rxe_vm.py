@@ -465,6 +465,132 @@ def _uml_preexec() -> None:  # runs in the child between fork and exec
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+STAGE2_COMMON = "stage2-common.sh"  # sourced by stage2.sh and qemu-stage2.sh from the io dir
+
+
+def _copy_stage_scripts(io: pathlib.Path, *names: str) -> None:
+    """Copy the guest's stage scripts and the fragment both stage 2s source into the io dir."""
+    for name in (*names, STAGE2_COMMON):
+        dst = io / name
+        shutil.copyfile(GUEST_DIR / name, dst)
+        dst.chmod(0o755)
+
+
+class _GuestRun:
+    """Host side of one guest boot (UML or QEMU): the temp dir with ``io/`` (shared with the
+    guest) and ``console.log``, the open console log, the pipes that carry the command's stdout
+    and stderr, and the guest process. Made and cleaned up by :func:`_guest_run`."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        self.io = tmp / "io"
+        self.console = tmp / "console.log"
+        self.log = None  # console.log, opened by the caller (mode differs per guest)
+        self.proc: subprocess.Popen | None = None
+        self.fds: list[int] = []  # still ours to close
+        self.t_launch = self.t_exit = 0.0
+        self._pipes: list[tuple[int, int]] = []
+
+    def open_pipes(self) -> tuple[int, int]:
+        """Pipes for the command's stdout and stderr; returns their write ends (the guest's)."""
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        self.fds += [r_out, w_out, r_err, w_err]
+        self._pipes = [(r_out, w_out), (r_err, w_err)]
+        return w_out, w_err
+
+    def boot(self, argv: list[str], *, timeout: float, what: str, **popen_kwargs) -> int:
+        """Start the guest (own session, output to console.log, no core dump, dies with us),
+        stream the command's output to sys.stdout / sys.stderr, wait for the guest to end and
+        return the command's status from io/rc. Raises :class:`GuestError` on timeout, on a
+        setup failure the guest wrote to io/error, or when it left no io/rc (``what``: "UML"
+        or "QEMU", for that message)."""
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self.t_launch = time.time()
+        deadline = time.monotonic() + timeout
+        self.proc = proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+            preexec_fn=_uml_preexec,
+            **popen_kwargs,
+        )
+        for _, w in self._pipes:
+            os.close(w)
+            self.fds.remove(w)
+        pumps = []
+        for (r, _), stream in zip(self._pipes, (sys.stdout, sys.stderr)):
+            self.fds.remove(r)
+            t = threading.Thread(target=_pump, args=(r, stream), daemon=True)
+            t.start()
+            pumps.append(t)
+        try:
+            status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(self.console)}") from None
+        self.t_exit = time.time()
+        _killpg(proc.pid)  # stray helper processes, if any
+        for t in pumps:
+            t.join(timeout=5)
+        err = self.io / "error"
+        if err.exists():
+            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
+        rc_file = self.io / "rc"
+        if not rc_file.exists():
+            raise GuestError(
+                f"guest died without reporting a status ({what} exit status {status}); "
+                f"console log tail:\n{_tail(self.console)}"
+            )
+        return int(rc_file.read_text().strip())
+
+    def log_timings(self, label: str, stamp) -> None:
+        """Log boot / command / shutdown timings after :meth:`boot`; ``stamp(path)`` is the time
+        a t_* file in io/ records (its content or its mtime), or None."""
+        t_s2, t_cmd, t_end = (stamp(self.io / n) for n in ("t_stage2", "t_cmd", "t_end"))
+        if t_s2 and t_cmd and t_end:
+            t_launch, t_exit = self.t_launch, self.t_exit
+            _log(
+                f"timings ({label}): boot to stage2 {t_s2 - t_launch:.3f} s, "
+                f"boot to command {t_cmd - t_launch:.3f} s, "
+                f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
+                f"total {t_exit - t_launch:.3f} s "
+                f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
+            )
+
+
+@contextlib.contextmanager
+def _guest_run(prefix: str, *closing):
+    """A :class:`_GuestRun` in a new temp dir. On the way out, however that is: kill the guest's
+    process group, close our fds, the console log and ``closing`` (None entries skipped), then
+    remove the temp dir (kept, and said so, with $RDMAKV_VM_KEEP)."""
+    g = _GuestRun(pathlib.Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield g
+    finally:
+        if g.proc is not None and g.proc.returncode is None:
+            _killpg(g.proc.pid)
+            with contextlib.suppress(Exception):
+                g.proc.wait(timeout=10)
+        for fd in g.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if g.log is not None:
+            g.log.close()
+        for f in closing:
+            if f is not None:
+                f.close()
+        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
+            _log(f"kept guest temp dir {g.tmp} (console.log, io/)")
+        else:
+            shutil.rmtree(g.tmp, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------
 # QEMU TCG guest (fallback for machines where the UML kernel cannot be built)
 #
@@ -824,25 +950,15 @@ def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | No
     kernel, initrd = ensure_qemu_guest()
     genv = _guest_env(env, "qemu")
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rdmakv-qemu-"))
-    proc = None
-    pumps: list[threading.Thread] = []
-    fds: list[int] = []
-    log = None
-    try:
-        io = tmp / "io"
+    with _guest_run("rdmakv-qemu-") as g:
+        io = g.io
         io.mkdir()
-        dst = io / QEMU_STAGE2
-        shutil.copyfile(GUEST_DIR / QEMU_STAGE2, dst)
-        dst.chmod(0o755)
+        _copy_stage_scripts(io, QEMU_STAGE2)
         _write_run_files(io, command, genv, workdir)
-        console = tmp / "console.log"
         # O_APPEND: QEMU's own messages (stderr) and the guest serial console (chardev with
         # append=on) share this file without overwriting each other.
-        log = open(console, "ab")
-        r_out, w_out = os.pipe()
-        r_err, w_err = os.pipe()
-        fds += [r_out, w_out, r_err, w_err]
+        g.log = open(g.console, "ab")
+        w_out, w_err = g.open_pipes()
         for fd in (w_out, w_err):
             # QEMU drops whatever it still holds for a port when the guest powers off; a big
             # pipe keeps the command's last output in the kernel until our pump reads it.
@@ -871,7 +987,7 @@ def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | No
             "-initrd", str(initrd),
             # $RDMAKV_QEMU_APPEND: extra kernel arguments for debugging (e.g. "loglevel=7").
             "-append", " ".join([*QEMU_KERNEL_ARGS, *os.environ.get("RDMAKV_QEMU_APPEND", "").split()]),
-            "-chardev", f"file,id=con,path={_qemu_opt(str(console))},append=on",
+            "-chardev", f"file,id=con,path={_qemu_opt(str(g.console))},append=on",
             "-serial", "chardev:con",
             "-device", "virtio-serial-pci,id=vser",
             "-chardev", f"file,id=out,path=/dev/fd/{w_out}",
@@ -887,75 +1003,11 @@ def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | No
         bios = pathlib.Path("/usr/share/qemu/qboot.rom")
         if bios.is_file():
             argv += ["-bios", str(bios)]  # a minimal firmware: boots faster than SeaBIOS under TCG
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        t_launch = time.time()
-        deadline = time.monotonic() + timeout
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(w_out, w_err),
-            cwd=tmp,
-            start_new_session=True,
-            preexec_fn=_uml_preexec,  # no core dump; dies with the harness
-        )
-        for fd in (w_out, w_err):
-            os.close(fd)
-            fds.remove(fd)
-        for fd, stream in ((r_out, sys.stdout), (r_err, sys.stderr)):
-            fds.remove(fd)
-            t = threading.Thread(target=_pump, args=(fd, stream), daemon=True)
-            t.start()
-            pumps.append(t)
-        try:
-            qemu_status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            proc.wait()
-            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}") from None
-        t_exit = time.time()
-        _killpg(proc.pid)
-        for t in pumps:
-            t.join(timeout=5)
-        err = io / "error"
-        if err.exists():
-            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
-        rc_file = io / "rc"
-        if not rc_file.exists():
-            raise GuestError(
-                f"guest died without reporting a status (QEMU exit status {qemu_status}); "
-                f"console log tail:\n{_tail(console)}"
-            )
-        rc = int(rc_file.read_text().strip())
+        rc = g.boot(argv, timeout=timeout, what="QEMU", pass_fds=(w_out, w_err), cwd=g.tmp)
         if verbose:
             # Host-side mtimes of files the guest wrote through 9p: no guest-clock skew.
-            t_s2, t_cmd, t_end = (_mtime(io / n) for n in ("t_stage2", "t_cmd", "t_end"))
-            if t_s2 and t_cmd and t_end:
-                _log(
-                    f"timings (qemu tcg, {_qemu_smp()} vCPU): boot to stage2 {t_s2 - t_launch:.3f} s, "
-                    f"boot to command {t_cmd - t_launch:.3f} s, "
-                    f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
-                    f"total {t_exit - t_launch:.3f} s "
-                    f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
-                )
+            g.log_timings(f"qemu tcg, {_qemu_smp()} vCPU", _mtime)
         return rc
-    finally:
-        if proc is not None and proc.returncode is None:
-            _killpg(proc.pid)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if log is not None:
-            log.close()
-        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
-            _log(f"kept guest temp dir {tmp} (console.log, io/)")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(
@@ -1007,25 +1059,14 @@ def run(
     genv = _guest_env(env)
 
     cpu, cpu_lock = _pick_cpu()
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rdmakv-uml-"))
-    proc = None
-    pumps: list[threading.Thread] = []
-    fds: list[int] = []
-    log = None
-    try:
-        io = tmp / "io"
+    with _guest_run("rdmakv-uml-", cpu_lock) as g:
+        io, tmp = g.io, g.tmp
         for d in (io / "rw", io / "root", tmp / "uml"):
             d.mkdir(parents=True)
-        for name in ("stage1.sh", "stage2.sh"):
-            dst = io / name
-            shutil.copyfile(GUEST_DIR / name, dst)
-            dst.chmod(0o755)
+        _copy_stage_scripts(io, "stage1.sh", "stage2.sh")
         _write_guest_files(io, command, genv, workdir)
-        console = tmp / "console.log"
-        log = open(console, "wb")
-        r_out, w_out = os.pipe()
-        r_err, w_err = os.pipe()
-        fds += [r_out, w_out, r_err, w_err]
+        g.log = log = open(g.console, "wb")
+        w_out, w_err = g.open_pipes()
         argv = [
             "taskset", "-c", str(cpu),
             str(kernel),
@@ -1039,79 +1080,17 @@ def run(
             f"con1=null,fd:{w_out}",
             f"con2=null,fd:{w_err}",
         ]  # fmt: skip
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        t_launch = time.time()
-        deadline = time.monotonic() + timeout
-        proc = subprocess.Popen(
+        rc = g.boot(
             argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            timeout=timeout,
+            what="UML",
             pass_fds=(log.fileno(), w_out, w_err),
             cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
             env=_uml_host_env(mem, tmp),
-            start_new_session=True,
-            preexec_fn=_uml_preexec,
         )
-        for fd in (w_out, w_err):
-            os.close(fd)
-            fds.remove(fd)
-        for fd, stream in ((r_out, sys.stdout), (r_err, sys.stderr)):
-            fds.remove(fd)
-            t = threading.Thread(target=_pump, args=(fd, stream), daemon=True)
-            t.start()
-            pumps.append(t)
-        try:
-            uml_status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            proc.wait()
-            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(console)}") from None
-        t_exit = time.time()
-        _killpg(proc.pid)  # stray helper processes, if any
-        for t in pumps:
-            t.join(timeout=5)
-        err = io / "error"
-        if err.exists():
-            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
-        rc_file = io / "rc"
-        if not rc_file.exists():
-            raise GuestError(
-                f"guest died without reporting a status (UML exit status {uml_status}); "
-                f"console log tail:\n{_tail(console)}"
-            )
-        rc = int(rc_file.read_text().strip())
         if verbose:
-            t_cmd = _read_float(io / "t_cmd")
-            t_end = _read_float(io / "t_end")
-            t_s2 = _read_float(io / "t_stage2")
-            if t_cmd and t_end and t_s2:
-                _log(
-                    f"timings (cpu {cpu}): boot to stage2 {t_s2 - t_launch:.3f} s, "
-                    f"boot to command {t_cmd - t_launch:.3f} s, "
-                    f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
-                    f"total {t_exit - t_launch:.3f} s "
-                    f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
-                )
+            g.log_timings(f"cpu {cpu}", _read_float)
         return rc
-    finally:
-        if proc is not None and proc.returncode is None:
-            _killpg(proc.pid)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if log is not None:
-            log.close()
-        if cpu_lock is not None:
-            cpu_lock.close()
-        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
-            _log(f"kept guest temp dir {tmp} (console.log, io/)")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

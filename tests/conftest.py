@@ -21,6 +21,37 @@ class ServerProcess(_ServerProcess):
         super().__init__(data_dir, capacity, *extra, key_hex=KEY_HEX, port=port)
 
 
+@pytest.fixture(scope="module")
+def server_bin() -> Path:
+    """The cached real llama-server binary (tests/build_llama_server.sh builds it)."""
+    from . import llama_fixtures as lf
+
+    binary = lf.find_llama_server()
+    if binary is None:
+        pytest.skip("llama-server not built: run tests/build_llama_server.sh (about 6 min on 2 cores)")
+    return binary
+
+
+def run_concurrently(worker, n: int) -> list[BaseException]:
+    """Run worker(0..n-1) on n threads; the exceptions they raised (empty = all passed)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def wrap(i: int) -> None:
+        try:
+            worker(i)
+        except Exception as e:  # noqa: BLE001 - collected and asserted on by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 @pytest.fixture(scope="session")
 def server():
     with tempfile.TemporaryDirectory(prefix="rdmakv-test-") as d:

@@ -275,6 +275,17 @@ def _check_reload(lc: Any, ctx: Any, path: Path, cfg: SlotConfig, n_words: int) 
 # --------------------------------------------------------------------------- llama-server
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """terminate, then kill if it has not exited within 10 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def find_llama_server() -> Path | None:
     """The binary built by tests/build_llama_server.sh (or $RDMAKV_LLAMA_SERVER)."""
     env = os.environ.get("RDMAKV_LLAMA_SERVER")
@@ -314,13 +325,7 @@ class LlamaServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -390,13 +395,7 @@ class LlamaProxy:
         raise RuntimeError(f"llama-proxy not listening after 60 s:\n{self.log_tail()}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -43,12 +43,6 @@ def text(seed: int, n: int) -> str:
     return "".join(rng.choices(string.ascii_lowercase, k=n))
 
 
-@pytest.fixture(scope="module")
-def server_bin() -> Path:
-    binary = lf.find_llama_server()
-    if binary is None:
-        pytest.skip("llama-server not built: run tests/build_llama_server.sh (about 6 min on 2 cores)")
-    return binary
 
 
 @pytest.fixture(scope="module")
@@ -299,14 +293,17 @@ def test_streaming_completion_passes_through_incrementally(stack: Stack) -> None
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/event-stream")
     stamps = []
+    last = {}
     while line := resp.readline():
         if line.startswith(b"data: "):
             stamps.append(time.perf_counter() - t0)
-            json.loads(line[6:])
+            last = json.loads(line[6:])
     conn.close()
     assert len(stamps) >= 50  # random byte tokens: incomplete UTF-8 waits for the next token
-    # a buffering proxy would deliver the first token only when the last one is generated
-    assert stamps[0] < 0.5 * stamps[-1], (stamps[0], stamps[-1])
+    # A buffering proxy would deliver every event at once, after generation ended; streamed,
+    # the events arrive spread over (most of) the generation time llama-server reports.
+    generation_s = last["timings"]["predicted_ms"] / 1e3
+    assert stamps[-1] - stamps[0] >= 0.5 * generation_s, (stamps[0], stamps[-1], generation_s)
 
 
 def test_ordinary_endpoints_pass_through_unchanged(stack: Stack) -> None:

@@ -103,12 +103,6 @@ def test_real_file_error_paths(real_files: dict[str, Path]) -> None:
 # --------------------------------------------------------------------------- llama-server
 
 
-@pytest.fixture(scope="module")
-def server_bin() -> Path:
-    binary = lf.find_llama_server()
-    if binary is None:
-        pytest.skip("llama-server not built: run tests/build_llama_server.sh (about 6 min on 2 cores)")
-    return binary
 
 
 PROMPT = "Slot files are sequence state: " + "the quick brown fox jumps over the lazy dog. " * 3

@@ -9,6 +9,8 @@ import rdmakv
 from rdmakv import kvgen
 from rdmakv.kvgen import ModelShape
 
+from .conftest import run_concurrently
+
 
 def _store(server, ns, key, **kw):
     return rdmakv.connect(server.url(ns), key=key, transport="tcp", **kw)
@@ -125,23 +127,12 @@ def test_namespaces_do_not_see_each_other(server, ns, key):
 
 
 def test_many_concurrent_clients(server, ns, key):
-    import threading
-
-    errors = []
-
     def worker(i: int) -> None:
-        try:
-            kv = kvgen.generate(kvgen.token_stream(1000 + i, 64 + i), ModelShape("c", 4, 32, 32))
-            with _store(server, ns, key, window=16) as st:
-                for j in range(5):
-                    st.save(f"w{i}-{j}", kv)
-                    assert st.restore(f"w{i}-{j}").equals(kv)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        kv = kvgen.generate(kvgen.token_stream(1000 + i, 64 + i), ModelShape("c", 4, 32, 32))
+        with _store(server, ns, key, window=16) as st:
+            for j in range(5):
+                st.save(f"w{i}-{j}", kv)
+                assert st.restore(f"w{i}-{j}").equals(kv)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(worker, 12)
     assert not errors, errors

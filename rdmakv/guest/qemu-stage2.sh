@@ -7,14 +7,13 @@
 # as modules), the guest clock is set from the host's, and the command's stdout/stderr go
 # straight to two virtio-serial ports (rdmakv.out/rdmakv.err) wired to host pipes. The
 # harness times the run from the host-side mtimes of the t_* files (written through 9p).
-# Under TCG every program started here costs ~0.1 s: builtins where possible.
+# Under TCG every program started here costs ~0.1 s: builtins where possible. What both
+# stage 2 scripts do alike (fail, network + rxe, running the command) is in stage2-common.sh.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 io=/run/rdmakv-io
 : >"$io/t_stage2"
-if [[ -e $io/trace ]]; then
-    PS4='+ $EPOCHREALTIME '
-    set -x
-fi
+# shellcheck source=stage2-common.sh
+. "$io/stage2-common.sh"
 
 halt_now() {
     sync
@@ -26,25 +25,10 @@ halt_now() {
     read -r -t 30 -u 9 2>/dev/null || sleep 30
 }
 
-fail() {
-    echo "rdmakv stage2: $*" >&2
-    echo "$*" >"$io/error"
-    halt_now
-}
-
-first_line() { # first line of a file (for error messages)
-    local line=
-    IFS= read -r line <"$1" 2>/dev/null
-    printf '%s' "$line"
-}
-
 mkfifo /run/rdmakv-tick || fail "mkfifo in /run failed"
 exec 9<>/run/rdmakv-tick # `read -t S -u 9` sleeps without a fork
 
-mapfile -t -d '' argv <"$io/argv" || fail "cannot read $io/argv"
-mapfile -t -d '' envv <"$io/env" || fail "cannot read $io/env"
-IFS= read -r -d '' cwd <"$io/cwd"
-((${#argv[@]} > 0)) || fail "empty command"
+read_command
 
 # The guest clock comes from the emulated RTC (whole seconds at boot). The host stamps a file
 # created over 9p with its own time: set the clock from that, so that mtimes of files in the
@@ -68,21 +52,7 @@ set_clock || echo "rdmakv stage2: warning: could not set the guest clock from th
 # --- modules, network + rxe -----------------------------------------------------------------
 modprobe -a virtio_console dummy rdma_rxe ib_uverbs rdma_ucm 2>/run/rdmakv-modprobe.err ||
     fail "modprobe virtio_console dummy rdma_rxe ib_uverbs rdma_ucm failed: $(first_line /run/rdmakv-modprobe.err)"
-ulimit -l unlimited || fail "ulimit -l unlimited failed"
-ip -batch "$io/net.ip" 2>/run/rdmakv-ip.err ||
-    fail "network setup (lo up, dummy d0 192.0.2.1/24) failed: $(first_line /run/rdmakv-ip.err)"
-rdma link add rxe0 type rxe netdev d0 2>/run/rdmakv-rdma.err ||
-    fail "rdma link add rxe0 type rxe netdev d0 failed: $(first_line /run/rdmakv-rdma.err)"
-state=
-for ((i = 0; i < 200; i++)); do
-    IFS= read -r state 2>/dev/null </sys/class/infiniband/rxe0/ports/1/state
-    [[ $state == *": ACTIVE" ]] && break
-    read -r -t 0.05 -u 9
-done
-ibv_devinfo -d rxe0 >/run/rdmakv-devinfo 2>&1
-mapfile -t devinfo </run/rdmakv-devinfo
-[[ "${devinfo[*]}" == *PORT_ACTIVE* ]] ||
-    fail "rxe0 is not PORT_ACTIVE per ibv_devinfo -d rxe0 (sysfs state '$state'): ${devinfo[0]}"
+setup_rxe
 
 # --- output channels ----------------------------------------------------------------------
 # virtio-serial ports appear asynchronously after virtio_console loads; devtmpfs names them
@@ -104,10 +74,7 @@ exec 7>"$out" 8>"$err" || fail "cannot open the virtio-serial ports $out $err"
 
 # --- the command --------------------------------------------------------------------------
 : >"$io/t_cmd"
-(
-    cd -- "$cwd" || { echo "rdmakv guest: cannot cd to $cwd" >&2; exit 126; }
-    exec env -i "${envv[@]}" "${argv[@]}"
-) </dev/null >&7 2>&8 7>&- 8>&- 9<&-
+run_command </dev/null >&7 2>&8 7>&- 8>&- 9<&-
 rc=$?
 : >"$io/t_end"
 exec 7>&- 8>&-

@@ -7,13 +7,13 @@
 # which the harness wired to host pipes (con1/con2), so the command never sees a tty.
 # Results go to the io dir (host, read-write): rc (exit status), error (one-line setup
 # failure), t_* (timestamps). Each process costs ~20-50 ms under UML: builtins where possible.
+# What qemu-stage2.sh does alike (fail, network + rxe, running the command) is in
+# stage2-common.sh.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 io=/run/rdmakv-io
 printf '%s\n' "$EPOCHREALTIME" >"$io/t_stage2"
-if [[ -e $io/trace ]]; then
-    PS4='+ $EPOCHREALTIME '
-    set -x
-fi
+# shellcheck source=stage2-common.sh
+. "$io/stage2-common.sh"
 
 halt_now() {
     sync
@@ -23,38 +23,12 @@ halt_now() {
     sleep 30
 }
 
-fail() {
-    echo "rdmakv stage2: $*" >&2
-    echo "$*" >"$io/error"
-    halt_now
-}
-
-first_line() {  # first line of a file (for error messages)
-    local line=
-    IFS= read -r line <"$1" 2>/dev/null
-    printf '%s' "$line"
-}
-
 mkfifo /run/rdmakv-out /run/rdmakv-err /run/rdmakv-tick || fail "mkfifo in /run failed"
 exec 9<>/run/rdmakv-tick # `read -t S -u 9` sleeps without a fork
 cp -a "$io/devlinks/." /dev/ || fail "cannot create /dev/fd and /dev/std* links"
-ulimit -l unlimited || fail "ulimit -l unlimited failed"
 
 # --- network + rxe ----------------------------------------------------------------------
-ip -batch "$io/net.ip" 2>/run/rdmakv-ip.err ||
-    fail "network setup (lo up, dummy d0 192.0.2.1/24) failed: $(first_line /run/rdmakv-ip.err)"
-rdma link add rxe0 type rxe netdev d0 2>/run/rdmakv-rdma.err ||
-    fail "rdma link add rxe0 type rxe netdev d0 failed: $(first_line /run/rdmakv-rdma.err)"
-state=
-for ((i = 0; i < 200; i++)); do
-    IFS= read -r state 2>/dev/null </sys/class/infiniband/rxe0/ports/1/state
-    [[ $state == *": ACTIVE" ]] && break
-    read -r -t 0.05 -u 9
-done
-ibv_devinfo -d rxe0 >/run/rdmakv-devinfo 2>&1
-mapfile -t devinfo </run/rdmakv-devinfo
-[[ "${devinfo[*]}" == *PORT_ACTIVE* ]] ||
-    fail "rxe0 is not PORT_ACTIVE per ibv_devinfo -d rxe0 (sysfs state '$state'): ${devinfo[0]}"
+setup_rxe
 
 # --- output channels ----------------------------------------------------------------------
 for t in /dev/tty1 /dev/tty2; do
@@ -67,16 +41,9 @@ cat /run/rdmakv-err >/dev/tty2 &
 p_err=$!
 
 # --- the command --------------------------------------------------------------------------
-mapfile -t -d '' argv <"$io/argv" || fail "cannot read $io/argv"
-mapfile -t -d '' envv <"$io/env" || fail "cannot read $io/env"
-IFS= read -r -d '' cwd <"$io/cwd"
-((${#argv[@]} > 0)) || fail "empty command"
-
+read_command
 printf '%s\n' "$EPOCHREALTIME" >"$io/t_cmd"
-(
-    cd -- "$cwd" || { echo "rdmakv guest: cannot cd to $cwd" >&2; exit 126; }
-    exec env -i "${envv[@]}" "${argv[@]}"
-) </dev/null >/run/rdmakv-out 2>/run/rdmakv-err
+run_command </dev/null >/run/rdmakv-out 2>/run/rdmakv-err
 rc=$?
 printf '%s\n' "$EPOCHREALTIME" >"$io/t_end"
 

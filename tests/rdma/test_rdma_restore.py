@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from rdmakv.errors import RdmakvError
 from rdmakv.kvgen import ModelShape
 from rdmakv.rdma import verbs
 
-from ..conftest import KEY_HEX
+from ..conftest import KEY_HEX, run_concurrently
 
 pytestmark = pytest.mark.rdma
 
@@ -175,22 +174,14 @@ def test_work_completion_error_latches_tcp(server, ns):
 
 def test_concurrent_rdma_restores(server, ns):
     kvs = [kvgen.generate(kvgen.token_stream(60 + i, 128), QWEN) for i in range(4)]
-    errors = []
 
     def worker(i: int) -> None:
-        try:
-            with _rdma(server, ns, 64) as st:
-                st.save(f"s{i}", kvs[i])
-                for _ in range(5):
-                    assert st.restore(f"s{i}").equals(kvs[i])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        with _rdma(server, ns, 64) as st:
+            st.save(f"s{i}", kvs[i])
+            for _ in range(5):
+                assert st.restore(f"s{i}").equals(kvs[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(worker, 4)
     assert not errors, errors
 
 
