@@ -248,6 +248,22 @@ def _writable_dir(path: pathlib.Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+@contextlib.contextmanager
+def _builder_lock(path: pathlib.Path, waiting: str):
+    """Hold the exclusive flock of a cache builder's lock file ``path``. When another process
+    holds it, log "waiting for another process ``waiting``" and wait; then yields True (that
+    process has just built or fetched what it guards), else False."""
+    with open(path, "w") as lock:
+        waited = False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process {waiting}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+
+
 def cache_root() -> pathlib.Path:
     """$RDMAKV_CACHE, else /var/cache/rdmakv when writable, else ~/.cache/rdmakv."""
     env = os.environ.get("RDMAKV_CACHE")
@@ -289,12 +305,8 @@ def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
         raise GuestError(f"UML kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
     out = root / f"uml-{key}"
     kernel = out / "linux"
-    with open(root / f"uml-{key}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"waiting for another process building the UML kernel into {out}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with _builder_lock(root / f"uml-{key}.lock", f"building the UML kernel into {out}") as waited:
+        if waited:
             rebuild = False  # whoever held the lock just built it
         if kernel.is_file() and not rebuild:
             return kernel
@@ -772,12 +784,8 @@ def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
     root = cache_root()
     if not _writable_dir(root):
         raise GuestError(f"QEMU guest kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
-    with open(root / "qemu-linux.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"waiting for another process extracting the QEMU guest kernel into {root}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with _builder_lock(root / "qemu-linux.lock", f"extracting the QEMU guest kernel into {root}") as waited:
+        if waited:
             rebuild = False  # whoever held the lock just fetched it
         if not rebuild:
             k = cached_qemu_kernel()
