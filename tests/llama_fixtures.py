@@ -302,7 +302,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LlamaServer:
+class _HttpProcess:
+    """A child process serving HTTP on ``url``, logging to ``log_path``."""
+
+    proc: subprocess.Popen | None
+    log_path: Path
+    url: str
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        return http_json(self.url, method, path, body)
+
+
+class LlamaServer(_HttpProcess):
     """llama-server on 127.0.0.1 with --slot-save-path; use as a context manager."""
 
     def __init__(
@@ -324,8 +344,6 @@ class LlamaServer:
         self._wait_ready(120)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        stop_process(self.proc)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -340,14 +358,6 @@ class LlamaServer:
             time.sleep(0.2)
         raise RuntimeError(f"llama-server not ready after {timeout}s:\n{self.log_tail()}")
 
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        return http_json(self.url, method, path, body)
 
 
 def http_json(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -362,7 +372,7 @@ def http_json(base: str, method: str, path: str, body: dict | None = None) -> tu
         return e.code, json.loads(e.read() or b"{}")
 
 
-class LlamaProxy:
+class LlamaProxy(_HttpProcess):
     """`python -m rdmakv llama-proxy` as a subprocess on 127.0.0.1; use as a context manager."""
 
     def __init__(
@@ -394,17 +404,7 @@ class LlamaProxy:
         self.__exit__()
         raise RuntimeError(f"llama-proxy not listening after 60 s:\n{self.log_tail()}")
 
-    def __exit__(self, *exc: object) -> None:
-        stop_process(self.proc)
 
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        return http_json(self.url, method, path, body)
 
 
 if __name__ == "__main__":
