@@ -69,6 +69,14 @@ class TcpChannel:
     def bytes_received(self) -> int:
         return self.fs.bytes_received
 
+    def mark(self) -> tuple[int, int]:
+        """A point to measure traffic from (see usage_since)."""
+        return self.fs.bytes_sent + self.fs.bytes_received, self.round_trips
+
+    def usage_since(self, mark: tuple[int, int]) -> tuple[int, int]:
+        """(bytes on the wire both ways, round trips) since ``mark``."""
+        return self.fs.bytes_sent + self.fs.bytes_received - mark[0], self.round_trips - mark[1]
+
     def close(self) -> None:
         self.fs.close()
 

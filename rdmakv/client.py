@@ -123,7 +123,7 @@ class Store:
         self, name: str, manifest: mf.Manifest, chunks: Sequence[bytes | memoryview], t0: float
     ) -> SaveReport:
         ch = self.channel
-        sent0, recv0, rt0 = ch.bytes_sent, ch.bytes_received, ch.round_trips
+        mark = ch.mark()
         data = manifest.encode()
         missing = ch.put_manifest(name, data)
         sent_chunks = 0
@@ -149,12 +149,13 @@ class Store:
             sent_chunks += len(keys)
             missing = ch.put_manifest(name, data)
         unique = len(np.unique(manifest.keys))
+        nbytes, rts = ch.usage_since(mark)
         return SaveReport(
             chunks_total=manifest.n_chunks,
             chunks_sent=sent_chunks,
             chunks_skipped=unique - sent_chunks if sent_chunks <= unique else 0,
-            bytes_on_wire=(ch.bytes_sent - sent0) + (ch.bytes_received - recv0),
-            round_trips=ch.round_trips - rt0,
+            bytes_on_wire=nbytes,
+            round_trips=rts,
             wall_s=time.perf_counter() - t0,
             transport="tcp",
             manifest_bytes=len(data),
@@ -175,18 +176,20 @@ class Store:
         return (kv, rep) if report else kv
 
     def _restore_tcp(self, name: str, rep: RestoreReport) -> KVState:
-        ch = self.channel
-        sent0, recv0, rt0 = ch.bytes_sent, ch.bytes_received, ch.round_trips
-        data, _ = ch.get_manifest(name)
+        mark = self.channel.mark()
+        data, _ = self.channel.get_manifest(name)
         m, layout = self.decode_kv(data)
         _, _, offsets = layout.chunk_table()
         buf = self._restore_buffer(layout.total_bytes)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
-        rep.transport = "tcp"
-        rep.chunks = m.n_chunks
-        rep.bytes = (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
-        rep.round_trips += ch.round_trips - rt0
+        self._charge_tcp(rep, m, mark)
         return chunking.assemble(layout, buf)
+
+    def _charge_tcp(self, rep: RestoreReport, m: mf.Manifest, mark: tuple[int, int]) -> None:
+        nbytes, rts = self.channel.usage_since(mark)
+        rep.transport, rep.chunks = "tcp", m.n_chunks
+        rep.bytes += nbytes
+        rep.round_trips += rts
 
     def _restore_buffer(self, nbytes: int) -> np.ndarray:
         """Destination of a TCP restore: from the RDMA pool when there is one, else a plain pool."""
@@ -249,18 +252,12 @@ class Store:
         if self.rdma is not None and self.rdma.usable:
             got = self.rdma.fetch_object(name, rep)
         if got is None:
-            ch = self.channel
-            rt0, sent0, recv0 = ch.round_trips, ch.bytes_sent, ch.bytes_received
-            data, _ = ch.get_manifest(name)
-            m = mf.decode(data)
-            offsets = np.zeros(m.n_chunks, dtype=np.uint64)
-            if m.n_chunks:
-                offsets[1:] = np.cumsum(m.lengths[:-1], dtype=np.uint64)
-            buf = np.empty(m.total_bytes, dtype=np.uint8)
+            mark = self.channel.mark()
+            m = mf.decode(self.channel.get_manifest(name)[0])
+            offsets = m.packed_offsets()
+            buf = self._restore_buffer(m.total_bytes)
             self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
-            rep.transport, rep.chunks = "tcp", m.n_chunks
-            rep.round_trips += ch.round_trips - rt0
-            rep.bytes += (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
+            self._charge_tcp(rep, m, mark)
             got = (m, buf, offsets)
         m, buf, offsets = got
         view = memoryview(buf)

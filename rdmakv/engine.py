@@ -270,17 +270,9 @@ class Engine:
                 del ns.refs[k]
                 ns.slab.free(ns.chunks.pop(k))
 
-    def get_manifest(self, ns_name: str, name: str, want_locations: bool = False) -> tuple[bytes, Locations | None]:
-        with self.lock:
-            ns = self.namespace(ns_name)
-            sm = ns.manifests.get(name)
-            if sm is None:
-                raise NotFoundError(f"no manifest named {name!r} in namespace {ns_name!r}")
-            loc = Locations(self._region_table(ns), sm.locations) if want_locations else None
-            return sm.data, loc
-
-    def get_manifest_encoded(self, ns_name: str, name: str, want_locations: bool) -> tuple[bytes, bytes | None]:
-        """Like get_manifest, with the locations already encoded (cached: a restore's hot path)."""
+    def get_manifest(self, ns_name: str, name: str, want_locations: bool = False) -> tuple[bytes, bytes | None]:
+        """The manifest, and with ``want_locations`` its encoded chunk locations (cached per
+        manifest: this is a restore's hot path)."""
         with self.lock:
             ns = self.namespace(ns_name)
             sm = ns.manifests.get(name)

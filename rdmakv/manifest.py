@@ -65,6 +65,13 @@ class Manifest:
     def total_bytes(self) -> int:
         return int(self.lengths.sum(dtype=np.uint64))
 
+    def packed_offsets(self) -> np.ndarray:
+        """Offset of each chunk when the chunks are laid back to back in manifest order."""
+        offsets = np.zeros(self.n_chunks, dtype=np.uint64)
+        if self.n_chunks:
+            offsets[1:] = np.cumsum(self.lengths[:-1], dtype=np.uint64)
+        return offsets
+
     def unique_keys(self) -> np.ndarray:
         return np.unique(self.keys)
 

@@ -237,7 +237,7 @@ class _Connection:
     def on_get_manifest(self, payload: memoryview) -> list:
         name, flags = msg.dec_get_manifest(payload)
         want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
-        data, loc = self.engine.get_manifest_encoded(self.ns, name, want)
+        data, loc = self.engine.get_manifest(self.ns, name, want)
         return msg.enc_manifest_reply(data, loc)
 
     def on_locate(self, payload: memoryview) -> list:

@@ -81,11 +81,11 @@ class RdmaRestorer:
         if got is None:
             return None
         m, buf = got
-        return m, buf, _packed_offsets(m)
+        return m, buf, m.packed_offsets()
 
     def _fetch(self, name: str, rep: RestoreReport, *, kv: bool, **hooks):
         ch = self.store.channel
-        rt0, sent0, recv0 = ch.round_trips, ch.bytes_sent, ch.bytes_received
+        mark = ch.mark()
         data, loc = ch.get_manifest(name, want_locations=True)
         if kv:
             m, layout = self.store.decode_kv(data)
@@ -93,7 +93,7 @@ class RdmaRestorer:
             total = layout.total_bytes
         else:
             m = layout = mf.decode(data)
-            lengths, offsets, total = m.lengths, _packed_offsets(m), m.total_bytes
+            lengths, offsets, total = m.lengths, m.packed_offsets(), m.total_bytes
         if loc is None:
             self.latch("server returned no chunk locations (its RDMA session is gone)")
             return None
@@ -105,12 +105,13 @@ class RdmaRestorer:
         except verbs.RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
-            rep.round_trips += ch.round_trips - rt0
+            rep.round_trips += ch.usage_since(mark)[1]
             return None
         rep.transport = "rdma"
         rep.chunks = m.n_chunks
-        rep.round_trips += ch.round_trips - rt0
-        rep.bytes += (ch.bytes_sent - sent0) + (ch.bytes_received - recv0)
+        nbytes, rts = ch.usage_since(mark)
+        rep.bytes += nbytes
+        rep.round_trips += rts
         return layout, buf
 
     def _fill(
@@ -124,7 +125,7 @@ class RdmaRestorer:
         lkey: int,
         rep: RestoreReport,
     ) -> None:
-        uniq, first = np.unique(keys, return_index=True)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         ulen = lengths[first].astype(np.int64)
         udest = offsets[first].astype(np.int64)
         slots = loc.slots[first]
@@ -143,7 +144,6 @@ class RdmaRestorer:
                 rep.fallback_chunks += len(tcp)
                 self.store.fill_tcp(uniq[tcp], ulen[tcp].astype(np.uint32), udest[tcp].astype(np.uint64), view)
         if len(first) != len(keys):  # the same chunk at several positions: copy from the first
-            _, inverse = np.unique(keys, return_inverse=True)
             for i in np.flatnonzero(offsets != udest[inverse]).tolist():
                 src = int(udest[inverse[i]])
                 n = int(lengths[i])
@@ -189,13 +189,6 @@ class RdmaRestorer:
         if len(self._plans) > PLAN_CACHE:
             self._plans.popitem(last=False)
         return out
-
-
-def _packed_offsets(m: mf.Manifest) -> np.ndarray:
-    offsets = np.zeros(m.n_chunks, dtype=np.uint64)
-    if m.n_chunks:
-        offsets[1:] = np.cumsum(m.lengths[:-1], dtype=np.uint64)
-    return offsets
 
 
 def open_restorer(store) -> tuple[RdmaRestorer | None, str]:
