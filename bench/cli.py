@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from rdmakv.spawn import ServerProcess
+from rdmakv.store.spawn import ServerProcess
 
 from . import envinfo, report, suites
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rdmakv.spawn import ServerProcess
+from rdmakv.store.spawn import ServerProcess
 
 from . import envinfo
 from .stats import summary

@@ -16,7 +16,7 @@ import xxhash
 import rdmakv
 from rdmakv import demo, kvgen
 from rdmakv.kvgen import QWEN25_05B
-from rdmakv.spawn import ServerProcess
+from rdmakv.store.spawn import ServerProcess
 
 from .stats import summary
 

@@ -1,4 +1,4 @@
-"""Authenticated frames over a stream socket (the socket edge of rdmakv.protocol)."""
+"""Authenticated frames over a stream socket (the socket edge of rdmakv.wire.protocol)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 import socket
 from collections.abc import Sequence
 
-from rdmakv import messages as msg
-from rdmakv.auth import NONCE_BYTES, derive_session_keys
 from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
-from rdmakv.protocol import (
+from rdmakv.wire import messages as msg
+from rdmakv.wire.auth import NONCE_BYTES, derive_session_keys
+from rdmakv.wire.protocol import (
     DEFAULT_MAX_FRAME,
     FLAG_PLAIN,
     FLAG_RESPONSE,

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rdmakv import messages as msg
-from rdmakv.errors import ConnectionLost, IntegrityError, ProtocolError, RdmakvError
-from rdmakv.hashing import chunk_key
-from rdmakv.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+from rdmakv.errors import ConnectionLost, ProtocolError, RdmakvError
+from rdmakv.wire import messages as msg
+from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
 
@@ -189,8 +188,7 @@ class TcpChannel:
             for i, data in zip(range(a, b), chunks):
                 if data is None:
                     raise msg_missing(keys[i])
-                if data.nbytes != lengths[i] or chunk_key(data) != keys[i]:
-                    raise IntegrityError(f"chunk {keys[i]:016x} failed verification: bytes do not match its key")
+                msg.verify_chunk(keys[i], data, lengths[i])
                 sink(i, data)
 
         self.pipeline(Op.GET_CHUNKS, frames, deliver)
@@ -201,8 +199,8 @@ class TcpChannel:
         for a in range(0, len(keys), 256):
             part = keys[a : a + 256]
             for k, data in zip(part, msg.dec_chunks(self.request(Op.GET_CHUNKS, [msg.enc_keys(part)]))):
-                if data is not None and chunk_key(data) != k:
-                    raise IntegrityError(f"chunk {k:016x} failed verification: bytes do not match its key")
+                if data is not None:
+                    msg.verify_chunk(k, data)
                 out.append(None if data is None else bytes(data))
         return out
 

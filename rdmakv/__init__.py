@@ -1,10 +1,16 @@
-"""rdmakv: a KV-cache store for LLM inference servers with an RDMA-direct restore path."""
+"""rdmakv: a KV-cache store for LLM inference servers with an RDMA-direct restore path.
+
+The public API lives here: ``connect``/``Store``, ``KVState``, the reports and the errors.
+The client is imported on first use, so that ``rdmakv.wire`` (which ``fallback_tcp`` builds
+on) can be imported without pulling in the client, which itself builds on ``fallback_tcp``.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .client import Store, connect  # noqa: E402
 from .errors import (  # noqa: E402
     AuthError,
     IntegrityError,
@@ -14,6 +20,20 @@ from .errors import (  # noqa: E402
     StoreFullError,
 )
 from .kvstate import KVState, RestoreReport, SaveReport  # noqa: E402
+
+if TYPE_CHECKING:
+    from .client import Store, connect
+
+_LAZY = {"Store", "connect"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
+
 
 __all__ = [
     "AuthError",

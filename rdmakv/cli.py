@@ -7,9 +7,9 @@ import json
 import os
 import sys
 
-from .auth import KEY_ENV, key_from_env, parse_key
 from .errors import RdmakvError
 from .units import fmt_bytes, parse_size
+from .wire.auth import KEY_ENV, key_from_env, parse_key
 
 KEY_HELP = f"auth key: 64 hex characters, read from ${KEY_ENV} (generate one with: openssl rand -hex 32)"
 
@@ -22,7 +22,7 @@ def _key_for_serve(args: argparse.Namespace) -> bytes:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run_server
+    from .store.server import run_server
 
     run_server(
         args.listen,
@@ -141,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED = {
-    "rxe-vm": "rdmakv.rxe_vm",
+    "rxe-vm": "rdmakv.guest.rxe_vm",
     "doctor": "rdmakv.doctor",
     "bench": "bench.cli",
-    "slotfile": "rdmakv.slotfile_cli",
-    "llama-proxy": "rdmakv.llama_proxy",
+    "slotfile": "rdmakv.llama.cli",
+    "llama-proxy": "rdmakv.llama.proxy",
 }
 
 

@@ -10,14 +10,14 @@ import numpy as np
 
 from fallback_tcp.transport import TcpChannel
 
-from . import chunking
-from . import manifest as mf
-from .auth import key_from_env
 from .bufpool import BufferPool
 from .errors import MissingChunksError, RdmakvError, StoreFullError
 from .hashing import chunk_key
 from .kvstate import KVState, RestoreReport, SaveReport
 from .url import parse_url
+from .wire import chunking
+from .wire import manifest as mf
+from .wire.auth import key_from_env
 
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20

@@ -16,9 +16,9 @@ import numpy as np
 
 from . import kvgen
 from .client import connect
-from .embedded import EmbeddedServer
 from .kvstate import KVState
-from .protocol import HEADER, TAG_LEN
+from .store.embedded import EmbeddedServer
+from .wire.protocol import HEADER, TAG_LEN
 
 CHAT_TURNS = (40, 100, 256, 272)  # KV tokens after each of the 4 turns
 SHARED_PROMPT = 25

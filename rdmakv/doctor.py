@@ -186,7 +186,7 @@ def _memlock() -> dict:
 
 def _uml_kernel() -> dict:
     try:
-        from rdmakv import rxe_vm
+        from rdmakv.guest import rxe_vm
     except Exception as e:
         return {"cached": False, "error": f"{type(e).__name__}: {e}"}
     info: dict = {"key": rxe_vm.kernel_key(), "cache_root": str(rxe_vm.cache_root())}

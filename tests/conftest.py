@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rdmakv.spawn import ServerProcess as _ServerProcess
+from rdmakv.store.spawn import ServerProcess as _ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_HEX = "7f" * 32

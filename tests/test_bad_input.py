@@ -12,8 +12,6 @@ import pytest
 import rdmakv
 from fallback_tcp.framed import FramedSocket, client_handshake
 from rdmakv import kvgen
-from rdmakv import messages as msg
-from rdmakv.auth import parse_key
 from rdmakv.errors import (
     AuthError,
     ConnectionLost,
@@ -25,7 +23,9 @@ from rdmakv.errors import (
     StoreFullError,
 )
 from rdmakv.kvgen import ModelShape
-from rdmakv.protocol import HEADER, Op, encode_header
+from rdmakv.wire import messages as msg
+from rdmakv.wire.auth import parse_key
+from rdmakv.wire.protocol import HEADER, Op, encode_header
 
 from .conftest import KEY_HEX, OTHER_KEY_HEX
 
@@ -169,14 +169,14 @@ def test_garbage_manifest(server, ns):
         with pytest.raises(ManifestError, match="not a manifest"):
             st.put_manifest("bad", b"\x00" * 64)
         m = st.put_manifest  # a truncated real manifest
-        kvm, _ = __import__("rdmakv.chunking", fromlist=["split"]).split(_kv(1), 8)
+        kvm, _ = __import__("rdmakv.wire.chunking", fromlist=["split"]).split(_kv(1), 8)
         with pytest.raises(ManifestError):
             m("bad", kvm.encode()[:-3])
         assert st.list() == []
 
 
 def test_manifest_referencing_missing_chunks(server, ns):
-    from rdmakv import chunking
+    from rdmakv.wire import chunking
 
     kvm, chunks = chunking.split(_kv(2), 8)
     with rdmakv.connect(server.url(ns), key=KEY_HEX, transport="tcp") as st:

@@ -7,12 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rdmakv import chunking, kvgen
-from rdmakv import manifest as mf
-from rdmakv import messages as msg
+from rdmakv import kvgen
 from rdmakv.errors import AuthError, CodecError, ManifestError, ProtocolError, TooLargeError
 from rdmakv.kvstate import KVState
-from rdmakv.protocol import HEADER, TAG_LEN, FrameAuth, Op, decode_header, encode_header
+from rdmakv.wire import chunking
+from rdmakv.wire import manifest as mf
+from rdmakv.wire import messages as msg
+from rdmakv.wire.protocol import HEADER, TAG_LEN, FrameAuth, Op, decode_header, encode_header
 
 DTYPES = ["<f2", "<f4", "<u2", "u1", "<f8"]
 

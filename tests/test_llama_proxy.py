@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 import rdmakv
-from rdmakv import slotfile
-from rdmakv.slotstore import get_slotfile, put_slotfile
+from rdmakv.llama import slotfile
+from rdmakv.llama.slotstore import get_slotfile, put_slotfile
 
 from . import llama_fixtures as lf
 from .conftest import KEY_HEX

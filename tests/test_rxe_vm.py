@@ -1,4 +1,4 @@
-"""The rxe guest harness (rdmakv.rxe_vm): boots the UML guest a few times (~1 s each).
+"""The rxe guest harness (rdmakv.guest.rxe_vm): boots the UML guest a few times (~1 s each).
 
 The first run on a machine builds the UML kernel (~5 min) unless it is cached.
 """
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rdmakv import rxe_vm
+from rdmakv.guest import rxe_vm
 
 pytestmark = [
     pytest.mark.guest,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rdmakv import chunking, kvgen
-from rdmakv.engine import Engine
-from rdmakv.segment_log import REC_CHUNK, SegmentLog, chunk_parts
+from rdmakv import kvgen
+from rdmakv.store.engine import Engine
+from rdmakv.store.segment_log import REC_CHUNK, SegmentLog, chunk_parts
+from rdmakv.wire import chunking
 
 
 def _kv(seed, n=50):
@@ -21,7 +22,7 @@ def _save(engine, ns, name, kv, w=16):
 
 
 def _restore(engine, ns, name):
-    from rdmakv import manifest as mf
+    from rdmakv.wire import manifest as mf
 
     data, _ = engine.get_manifest(ns, name)
     m = mf.decode(data)

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdmakv import manifest, slotfile
 from rdmakv.errors import CodecError
 from rdmakv.hashing import chunk_key
-from rdmakv.slotfile import SlotFileError
+from rdmakv.llama import slotfile
+from rdmakv.llama.slotfile import SlotFileError
+from rdmakv.wire import manifest
 
 MAGIC = 0x67677371
 VERSIONS = {"v1": 1, "v2a": 2, "v2b": 2, "v2c": 2, "v2d": 2, "v3": 3, "v4": 4}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rdmakv import slotfile
 from rdmakv.hashing import chunk_key
+from rdmakv.llama import slotfile
 
 from . import llama_fixtures as lf
 

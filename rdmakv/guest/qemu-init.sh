@@ -1,6 +1,6 @@
 #!/bin/sh
 # rdmakv QEMU guest, stage 1: /init of the initramfs (busybox sh, PID 1), built by
-# rdmakv.rxe_vm from this file, busybox-static and the kernel modules listed in /modules.list
+# rdmakv.guest.rxe_vm from this file, busybox-static and the kernel modules listed in /modules.list
 # (already in dependency order, from `modprobe --show-depends`).
 #
 # The harness exports four 9p shares (virtio-9p-pci, mount tags):

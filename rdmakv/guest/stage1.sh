@@ -1,5 +1,5 @@
 #!/bin/sh
-# rdmakv UML guest, stage 1: PID 1, started by rdmakv.rxe_vm as init=<io>/stage1.sh.
+# rdmakv UML guest, stage 1: PID 1, started by rdmakv.guest.rxe_vm as init=<io>/stage1.sh.
 #
 # The kernel mounted the host's / read-only over hostfs. The harness wrote two fstab files into
 # <io> (this script's directory):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..messages import NO_REGION
+from ..wire.messages import NO_REGION
 
 
 @dataclass

@@ -16,13 +16,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import chunking
-from .. import manifest as mf
 from ..bufpool import BufferPool
 from ..errors import RdmakvError
 from ..hashing import chunk_key
 from ..kvstate import KVState, RestoreReport
-from ..messages import NO_REGION, Locations, dec_locations
+from ..wire import chunking
+from ..wire import manifest as mf
+from ..wire.messages import NO_REGION, Locations, dec_locations
 from . import verbs
 from .exporter import DEVICE_ENV
 from .readplan import plan_reads

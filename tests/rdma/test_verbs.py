@@ -1,6 +1,6 @@
 """rdmakv.rdma.verbs against a real device (rxe0 inside the UML guest).
 
-Run through the guest harness: ``python -m rdmakv.rxe_vm -- pytest -m rdma tests/rdma``.
+Run through the guest harness: ``python -m rdmakv.guest.rxe_vm -- pytest -m rdma tests/rdma``.
 """
 
 from __future__ import annotations

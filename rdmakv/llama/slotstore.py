@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import manifest as mf
+from ..client import Store
+from ..kvstate import RestoreReport, SaveReport
+from ..wire import manifest as mf
 from . import slotfile
-from .client import Store
-from .kvstate import RestoreReport, SaveReport
 
 
 def put_slotfile(

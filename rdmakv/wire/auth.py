@@ -7,7 +7,7 @@ import os
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import AuthError
+from ..errors import AuthError
 
 KEY_ENV = "RDMAKV_AUTH_KEY"
 KEY_BYTES = 32

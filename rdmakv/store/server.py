@@ -18,10 +18,8 @@ import numpy as np
 
 from fallback_tcp.framed import FramedSocket, server_handshake
 
-from . import __version__
-from . import messages as msg
-from .engine import Engine
-from .errors import (
+from .. import __version__
+from ..errors import (
     AuthError,
     CodecError,
     ConnectionLost,
@@ -30,7 +28,9 @@ from .errors import (
     RdmakvError,
     ServerError,
 )
-from .protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+from ..wire import messages as msg
+from ..wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+from .engine import Engine
 
 
 class Server:
@@ -289,7 +289,7 @@ def run_server(
     engine.open()
     exporter = None
     if transport in ("auto", "rdma"):
-        from .rdma.exporter import make_exporter
+        from ..rdma.exporter import make_exporter
 
         exporter, why = make_exporter(engine)
         if exporter is None and transport == "rdma":

@@ -40,9 +40,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import CodecError, ConnectionLost, NotFoundError, RdmakvError
+from ..wire.auth import KEY_ENV
 from . import slotfile
-from .auth import KEY_ENV
-from .errors import CodecError, ConnectionLost, NotFoundError, RdmakvError
 
 if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
     from aiohttp import web
@@ -71,7 +71,7 @@ class StorePool:
         self._lock = threading.Lock()
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        from .client import connect
+        from ..client import connect
 
         with self._lock:
             for attempt in range(2):
@@ -233,7 +233,7 @@ class Proxy:
     async def slot_restore(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
-        from .kvstate import RestoreReport
+        from ..kvstate import RestoreReport
         from .slotstore import get_slotfile
 
         body = await request.read()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .errors import AuthError, ProtocolError, TooLargeError
+from ..errors import AuthError, ProtocolError, TooLargeError
 
 MAGIC = b"RDKV"
 VERSION = 1

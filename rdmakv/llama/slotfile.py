@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import CodecError
+from ..errors import CodecError
 
 MAGIC_GGSQ = 0x67677371  # 'ggsq' sequence-state file
 MAGIC_GGSN = 0x6767736E  # 'ggsn' whole-context session file (not a slot file)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import xxhash
 
-from .errors import CodecError
+from ..errors import CodecError
 
 REC_CHUNK = 1
 REC_MANIFEST = 2

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 
-from .auth import KEY_BYTES
+from ..wire.auth import KEY_BYTES
 from .engine import Engine
 from .server import Server
 
@@ -20,7 +20,7 @@ class EmbeddedServer:
         self.rdma_reason = "disabled"
         exporter = None
         if transport != "tcp":
-            from .rdma.exporter import make_exporter
+            from ..rdma.exporter import make_exporter
 
             exporter, self.rdma_reason = make_exporter(self.engine)
         self.server = Server(self.engine, self.key, "127.0.0.1", 0, rdma=exporter, log=lambda _: None).start()

@@ -14,9 +14,9 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import ManifestError
-from .hashing import chunk_key
-from .kvstate import KVState
+from ..errors import ManifestError
+from ..hashing import chunk_key
+from ..kvstate import KVState
 from .manifest import KIND_KV, Manifest
 
 DEFAULT_WINDOW = 256

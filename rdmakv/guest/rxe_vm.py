@@ -41,7 +41,7 @@ import threading
 import time
 import zlib
 
-GUEST_DIR = pathlib.Path(__file__).resolve().parent / "guest"
+GUEST_DIR = pathlib.Path(__file__).resolve().parent
 KERNEL_INPUTS = ("uml.config", "build-uml.sh")  # order matters for the cache key
 
 #: Host packages the guest needs at run time (it runs the host's userland through hostfs).

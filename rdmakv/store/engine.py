@@ -24,10 +24,10 @@ import numpy as np
 
 from slab import CapacityBudget, Region, Slab, SlabFullError, Slot
 
-from . import manifest as mf
-from .errors import IntegrityError, ManifestError, NotFoundError, StoreFullError
-from .hashing import chunk_key
-from .messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
+from ..errors import IntegrityError, ManifestError, NotFoundError, StoreFullError
+from ..hashing import chunk_key
+from ..wire import manifest as mf
+from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .segment_log import (
     REC_CHUNK,
     REC_DELETE,

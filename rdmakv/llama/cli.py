@@ -8,8 +8,8 @@ import os
 import sys
 from dataclasses import asdict
 
+from ..wire.auth import KEY_ENV
 from . import slotfile
-from .auth import KEY_ENV
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace):
-    from .client import connect
+    from ..client import connect
 
     return connect(args.url, transport=args.transport, window=args.window)
 
@@ -50,7 +50,7 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from .kvstate import RestoreReport
+    from ..kvstate import RestoreReport
     from .slotstore import get_slotfile
 
     rep = RestoreReport()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CodecError
+from ..errors import CodecError, IntegrityError
+from ..hashing import chunk_key
 
 MAX_NAME = 255
 MISSING = 0xFFFFFFFF
@@ -84,6 +85,12 @@ def _name(r: Reader) -> str:
 def enc_name(name: str) -> bytes:
     raw = validate_name(name)
     return _U8.pack(len(raw)) + raw
+
+
+def verify_chunk(key: int, data: bytes | memoryview, length: int | None = None) -> None:
+    """Raise IntegrityError unless ``data`` (of ``length`` bytes, when given) hashes to ``key``."""
+    if (length is not None and memoryview(data).nbytes != length) or chunk_key(data) != key:
+        raise IntegrityError(f"chunk {key:016x} failed verification: bytes do not match its key")
 
 
 # -- EXISTS / LOCATE / GET_CHUNKS requests: a list of keys ------------------------

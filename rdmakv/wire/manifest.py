@@ -3,8 +3,8 @@
 A manifest is the small, name-addressed description of a stored object: a
 kind-specific *body* plus the ordered *chunk table* (key, length, tag). The
 server only needs the container (it checks that every key is present); the
-client interprets the body. Kinds: KV sessions (``rdmakv.chunking``), opaque
-blobs, and llama.cpp slot files (``rdmakv.slotfile``).
+client interprets the body. Kinds: KV sessions (``rdmakv.wire.chunking``), opaque
+blobs, and llama.cpp slot files (``rdmakv.llama.slotfile``).
 
 Layout, little-endian, no padding::
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from .errors import ManifestError
-from .hashing import HASH_NAMES, HASH_XXH3_64
+from ..errors import ManifestError
+from ..hashing import HASH_NAMES, HASH_XXH3_64
 
 MAGIC = b"RKVM"
 VERSION = 1

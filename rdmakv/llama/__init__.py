@@ -1,0 +1,2 @@
+"""llama.cpp integration: the slot-file codec (parse, chunk, rebuild), slot files in the store,
+the llama-server proxy and the ``rdmakv slotfile`` CLI."""
