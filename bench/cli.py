@@ -43,7 +43,7 @@ FULL = {
 
 
 def _client_rdma() -> tuple[bool, str]:
-    from rdmakv.rdma import verbs
+    from rdmakv.rdma import requester as verbs
 
     ok, why = verbs.pyverbs_status()
     if not ok:

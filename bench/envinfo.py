@@ -45,7 +45,7 @@ def accel() -> str:
 
 def rdma_device() -> dict:
     try:
-        from rdmakv.rdma import verbs
+        from rdmakv.rdma import requester as verbs
 
         ok, why = verbs.pyverbs_status()
         if not ok:

@@ -70,7 +70,7 @@ def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict
 
 def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     """READ ``size`` bytes between two registered buffers on one device, no store logic."""
-    from rdmakv.rdma import verbs
+    from rdmakv.rdma import requester as verbs
 
     dev = verbs.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
     pd_s, pd_c = dev.alloc_pd(), dev.alloc_pd()

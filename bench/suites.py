@@ -216,8 +216,8 @@ def concurrency(ctx: Ctx, clients: list[int], reps: int, tokens: int) -> dict:
 
 
 def limits(ctx: Ctx, restore_median_ms: float | None, size: int, runs: int) -> dict:
+    from rdmakv.rdma import requester as verbs
     from rdmakv.rdma import restore as rr
-    from rdmakv.rdma import verbs
 
     from . import limits as lim
 

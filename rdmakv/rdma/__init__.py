@@ -1,6 +1,6 @@
 """RDMA transport pieces. Only ``verbs`` touches pyverbs (imported lazily)."""
 
-from rdmakv.rdma.verbs import (
+from rdmakv.rdma.requester import (
     Device,
     DeviceCaps,
     MemoryRegion,

@@ -15,7 +15,7 @@ import threading
 from slab import Region
 
 from ..errors import CodecError
-from . import verbs
+from . import requester as verbs
 
 DEVICE_ENV = "RDMAKV_RDMA_DEVICE"
 

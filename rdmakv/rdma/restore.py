@@ -23,7 +23,7 @@ from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.messages import NO_REGION, Locations, dec_locations
-from . import verbs
+from . import requester as verbs
 from .exporter import DEVICE_ENV
 from .readplan import plan_reads
 

@@ -11,7 +11,7 @@ import rdmakv
 from rdmakv import kvgen
 from rdmakv.errors import RdmakvError
 from rdmakv.kvgen import ModelShape
-from rdmakv.rdma import verbs
+from rdmakv.rdma import requester as verbs
 
 from ..conftest import KEY_HEX, run_concurrently
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rdmakv.rdma.verbs import (
+from rdmakv.rdma.requester import (
     Device,
     MemoryRegion,
     ProtectionDomain,
