@@ -43,12 +43,12 @@ FULL = {
 
 
 def _client_rdma() -> tuple[bool, str]:
-    from rdmakv.rdma import requester as verbs
+    from rdmakv import rdma
 
-    ok, why = verbs.pyverbs_status()
+    ok, why = rdma.pyverbs_status()
     if not ok:
         return False, f"pyverbs not importable ({why})"
-    if not verbs.list_devices():
+    if not rdma.list_devices():
         return False, "no RDMA device on this host"
     return True, ""
 

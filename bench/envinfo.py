@@ -45,14 +45,14 @@ def accel() -> str:
 
 def rdma_device() -> dict:
     try:
-        from rdmakv.rdma import requester as verbs
+        from rdmakv import rdma
 
-        ok, why = verbs.pyverbs_status()
+        ok, why = rdma.pyverbs_status()
         if not ok:
             return {"available": False, "reason": why}
-        if not verbs.list_devices():
+        if not rdma.list_devices():
             return {"available": False, "reason": "no RDMA device"}
-        caps = verbs.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None).caps
+        caps = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None).caps
         return {
             "available": True,
             "name": caps.name,

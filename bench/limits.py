@@ -70,9 +70,9 @@ def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict
 
 def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     """READ ``size`` bytes between two registered buffers on one device, no store logic."""
-    from rdmakv.rdma import requester as verbs
+    from rdmakv import rdma
 
-    dev = verbs.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
+    dev = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
     pd_s, pd_c = dev.alloc_pd(), dev.alloc_pd()
     src = mmap.mmap(-1, size)
     dst = mmap.mmap(-1, size)
@@ -80,11 +80,11 @@ def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     dst_addr = ctypes.addressof(ctypes.c_char.from_buffer(dst))
     mr_s = pd_s.register(src_addr, size, remote_read=True, keepalive=src)
     mr_d = pd_c.register(dst_addr, size, remote_read=False, keepalive=dst)
-    req = verbs.Requester(dev, pd_c)
-    resp = verbs.Responder(pd_s, req.local_info)
+    req = rdma.Requester(dev, pd_c)
+    resp = rdma.Responder(pd_s, req.local_info)
     req.connect(resp.local_info)
     ops = [
-        verbs.ReadOp(src_addr + o, mr_s.rkey, [verbs.Sge(dst_addr + o, min(max_read_bytes, size - o), mr_d.lkey)])
+        rdma.ReadOp(src_addr + o, mr_s.rkey, [rdma.Sge(dst_addr + o, min(max_read_bytes, size - o), mr_d.lkey)])
         for o in range(0, size, max_read_bytes)
     ]
     samples = []

@@ -216,13 +216,13 @@ def concurrency(ctx: Ctx, clients: list[int], reps: int, tokens: int) -> dict:
 
 
 def limits(ctx: Ctx, restore_median_ms: float | None, size: int, runs: int) -> dict:
-    from rdmakv.rdma import requester as verbs
+    from rdmakv import rdma
     from rdmakv.rdma import restore as rr
 
     from . import limits as lim
 
     out: dict = {"bytes": size}
-    dev = verbs.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
+    dev = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
     addr = lim.device_ipv4(dev.caps.gid)
     try:
         if addr is None:

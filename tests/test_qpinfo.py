@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from rdmakv.rdma.requester import QPInfo
+from rdmakv.rdma.qp import QPInfo
 
 GID = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])
 

@@ -15,20 +15,23 @@ import threading
 from slab import Region
 
 from ..errors import CodecError
-from . import requester as verbs
+from .device import Device, list_devices, pyverbs_status
+from .errors import RdmaError
+from .memory import MemoryRegion, ProtectionDomain
+from .qp import QPInfo, Responder
 
 DEVICE_ENV = "RDMAKV_RDMA_DEVICE"
 
 
 class RdmaExporter:
-    def __init__(self, device: verbs.Device) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
         self.device_name = device.caps.name
-        self._pds: dict[str, verbs.ProtectionDomain] = {}
-        self._mrs: dict[tuple[str, int], verbs.MemoryRegion] = {}
+        self._pds: dict[str, ProtectionDomain] = {}
+        self._mrs: dict[tuple[str, int], MemoryRegion] = {}
         self._lock = threading.Lock()
 
-    def _pd(self, ns: str) -> verbs.ProtectionDomain:
+    def _pd(self, ns: str) -> ProtectionDomain:
         with self._lock:
             pd = self._pds.get(ns)
             if pd is None:
@@ -41,32 +44,32 @@ class RdmaExporter:
         self._mrs[(ns, region.id)] = mr
         return mr.rkey
 
-    def connect(self, ns: str, payload: bytes) -> tuple[verbs.Responder, bytes]:
+    def connect(self, ns: str, payload: bytes) -> tuple[Responder, bytes]:
         """Create this connection's responder QP in the namespace's PD and connect it."""
         try:
-            remote = verbs.QPInfo.from_bytes(payload)
+            remote = QPInfo.from_bytes(payload)
         except ValueError as e:
             raise CodecError(f"bad RDMA_CONNECT payload: {e}") from e
-        responder = verbs.Responder(self._pd(ns), remote)
+        responder = Responder(self._pd(ns), remote)
         return responder, responder.local_info.to_bytes()
 
 
 def make_exporter(engine) -> tuple[RdmaExporter | None, str]:
     """An exporter bound to ``engine`` (its regions get registered), or None and why not."""
-    ok, why = verbs.pyverbs_status()
+    ok, why = pyverbs_status()
     if not ok:
         return None, f"pyverbs is not importable ({why})"
-    devices = verbs.list_devices()
+    devices = list_devices()
     if not devices:
         return None, "no RDMA device on this host"
     try:
-        device = verbs.Device.open(os.environ.get(DEVICE_ENV) or None)
-    except verbs.RdmaError as e:
+        device = Device.open(os.environ.get(DEVICE_ENV) or None)
+    except RdmaError as e:
         return None, str(e)
     exporter = RdmaExporter(device)
     try:
         engine.set_region_hook(exporter.register)
-    except verbs.RdmaError as e:
+    except RdmaError as e:
         engine.set_region_hook(None)
         return None, f"cannot register the slab: {e}"
     return exporter, f"exporting on {device.caps.name}"

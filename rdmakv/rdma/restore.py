@@ -23,9 +23,12 @@ from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.messages import NO_REGION, Locations, dec_locations
-from . import requester as verbs
+from .device import Device, list_devices, pyverbs_status
+from .errors import RdmaError
 from .exporter import DEVICE_ENV
+from .qp import QPInfo
 from .readplan import plan_reads
+from .requester import ReadOp, Requester, Sge
 
 SCRATCH_BYTES = 1 << 20
 PLAN_CACHE = 32
@@ -33,16 +36,16 @@ MAX_READ_BYTES = 1 << 20
 
 
 class RdmaRestorer:
-    def __init__(self, store, device: verbs.Device) -> None:
+    def __init__(self, store, device: Device) -> None:
         self.store = store
         self.device = device
         self.pd = device.alloc_pd()
-        self.requester: verbs.Requester | None = None
+        self.requester: Requester | None = None
         try:
-            self.requester = verbs.Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
+            self.requester = Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
             reply = store.channel.rdma_connect(self.requester.local_info.to_bytes())
-            self.requester.connect(verbs.QPInfo.from_bytes(reply[: verbs.QPInfo.SIZE]))
-            self.regions = dec_locations(reply[verbs.QPInfo.SIZE :]).regions  # the table at connect time
+            self.requester.connect(QPInfo.from_bytes(reply[: QPInfo.SIZE]))
+            self.regions = dec_locations(reply[QPInfo.SIZE :]).regions  # the table at connect time
             self.pool = BufferPool(self.pd)
             self.scratch, self.scratch_addr, self.scratch_lkey = self.pool.alloc(SCRATCH_BYTES)
         except BaseException:
@@ -102,7 +105,7 @@ class RdmaRestorer:
             hooks["after_locate"]()
         try:
             self._fill(m.keys, lengths, offsets, loc, buf, laddr, lkey, rep)
-        except verbs.RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
+        except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
             rep.round_trips += ch.usage_since(mark)[1]
@@ -182,7 +185,7 @@ class RdmaRestorer:
             scratch_addr=self.scratch_addr, scratch_lkey=self.scratch_lkey, scratch_bytes=SCRATCH_BYTES,
             max_sge=self.max_sge, max_read_bytes=self.max_read_bytes, merge=self.merge,
         )  # fmt: skip
-        plan.reads = [verbs.ReadOp(a, k, [verbs.Sge(*sg) for sg in sges]) for a, k, sges in plan.reads]
+        plan.reads = [ReadOp(a, k, [Sge(*sg) for sg in sges]) for a, k, sges in plan.reads]
         checks = list(zip(idx.tolist(), keys[idx].tolist(), dests[idx].tolist(), lens[idx].tolist()))
         out = (plan, missing, checks)
         self._plans[ident] = out
@@ -195,13 +198,13 @@ def open_restorer(store) -> tuple[RdmaRestorer | None, str]:
     """Connect the RDMA path if both ends can; else (None, why not)."""
     if not store.server_info.get("rdma"):
         return None, "server has no RDMA device (it serves TCP only)"
-    ok, why = verbs.pyverbs_status()
+    ok, why = pyverbs_status()
     if not ok:
         return None, f"pyverbs is not importable here ({why})"
-    if not verbs.list_devices():
+    if not list_devices():
         return None, "no RDMA device on this host"
     try:
-        device = verbs.Device.open(os.environ.get(DEVICE_ENV) or None)
+        device = Device.open(os.environ.get(DEVICE_ENV) or None)
         return RdmaRestorer(store, device), ""
-    except (verbs.RdmaError, RdmakvError, ValueError) as e:
+    except (RdmaError, RdmakvError, ValueError) as e:
         return None, f"RDMA_CONNECT failed: {e}"

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import kvgen
+from rdmakv import kvgen, rdma
 from rdmakv.errors import RdmakvError
 from rdmakv.kvgen import ModelShape
-from rdmakv.rdma import requester as verbs
 
 from ..conftest import KEY_HEX, run_concurrently
 
@@ -99,7 +98,7 @@ def test_tenant_isolation_foreign_rkey_is_a_remote_access_error(server, ns):
         dest, daddr, dlkey = a.rdma.pool.alloc(4096)
         dest[:] = 0xAB
         op = (int(region["addr"]) + int(slot["offset"]), int(region["rkey"]), [(daddr, 4096, dlkey)])
-        with pytest.raises(verbs.WorkCompletionError) as err:
+        with pytest.raises(rdma.WorkCompletionError) as err:
             a.rdma.requester.read([op], timeout=30)
         assert "REM_ACCESS" in err.value.status_name.upper() or "remote access" in str(err.value).lower()
         assert (dest == 0xAB).all(), "a byte of tenant B reached tenant A"
@@ -165,7 +164,7 @@ def test_work_completion_error_latches_tcp(server, ns):
         st.save("s", kv)
         # break the QP with a READ the responder must refuse (bogus rkey)
         dest, daddr, dlkey = st.rdma.pool.alloc(64)
-        with pytest.raises(verbs.WorkCompletionError):
+        with pytest.raises(rdma.WorkCompletionError):
             st.rdma.requester.read([(0x1000, 0xDEAD, [(daddr, 64, dlkey)])], timeout=30)
         got, rep = st.restore("s", report=True)
         assert got.equals(kv) and rep.transport == "tcp" and "RDMA" in rep.fallback_reason, rep

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rdmakv.rdma.requester import (
+from rdmakv.rdma import (
     Device,
     MemoryRegion,
     ProtectionDomain,

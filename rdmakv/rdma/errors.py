@@ -1,0 +1,40 @@
+"""Errors of the verbs layer (all RdmakvError subclasses, so callers can catch one base)."""
+
+from __future__ import annotations
+
+from rdmakv.errors import RdmakvError
+
+
+class RdmaError(RdmakvError):
+    """A verbs call failed (post, QP transition, registration...)."""
+
+
+class RdmaUnavailable(RdmaError):
+    """RDMA cannot be used here; the message says exactly why."""
+
+
+class ReadTimeout(RdmaError, TimeoutError):
+    """READs did not complete in time; the Requester is unusable (they may still land)."""
+
+
+class WorkCompletionError(RdmaError):
+    """A work completion came back with an error status.
+
+    The RC QP is in the error state afterwards: the Requester that raised it refuses further
+    reads (create a new one, or fall back to TCP for that connection).
+    """
+
+    def __init__(self, status: int, status_name: str, vendor_err: int, op_index: int | None, detail: str = "") -> None:
+        self.status = status
+        self.status_name = status_name
+        self.vendor_err = vendor_err
+        self.op_index = op_index
+        where = f" at READ #{op_index} of the call" if op_index is not None else ""
+        msg = (
+            f"RDMA READ failed{where}: {status_name} (status {status}, vendor_err "
+            f"{vendor_err:#x}); the QP is now in the error state and this Requester is "
+            "unusable"
+        )
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
