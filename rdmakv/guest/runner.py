@@ -1,0 +1,273 @@
+"""What both guests (UML and QEMU) share: the io files stage 2 reads, the environment passed in,
+the pipes that carry the command's output, and the host side of one boot."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pathlib
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .host import GUEST_DIR, GuestError, _log
+
+#: Environment variables passed from the caller into the guest command (plus every RDMAKV_*).
+PASS_ENV = (
+    "PATH",
+    "VIRTUAL_ENV",
+    "HOME",
+    "PYTHONPATH",
+    "CI",
+    "GITHUB_ACTIONS",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "NO_COLOR",
+    "FORCE_COLOR",
+    "COLUMNS",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONHASHSEED",
+    "PYTHONUNBUFFERED",
+    "PYTEST_ADDOPTS",
+)
+
+
+def _guest_env(env: dict | None, guest: str = "uml") -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("RDMAKV_")}
+    out.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
+    out.setdefault("PYTHONUNBUFFERED", "1")  # live output from Python commands through the pipe
+    if env:
+        out.update({str(k): str(v) for k, v in env.items()})
+    out["RDMAKV_IN_GUEST"] = "1"
+    out["RDMAKV_GUEST"] = guest
+    return out
+
+
+def _nul_file(path: pathlib.Path, items) -> None:
+    data = b""
+    for item in items:
+        b = os.fsencode(item)
+        if b"\0" in b:
+            raise ValueError(f"NUL byte in {item!r}")
+        data += b + b"\0"
+    path.write_bytes(data)
+
+
+def _write_run_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
+    """The io files both guests' stage 2 read: devlinks, net.ip, argv, env, cwd, trace."""
+    links = io / "devlinks"
+    links.mkdir()
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        (links / name).symlink_to(target)
+    net = ["link set lo up", "link add d0 type dummy"]
+    # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
+    # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
+    mtu = int(os.environ.get("RDMAKV_GUEST_MTU") or DEFAULT_GUEST_MTU)
+    net.append(f"link set d0 mtu {mtu}")
+    net += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
+    (io / "net.ip").write_text("\n".join(net) + "\n")
+    _nul_file(io / "argv", [str(a) for a in command])
+    _nul_file(io / "env", [f"{k}={v}" for k, v in genv.items()])
+    _nul_file(io / "cwd", [workdir])
+    if os.environ.get("RDMAKV_VM_TRACE", "") not in ("", "0"):
+        (io / "trace").write_text("1")  # stage2 runs with `set -x` into console.log
+
+
+DEFAULT_GUEST_MTU = 9000
+
+
+def _pump(fd: int, stream) -> None:
+    """Copy a pipe to a Python stream, live (chunk by chunk)."""
+    buf = getattr(stream, "buffer", None)
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            try:
+                if buf is not None:
+                    buf.write(data)
+                    buf.flush()
+                else:
+                    stream.write(data.decode(errors="replace"))
+                    stream.flush()
+            except (OSError, ValueError):
+                pass  # the consumer went away; keep draining so the guest never blocks
+    finally:
+        os.close(fd)
+
+
+def _read_float(path: pathlib.Path) -> float | None:
+    try:
+        return float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: pathlib.Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no console log)"
+    return "\n".join(lines[-n:]) or "(console log empty)"
+
+
+def _mem_bytes(mem: str) -> int:
+    n, unit = (mem[:-1], mem[-1]) if mem[-1] in "KMG" else (mem, "")
+    return int(n) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _uml_preexec() -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a UML panic must not leave a core dump
+    with contextlib.suppress(Exception):
+        # If the harness dies (even by SIGKILL) the guest dies with it instead of lingering.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+STAGE2_COMMON = "stage2-common.sh"  # sourced by stage2.sh and qemu-stage2.sh from the io dir
+
+
+def _copy_stage_scripts(io: pathlib.Path, *names: str) -> None:
+    """Copy the guest's stage scripts and the fragment both stage 2s source into the io dir."""
+    for name in (*names, STAGE2_COMMON):
+        dst = io / name
+        shutil.copyfile(GUEST_DIR / name, dst)
+        dst.chmod(0o755)
+
+
+class _GuestRun:
+    """Host side of one guest boot (UML or QEMU): the temp dir with ``io/`` (shared with the
+    guest) and ``console.log``, the open console log, the pipes that carry the command's stdout
+    and stderr, and the guest process. Made and cleaned up by :func:`_guest_run`."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        self.io = tmp / "io"
+        self.console = tmp / "console.log"
+        self.log = None  # console.log, opened by the caller (mode differs per guest)
+        self.proc: subprocess.Popen | None = None
+        self.fds: list[int] = []  # still ours to close
+        self.t_launch = self.t_exit = 0.0
+        self._pipes: list[tuple[int, int]] = []
+
+    def open_pipes(self) -> tuple[int, int]:
+        """Pipes for the command's stdout and stderr; returns their write ends (the guest's)."""
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        self.fds += [r_out, w_out, r_err, w_err]
+        self._pipes = [(r_out, w_out), (r_err, w_err)]
+        return w_out, w_err
+
+    def boot(self, argv: list[str], *, timeout: float, what: str, **popen_kwargs) -> int:
+        """Start the guest (own session, output to console.log, no core dump, dies with us),
+        stream the command's output to sys.stdout / sys.stderr, wait for the guest to end and
+        return the command's status from io/rc. Raises :class:`GuestError` on timeout, on a
+        setup failure the guest wrote to io/error, or when it left no io/rc (``what``: "UML"
+        or "QEMU", for that message)."""
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self.t_launch = time.time()
+        deadline = time.monotonic() + timeout
+        self.proc = proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+            preexec_fn=_uml_preexec,
+            **popen_kwargs,
+        )
+        for _, w in self._pipes:
+            os.close(w)
+            self.fds.remove(w)
+        pumps = []
+        for (r, _), stream in zip(self._pipes, (sys.stdout, sys.stderr)):
+            self.fds.remove(r)
+            t = threading.Thread(target=_pump, args=(r, stream), daemon=True)
+            t.start()
+            pumps.append(t)
+        try:
+            status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(self.console)}") from None
+        self.t_exit = time.time()
+        _killpg(proc.pid)  # stray helper processes, if any
+        for t in pumps:
+            t.join(timeout=5)
+        err = self.io / "error"
+        if err.exists():
+            raise GuestError(f"guest setup failed: {err.read_text().strip()}")
+        rc_file = self.io / "rc"
+        if not rc_file.exists():
+            raise GuestError(
+                f"guest died without reporting a status ({what} exit status {status}); "
+                f"console log tail:\n{_tail(self.console)}"
+            )
+        return int(rc_file.read_text().strip())
+
+    def log_timings(self, label: str, stamp) -> None:
+        """Log boot / command / shutdown timings after :meth:`boot`; ``stamp(path)`` is the time
+        a t_* file in io/ records (its content or its mtime), or None."""
+        t_s2, t_cmd, t_end = (stamp(self.io / n) for n in ("t_stage2", "t_cmd", "t_end"))
+        if t_s2 and t_cmd and t_end:
+            t_launch, t_exit = self.t_launch, self.t_exit
+            _log(
+                f"timings ({label}): boot to stage2 {t_s2 - t_launch:.3f} s, "
+                f"boot to command {t_cmd - t_launch:.3f} s, "
+                f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
+                f"total {t_exit - t_launch:.3f} s "
+                f"(overhead {(t_exit - t_launch) - (t_end - t_cmd):.3f} s)"
+            )
+
+
+@contextlib.contextmanager
+def _guest_run(prefix: str, *closing):
+    """A :class:`_GuestRun` in a new temp dir. On the way out, however that is: kill the guest's
+    process group, close our fds, the console log and ``closing`` (None entries skipped), then
+    remove the temp dir (kept, and said so, with $RDMAKV_VM_KEEP)."""
+    g = _GuestRun(pathlib.Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield g
+    finally:
+        if g.proc is not None and g.proc.returncode is None:
+            _killpg(g.proc.pid)
+            with contextlib.suppress(Exception):
+                g.proc.wait(timeout=10)
+        for fd in g.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if g.log is not None:
+            g.log.close()
+        for f in closing:
+            if f is not None:
+                f.close()
+        if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
+            _log(f"kept guest temp dir {g.tmp} (console.log, io/)")
+        else:
+            shutil.rmtree(g.tmp, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""The User-Mode Linux guest: boot the cached UML kernel pinned to one host core, the host root
+shared read-only over hostfs with a tmpfs overlay, and run the command in it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+from .host import RUNTIME_PACKAGES, GuestError, ensure_packages
+from .kernel import ensure_kernel
+from .runner import _copy_stage_scripts, _guest_env, _guest_run, _mem_bytes, _read_float, _write_run_files
+
+
+def _host_cpu_mhz() -> str:
+    """The host CPU clock in MHz as text (perftest inside UML needs it in /proc/cpuinfo)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    for p in (
+        "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",
+        "/sys/devices/system/cpu/cpu0/cpufreq/base_frequency",
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            return f"{int(pathlib.Path(p).read_text()) / 1000:.3f}"
+    return "2000.000"
+
+
+def _guest_cpuinfo() -> str:
+    """/proc/cpuinfo for the one-CPU guest: the host's first processor block (guest user code
+    runs natively on that CPU, so its flags are right), with a "cpu MHz" line (UML's own
+    cpuinfo has none and perftest then prints "inf" latencies)."""
+    try:
+        block = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        block = ["processor\t: 0"]
+    out = []
+    for line in block:
+        key = line.split(":", 1)[0].strip()
+        if key in ("siblings", "cpu cores"):
+            line = f"{line.split(':', 1)[0]}: 1"
+        elif key in ("core id", "physical id", "apicid", "initial apicid"):
+            line = f"{line.split(':', 1)[0]}: 0"
+        out.append(line)
+    if not any(line.startswith("cpu MHz") for line in out):
+        out.insert(1, f"cpu MHz\t\t: {_host_cpu_mhz()}")
+    return "\n".join(out) + "\n\n"
+
+
+def _fstab_escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def _pick_cpu():
+    """Choose the host core to pin UML to; returns (cpu, open lock file or None).
+
+    $RDMAKV_UML_CPU wins. Otherwise prefer the last core we may run on, but skip cores another
+    concurrent rdmakv guest holds (flock on a per-core lock file), so parallel runs spread out.
+    """
+    if os.environ.get("RDMAKV_UML_CPU"):
+        cpus = os.environ["RDMAKV_UML_CPU"].strip()
+        if not re.fullmatch(r"[0-9]+([,-][0-9]+)*", cpus):
+            raise GuestError(f"RDMAKV_UML_CPU={cpus!r} is not a taskset cpu list such as 1 or 0-1")
+        return cpus, None
+    try:
+        cpus = sorted(os.sched_getaffinity(0), reverse=True)
+    except (AttributeError, OSError):
+        cpus = [0]
+    lock_dir = pathlib.Path(tempfile.gettempdir())
+    for cpu in cpus:
+        try:
+            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")
+        except OSError:
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        return cpu, f
+    return cpus[0], None  # all busy: share the last core
+
+
+def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
+    """Everything stage1.sh / stage2.sh read from the io dir (see their headers)."""
+    e = _fstab_escape
+    root = f"{io}/root"
+    (io / "fstab1").write_text(
+        f"hostfs {e(str(io))} hostfs {e(str(io))} 0 0\nrdmakv-rw {e(str(io))}/rw tmpfs mode=0755 0 0\n"
+    )
+    lines = [
+        f"rdmakv-root {e(root)} overlay lowerdir=/,upperdir={e(str(io))}/rw/upper,workdir={e(str(io))}/rw/work 0 0",
+        f"proc {e(root)}/proc proc defaults 0 0",
+        f"sysfs {e(root)}/sys sysfs defaults 0 0",
+        f"devtmpfs {e(root)}/dev devtmpfs defaults 0 0",
+        f"devpts {e(root)}/dev/pts devpts newinstance,ptmxmode=0666,mode=0620,X-mount.mkdir 0 0",
+        f"tmpfs {e(root)}/dev/shm tmpfs mode=1777,X-mount.mkdir 0 0",
+        f"tmpfs {e(root)}/run tmpfs mode=0755 0 0",
+        f"tmpfs {e(root)}/tmp tmpfs mode=1777 0 0",
+        f"{e(str(io))} {e(root)}/run/rdmakv-io none bind,X-mount.mkdir 0 0",
+    ]
+    if workdir != "/":
+        # after /tmp, /run, /dev/shm so that a cwd below them is not hidden
+        lines.append(f"hostfs {e(root + workdir)} hostfs {e(workdir)},X-mount.mkdir 0 0")
+    lines.append(f"{e(str(io))}/cpuinfo {e(root)}/proc/cpuinfo none bind,ro 0 0")
+    (io / "fstab2").write_text("\n".join(lines) + "\n")
+    (io / "cpuinfo").write_text(_guest_cpuinfo())
+    _write_run_files(io, command, genv, workdir)
+
+
+def _uml_host_env(mem: str, tmp: pathlib.Path) -> dict[str, str]:
+    """Environment of the UML process itself. UML backs guest RAM with a file in $TMPDIR, else
+    /dev/shm; a small /dev/shm (containers often have 64 MB) would SIGBUS the guest, so then
+    point TMPDIR at our temp dir instead."""
+    env = dict(os.environ)
+    if env.get("TMPDIR"):
+        return env
+    try:
+        st = os.statvfs("/dev/shm")
+        shm_free = st.f_bavail * st.f_frsize
+    except OSError:
+        shm_free = 0
+    if shm_free < _mem_bytes(mem):
+        env["TMPDIR"] = str(tmp)
+    return env
+
+
+def run_uml(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
+    """run(guest="uml"): boot the UML guest, run ``command``, return its exit status."""
+    if "," in workdir:
+        raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
+    for tool in ("taskset",):
+        if shutil.which(tool) is None:
+            raise GuestError(f"{tool} not found on the host (package util-linux)")
+    ensure_packages(RUNTIME_PACKAGES)
+    kernel = ensure_kernel()
+    genv = _guest_env(env)
+
+    cpu, cpu_lock = _pick_cpu()
+    with _guest_run("rdmakv-uml-", cpu_lock) as g:
+        io, tmp = g.io, g.tmp
+        for d in (io / "rw", io / "root", tmp / "uml"):
+            d.mkdir(parents=True)
+        _copy_stage_scripts(io, "stage1.sh", "stage2.sh")
+        _write_guest_files(io, command, genv, workdir)
+        g.log = log = open(g.console, "wb")
+        w_out, w_err = g.open_pipes()
+        argv = [
+            "taskset", "-c", str(cpu),
+            str(kernel),
+            f"mem={mem}",
+            f"uml_dir={tmp / 'uml'}",
+            "rootfstype=hostfs", "rootflags=/", "ro",
+            "quiet", "loglevel=4",
+            f"init={io / 'stage1.sh'}",
+            "con=null", "ssl=null",
+            f"con0=null,fd:{log.fileno()}",
+            f"con1=null,fd:{w_out}",
+            f"con2=null,fd:{w_err}",
+        ]  # fmt: skip
+        rc = g.boot(
+            argv,
+            timeout=timeout,
+            what="UML",
+            pass_fds=(log.fileno(), w_out, w_err),
+            cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
+            env=_uml_host_env(mem, tmp),
+        )
+        if verbose:
+            g.log_timings(f"cpu {cpu}", _read_float)
+        return rc
