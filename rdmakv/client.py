@@ -22,6 +22,9 @@ from .wire.auth import key_from_env
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
 
+# (manifest, KV layout or None, restore buffer, each chunk's offset in it)
+Fetched = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, np.ndarray]
+
 
 def connect(
     url: str,
@@ -165,25 +168,41 @@ class Store:
         """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""
         t0 = time.perf_counter()
         rep = RestoreReport()
-        kv = None
-        if self.rdma is not None and self.rdma.usable:
-            kv = self.rdma.restore(name, rep, **hooks)
-        if kv is None:
-            if self.rdma_reason and not rep.fallback_reason:
-                rep.fallback_reason = self.rdma_reason
-            kv = self._restore_tcp(name, rep)
+        _, layout, buf, _ = self._fetch(name, rep, True, **hooks)
+        kv = chunking.assemble(layout, buf)
         rep.wall_s = time.perf_counter() - t0
         return (kv, rep) if report else kv
 
-    def _restore_tcp(self, name: str, rep: RestoreReport) -> KVState:
+    def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Callable) -> Fetched:
+        """A manifest's chunks in one restore buffer: by RDMA READs when this connection can,
+        else (or when RDMA fails) over TCP."""
+        got = None
+        if self.rdma is not None and self.rdma.usable:
+            got = self.rdma.fetch(name, rep, kv, **hooks)
+        if got is None:
+            if self.rdma_reason and not rep.fallback_reason:
+                rep.fallback_reason = self.rdma_reason
+            got = self._fetch_tcp(name, rep, kv)
+        return got
+
+    def _fetch_tcp(self, name: str, rep: RestoreReport, kv: bool) -> Fetched:
         mark = self.channel.mark()
         data, _ = self.channel.get_manifest(name)
-        m, layout = self.decode_kv(data)
-        _, _, offsets = layout.chunk_table()
-        buf = self._restore_buffer(layout.total_bytes)
+        m, layout, offsets, total = self.restore_target(data, kv)
+        buf = self._restore_buffer(total)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
         self._charge_tcp(rep, m, mark)
-        return chunking.assemble(layout, buf)
+        return m, layout, buf, offsets
+
+    def restore_target(self, data: bytes, kv: bool) -> tuple[mf.Manifest, chunking.KVLayout | None, np.ndarray, int]:
+        """(manifest, its KV layout when ``kv``, each chunk's offset in the restore buffer, buffer
+        size). A KV manifest must match its session shape; any other kind lays its chunks back
+        to back in manifest order."""
+        if kv:
+            m, layout = self.decode_kv(data)
+            return m, layout, layout.chunk_table()[2], layout.total_bytes
+        m = mf.decode(data)
+        return m, None, m.packed_offsets(), m.total_bytes
 
     def _charge_tcp(self, rep: RestoreReport, m: mf.Manifest, mark: tuple[int, int]) -> None:
         nbytes, rts = self.channel.usage_since(mark)
@@ -248,18 +267,7 @@ class Store:
         Over RDMA when this connection can; the chunks are views of one buffer."""
         rep = report if report is not None else RestoreReport()
         t0 = time.perf_counter()
-        got = None
-        if self.rdma is not None and self.rdma.usable:
-            got = self.rdma.fetch_object(name, rep)
-        if got is None:
-            mark = self.channel.mark()
-            m = mf.decode(self.channel.get_manifest(name)[0])
-            offsets = m.packed_offsets()
-            buf = self._restore_buffer(m.total_bytes)
-            self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
-            self._charge_tcp(rep, m, mark)
-            got = (m, buf, offsets)
-        m, buf, offsets = got
+        m, _, buf, offsets = self._fetch(name, rep, False)
         view = memoryview(buf)
         rep.wall_s = time.perf_counter() - t0
         return m, [view[o : o + n] for o, n in zip(offsets.tolist(), m.lengths.tolist())]

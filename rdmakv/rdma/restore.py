@@ -19,9 +19,7 @@ import numpy as np
 from ..bufpool import BufferPool
 from ..errors import RdmakvError
 from ..hashing import chunk_key
-from ..kvstate import KVState, RestoreReport
-from ..wire import chunking
-from ..wire import manifest as mf
+from ..kvstate import RestoreReport
 from ..wire.messages import NO_REGION, Locations, dec_locations
 from .device import Device, list_devices, pyverbs_status
 from .errors import RdmaError
@@ -71,32 +69,13 @@ class RdmaRestorer:
         self.store.rdma_reason = reason
 
     # -- restore -----------------------------------------------------------------------
-    def restore(self, name: str, rep: RestoreReport, **hooks) -> KVState | None:
-        got = self._fetch(name, rep, kv=True, **hooks)
-        if got is None:
-            return None
-        layout, buf = got
-        return chunking.assemble(layout, buf)
-
-    def fetch_object(self, name: str, rep: RestoreReport) -> tuple[mf.Manifest, np.ndarray, np.ndarray] | None:
-        """Any manifest kind: (manifest, buffer holding its chunks back to back, chunk offsets)."""
-        got = self._fetch(name, rep, kv=False)
-        if got is None:
-            return None
-        m, buf = got
-        return m, buf, m.packed_offsets()
-
-    def _fetch(self, name: str, rep: RestoreReport, *, kv: bool, **hooks):
+    def fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks):
+        """(manifest, KV layout or None, restore buffer, chunk offsets) by READs, or None when this
+        connection has just switched to TCP (the report says why)."""
         ch = self.store.channel
         mark = ch.mark()
         data, loc = ch.get_manifest(name, want_locations=True)
-        if kv:
-            m, layout = self.store.decode_kv(data)
-            _, lengths, offsets = layout.chunk_table()
-            total = layout.total_bytes
-        else:
-            m = layout = mf.decode(data)
-            lengths, offsets, total = m.lengths, m.packed_offsets(), m.total_bytes
+        m, layout, offsets, total = self.store.restore_target(data, kv)
         if loc is None:
             self.latch("server returned no chunk locations (its RDMA session is gone)")
             return None
@@ -104,7 +83,7 @@ class RdmaRestorer:
         if "after_locate" in hooks:
             hooks["after_locate"]()
         try:
-            self._fill(m.keys, lengths, offsets, loc, buf, laddr, lkey, rep)
+            self._fill(m.keys, m.lengths, offsets, loc, buf, laddr, lkey, rep)
         except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
@@ -115,7 +94,7 @@ class RdmaRestorer:
         nbytes, rts = ch.usage_since(mark)
         rep.bytes += nbytes
         rep.round_trips += rts
-        return layout, buf
+        return m, layout, buf, offsets
 
     def _fill(
         self,
