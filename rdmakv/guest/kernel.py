@@ -11,7 +11,7 @@ import time
 
 from .host import GUEST_DIR, GuestError, _builder_lock, _log, _writable_dir, cache_root, ensure_packages
 
-KERNEL_INPUTS = ("uml.config", "build-uml.sh")  # order matters for the cache key
+KERNEL_INPUTS = ("uml.config", "build-uml.sh", "uml-xstate.patch")  # order matters for the cache key
 
 #: Host packages needed to build the UML kernel.
 BUILD_PACKAGES = (
@@ -21,6 +21,7 @@ BUILD_PACKAGES = (
     "bc",
     "libelf-dev",
     "xz-utils",
+    "patch",
     "linux-source-6.1",
 )
 
@@ -28,7 +29,7 @@ BUILD_PACKAGES = (
 def kernel_key() -> str:
     """16 hex chars identifying the kernel build inputs.
 
-    Identical to ``cd rdmakv/guest && sha256sum uml.config build-uml.sh | sha256sum | cut -c1-16``.
+    Identical to ``cd rdmakv/guest && sha256sum uml.config build-uml.sh uml-xstate.patch | sha256sum | cut -c1-16``.
     """
     lines = "".join(
         f"{hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest()}  {name}\n" for name in KERNEL_INPUTS
