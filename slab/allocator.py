@@ -8,10 +8,20 @@ A region is divided into spans; a span serves one size class. Slots of one
 class are handed out in address order from the class's current span and, when
 that span is full, preferably from the span right after it, so the new chunks
 of one save form a contiguous run in manifest order and a restore can fetch
-them with a few large READs. Freed slots go to a per-class free list; a span
-whose slots are all free returns to the region's pool of free spans. Every
-slot has a generation, bumped when it is freed, so a location handed out
-earlier can be recognised as stale.
+them with a few large READs. A chunk too big for its region's spans takes
+consecutive spans. Freed slots are zeroed at once (deleted KV must not be
+readable from its old location), then reused by their class; a span whose
+slots are all free returns to its region, and a region whose spans are all free
+is *retired*: it still counts against the budget until ``release_empty`` hands
+it back (after a grace period, so that a client READing a location it was just
+given does not hit a deregistered MR). Every slot has a generation, bumped when
+it is freed, so a location handed out earlier can be recognised as stale;
+region ids are never reused.
+
+Regions start small (``min_region_bytes``) and double up to ``region_bytes``:
+a namespace that stores little pins little, one that stores much ends up with
+few large regions (few MRs). Small regions use small spans (1/16 of the
+region), so a 4 KiB namespace costs a 64 KiB region, not a megabyte.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +38,9 @@ from .size_classes import ALIGN, class_size
 PAGE = mmap.PAGESIZE
 DEFAULT_REGION_BYTES = 64 << 20
 DEFAULT_SPAN_BYTES = 1 << 20
-INITIAL_REGION_BYTES = 4 << 20
+MIN_REGION_BYTES = 64 << 10
+SPANS_PER_SMALL_REGION = 16
+MIN_SPAN_BYTES = 16 << 10
 
 
 class SlabFullError(MemoryError):
@@ -35,13 +48,18 @@ class SlabFullError(MemoryError):
 
 
 class CapacityBudget:
-    """Bytes of region memory that all slabs (one per namespace) may map together."""
+    """Bytes that all slabs (one per namespace) may map together, plus whatever else the
+    owner charges to it (the store charges resident manifests too)."""
 
     def __init__(self, capacity: int) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
         self.reserved = 0
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.reserved
 
     def try_reserve(self, n: int) -> bool:
         if self.reserved + n > self.capacity:
@@ -53,18 +71,35 @@ class CapacityBudget:
         self.reserved -= n
 
 
+def span_size_for(region_length: int, span_bytes: int) -> int:
+    """Span size of a region: ``span_bytes``, or 1/16 of a small region (a power of two of at
+    least 16 KiB, and at most a quarter of the region)."""
+    want = max(MIN_SPAN_BYTES, region_length // SPANS_PER_SMALL_REGION)
+    span = min(span_bytes, 1 << (want.bit_length() - 1))
+    while span > PAGE and span * 4 > region_length:
+        span //= 2
+    return span
+
+
 class Region:
     """One page-aligned anonymous mapping; registered as one MR by the RDMA layer."""
 
-    def __init__(self, rid: int, length: int, span_bytes: int) -> None:
+    def __init__(self, rid: int, length: int, span: int) -> None:
         self.id = rid
         self.length = length
+        self.span = span
         self._map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._map)
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.address = ctypes.addressof(self._anchor)
-        self.n_spans = length // span_bytes
+        self.n_spans = length // span
         self.free_spans: list[int] = list(range(self.n_spans))  # kept sorted
+        self.gens: dict[int, int] = {}  # offset -> generation (absent = 0)
+        self.retired_at: float | None = None  # when its last span came back
+
+    @property
+    def empty(self) -> bool:
+        return len(self.free_spans) == self.n_spans
 
     def take_span(self, index: int) -> bool:
         i = bisect.bisect_left(self.free_spans, index)
@@ -87,18 +122,27 @@ class Region:
         for s in range(start, start + count):
             bisect.insort(self.free_spans, s)
 
+    def zero(self, offset: int, size: int) -> None:
+        ctypes.memset(self.address + offset, 0, size)
+
+    def close(self) -> None:
+        """Unmap. Raises BufferError while a view of the region is still alive."""
+        self.view.release()
+        del self._anchor
+        self._map.close()
+
 
 @dataclass(slots=True)
 class Slot:
     region: int
     offset: int
-    size: int  # class size (bytes reserved)
+    size: int  # bytes reserved (class size, or whole spans for a large chunk)
     length: int  # payload bytes
     gen: int
 
 
 class _Span:
-    __slots__ = ("region", "index", "size", "n_slots", "next_free", "used")
+    __slots__ = ("region", "index", "size", "n_slots", "next_free", "used", "free")
 
     def __init__(self, region: int, index: int, size: int, n_slots: int) -> None:
         self.region = region
@@ -107,6 +151,7 @@ class _Span:
         self.n_slots = n_slots
         self.next_free = 0  # bump pointer: slots below it were handed out at least once
         self.used = 0
+        self.free: list[int] = []  # offsets of freed slots below the bump pointer
 
 
 class Slab:
@@ -118,34 +163,44 @@ class Slab:
         *,
         region_bytes: int = DEFAULT_REGION_BYTES,
         span_bytes: int = DEFAULT_SPAN_BYTES,
+        min_region_bytes: int = MIN_REGION_BYTES,
         on_new_region: Callable[[Region], None] | None = None,
+        on_release_region: Callable[[Region], None] | None = None,
     ) -> None:
         if span_bytes % PAGE or span_bytes <= 0:
             raise ValueError("span_bytes must be a positive multiple of the page size")
-        region_bytes = max(span_bytes, min(region_bytes, budget.capacity) // span_bytes * span_bytes)
         self.budget = budget
-        # Regions grow geometrically up to region_bytes: a namespace that stores little
-        # pins little, one that stores much ends up with few large regions (few MRs).
-        self.initial_region_bytes = min(region_bytes, max(span_bytes, INITIAL_REGION_BYTES))
-        self.region_bytes = region_bytes
+        self.region_bytes = max(span_bytes, region_bytes // span_bytes * span_bytes)
         self.span_bytes = span_bytes
-        self.regions: list[Region] = []
+        self.min_region_bytes = max(PAGE, min(min_region_bytes, self.region_bytes))
+        self.regions: dict[int, Region] = {}
         self.on_new_region = on_new_region
+        self.on_release_region = on_release_region
+        self._next_id = 0
         self._spans: dict[tuple[int, int], _Span] = {}
+        self._large: dict[tuple[int, int], int] = {}  # (region, offset) -> span count
         self._current: dict[int, _Span] = {}  # class size -> span being filled
-        self._free_slots: dict[int, list[tuple[int, int]]] = {}  # class size -> [(region, offset)]
-        self._gen: dict[tuple[int, int], int] = {}
+        self._partial: dict[int, dict[tuple[int, int], _Span]] = {}  # class -> spans with freed slots
         self.used_bytes = 0
         self.payload_bytes = 0
         self.live_slots = 0
 
     # -- public ---------------------------------------------------------------
-    def alloc_run(self, lengths: Sequence[int]) -> list[Slot]:
-        """Slots for ``lengths`` in order, contiguous where possible; all or nothing."""
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(r.length for r in self.regions.values())
+
+    def alloc_run(self, lengths: Sequence[int], hint: int = 0) -> list[Slot]:
+        """Slots for ``lengths`` in order, contiguous where possible; all or nothing.
+
+        A new region is sized for the whole run (``hint`` bytes still to come, if larger)."""
         out: list[Slot] = []
+        remaining = max(hint, sum(class_size(int(n)) for n in lengths))
         try:
             for n in lengths:
-                out.append(self._alloc(int(n)))
+                slot = self._alloc(int(n), remaining)
+                remaining -= slot.size
+                out.append(slot)
         except SlabFullError:
             for s in out:
                 self.free(s)
@@ -153,132 +208,192 @@ class Slab:
         return out
 
     def alloc(self, length: int) -> Slot:
-        return self._alloc(length)
+        return self._alloc(length, 0)
 
     def free(self, slot: Slot) -> None:
-        key = (slot.region, slot.offset)
-        self._gen[key] = self._gen.get(key, 0) + 1
+        region = self.regions[slot.region]
+        region.zero(slot.offset, slot.size)
+        region.gens[slot.offset] = region.gens.get(slot.offset, 0) + 1
         self.used_bytes -= slot.size
         self.payload_bytes -= slot.length
         self.live_slots -= 1
-        if slot.size >= self.span_bytes:
-            first = slot.offset // self.span_bytes
-            self.regions[slot.region].give_spans(first, slot.size // self.span_bytes)
+        count = self._large.pop((slot.region, slot.offset), None)
+        if count is not None:
+            region.give_spans(slot.offset // region.span, count)
+            self._maybe_retire(region)
             return
-        span = self._spans[(slot.region, slot.offset // self.span_bytes)]
+        span = self._spans[(slot.region, slot.offset // region.span)]
         span.used -= 1
-        if span.used == 0 and self._current.get(span.size) is not span:
+        if span.used == 0:
             self._release_span(span)
-        else:
-            self._free_slots.setdefault(slot.size, []).append(key)
+            return
+        span.free.append(slot.offset)
+        self._partial.setdefault(span.size, {})[(span.region, span.index)] = span
 
     def view(self, slot: Slot) -> memoryview:
         return self.regions[slot.region].view[slot.offset : slot.offset + slot.length]
 
     def generation(self, region: int, offset: int) -> int:
-        return self._gen.get((region, offset), 0)
+        r = self.regions.get(region)
+        return r.gens.get(offset, 0) if r is not None else 0
+
+    def release_empty(self, older_than: float | None = None) -> int:
+        """Hand retired regions (all spans free) back to the budget: those retired at or before
+        ``older_than`` (a time.monotonic() value), or all of them. Returns the bytes released."""
+        freed = 0
+        for region in list(self.regions.values()):
+            if region.retired_at is None or not region.empty:
+                continue
+            if older_than is not None and region.retired_at > older_than:
+                continue
+            if self.on_release_region is not None:
+                self.on_release_region(region)  # deregister the MR before the memory goes away
+            try:
+                region.close()
+            except BufferError:
+                continue  # a view is still alive somewhere; try again next time
+            del self.regions[region.id]
+            self.budget.release(region.length)
+            freed += region.length
+        return freed
 
     def stats(self) -> dict[str, int]:
-        mapped = sum(r.length for r in self.regions)
         return {
             "regions": len(self.regions),
-            "mapped_bytes": mapped,
+            "mapped_bytes": self.mapped_bytes,
             "used_bytes": self.used_bytes,
             "payload_bytes": self.payload_bytes,
             "live_slots": self.live_slots,
         }
 
     def close(self) -> None:
-        for r in self.regions:
+        for r in list(self.regions.values()):
+            if self.on_release_region is not None:
+                self.on_release_region(r)
             self.budget.release(r.length)
         self.regions.clear()
 
     # -- internals --------------------------------------------------------------
-    def _alloc(self, length: int) -> Slot:
+    def _alloc(self, length: int, run_bytes: int) -> Slot:
         size = class_size(length)
-        if size >= self.span_bytes:
-            return self._alloc_large(length)
         span = self._current.get(size)
         if span is None or span.next_free >= span.n_slots:
             span = self._next_span(size, span)
         if span is not None:
-            offset = span.index * self.span_bytes + span.next_free * size
-            span.next_free += 1
+            return self._bump(span, length)
+        partial = self._partial.get(size)
+        if partial:
+            span = next(iter(partial.values()))
+            offset = span.free.pop()
+            if not span.free:
+                del partial[(span.region, span.index)]
             span.used += 1
             return self._account(span.region, offset, size, length)
-        free = self._free_slots.get(size)
-        if free:
-            rid, offset = free.pop()
-            self._spans[(rid, offset // self.span_bytes)].used += 1
-            return self._account(rid, offset, size, length)
-        raise SlabFullError(f"slab full: no room for a {length}-byte chunk")
-
-    def _alloc_large(self, length: int) -> Slot:
-        count = -(-length // self.span_bytes)
-        for region in self.regions:
-            start = region.take_spans(count)
-            if start is not None:
-                return self._account(region.id, start * self.span_bytes, count * self.span_bytes, length)
-        region = self._new_region(count * self.span_bytes)
+        for region in self.regions.values():
+            slot = self._alloc_large(region, size, length)
+            if slot is not None:
+                return slot
+        region = self._new_region(size, run_bytes)
         if region is None:
             raise SlabFullError(f"slab full: no room for a {length}-byte chunk")
+        if self._small(size, region):
+            span = self._take_span(size, region, region.free_spans[0])
+            return self._bump(span, length)
+        slot = self._alloc_large(region, size, length)
+        assert slot is not None
+        return slot
+
+    @staticmethod
+    def _small(size: int, region: Region) -> bool:
+        return 2 * size <= region.span  # at least two slots per span, else whole spans
+
+    def _bump(self, span: _Span, length: int) -> Slot:
+        offset = span.index * self.regions[span.region].span + span.next_free * span.size
+        span.next_free += 1
+        span.used += 1
+        return self._account(span.region, offset, span.size, length)
+
+    def _alloc_large(self, region: Region, size: int, length: int) -> Slot | None:
+        if self._small(size, region):
+            return None
+        count = -(-size // region.span)
         start = region.take_spans(count)
-        assert start is not None
-        return self._account(region.id, start * self.span_bytes, count * self.span_bytes, length)
+        if start is None:
+            return None
+        region.retired_at = None
+        offset = start * region.span
+        self._large[(region.id, offset)] = count
+        return self._account(region.id, offset, count * region.span, length)
 
     def _account(self, rid: int, offset: int, size: int, length: int) -> Slot:
         self.used_bytes += size
         self.payload_bytes += length
         self.live_slots += 1
-        return Slot(rid, offset, size, length, self._gen.get((rid, offset), 0))
+        return Slot(rid, offset, size, length, self.regions[rid].gens.get(offset, 0))
 
     def _next_span(self, size: int, prev: _Span | None) -> _Span | None:
-        """A fresh span for ``size``: the one after ``prev`` if free (keeps runs contiguous)."""
-        if prev is not None and prev.used == 0:
-            self._release_span(prev)
-        region_index = None
-        if prev is not None and self.regions[prev.region].take_span(prev.index + 1):
-            region_index = (prev.region, prev.index + 1)
-        if region_index is None:
-            for region in self.regions:
-                if region.free_spans:
-                    region_index = (region.id, region.free_spans.pop(0))
-                    break
-        if region_index is None:
-            region = self._new_region()
-            if region is None:
-                return None
-            region_index = (region.id, region.free_spans.pop(0))
-        span = _Span(region_index[0], region_index[1], size, self.span_bytes // size)
-        self._spans[region_index] = span
+        """A fresh span for ``size``: the one after ``prev`` if free (keeps runs contiguous),
+        else the first free span of a region whose spans hold at least two such slots."""
+        if prev is not None:
+            region = self.regions[prev.region]
+            if region.take_span(prev.index + 1):
+                return self._take_span(size, region, prev.index + 1, taken=True)
+        for region in self.regions.values():
+            if region.free_spans and self._small(size, region):
+                return self._take_span(size, region, region.free_spans[0])
+        return None
+
+    def _take_span(self, size: int, region: Region, index: int, taken: bool = False) -> _Span:
+        if not taken:
+            assert region.take_span(index)
+        region.retired_at = None
+        span = _Span(region.id, index, size, region.span // size)
+        self._spans[(region.id, index)] = span
         self._current[size] = span
         return span
 
     def _release_span(self, span: _Span) -> None:
-        lo = span.index * self.span_bytes
-        hi = lo + self.span_bytes
-        free = self._free_slots.get(span.size)
-        if free:
-            self._free_slots[span.size] = [
-                (r, o) for (r, o) in free if r != span.region or not lo <= o < hi
-            ]
-        del self._spans[(span.region, span.index)]
+        key = (span.region, span.index)
+        del self._spans[key]
+        partial = self._partial.get(span.size)
+        if partial is not None:
+            partial.pop(key, None)
         if self._current.get(span.size) is span:
             del self._current[span.size]
-        self.regions[span.region].give_spans(span.index, 1)
+        region = self.regions[span.region]
+        region.give_spans(span.index, 1)
+        self._maybe_retire(region)
 
-    def _new_region(self, at_least: int = 0) -> Region | None:
-        size = min(self.region_bytes, self.initial_region_bytes << len(self.regions))
-        size = max(size, at_least)
-        room = (self.budget.capacity - self.budget.reserved) // self.span_bytes * self.span_bytes
-        size = min(size, room)  # the last region may be smaller: use the whole capacity
-        if size < max(at_least, self.span_bytes) or not self.budget.try_reserve(size):
+    def _maybe_retire(self, region: Region) -> None:
+        if region.empty and region.retired_at is None:
+            region.retired_at = time.monotonic()
+
+    def _new_region(self, need: int, hint: int = 0) -> Region | None:
+        """A region holding at least ``need`` bytes: double what is mapped (at least
+        ``min_region_bytes``, and ``hint`` when a run is coming), at most ``region_bytes``
+        unless one chunk needs more, and never more than the budget has room for."""
+        want = max(self.min_region_bytes, 2 * self.mapped_bytes, hint)
+        size = min(self.region_bytes, 1 << (want - 1).bit_length())  # a power of two: whole spans
+        size = max(size, need)
+        span = span_size_for(size, self.span_bytes)
+        size = -(-size // span) * span
+        room = self.budget.room
+        if size > room:  # the last region may be smaller: use the whole capacity
+            size = room // span * span
+        if size < max(need, PAGE) or not self.budget.try_reserve(size):
             return None
-        region = Region(len(self.regions), size, self.span_bytes)
-        self.regions.append(region)
+        region = Region(self._next_id, size, span)
+        self._next_id += 1
+        self.regions[region.id] = region
         if self.on_new_region is not None:
-            self.on_new_region(region)
+            try:
+                self.on_new_region(region)
+            except BaseException:
+                del self.regions[region.id]
+                self.budget.release(size)
+                region.close()
+                raise
         return region
 
 
-__all__ = ["ALIGN", "CapacityBudget", "Region", "Slab", "SlabFullError", "Slot"]
+__all__ = ["ALIGN", "CapacityBudget", "Region", "Slab", "SlabFullError", "Slot", "span_size_for"]

@@ -42,8 +42,8 @@ def test_plan_moves_exactly_the_chunk_bytes(lengths, shuffle_seed, max_sge, max_
             slab.free(s)
         slots[::3] = [slab.alloc(n) for n in lengths[::3]]
     rng = np.random.default_rng(shuffle_seed)
-    remote = {r.id: bytearray(rng.bytes(r.length)) for r in slab.regions}
-    region_addr = {r.id: 1_000_000_000 * (r.id + 1) for r in slab.regions}
+    remote = {r.id: bytearray(rng.bytes(r.length)) for r in slab.regions.values()}
+    region_addr = {r.id: 1_000_000_000 * (r.id + 1) for r in slab.regions.values()}
     dest_order = rng.permutation(len(lengths)) if shuffle_seed % 2 else np.arange(len(lengths))
     dest = np.zeros(len(lengths), np.int64)
     dest[dest_order] = np.concatenate([[0], np.cumsum(np.array(lengths)[dest_order])[:-1]])

@@ -90,3 +90,55 @@ def test_random_alloc_free_never_overlaps(ops):
             assert r1 != r2 or e1 <= b2
         assert s.stats()["used_bytes"] == sum(x.size for x in live)
         assert s.budget.reserved <= s.budget.capacity
+
+
+def test_freed_slots_are_zeroed_before_reuse():
+    s = Slab(CapacityBudget(8 << 20))
+    slot = s.alloc(5000)
+    s.view(slot)[:] = b"\xab" * 5000
+    r = s.regions[slot.region]
+    s.free(slot)
+    assert bytes(r.view[slot.offset : slot.offset + slot.size]) == bytes(slot.size)
+
+
+def test_empty_regions_go_back_to_the_budget_and_ids_are_never_reused():
+    budget = CapacityBudget(8 << 20)
+    released = []
+    s = Slab(budget, region_bytes=4 << 20, on_release_region=lambda r: released.append(r.id))
+    slots = s.alloc_run([16384] * 300)  # several regions
+    ids = {x.region for x in slots}
+    assert len(ids) > 1 and budget.reserved == s.mapped_bytes > 0
+    for x in slots:
+        s.free(x)
+    assert s.used_bytes == 0 and budget.reserved > 0  # retired, not yet released (grace period)
+    assert s.release_empty() > 0
+    assert budget.reserved == 0 and s.regions == {} and sorted(released) == sorted(ids)
+    again = s.alloc(100)
+    assert again.region not in ids  # a stale location can never name a new region
+
+
+def test_release_empty_honours_the_grace_period():
+    import time
+
+    s = Slab(CapacityBudget(8 << 20))
+    s.free(s.alloc(100))
+    assert s.release_empty(older_than=time.monotonic() - 60) == 0
+    assert s.release_empty(older_than=time.monotonic()) > 0
+
+
+def test_a_region_in_use_is_not_released_and_reuse_unretires_it():
+    s = Slab(CapacityBudget(8 << 20))
+    a, b = s.alloc(100), s.alloc(100)
+    s.free(a)
+    assert s.release_empty() == 0  # b still lives there
+    s.free(b)
+    c = s.alloc(100)  # taken again before the grace period ran out
+    assert s.release_empty() == 0 and c.region == a.region
+
+
+def test_a_thousand_small_namespaces_fit_in_256_mib():
+    budget = CapacityBudget(256 << 20)
+    slabs = [Slab(budget) for _ in range(1000)]
+    for sl in slabs:
+        sl.alloc_run([1024] * 4)  # 4 KiB each
+    assert budget.reserved <= 128 << 20
