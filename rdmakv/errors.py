@@ -86,6 +86,18 @@ class ServerError(RdmakvError):
     code = 12
 
 
+class DiskFullError(RdmakvError):
+    """The data dir has no room for this write (disk budget, or the filesystem itself)."""
+
+    code = 13
+
+
+class StorageError(RdmakvError):
+    """The data dir failed (an I/O error), or holds a record that cannot be read back."""
+
+    code = 14
+
+
 ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
     cls.code: cls
     for cls in (
@@ -101,5 +113,7 @@ ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
         TooLargeError,
         ConnectionLost,
         ServerError,
+        DiskFullError,
+        StorageError,
     )
 }

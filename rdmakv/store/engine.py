@@ -1,138 +1,242 @@
-"""The store itself, without sockets: namespaces, chunk index, slab, durable log.
+"""The store itself, without sockets: namespaces, chunk index, two tiers, durable log.
 
-Semantics (DESIGN §2): chunks are immutable and content-addressed; manifests are
-name-addressed and replaced atomically; a manifest is visible only when every
-chunk it names is present. Chunks are reference-counted by the manifests that
-name them. A chunk no manifest names yet (a save in flight, or one whose client
-died) is an *orphan*: it is kept, and evicted oldest-first only when the slab
-needs room — acknowledged data is never evicted.
+Semantics (DESIGN §2, §8): chunks are immutable and content-addressed; sessions (manifests)
+are name-addressed and replaced atomically; a manifest is visible only when every chunk it
+names is present. The memory tier (slab) caches the disk tier (log); ``tiering`` decides what
+leaves which. ``index`` says which counts keep bytes alive.
 
-Thread safety: one lock around every call; callers copy chunk bytes out under
-it (``read_chunks``) because a slot may be reused as soon as it is released.
+Locking: one engine lock around the index. It is never held across an fsync (commits share
+one through the log's group commit), a bulk copy of chunk bytes, or a log read: the work that
+needs bytes to stay put takes holds under the lock, does the copy without it, and lets go.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from slab import CapacityBudget, Region, Slab, SlabFullError, Slot
+from slab import CapacityBudget, Region, Slab
 
-from ..errors import IntegrityError, ManifestError, NotFoundError, StoreFullError
+from ..errors import DiskFullError, IntegrityError, ManifestError
 from ..hashing import chunk_key
 from ..wire import manifest as mf
-from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
-from .segment_log import (
-    REC_CHUNK,
-    REC_DELETE,
-    REC_MANIFEST,
-    SegmentLog,
-    chunk_parts,
-    delete_parts,
-    manifest_parts,
-)
+from . import records as rec
+from .compactor import Compactor
+from .datadir import DataDirLock, Reserve, fs_free_bytes
+from .index import Chunk, Holder, Namespace, Session, Tombstone
+from .maintenance import Maintenance
+from .reads import Reads
+from .replay import replay
+from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
+from .stats import namespace_list, namespace_stats
+from .tiering import Tiering
 
 RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
+ReleaseHook = Callable[[str, Region], None]
+
+DEFAULT_HIGH_WATERMARK = 0.9
+SAVE_HOLD_S = 60.0  # chunks of an uncommitted save stay this long after its last put
+RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
+REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
 
 
-@dataclass
-class StoredManifest:
-    data: bytes
-    keys: np.ndarray  # per chunk, manifest order
-    unique: list[int]
-    total_bytes: int
-    committed_at: float
-    locations: np.ndarray | None = None  # cached LOCATION_DTYPE rows, manifest order
-    encoded_locations: tuple[int, bytes] | None = None  # (regions in the table, Locations bytes)
-
-
-@dataclass
-class Namespace:
-    name: str
-    slab: Slab
-    chunks: dict[int, Slot] = field(default_factory=dict)
-    refs: dict[int, int] = field(default_factory=dict)
-    orphans: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    manifests: dict[str, StoredManifest] = field(default_factory=dict)
-    rkeys: dict[int, int] = field(default_factory=dict)  # region id -> rkey
-    counters: dict[str, int] = field(
-        default_factory=lambda: {
-            "bytes_received": 0,
-            "bytes_sent": 0,
-            "chunks_received": 0,
-            "chunks_stored": 0,
-            "chunks_deduped": 0,
-            "manifests_committed": 0,
-            "evicted_orphans": 0,
-        }
-    )
-
-
-class Engine:
+class Engine(Tiering, Reads):
     def __init__(
         self,
         data_dir: str | Path,
         capacity: int,
         *,
         fsync: str = "manifest",
+        disk_capacity: int | None = None,
+        high_watermark: float = DEFAULT_HIGH_WATERMARK,
+        quotas: dict[str, int] | None = None,
         region_bytes: int = 64 << 20,
         span_bytes: int = 1 << 20,
-        segment_bytes: int = 256 << 20,
+        segment_bytes: int | None = None,
+        compact_threshold: float = 0.5,
         region_hook: RegionHook | None = None,
+        release_hook: ReleaseHook | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
+        if not 0.1 <= high_watermark <= 1.0:
+            raise ValueError("high watermark must be between 0.1 and 1.0")
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
+        self.promote_lock = threading.Lock()
+        self.capacity = capacity
         self.budget = CapacityBudget(capacity)
+        self.disk_capacity = disk_capacity or 4 * capacity
+        self.high_watermark = high_watermark
+        self.quotas = dict(quotas or {})
         self.region_bytes = region_bytes
         self.span_bytes = span_bytes
         self.region_hook = region_hook
-        self.log = SegmentLog(data_dir, fsync=fsync, segment_bytes=segment_bytes)
+        self.release_hook = release_hook
+        self.say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.damage: list[Damage] = []
+        # segments follow the disk budget, or the filesystem when it is the smaller of the two
+        room = min(self.disk_capacity, fs_free_bytes(self.dir) + sum(p.stat().st_size for p in self.dir.glob("seg-*")))
+        self.log = SegmentLog(
+            self.dir, fsync=fsync, segment_bytes=segment_bytes or segment_bytes_for(room), on_damage=self._on_damage
+        )
+        self.reserve = Reserve(self.dir, self.log.segment_bytes)
+        self.dir_lock = DataDirLock(self.dir)
         self.namespaces: dict[str, Namespace] = {}
+        self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.seg_live: Counter[int] = Counter()
+        self.disk_live = 0
+        self.fs_free = 1 << 62
+        self.seq = 0
+        self.holders: set[Holder] = set()
+        self.local = self.new_holder()  # for in-process callers that pass none
         self.replay_stats: dict[str, float] = {}
+        self.compactor = Compactor(self, compact_threshold)
+        self.maintenance = Maintenance(self)
+        self._open = False
 
     # -- lifecycle -------------------------------------------------------------------------
-    def open(self) -> None:
+    def open(self, *, background: bool = True) -> None:
         t0 = time.perf_counter()
-        with self.lock:
-            self._replay()
-            self.log.open_for_append()
+        self.dir_lock.acquire()
+        try:
+            self.fs_free = fs_free_bytes(self.dir)
+            with self.lock:
+                replay(self)
+                self.log.open_for_append()
+            if not self.reserve.refill():
+                self.say(f"rdmakv: warning: no room for the {self.reserve.size}-byte reserve in {self.dir}")
+            self.fs_free = fs_free_bytes(self.dir)
+            if self.fs_free + self.log.disk_bytes() < self.disk_capacity:
+                self.say(
+                    f"rdmakv: warning: the filesystem under {self.dir} has room for "
+                    f"{(self.fs_free + self.log.disk_bytes()) >> 20} MiB, less than --disk-capacity "
+                    f"{self.disk_capacity >> 20} MiB; the store evicts before it fills"
+                )
+        except BaseException:
+            self.dir_lock.release()
+            raise
         self.replay_stats["replay_s"] = time.perf_counter() - t0
+        self._open = True
+        if background:
+            self.compactor.start()
+            self.maintenance.start()
 
     def close(self) -> None:
+        self.maintenance.stop()
+        self.compactor.stop()
         with self.lock:
             self.log.close()
+            self._open = False
+        self.dir_lock.release()
 
-    def set_region_hook(self, hook: RegionHook | None) -> None:
-        """Install the RDMA registration hook and register regions that already exist."""
+    def _on_damage(self, d: Damage) -> None:
+        self.damage.append(d)
+        self.say(f"rdmakv: log damage: {d}")
+
+    def set_region_hook(self, hook: RegionHook | None, release: ReleaseHook | None = None) -> None:
+        """Install the RDMA registration hooks and register regions that already exist."""
         with self.lock:
             self.region_hook = hook
+            self.release_hook = release
             if hook is None:
                 return
             for ns in self.namespaces.values():
-                for region in ns.slab.regions:
+                for region in ns.slab.regions.values():
                     ns.rkeys[region.id] = hook(ns.name, region)
+                ns.region_version += 1
 
     def namespace(self, name: str) -> Namespace:
         ns = self.namespaces.get(name)
         if ns is None:
-            ns = Namespace(name, None)  # type: ignore[arg-type]
+            ns = Namespace(name, None, self.quotas.get(name))  # type: ignore[arg-type]
             ns.slab = Slab(
-                self.budget,
-                region_bytes=self.region_bytes,
-                span_bytes=self.span_bytes,
+                self.budget, region_bytes=self.region_bytes, span_bytes=self.span_bytes,
                 on_new_region=lambda region, ns=ns: self._new_region(ns, region),
-            )
+                on_release_region=lambda region, ns=ns: self._release_region(ns, region),
+            )  # fmt: skip
             self.namespaces[name] = ns
         return ns
 
     def _new_region(self, ns: Namespace, region: Region) -> None:
         if self.region_hook is not None:
             ns.rkeys[region.id] = self.region_hook(ns.name, region)
+        ns.region_version += 1
+
+    def _release_region(self, ns: Namespace, region: Region) -> None:
+        if self.release_hook is not None and region.id in ns.rkeys:
+            self.release_hook(ns.name, region)
+        ns.rkeys.pop(region.id, None)
+        ns.region_version += 1
+
+    def new_holder(self) -> Holder:
+        h = Holder()
+        with self.lock:
+            self.holders.add(h)
+        return h
+
+    def release_holder(self, h: Holder) -> None:
+        """A connection is gone: let go of everything it held."""
+        with self.lock:
+            self._drop_restore_hold(h)
+            for (ns_name, key) in list(h.pending):
+                self._drop_pending(h, ns_name, key)
+            self.holders.discard(h)
+
+    def _drop_restore_hold(self, h: Holder) -> None:
+        if h.restore is not None:
+            ns, s = h.restore
+            h.restore = None
+            self._unhold_session(ns, s)
+
+    def _drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
+        h.pending.pop((ns_name, key), None)
+        ns = self.namespaces[ns_name]
+        c = ns.chunks.get(key)
+        if c is not None:
+            if c.refs == 0 and c.holds == 1:
+                ns.counters["orphans_dropped"] += 1
+            self._unhold(ns, c)
+
+    # -- accounting of live log records --------------------------------------------------
+    def _live(self, ns: Namespace, loc: Location) -> None:
+        self.seg_live[loc.segment] += loc.size
+        self.disk_live += loc.size
+        ns.disk_live += loc.size
+
+    def _dead(self, ns: Namespace, loc: Location) -> None:
+        self.seg_live[loc.segment] -= loc.size
+        self.disk_live -= loc.size
+        ns.disk_live -= loc.size
+
+    def _append_small(self, rtype: int, parts: list) -> tuple[Location, int]:
+        """Append a small record that must get through on a full disk (tombstones, pins):
+        on ENOSPC the reserve is given up and the append tried once more."""
+        try:
+            return self.log.append(rtype, parts)
+        except DiskFullError:
+            if not self.reserve.give_up():
+                raise
+            self.say("rdmakv: disk full: gave up the reserve so that a delete or pin goes through")
+            return self.log.append(rtype, parts)
+
+    def _tombstone(self, ns: Namespace, name: str) -> int:
+        self.seq += 1
+        loc, lsn = self._append_small(rec.REC_DELETE, rec.delete_parts(ns.name, name, self.seq))
+        old = ns.tombstones.pop(name, None)
+        if old is not None:
+            self._dead(ns, old.loc)
+        ns.tombstones[name] = Tombstone(self.seq, loc)
+        ns.last_seq[name] = self.seq
+        self._live(ns, loc)
+        return lsn
 
     # -- chunks ----------------------------------------------------------------------------
     def exists(self, ns_name: str, keys: np.ndarray) -> np.ndarray:
@@ -140,103 +244,92 @@ class Engine:
             chunks = self.namespace(ns_name).chunks
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
 
-    def put_chunks(self, ns_name: str, items: Sequence[tuple[int, memoryview]]) -> tuple[int, int]:
-        """Store chunks after checking each hashes to its key; (stored, already present)."""
+    def put_chunks(
+        self, ns_name: str, items: Sequence[tuple[int, memoryview]], holder: Holder | None = None
+    ) -> tuple[int, int]:
+        """Store chunks (each checked against its key) and hold them for this caller's next
+        commit; returns (stored, already present)."""
+        holder = holder or self.local
         for key, data in items:
             if chunk_key(data) != key:
                 raise IntegrityError(f"chunk {key:016x}: bytes do not hash to the key")
-        stored = existed = 0
+        now = time.monotonic()
         with self.lock:
             ns = self.namespace(ns_name)
             ns.counters["chunks_received"] += len(items)
-            batch = {key for key, _ in items}
+            new: dict[int, memoryview] = {}
+            existed = 0
             for key, data in items:
-                if key in ns.chunks:
+                c = ns.chunks.get(key)
+                if c is not None:
                     existed += 1
-                    continue
-                slot = self._alloc(ns, len(data), batch)
-                try:
-                    self.log.append(REC_CHUNK, chunk_parts(ns.name, key, data))
-                except OSError as e:
+                    self._hold_pending(holder, ns, c, now)
+                elif key not in new:
+                    new[key] = data
+            if not new:
+                ns.counters["chunks_deduped"] += existed
+                return 0, existed
+            lengths = [memoryview(d).nbytes for d in new.values()]
+            self._disk_room(ns, sum(lengths) + 64 * len(lengths))
+            slots = self._alloc_run(ns, lengths)
+            views = [ns.slab.view(s) for s in slots]
+        placed: list[tuple[int, Location]] = []
+        try:
+            self._make_disk_room(sum(lengths) + 64 * len(lengths))
+            for (key, data), view in zip(new.items(), views):
+                view[:] = data
+                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data))
+                placed.append((key, loc))
+        except BaseException:
+            with self.lock:  # records already appended were never live: garbage for the compactor
+                for s in slots:
+                    ns.slab.free(s)
+            raise
+        finally:
+            views.clear()
+        stored = 0
+        with self.lock:
+            for (key, loc), slot in zip(placed, slots):
+                if key in ns.chunks:  # a concurrent put of the same chunk won
                     ns.slab.free(slot)
-                    raise StoreFullError(f"cannot append to the log: {e.strerror}") from e
-                ns.slab.view(slot)[:] = data
-                ns.chunks[key] = slot
-                ns.orphans[key] = None
+                    existed += 1
+                    self._hold_pending(holder, ns, ns.chunks[key], now)
+                    continue
+                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot)
+                self._live(ns, loc)
+                self._hold_pending(holder, ns, c, now)
                 stored += 1
             ns.counters["chunks_stored"] += stored
             ns.counters["chunks_deduped"] += existed
         return stored, existed
 
-    def _alloc(self, ns: Namespace, length: int, keep: set[int]) -> Slot:
-        while True:
-            try:
-                return ns.slab.alloc(length)
-            except SlabFullError:
-                victim = next((k for k in ns.orphans if k not in keep), None)
-                if victim is None:
-                    raise StoreFullError(
-                        f"store full: no room for a {length}-byte chunk in namespace "
-                        f"{ns.name!r} (capacity {self.budget.capacity} bytes, every stored "
-                        f"chunk belongs to a committed manifest)"
-                    ) from None
-                del ns.orphans[victim]
-                ns.slab.free(ns.chunks.pop(victim))
-                ns.counters["evicted_orphans"] += 1
-
-    def read_chunks_into(
-        self, ns_name: str, keys: Sequence[int], out: bytearray
-    ) -> tuple[bytearray, list[memoryview | None]]:
-        """Copy chunks into ``out`` and return (buffer, views of it). The caller keeps the buffer
-        for the next call, so a large restore does not allocate and fault in fresh memory each
-        time; a bigger one replaces it when needed (views of the old one may still be alive)."""
-        with self.lock:
-            ns = self.namespace(ns_name)
-            slots = [ns.chunks.get(k) for k in keys]
-            need = sum(s.length for s in slots if s is not None)
-            if len(out) < need:
-                out = bytearray(max(need, 2 * len(out)))
-            view = memoryview(out)
-            result: list[memoryview | None] = []
-            pos = 0
-            for slot in slots:
-                if slot is None:
-                    result.append(None)
-                    continue
-                dst = view[pos : pos + slot.length]
-                dst[:] = ns.slab.view(slot)
-                result.append(dst)
-                pos += slot.length
-            return out, result
-
-    def locate(self, ns_name: str, keys: np.ndarray) -> Locations:
-        with self.lock:
-            ns = self.namespace(ns_name)
-            return Locations(self._region_table(ns), self._locations(ns, keys))
-
-    def _locations(self, ns: Namespace, keys: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(keys), dtype=LOCATION_DTYPE)
-        out["region"] = NO_REGION
-        for i, k in enumerate(keys.tolist()):
-            slot = ns.chunks.get(k)
-            if slot is not None:
-                out[i] = (slot.region, slot.offset, slot.gen, slot.size)
-        return out
-
-    def _region_table(self, ns: Namespace) -> np.ndarray:
-        return make_regions(
-            [(r.id, r.address, r.length, ns.rkeys.get(r.id, 0)) for r in ns.slab.regions]
-        )
+    def _hold_pending(self, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:
+        ident = (ns.name, c.key)
+        if ident not in holder.pending:
+            c.holds += 1
+        holder.pending[ident] = now
 
     # -- manifests -------------------------------------------------------------------------
-    def commit_manifest(self, ns_name: str, name: str, data: bytes) -> np.ndarray:
+    def commit_manifest(
+        self,
+        ns_name: str,
+        name: str,
+        data: bytes,
+        holder: Holder | None = None,
+        *,
+        pin: bool = False,
+        ttl: float = 0.0,
+    ) -> np.ndarray:
         """Commit if every chunk is present; else return the missing keys (nothing changes)."""
+        holder = holder or self.local
         m = mf.decode(data)  # raises ManifestError
-        unique = np.unique(m.keys)
+        unique = list(dict.fromkeys(m.keys.tolist()))
+        data = bytes(data)
+        now = time.time()
         with self.lock:
             ns = self.namespace(ns_name)
             chunks = ns.chunks
-            missing = [k for k in unique.tolist() if k not in chunks]
+            missing = [k for k in unique if k not in chunks]
             if missing:
                 return np.array(missing, dtype=np.uint64)
             for k, length in zip(m.keys.tolist(), m.lengths.tolist()):
@@ -245,127 +338,96 @@ class Engine:
                         f"manifest says chunk {k:016x} has {length} bytes; the stored chunk has "
                         f"{chunks[k].length}"
                     )
-            self.log.append(REC_MANIFEST, manifest_parts(ns.name, name, data), durable=True)
-            self._install(ns, name, bytes(data), m, unique.tolist())
-            ns.counters["manifests_committed"] += 1
-            return np.zeros(0, dtype=np.uint64)
-
-    def _install(self, ns: Namespace, name: str, data: bytes, m: mf.Manifest, unique: list[int]) -> None:
-        for k in unique:
-            ns.refs[k] = ns.refs.get(k, 0) + 1
-            ns.orphans.pop(k, None)
-        sm = StoredManifest(data, m.keys, unique, m.total_bytes, time.time())
-        sm.locations = self._locations(ns, m.keys)
-        old = ns.manifests.get(name)
-        ns.manifests[name] = sm
-        if old is not None:
-            self._release(ns, old)
-
-    def _release(self, ns: Namespace, sm: StoredManifest) -> None:
-        for k in sm.unique:
-            n = ns.refs[k] - 1
-            if n:
-                ns.refs[k] = n
-            else:
-                del ns.refs[k]
-                ns.slab.free(ns.chunks.pop(k))
-
-    def get_manifest(self, ns_name: str, name: str, want_locations: bool = False) -> tuple[bytes, bytes | None]:
-        """The manifest, and with ``want_locations`` its encoded chunk locations (cached per
-        manifest: this is a restore's hot path)."""
+            self._disk_room(ns, len(data) + 128)
+            self._make_room(ns, len(data), hard=True)
+            for k in unique:
+                chunks[k].holds += 1  # nothing may free them before the install below
+            self.seq += 1
+            seq = self.seq
+        expires = now + ttl if ttl > 0 else 0.0
+        try:
+            self._make_disk_room(len(data) + 128)
+            parts = rec.manifest_parts(
+                ns_name, name, seq, data, pinned=pin, expires_ms=int(expires * 1000), committed_ms=int(now * 1000)
+            )
+            loc, lsn = self.log.append(rec.REC_MANIFEST, parts)
+            if self.log.fsync_policy == "manifest":
+                self.log.sync_to(lsn)
+        except BaseException:
+            with self.lock:
+                for k in unique:
+                    self._unhold(ns, chunks[k])
+            raise
         with self.lock:
-            ns = self.namespace(ns_name)
-            sm = ns.manifests.get(name)
-            if sm is None:
-                raise NotFoundError(f"no manifest named {name!r} in namespace {ns_name!r}")
-            if not want_locations:
-                return sm.data, None
-            n_regions = len(ns.slab.regions)  # slots of a live manifest never move; only the table grows
-            if sm.encoded_locations is None or sm.encoded_locations[0] != n_regions:
-                sm.encoded_locations = (n_regions, Locations(self._region_table(ns), sm.locations).encode())
-            return sm.data, sm.encoded_locations[1]
+            ns.disk_records[name] += 1
+            s = Session(ns_name, name, seq, loc, m.keys, unique, m.total_bytes, len(data), now, expires, pin)
+            self._install(ns, s, data)
+            for k in unique:
+                self._unhold(ns, chunks[k])
+                if (ns_name, k) in holder.pending:
+                    self._drop_pending(holder, ns_name, k)
+            ns.counters["manifests_committed"] += 1
+        return np.zeros(0, dtype=np.uint64)
+
+    def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
+        """Make ``s`` the visible version of its name, unless a newer one got there first."""
+        if s.seq <= ns.last_seq.get(s.name, 0):
+            return  # superseded before it was installed: its record is garbage already
+        ns.last_seq[s.name] = s.seq
+        old = ns.sessions.get(s.name)
+        ns.sessions[s.name] = s
+        self._live(ns, s.loc)
+        tomb = ns.tombstones.pop(s.name, None)
+        if tomb is not None:
+            self._dead(ns, tomb.loc)  # a newer manifest outranks it on replay
+        for k in s.unique:
+            ns.chunks[k].refs += 1
+        if data is not None:
+            self._charge_manifest(ns, s, data)
+            self._claim(ns, s)
+            s.complete = all(ns.chunks[k].slot is not None for k in s.unique)
+        self._list(s)
+        if old is not None:
+            self._retire(ns, old)
 
     def delete_manifest(self, ns_name: str, name: str) -> None:
         with self.lock:
             ns = self.namespace(ns_name)
-            sm = ns.manifests.get(name)
-            if sm is None:
-                raise NotFoundError(f"no manifest named {name!r} in namespace {ns_name!r}")
-            self.log.append(REC_DELETE, delete_parts(ns.name, name), durable=True)
-            del ns.manifests[name]
-            self._release(ns, sm)
+            s = self._lookup(ns, name)
+            lsn = self._tombstone(ns, name)
+            del ns.sessions[name]
+            self._retire(ns, s)
+            ns.counters["deletes"] += 1
+        self.log.sync_to(lsn)
+        self.compactor.wake()
+
+    def set_pin(self, ns_name: str, name: str, pinned: bool) -> None:
+        with self.lock:
+            ns = self.namespace(ns_name)
+            s = self._lookup(ns, name)
+            self.seq += 1
+            loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
+            if s.pin_loc is not None:
+                self._dead(ns, s.pin_loc)
+            s.pin_loc = loc
+            self._live(ns, loc)
+            self._unlist(s)
+            s.pinned = pinned
+            self._list(s)
+        self.log.sync_to(lsn)
 
     def list(self, ns_name: str, prefix: str = "") -> list[dict]:
         with self.lock:
-            ns = self.namespace(ns_name)
-            return [
-                {
-                    "name": n,
-                    "manifest_bytes": len(sm.data),
-                    "chunks": len(sm.keys),
-                    "kv_bytes": sm.total_bytes,
-                    "committed_at": sm.committed_at,
-                }
-                for n, sm in sorted(ns.manifests.items())
-                if n.startswith(prefix)
-            ]
+            return namespace_list(self.namespace(ns_name), prefix)
 
     def stats(self, ns_name: str) -> dict:
         with self.lock:
-            ns = self.namespace(ns_name)
-            slab = ns.slab.stats()
-            return {
-                "namespace": ns.name,
-                "manifests": len(ns.manifests),
-                "manifest_bytes": sum(len(sm.data) for sm in ns.manifests.values()),
-                "chunks": len(ns.chunks),
-                "chunk_bytes": slab["payload_bytes"],
-                "slab_used_bytes": slab["used_bytes"],
-                "slab_mapped_bytes": slab["mapped_bytes"],
-                "slab_regions": slab["regions"],
-                "orphan_chunks": len(ns.orphans),
-                "capacity_bytes": self.budget.capacity,
-                "capacity_reserved_bytes": self.budget.reserved,
-                "log_bytes": self.log.disk_bytes(),
-                **ns.counters,
-            }
+            return namespace_stats(self, self.namespace(ns_name))
 
-    # -- replay ----------------------------------------------------------------------------
-    def _replay(self) -> None:
-        """Two passes: find the final manifests, then load only the chunks they name."""
-        manifests: dict[tuple[str, str], bytes] = {}
-        where: dict[tuple[str, int], tuple[Path, int, int]] = {}
-        for rec in self.log.replay():
-            if rec.rtype == REC_CHUNK:
-                where.setdefault((rec.ns, rec.key), (rec.segment, rec.data_offset, len(rec.body)))
-            elif rec.rtype == REC_MANIFEST:
-                manifests[(rec.ns, rec.name)] = bytes(rec.body)
-            elif rec.rtype == REC_DELETE:
-                manifests.pop((rec.ns, rec.name), None)
-        decoded: dict[tuple[str, str], mf.Manifest] = {}
-        for ident, data in manifests.items():
-            try:
-                decoded[ident] = mf.decode(data)
-            except ManifestError as e:  # checksummed record, so this means a codec change
-                raise ManifestError(f"log holds an unreadable manifest {ident}: {e}") from e
-        live: dict[str, set[int]] = {}
-        for (ns_name, _), m in decoded.items():
-            live.setdefault(ns_name, set()).update(m.keys.tolist())
-        for ns_name, keys in live.items():
-            ns = self.namespace(ns_name)
-            absent = [k for k in keys if (ns_name, k) not in where]
-            if absent:
-                raise ManifestError(f"log is inconsistent: {len(absent)} chunks of namespace {ns_name!r} are missing")
-            # reload in log order: the chunks of one save land contiguously again
-            todo = sorted(keys, key=lambda k: where[(ns_name, k)][:2])
-            for k in todo:
-                seg, off, length = where[(ns_name, k)]
-                slot = ns.slab.alloc(length)
-                ns.slab.view(slot)[:] = self.log.read_at(seg, off, length)
-                ns.chunks[k] = slot
-        for (ns_name, name), m in sorted(decoded.items(), key=lambda kv: kv[0]):
-            ns = self.namespace(ns_name)
-            self._install(ns, name, manifests[(ns_name, name)], m, np.unique(m.keys).tolist())
-        self.replay_stats.update(
-            manifests=float(len(decoded)), chunks=float(sum(len(v) for v in live.values()))
-        )
+    def compact(self) -> dict:
+        """A full compaction pass, the open segment included (``rdmakv compact``)."""
+        return self.compactor.full_pass()
+
+    def maintain(self) -> None:
+        """One round of background work (tests call it directly instead of waiting)."""
+        self.maintenance.run_once()

@@ -8,9 +8,11 @@ directly, so the server spends CPU only on the control round trip.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +56,7 @@ class Server:
         self.address = self.listener.getsockname()[:2]
         self._stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
-        self._conns: set[FramedSocket] = set()
+        self._conns: set[_Connection] = set()
         self._lock = threading.Lock()
 
     @property
@@ -80,32 +82,41 @@ class Server:
         threading.Thread(target=self.serve_forever, daemon=True, name="rdmakv-accept").start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in progress finish (for up to ``timeout`` seconds), then
+        hang up on every connection."""
         self._stopping.set()
         try:
             self.listener.close()
         except OSError:
             pass
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                conns = list(self._conns)
+            busy = [c for c in conns if c.busy]
+            for c in conns:
+                if not c.busy or time.monotonic() > deadline:
+                    c.hang_up()
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
 
     # -- one connection ---------------------------------------------------------------
     def _serve_conn(self, sock: socket.socket, peer: tuple) -> None:
-        fs = FramedSocket(sock, self.max_frame)
+        conn = _Connection(self, FramedSocket(sock, self.max_frame), peer)
         with self._lock:
-            self._conns.add(fs)
-        conn = _Connection(self, fs, peer)
+            self._conns.add(conn)
         try:
             conn.run()
         finally:
             conn.close()
             with self._lock:
-                self._conns.discard(fs)
+                self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
 
 
@@ -116,6 +127,8 @@ class _Connection:
         self.fs = fs
         self.peer = f"{peer[0]}:{peer[1]}"
         self.ns = ""
+        self.busy = False  # between receiving a request and sending its reply
+        self.holder = self.engine.new_holder()
         self.rdma_session: object | None = None
         self.scratch = bytearray()  # GET_CHUNKS replies are staged here, reused across requests
         self.handlers: dict[int, Callable[[memoryview], list]] = {
@@ -129,6 +142,8 @@ class _Connection:
             Op.STATS: self.on_stats,
             Op.LOCATE: self.on_locate,
             Op.RDMA_CONNECT: self.on_rdma_connect,
+            Op.PIN: self.on_pin,
+            Op.COMPACT: self.on_compact,
         }
 
     def run(self) -> None:
@@ -164,6 +179,7 @@ class _Connection:
                 return
             except OSError:
                 return
+            self.busy = True
             try:
                 parts = self.dispatch(header.op, payload)
                 op, resp = header.op, parts
@@ -179,8 +195,18 @@ class _Connection:
                 sent = fs.send(op, FLAG_RESPONSE, header.req_id, resp)
             except OSError:
                 return
+            finally:
+                self.busy = False
             with self.engine.lock:
                 counters["bytes_sent"] += sent
+            if self.server._stopping.is_set():
+                return
+
+    def hang_up(self) -> None:
+        try:
+            self.fs.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _send_error_plain(self, e: RdmakvError) -> None:
         try:
@@ -207,6 +233,7 @@ class _Connection:
         return handler(payload)
 
     def close(self) -> None:
+        self.engine.release_holder(self.holder)
         if self.rdma_session is not None:
             try:
                 self.rdma_session.close()  # type: ignore[attr-defined]
@@ -221,7 +248,7 @@ class _Connection:
 
     def on_put_chunks(self, payload: memoryview) -> list:
         items = msg.dec_put_chunks(payload)
-        stored, existed = self.engine.put_chunks(self.ns, items)
+        stored, existed = self.engine.put_chunks(self.ns, items, self.holder)
         return [msg.enc_put_result(stored, existed)]
 
     def on_get_chunks(self, payload: memoryview) -> list:
@@ -230,15 +257,25 @@ class _Connection:
         return msg.enc_chunks(chunks)
 
     def on_put_manifest(self, payload: memoryview) -> list:
-        name, data = msg.dec_put_manifest(payload)
-        missing = self.engine.commit_manifest(self.ns, name, bytes(data))
+        name, data, opts = msg.dec_put_manifest(payload)
+        missing = self.engine.commit_manifest(self.ns, name, bytes(data), self.holder, pin=opts.pin, ttl=opts.ttl)
         return [msg.enc_manifest_result(missing)]
 
     def on_get_manifest(self, payload: memoryview) -> list:
         name, flags = msg.dec_get_manifest(payload)
         want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
-        data, loc = self.engine.get_manifest(self.ns, name, want)
-        return msg.enc_manifest_reply(data, loc)
+        data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
+        return msg.enc_manifest_reply(data, loc, tier)
+
+    def on_pin(self, payload: memoryview) -> list:
+        name, pinned = msg.dec_pin(payload)
+        self.engine.set_pin(self.ns, name, pinned)
+        return []
+
+    def on_compact(self, payload: memoryview) -> list:
+        if len(payload):
+            raise ProtocolError("COMPACT takes no payload")
+        return [msg.enc_json(self.engine.compact())]
 
     def on_locate(self, payload: memoryview) -> list:
         keys = msg.dec_keys(payload)
@@ -282,36 +319,62 @@ def run_server(
     transport: str = "auto",
     region_bytes: int = 64 << 20,
     max_frame: int = DEFAULT_MAX_FRAME,
+    disk_capacity: int | None = None,
+    high_watermark: float = 0.9,
+    quotas: dict[str, int] | None = None,
     ready: Callable[[Server], None] | None = None,
 ) -> None:
+    """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
     host, _, port = listen.rpartition(":")
-    engine = Engine(data_dir, capacity, fsync=fsync, region_bytes=region_bytes)
+    engine = Engine(
+        data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
+        high_watermark=high_watermark, quotas=quotas,
+    )  # fmt: skip
     engine.open()
-    exporter = None
-    if transport in ("auto", "rdma"):
-        from ..rdma.exporter import make_exporter
+    try:
+        exporter = None
+        if transport in ("auto", "rdma"):
+            from ..rdma.exporter import make_exporter
 
-        exporter, why = make_exporter(engine)
-        if exporter is None and transport == "rdma":
-            raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
-        if exporter is None:
-            print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
-    server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), max_frame=max_frame, rdma=exporter)
+            exporter, why = make_exporter(engine)
+            if exporter is None and transport == "rdma":
+                raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
+            if exporter is None:
+                print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
+        server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), max_frame=max_frame, rdma=exporter)
+    except BaseException:
+        engine.close()
+        raise
     stats = engine.replay_stats
     print(
         f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
-        f"fsync={fsync} rdma={'on' if exporter else 'off'} "
-        f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks "
-        f"in {stats.get('replay_s', 0):.3f}s)",
+        f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} "
+        f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks, "
+        f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)",
         file=sys.stderr,
         flush=True,
     )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        server.log(f"rdmakv serve: {signal.Signals(signum).name}: finishing requests in progress, then stopping")
+        server._stopping.set()
+        try:
+            server.listener.close()  # the accept below returns
+        except OSError:
+            pass
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an EFBIG, not a crash
     if ready is not None:
         ready(server)
     try:
         server.serve_forever()
     finally:
+        server.stop()
         engine.close()
+        print("rdmakv serve: stopped (log synced and closed)", file=sys.stderr, flush=True)
 
 
 __all__ = ["Server", "run_server"]

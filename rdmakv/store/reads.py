@@ -1,0 +1,135 @@
+"""The restore path: looking a session up (promoting it when it was demoted), its chunk
+locations for one-sided READs, and copying chunks out for TCP restores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import NotFoundError
+from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
+from .index import Chunk, Holder, Namespace, Session
+from .segment_log import Segment
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Reads:
+    """Mixin of Engine: everything a restore asks of the store."""
+
+    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:
+        s = ns.sessions.get(name)
+        if s is not None and s.expired(time.time()):
+            del ns.sessions[name]
+            self._retire(ns, s)
+            ns.counters["expirations"] += 1
+            s = None
+        if s is None:
+            raise NotFoundError(f"no manifest named {name!r} in namespace {ns.name!r}")
+        return s
+
+    def get_manifest(
+        self: Engine, ns_name: str, name: str, want_locations: bool = False, holder: Holder | None = None
+    ) -> tuple[bytes, bytes | None, str]:
+        """(manifest, encoded chunk locations when asked, tier: "memory" or "disk").
+
+        The lookup holds this version for the caller until its next lookup, so its chunks stay
+        while it fetches them. A demoted session is promoted first (one extra log read)."""
+        holder = holder or self.local
+        with self.lock:
+            ns = self.namespace(ns_name)
+            s = self._lookup(ns, name)
+            self._drop_restore_hold(holder)
+            s.holds += 1
+            holder.restore, holder.restore_at = (ns, s), time.monotonic()
+            self._list(s)
+            hit = s.complete
+            ns.counters["restores"] += 1
+            ns.counters["memory_hits" if hit else "disk_hits"] += 1
+        if not hit:
+            self._promote(ns, s)
+        with self.lock:
+            data = s.data
+        if data is None:
+            data = self.read_manifest(s)
+        if not want_locations:
+            return data, None, "memory" if hit else "disk"
+        with self.lock:
+            version = ns.region_version
+            if s.encoded_locations is None or s.encoded_locations[0] != version or not s.complete:
+                enc = Locations(self._region_table(ns), self._locations(ns, s.keys.tolist())).encode()
+                s.encoded_locations = (version, enc) if s.complete else None
+            else:
+                enc = s.encoded_locations[1]
+        return data, enc, "memory" if hit else "disk"
+
+    def read_chunks_into(
+        self: Engine, ns_name: str, keys: Sequence[int], out: bytearray
+    ) -> tuple[bytearray, list[memoryview | None]]:
+        """Copy chunks into ``out`` (grown when too small) and return (buffer, views of it); a
+        chunk not in memory is read from the log. Bytes are copied without the engine lock."""
+        plan: list[tuple[Chunk, Segment | None, int] | None] = []
+        with self.lock:
+            ns = self.namespace(ns_name)
+            for k in keys:
+                c = ns.chunks.get(k)
+                if c is None:
+                    plan.append(None)
+                    continue
+                c.holds += 1
+                if c.slot is not None and c.ready:
+                    plan.append((c, None, 0))
+                else:
+                    plan.append((c, self.log.segment(c.loc.segment).acquire(), c.loc.body))
+        try:
+            need = sum(p[0].length for p in plan if p is not None)
+            if len(out) < need:
+                out = bytearray(max(need, 2 * len(out)))
+            view = memoryview(out)
+            result: list[memoryview | None] = []
+            pos = 0
+            for p in plan:
+                if p is None:
+                    result.append(None)
+                    continue
+                c, seg, offset = p
+                dst = view[pos : pos + c.length]
+                if seg is None:
+                    dst[:] = ns.slab.view(c.slot)
+                else:
+                    seg.pread_into(offset, dst)
+                result.append(dst)
+                pos += c.length
+            return out, result
+        finally:
+            with self.lock:
+                for p in plan:
+                    if p is not None:
+                        self._unhold(ns, p[0])
+            for p in plan:
+                if p is not None and p[1] is not None:
+                    p[1].release()
+
+    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
+        with self.lock:
+            ns = self.namespace(ns_name)
+            return Locations(self._region_table(ns), self._locations(ns, keys.tolist()))
+
+    def _locations(self: Engine, ns: Namespace, keys: list[int]) -> np.ndarray:
+        out = np.zeros(len(keys), dtype=LOCATION_DTYPE)
+        out["region"] = NO_REGION
+        for i, k in enumerate(keys):
+            c = ns.chunks.get(k)
+            if c is not None and c.slot is not None and c.ready:
+                s = c.slot
+                out[i] = (s.region, s.offset, s.gen, s.size)
+        return out
+
+    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:
+        return make_regions(
+            [(r.id, r.address, r.length, ns.rkeys.get(r.id, 0)) for r in ns.slab.regions.values()]
+        )
