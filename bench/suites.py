@@ -296,7 +296,7 @@ def _per_wr_cost(st: rdmakv.Store) -> dict:
     """Post 1000 tiny READs in one call: the per-WR software cost dominates."""
     r = st.rdma
     buf, addr, lkey = r.pool.alloc(64 * 1000)
-    _, loc = st.channel.get_manifest("s", want_locations=True)
+    _, loc, _ = st.channel.get_manifest("s", want_locations=True)
     reg = loc.regions[0]
     ops = [(int(reg["addr"]) + 64 * i, int(reg["rkey"]), [(addr + 64 * i, 64, lkey)]) for i in range(1000)]
     r.requester.read(ops)

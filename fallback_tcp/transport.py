@@ -204,15 +204,24 @@ class TcpChannel:
                 out.append(None if data is None else bytes(data))
         return out
 
-    def put_manifest(self, name: str, manifest: bytes) -> np.ndarray:
-        return msg.dec_manifest_result(self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest))).copy()
+    def put_manifest(self, name: str, manifest: bytes, options: msg.SaveOptions | None = None) -> np.ndarray:
+        reply = self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest, options or msg.SaveOptions()))
+        return msg.dec_manifest_result(reply).copy()
 
-    def get_manifest(self, name: str, want_locations: bool = False) -> tuple[bytes, msg.Locations | None]:
+    def get_manifest(self, name: str, want_locations: bool = False) -> tuple[bytes, msg.Locations | None, str]:
+        """(manifest, chunk locations when asked and the server exports RDMA, tier)."""
         flags = msg.GET_WANT_LOCATIONS if want_locations else 0
-        data, loc = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
+        data, loc, tier = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
         if loc is not None:
             loc = msg.Locations(loc.regions.copy(), loc.slots.copy())
-        return bytes(data), loc
+        return bytes(data), loc, tier
+
+    def pin(self, name: str, pinned: bool) -> None:
+        self.request(Op.PIN, [msg.enc_pin(name, pinned)])
+
+    def compact(self) -> dict:
+        out = msg.dec_json(self.request(Op.COMPACT, []))
+        return out if isinstance(out, dict) else {}
 
     def locate(self, keys: np.ndarray) -> msg.Locations:
         loc = msg.dec_locations(self.request(Op.LOCATE, [msg.enc_keys(keys)]))

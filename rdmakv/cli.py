@@ -33,8 +33,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         transport=args.transport,
         region_bytes=parse_size(args.region_size),
         max_frame=parse_size(args.max_frame),
+        disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else None,
+        high_watermark=args.high_watermark,
+        quotas=dict(_parse_quota(q) for q in args.quota),
     )
     return 0
+
+
+def _parse_quota(text: str) -> tuple[str, int]:
+    ns, sep, size = text.rpartition("=")
+    if not sep or not ns:
+        raise ValueError(f"--quota wants NAMESPACE=SIZE (e.g. tenant-a=512MiB), got {text!r}")
+    return ns, parse_size(size)
+
+
+def _watermark(text: str) -> float:
+    v = float(text)
+    if not 0.1 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 1.0, got {v}")
+    return v
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -58,7 +75,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         print("(no manifests)")
     for r in rows:
-        print(f"{r['name']}\t{r['chunks']} chunks\t{fmt_bytes(r['kv_bytes'])}\tmanifest {r['manifest_bytes']} B")
+        flags = ",".join(f for f, on in (("pinned", r.get("pinned")), ("on-disk", not r.get("resident", True))) if on)
+        ttl = f"\texpires in {r['expires_in']:.0f} s" if r.get("expires_in") is not None else ""
+        print(f"{r['name']}\t{r['chunks']} chunks\t{fmt_bytes(r['kv_bytes'])}\tmanifest {r['manifest_bytes']} B"
+              f"{chr(9) + flags if flags else ''}{ttl}")
     return 0
 
 
@@ -75,6 +95,27 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pin(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        (store.pin if args.command == "pin" else store.unpin)(args.name)
+    print(f"{args.name}: {'pinned' if args.command == 'pin' else 'unpinned'}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        out = store.compact()
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(
+            f"compacted {out['segments_compacted']} segments in {out['seconds']} s: "
+            f"{fmt_bytes(out['disk_bytes_before'])} -> {fmt_bytes(out['disk_bytes_after'])} on disk "
+            f"({fmt_bytes(out['live_bytes'])} live)"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rdmakv",
@@ -87,7 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a store server", description="Run a store server. " + KEY_HELP + ".")
     s.add_argument("--listen", default="127.0.0.1:9900", help="HOST:PORT to listen on (default 127.0.0.1:9900)")
     s.add_argument("--data-dir", required=True, help="directory of the durable segment log (created if missing)")
-    s.add_argument("--capacity", default="2GiB", help="memory for stored chunks across all namespaces, e.g. 2GiB")
+    s.add_argument(
+        "--capacity", default="2GiB",
+        help="memory tier: registered slab memory plus resident manifests across all namespaces, e.g. 2GiB",
+    )
+    s.add_argument(
+        "--disk-capacity",
+        help="disk tier: live log bytes across all namespaces (default: 4x --capacity); past it the least "
+        "recently used sessions are evicted, and so they are before the filesystem itself fills",
+    )
+    s.add_argument(
+        "--high-watermark", type=_watermark, default=0.9, metavar="FRACTION",
+        help="past this fraction of --capacity the least recently used sessions are demoted to disk (default 0.9)",
+    )
+    s.add_argument(
+        "--quota", action="append", default=[], metavar="NS=SIZE",
+        help="memory quota of one namespace (repeatable): its churn demotes its own sessions, and other "
+        "tenants' pressure never pushes it below its quota",
+    )
     s.add_argument(
         "--fsync",
         choices=("manifest", "always", "never"),
@@ -120,9 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (
         ("ls", cmd_ls, "list the manifests of a namespace"),
         ("stats", cmd_stats, "show a namespace's storage and traffic counters"),
+        ("pin", cmd_pin, "pin a session: never demoted to disk or evicted"),
+        ("unpin", cmd_pin, "unpin a session: it ages out like any other again"),
+        ("compact", cmd_compact, "compact the server's log now (every segment with garbage, the open one too)"),
     ):
         c = sub.add_parser(name, help=helptext, description=helptext.capitalize() + ". " + KEY_HELP + ".")
         c.add_argument("url", help="rdmakv://HOST:PORT/NAMESPACE")
+        if name in ("pin", "unpin"):
+            c.add_argument("name", help="the session (manifest) name")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
         if name == "ls":

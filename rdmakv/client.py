@@ -18,9 +18,16 @@ from .url import parse_url
 from .wire import chunking
 from .wire import manifest as mf
 from .wire.auth import key_from_env
+from .wire.messages import SaveOptions
 
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
+
+def _options(pin: bool, ttl: float | None) -> SaveOptions:
+    if ttl is not None and ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
+    return SaveOptions(bool(pin), float(ttl or 0.0))
+
 
 # (manifest, KV layout or None, restore buffer, each chunk's offset in it)
 Fetched = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, np.ndarray]
@@ -94,27 +101,42 @@ class Store:
         self.close()
 
     # -- high level ---------------------------------------------------------------------
-    def save(self, name: str, kv: KVState, window: int | None = None) -> SaveReport:
-        """Save a session: one round trip when every chunk is already stored."""
+    def save(
+        self, name: str, kv: KVState, window: int | None = None, *, pin: bool = False, ttl: float | None = None
+    ) -> SaveReport:
+        """Save a session: one round trip when every chunk is already stored.
+
+        ``pin``: never demoted to disk or evicted (until ``unpin``); ``ttl``: seconds until the
+        session expires."""
         t0 = time.perf_counter()
         manifest, chunks = chunking.split(kv, window or self.window)
-        return self._save_manifest(name, manifest, chunks, t0)
+        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
 
     def save_object(
-        self, name: str, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
+        self,
+        name: str,
+        kind: int,
+        body: bytes,
+        chunks: Sequence[bytes | memoryview],
+        tags: Sequence[int],
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
     ) -> SaveReport:
         """Save any manifest kind (slot files, blobs): body + ordered chunks with tags."""
         t0 = time.perf_counter()
         keys = np.fromiter((chunk_key(c) for c in chunks), dtype=np.uint64, count=len(chunks))
         lengths = np.fromiter((memoryview(c).nbytes for c in chunks), dtype=np.uint32, count=len(chunks))
         manifest = mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64))
-        return self._save_manifest(name, manifest, chunks, t0)
+        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
 
-    def put_blob(self, name: str, data: bytes | memoryview) -> SaveReport:
+    def put_blob(
+        self, name: str, data: bytes | memoryview, *, pin: bool = False, ttl: float | None = None
+    ) -> SaveReport:
         """A v1-style single blob (stored as opaque pieces of at most 16 MiB)."""
         view = memoryview(data).cast("B")
         pieces = [view[i : i + BLOB_PIECE] for i in range(0, max(len(view), 1), BLOB_PIECE)]
-        return self.save_object(name, mf.KIND_OPAQUE, b"", pieces, range(len(pieces)))
+        return self.save_object(name, mf.KIND_OPAQUE, b"", pieces, range(len(pieces)), pin=pin, ttl=ttl)
 
     def get_blob(self, name: str) -> bytes:
         manifest, pieces = self.load_object(name)
@@ -123,12 +145,12 @@ class Store:
         return b"".join(pieces)
 
     def _save_manifest(
-        self, name: str, manifest: mf.Manifest, chunks: Sequence[bytes | memoryview], t0: float
+        self, name: str, manifest: mf.Manifest, chunks: Sequence[bytes | memoryview], t0: float, opts: SaveOptions
     ) -> SaveReport:
         ch = self.channel
         mark = ch.mark()
         data = manifest.encode()
-        missing = ch.put_manifest(name, data)
+        missing = ch.put_manifest(name, data, opts)
         sent_chunks = 0
         for attempt in range(3):
             if len(missing) == 0:
@@ -150,7 +172,7 @@ class Store:
                 raise MissingChunksError("server asked for chunks this manifest does not name", list(want))
             ch.put_chunks(keys, views)
             sent_chunks += len(keys)
-            missing = ch.put_manifest(name, data)
+            missing = ch.put_manifest(name, data, opts)
         unique = len(np.unique(manifest.keys))
         nbytes, rts = ch.usage_since(mark)
         return SaveReport(
@@ -187,7 +209,7 @@ class Store:
 
     def _fetch_tcp(self, name: str, rep: RestoreReport, kv: bool) -> Fetched:
         mark = self.channel.mark()
-        data, _ = self.channel.get_manifest(name)
+        data, _, rep.tier = self.channel.get_manifest(name)
         m, layout, offsets, total = self.restore_target(data, kv)
         buf = self._restore_buffer(total)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
@@ -299,10 +321,23 @@ class Store:
             self._cache_bytes -= len(old)
         return got
 
-    def put_manifest(self, name: str, manifest: bytes | mf.Manifest) -> list[int]:
+    def put_manifest(
+        self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None
+    ) -> list[int]:
         """Commit if every chunk is present; returns the missing keys (empty = committed)."""
         data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
-        return self.channel.put_manifest(name, data).tolist()
+        return self.channel.put_manifest(name, data, _options(pin, ttl)).tolist()
+
+    def pin(self, name: str) -> None:
+        """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
+        self.channel.pin(name, True)
+
+    def unpin(self, name: str) -> None:
+        self.channel.pin(name, False)
+
+    def compact(self) -> dict:
+        """Compact the server's log now; returns what it did (segments, bytes before and after)."""
+        return self.channel.compact()
 
     def get_manifest(self, name: str) -> mf.Manifest:
         return mf.decode(self.channel.get_manifest(name)[0])

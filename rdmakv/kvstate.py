@@ -93,4 +93,5 @@ class RestoreReport:
     fallback_chunks: int = 0
     retried_chunks: int = 0
     fallback_reason: str = ""
+    tier: str = "memory"  # "disk": the session was demoted and read back from the log first
     notes: list[str] = field(default_factory=list)

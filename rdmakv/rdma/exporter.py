@@ -44,6 +44,12 @@ class RdmaExporter:
         self._mrs[(ns, region.id)] = mr
         return mr.rkey
 
+    def release(self, ns: str, region: Region) -> None:
+        """Deregister a region the slab is about to unmap: a READ with its rkey now fails."""
+        mr = self._mrs.pop((ns, region.id), None)
+        if mr is not None:
+            self._pd(ns).deregister(mr)
+
     def connect(self, ns: str, payload: bytes) -> tuple[Responder, bytes]:
         """Create this connection's responder QP in the namespace's PD and connect it."""
         try:
@@ -68,7 +74,7 @@ def make_exporter(engine) -> tuple[RdmaExporter | None, str]:
         return None, str(e)
     exporter = RdmaExporter(device)
     try:
-        engine.set_region_hook(exporter.register)
+        engine.set_region_hook(exporter.register, exporter.release)
     except RdmaError as e:
         engine.set_region_hook(None)
         return None, f"cannot register the slab: {e}"

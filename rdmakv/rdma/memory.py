@@ -99,6 +99,12 @@ class ProtectionDomain:
         view = (ctypes.c_char * memoryview(buf).nbytes).from_buffer(buf)
         return self.register(ctypes.addressof(view), len(view), remote_read=remote_read, keepalive=view)
 
+    def deregister(self, mr: MemoryRegion) -> None:
+        """Close a registration made here (before its memory is unmapped) and forget it."""
+        mr.close()
+        if mr in self._children:
+            self._children.remove(mr)
+
     def _adopt(self, child: Any) -> None:
         self._children.append(child)
 

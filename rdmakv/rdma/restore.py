@@ -74,7 +74,7 @@ class RdmaRestorer:
         connection has just switched to TCP (the report says why)."""
         ch = self.store.channel
         mark = ch.mark()
-        data, loc = ch.get_manifest(name, want_locations=True)
+        data, loc, rep.tier = ch.get_manifest(name, want_locations=True)
         m, layout, offsets, total = self.store.restore_target(data, kv)
         if loc is None:
             self.latch("server returned no chunk locations (its RDMA session is gone)")

@@ -171,14 +171,34 @@ def dec_chunks(data: bytes | memoryview) -> list[memoryview | None]:
 
 
 # -- manifests -------------------------------------------------------------------------
-def enc_put_manifest(name: str, manifest: bytes) -> list[bytes | memoryview]:
-    return [enc_name(name), manifest]
+PUT_PIN = 1
+_PUT_OPTIONS = struct.Struct("<BQ")  # flags (PUT_PIN), TTL in milliseconds (0 = none)
+MAX_TTL_MS = 10 * 365 * 86400 * 1000
 
 
-def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview]:
+@dataclass(frozen=True)
+class SaveOptions:
+    pin: bool = False
+    ttl: float = 0.0  # seconds; 0 = never expires
+
+
+def enc_put_manifest(name: str, manifest: bytes, options: SaveOptions | None = None) -> list[bytes | memoryview]:
+    options = options or SaveOptions()
+    ttl_ms = round(options.ttl * 1000)
+    if not 0 <= ttl_ms <= MAX_TTL_MS:
+        raise CodecError(f"ttl must be between 0 and {MAX_TTL_MS // 1000} seconds, got {options.ttl}")
+    return [enc_name(name) + _PUT_OPTIONS.pack(PUT_PIN if options.pin else 0, ttl_ms), manifest]
+
+
+def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview, SaveOptions]:
     r = Reader(data)
     name = _name(r)
-    return name, r.rest()
+    flags, ttl_ms = _PUT_OPTIONS.unpack(r.take(_PUT_OPTIONS.size))
+    if flags & ~PUT_PIN:
+        raise CodecError(f"unknown PUT_MANIFEST flags 0x{flags:02x}")
+    if ttl_ms > MAX_TTL_MS:
+        raise CodecError(f"ttl of {ttl_ms} ms exceeds {MAX_TTL_MS} ms")
+    return name, r.rest(), SaveOptions(bool(flags & PUT_PIN), ttl_ms / 1000)
 
 
 def enc_manifest_result(missing: np.ndarray) -> bytes:
@@ -241,19 +261,41 @@ def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
     return out
 
 
-def enc_manifest_reply(manifest: bytes, locations: Locations | bytes | None) -> list[bytes | memoryview]:
-    parts: list[bytes | memoryview] = [_U32.pack(len(manifest)), manifest]
+TIERS = ("memory", "disk")  # where a restore found the session: in the slab, or only in the log
+
+
+def enc_manifest_reply(
+    manifest: bytes, locations: Locations | bytes | None, tier: str = "memory"
+) -> list[bytes | memoryview]:
+    parts: list[bytes | memoryview] = [_U32.pack(len(manifest)), manifest, _U8.pack(TIERS.index(tier))]
     if locations is not None:
         parts.append(locations if isinstance(locations, bytes) else locations.encode())
     return parts
 
 
-def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations | None]:
+def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations | None, str]:
     r = Reader(data)
     manifest = r.take(r.u32())
+    tier = r.u8()
+    if tier >= len(TIERS):
+        raise CodecError(f"unknown tier {tier} in a GET_MANIFEST reply")
     locations = None if r.pos == len(r.data) else Locations.decode(r)
     r.end()
-    return manifest, locations
+    return manifest, locations, TIERS[tier]
+
+
+def enc_pin(name: str, pinned: bool) -> bytes:
+    return _U8.pack(int(pinned)) + enc_name(name)
+
+
+def dec_pin(data: bytes | memoryview) -> tuple[str, bool]:
+    r = Reader(data)
+    pinned = r.u8()
+    if pinned > 1:
+        raise CodecError(f"PIN flag must be 0 or 1, got {pinned}")
+    name = _name(r)
+    r.end()
+    return name, bool(pinned)
 
 
 def dec_locations(data: bytes | memoryview) -> Locations:

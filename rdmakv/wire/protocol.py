@@ -21,7 +21,7 @@ from enum import IntEnum
 from ..errors import AuthError, ProtocolError, TooLargeError
 
 MAGIC = b"RDKV"
-VERSION = 1
+VERSION = 2  # 2: save options (pin, TTL), restore tiers, PIN and COMPACT
 HEADER = struct.Struct("<4sBBHII")  # magic, version, opcode, flags, request id, payload length
 TAG_LEN = 32
 DEFAULT_MAX_FRAME = 64 << 20
@@ -45,6 +45,8 @@ class Op(IntEnum):
     STATS = 10
     RDMA_CONNECT = 11
     LOCATE = 12
+    PIN = 13
+    COMPACT = 14
     ERROR = 127
 
 

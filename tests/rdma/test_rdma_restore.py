@@ -92,7 +92,7 @@ def test_tenant_isolation_foreign_rkey_is_a_remote_access_error(server, ns):
     secret = kvgen.generate(kvgen.token_stream(3, 64), QWEN)
     with _rdma(server, ns + "-b", 64) as b, _rdma(server, ns + "-a", 64) as a:
         b.save("secret", secret)
-        _, loc = b.channel.get_manifest("secret", want_locations=True)
+        _, loc, _ = b.channel.get_manifest("secret", want_locations=True)
         region = loc.regions[0]
         slot = loc.slots[0]
         dest, daddr, dlkey = a.rdma.pool.alloc(4096)
@@ -113,15 +113,37 @@ def test_stale_location_is_detected_and_retried(server, ns):
     b = kvgen.generate(kvgen.token_stream(42, 256), QWEN)
     with _rdma(server, ns, 64) as reader, rdmakv.connect(server.url(ns), key=KEY_HEX, transport="tcp", window=64) as w:
         w.save("A", a)
+        w.save("other", b)
 
         def reuse_slots() -> None:  # between LOCATE and READ: free A's slots, fill them with B, move A
+            reader.channel.get_manifest("other")  # the reader's lookup of A no longer holds it
             w.delete_manifest("A")
+            w.delete_manifest("other")
             w.save("B", b)
             w.save("A", a)
 
         got, rep = reader.restore("A", report=True, after_locate=reuse_slots)
     assert got.equals(a)
     assert rep.retried_chunks > 0 and rep.transport == "rdma", rep
+
+
+def test_a_lookup_holds_its_version_while_the_reads_run(server, ns):
+    """The restore's lookup holds version A: a delete and re-save racing the READs cannot reuse
+    its slots, so the READs need no retry at all."""
+    a = kvgen.generate(kvgen.token_stream(43, 256), QWEN)
+    b = kvgen.generate(kvgen.token_stream(44, 256), QWEN)
+    with _rdma(server, ns, 64) as reader, rdmakv.connect(server.url(ns), key=KEY_HEX, transport="tcp", window=64) as w:
+        w.save("A", a)
+
+        def overwrite() -> None:
+            w.delete_manifest("A")
+            w.save("B", b)
+            w.save("A", b)
+
+        got, rep = reader.restore("A", report=True, after_locate=overwrite)
+        assert got.equals(a)  # the version it looked up, whole
+        assert rep.transport == "rdma" and rep.retried_chunks == 0 and rep.fallback_chunks == 0, rep
+        assert reader.restore("A").equals(b)  # and the next lookup sees the new one
 
 
 def test_server_killed_mid_restore(fresh_server):
