@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 from .host import GUEST_DIR, GuestError, _log
 
@@ -158,6 +159,36 @@ def _copy_stage_scripts(io: pathlib.Path, *names: str) -> None:
         dst.chmod(0o755)
 
 
+POWER_CUT = -9  # run()'s result when the guest was killed by a power cut
+
+
+@dataclass(frozen=True)
+class PowerCut:
+    """Kill the whole guest ``after`` seconds past a moment: when the file ``when`` appears (a
+    path the command writes in the shared cwd), else when the command starts. Like a power cut,
+    the guest's page cache is gone; a disk image keeps what the guest had flushed to it."""
+
+    after: float
+    when: str | None = None
+
+    def wait_and_cut(self, proc: subprocess.Popen, deadline: float, t_cmd: pathlib.Path) -> bool:
+        marker = pathlib.Path(self.when) if self.when else t_cmd
+        start = None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now > deadline:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            if start is None and marker.exists():
+                start = now
+            if start is not None and now - start >= self.after:
+                _killpg(proc.pid)
+                proc.wait()
+                _log(f"power cut {self.after:.2f} s after {marker.name} appeared")
+                return True
+            time.sleep(0.005)
+        return False
+
+
 class _GuestRun:
     """Host side of one guest boot (UML or QEMU): the temp dir with ``io/`` (shared with the
     guest) and ``console.log``, the open console log, the pipes that carry the command's stdout
@@ -181,12 +212,15 @@ class _GuestRun:
         self._pipes = [(r_out, w_out), (r_err, w_err)]
         return w_out, w_err
 
-    def boot(self, argv: list[str], *, timeout: float, what: str, **popen_kwargs) -> int:
+    def boot(
+        self, argv: list[str], *, timeout: float, what: str, power_cut: PowerCut | None = None, **popen_kwargs
+    ) -> int:
         """Start the guest (own session, output to console.log, no core dump, dies with us),
         stream the command's output to sys.stdout / sys.stderr, wait for the guest to end and
         return the command's status from io/rc. Raises :class:`GuestError` on timeout, on a
         setup failure the guest wrote to io/error, or when it left no io/rc (``what``: "UML"
-        or "QEMU", for that message)."""
+        or "QEMU", for that message). With ``power_cut``, the whole guest is killed at that
+        moment and POWER_CUT is returned (unless the command finished first)."""
         with contextlib.suppress(AttributeError, ValueError, OSError):
             sys.stdout.flush()
             sys.stderr.flush()
@@ -211,6 +245,11 @@ class _GuestRun:
             t.start()
             pumps.append(t)
         try:
+            if power_cut is not None and power_cut.wait_and_cut(proc, deadline, self.io / "t_cmd"):
+                self.t_exit = time.time()
+                for t in pumps:
+                    t.join(timeout=5)
+                return POWER_CUT
             status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _killpg(proc.pid)

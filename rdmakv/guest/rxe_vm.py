@@ -32,14 +32,18 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Sequence
 
 from .host import _PREFIX, HARNESS_FAILURE, GuestError, cache_root, host_has_rdma
 from .kernel import cached_kernel, ensure_kernel, kernel_key
 from .qemu import _run_qemu, cached_qemu_kernel, ensure_qemu_guest
+from .runner import POWER_CUT, PowerCut
 from .uml import run_uml
 
 __all__ = [
+    "POWER_CUT",
     "GuestError",
+    "PowerCut",
     "cache_root",
     "cached_kernel",
     "cached_qemu_kernel",
@@ -61,8 +65,14 @@ def run(
     cwd: str | None = None,
     env: dict | None = None,
     verbose: bool | None = None,
+    disks: Sequence[str] = (),
+    power_cut: PowerCut | None = None,
 ) -> int:
     """Boot a guest with ``rxe0`` up, run ``command`` in it, return the command's exit status.
+
+    UML only: ``disks`` are image files attached as /dev/ubda, /dev/ubdb, ... (the command
+    mounts them); ``power_cut`` kills the whole guest at a moment it names, and then run()
+    returns POWER_CUT instead of a status.
 
     ``command`` runs with ``cwd`` (default: the current directory, mounted read-write from the
     host at the same path) and the caller's environment (:data:`PASS_ENV`, every ``RDMAKV_*``,
@@ -90,8 +100,12 @@ def run(
     if not os.path.isdir(workdir):
         raise GuestError(f"cwd {workdir} is not a directory")
     if guest == "qemu":
+        if disks or power_cut:
+            raise GuestError("disks and power cuts are for the UML guest only")
         return _run_qemu(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
-    return run_uml(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
+    return run_uml(
+        command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose, disks=disks, power_cut=power_cut
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +156,19 @@ def _parser() -> argparse.ArgumentParser:
         "extract the kernel package linux-image-amd64 now depends on again",
     )
     p.add_argument(
+        "--disk", action="append", default=[], metavar="IMAGE",
+        help="attach an image file as a block device (UML: /dev/ubda, /dev/ubdb, ... in order); repeatable",
+    )
+    p.add_argument(
+        "--power-cut-after", type=float, metavar="S",
+        help="kill the whole guest S seconds after COMMAND starts (or after --power-cut-when appears): "
+        "a power cut, its page cache lost; exits 137",
+    )
+    p.add_argument(
+        "--power-cut-when", metavar="FILE",
+        help="start the --power-cut-after clock when this file (in the shared cwd) appears",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -171,7 +198,14 @@ def cli(argv: list[str]) -> int:
             ensure_qemu_guest(rebuild=True)
         elif args.rebuild:
             ensure_kernel(rebuild=True)
-        return run(command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None)
+        if args.power_cut_when and args.power_cut_after is None:
+            p.error("--power-cut-when needs --power-cut-after")
+        cut = PowerCut(args.power_cut_after, args.power_cut_when) if args.power_cut_after is not None else None
+        rc = run(
+            command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None,
+            disks=args.disk, power_cut=cut,
+        )  # fmt: skip
+        return 137 if rc == POWER_CUT else rc
     except GuestError as e:
         msg = str(e)
         print(f"{_PREFIX}: error: {msg}", file=sys.stderr, flush=True)

@@ -10,10 +10,19 @@ import pathlib
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 
 from .host import RUNTIME_PACKAGES, GuestError, ensure_packages
 from .kernel import ensure_kernel
-from .runner import _copy_stage_scripts, _guest_env, _guest_run, _mem_bytes, _read_float, _write_run_files
+from .runner import (
+    PowerCut,
+    _copy_stage_scripts,
+    _guest_env,
+    _guest_run,
+    _mem_bytes,
+    _read_float,
+    _write_run_files,
+)
 
 
 def _host_cpu_mhz() -> str:
@@ -132,8 +141,23 @@ def _uml_host_env(mem: str, tmp: pathlib.Path) -> dict[str, str]:
     return env
 
 
-def run_uml(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
-    """run(guest="uml"): boot the UML guest, run ``command``, return its exit status."""
+def run_uml(
+    command,
+    *,
+    timeout: float,
+    mem: str,
+    workdir: str,
+    env: dict | None,
+    verbose: bool,
+    disks: Sequence[str] = (),
+    power_cut: PowerCut | None = None,
+) -> int:
+    """run(guest="uml"): boot the UML guest, run ``command``, return its exit status.
+
+    ``disks`` are image files attached as block devices /dev/ubda, /dev/ubdb, ..."""
+    for d in disks:
+        if not os.path.isfile(d) or "," in d or "=" in d:
+            raise GuestError(f"disk image {d!r} is not a file (or its path has a comma or '=')")
     if "," in workdir:
         raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
     for tool in ("taskset",):
@@ -165,10 +189,12 @@ def run_uml(command, *, timeout: float, mem: str, workdir: str, env: dict | None
             f"con1=null,fd:{w_out}",
             f"con2=null,fd:{w_err}",
         ]  # fmt: skip
+        argv += [f"ubd{i}={os.path.realpath(d)}" for i, d in enumerate(disks)]
         rc = g.boot(
             argv,
             timeout=timeout,
             what="UML",
+            power_cut=power_cut,
             pass_fds=(log.fileno(), w_out, w_err),
             cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
             env=_uml_host_env(mem, tmp),
