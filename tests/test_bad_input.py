@@ -211,21 +211,26 @@ def test_bad_names_rejected_locally(server, ns):
 
 
 def test_store_full_keeps_acknowledged_manifests(fresh_server):
+    """A cache full of pinned sessions: STORE_FULL says which limit and how much is pinned,
+    every acknowledged session survives, and unpinning or deleting makes room again."""
     srv = fresh_server("4MiB")
     big = ModelShape("big", 8, 256, 256)  # 8 KiB per token
     saved = {}
     with rdmakv.connect(srv.url("full"), key=KEY_HEX, transport="tcp", window=32) as st:
-        with pytest.raises(StoreFullError, match="store full"):
+        with pytest.raises(StoreFullError, match=r"store full.*memory capacity.*pinned \(\d") as ei:
             for i in range(100):
                 kv = kvgen.generate(kvgen.token_stream(500 + i, 64), big)
-                st.save(f"s{i}", kv)
+                st.save(f"s{i}", kv, pin=True)
                 saved[f"s{i}"] = kv
+        assert "MiB pinned in this namespace" in str(ei.value)
         assert len(saved) >= 3
         for name, kv in saved.items():
             assert st.restore(name).equals(kv)
         # deleting frees room: the next save succeeds
         st.delete_manifest("s0")
         st.save("after", saved["s1"])
+        st.unpin("s1")
+        st.save("after-unpin", kvgen.generate(kvgen.token_stream(999, 64), big))
     # and everything acknowledged survives a restart
     srv.stop()
     srv.start()
