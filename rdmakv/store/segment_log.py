@@ -330,35 +330,40 @@ class SegmentLog:
             self.broken = f"a failed append ({cause.strerror}) could not be truncated away ({e.strerror})"
 
     def sync_to(self, lsn: int) -> None:
-        """Return once an fsync covers every byte up to ``lsn`` (group commit)."""
+        """Return once an fsync covers every byte up to ``lsn`` (group commit: whoever finds no
+        fsync running starts one for everything appended so far; the others wait for it).
+
+        Lock order: the append lock may take the condition, never the other way round."""
         if self.fsync_policy == "never":
             return
-        with self._cond:
-            while self._synced < lsn:
-                if self._sync_busy:
+        while True:
+            with self._cond:
+                while self._synced < lsn and self._sync_busy:
                     self._cond.wait()
-                    continue
+                if self._synced >= lsn:
+                    return
                 self._sync_busy = True
-                try:
-                    with self._lock:
-                        target = self._written
-                        fd = os.dup(self._fd) if self._fd is not None else None
-                    self._cond.release()
+            err: OSError | None = None
+            target = 0
+            try:
+                with self._lock:
+                    target = self._written
+                    fd = os.dup(self._fd) if self._fd is not None else None
+                if fd is not None:
                     try:
-                        if fd is not None:
-                            try:
-                                os.fsync(fd)
-                            finally:
-                                os.close(fd)
+                        os.fsync(fd)
                     finally:
-                        self._cond.acquire()
+                        os.close(fd)
+            except OSError as e:
+                err = e
+            with self._cond:
+                self._sync_busy = False
+                if err is None:
                     self.fsyncs += 1
                     self._synced = max(self._synced, target)
-                except OSError as e:
-                    raise storage_error(e, "fsync of the log") from e
-                finally:
-                    self._sync_busy = False
-                    self._cond.notify_all()
+                self._cond.notify_all()
+            if err is not None:
+                raise storage_error(err, "fsync of the log") from err
 
     def rotate(self) -> None:
         """Seal the open segment (so that compaction can take it) and open a new one."""

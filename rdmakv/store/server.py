@@ -8,6 +8,7 @@ directly, so the server spends CPU only on the control round trip.
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import socket
 import sys
@@ -367,6 +368,7 @@ def run_server(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an EFBIG, not a crash
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack to the log
     if ready is not None:
         ready(server)
     try:

@@ -63,15 +63,17 @@ class Tiering:
         s.resident = True
         for k in s.unique:
             ns.chunks[k].rrefs += 1
-        if not s.pinned:
+        if not s.pinned and not s.dead:
             self.mem_lru[(s.ns, s.name)] = s
+            self.mem_lru.move_to_end((s.ns, s.name))
 
     def _demote(self: Engine, ns: Namespace, s: Session) -> int:
         """Let ``s`` go from memory; returns the bytes freed."""
         before = ns.used
         s.resident = s.complete = False
         s.encoded_locations = None
-        self.mem_lru.pop((s.ns, s.name), None)
+        if self.mem_lru.get((s.ns, s.name)) is s:
+            del self.mem_lru[(s.ns, s.name)]
         for k in s.unique:
             c = ns.chunks[k]
             c.rrefs -= 1
@@ -107,11 +109,13 @@ class Tiering:
         self._uncharge_manifest(ns, s)
 
     def _unlist(self: Engine, s: Session) -> None:
-        self.mem_lru.pop((s.ns, s.name), None)
-        self.disk_lru.pop((s.ns, s.name), None)
+        ident = (s.ns, s.name)
+        for lru in (self.mem_lru, self.disk_lru):
+            if lru.get(ident) is s:  # a newer version of the name may hold the entry already
+                del lru[ident]
 
     def _list(self: Engine, s: Session) -> None:
-        if s.pinned:
+        if s.pinned or s.dead:
             return
         ident = (s.ns, s.name)
         self.disk_lru[ident] = s
@@ -184,13 +188,18 @@ class Tiering:
         """Slots for a run of chunks, demoting what it takes; StoreFullError when nothing can go."""
         need = sum(class_size(n) for n in lengths)
         self._make_room(ns, need, protect)
+        released = False
         while True:
             try:
                 return ns.slab.alloc_run(lengths)
             except SlabFullError:
                 pass
-            # every round frees something or gives up, so this ends
-            if not self._release_regions(None) and not self._demote_until(need, ns, protect):
+            if not released:  # empty regions of other namespaces first (a failed run retires its own)
+                self._release_regions(None)
+                released = True
+                continue
+            # every round from here demotes a session or gives up, so this ends
+            if not self._demote_until(need, ns, protect):
                 raise self._full(ns, need, f"memory capacity of {fmt_bytes(self.capacity)}")
 
     def _release_regions(self: Engine, older_than: float | None) -> int:

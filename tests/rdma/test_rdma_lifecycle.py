@@ -45,7 +45,8 @@ def test_deleted_means_gone_from_registered_memory(server, ns):
             )
             total += 1
             wiped += int(not dest.any())
-        assert total == len(loc.slots) == 32 and wiped == total, f"{total - wiped} of {total} deleted chunks still readable"
+        assert total == len(loc.slots) == 32
+        assert wiped == total, f"{total - wiped} of {total} deleted chunks still readable"
 
 
 def test_restores_under_churn_return_no_wrong_bytes(server, ns):
