@@ -1,6 +1,6 @@
 """`rdmakv bench lifecycle` (or `python -m bench.lifecycle`): the store as a long-running cache.
 
-Two parts, against a real `rdmakv serve` on loopback (default `--fsync manifest`):
+Three parts, against a real `rdmakv serve` on loopback (default `--fsync manifest`):
 
 - **soak**: 8 client processes run a chat-like workload over 2 namespaces for ``--minutes``
   (default 10): each client keeps conversations that grow a turn at a time; every turn is
@@ -9,6 +9,8 @@ Two parts, against a real `rdmakv serve` on loopback (default `--fsync manifest`
   saved. Recorded: memory and disk hit rates, evictions and demotions per minute, wrong
   restores, STORE_FULL and other errors, server RSS and disk use over time, and restore
   latency for memory hits vs disk hits.
+- **history**: data-dir size and restart time after 500 overwrites and 500 save/delete pairs
+  of one session, against a fresh store (replay scales with live data, not history);
 - **group commit**: warm saves (one round trip, one fsync'd commit each) and restores with 1
   and with 8 concurrent clients.
 
@@ -118,7 +120,14 @@ def _rss(pid: int) -> int:
 
 
 def _disk(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.startswith("seg-"))
+    total = 0
+    for f in os.listdir(path):
+        if f.startswith("seg-"):
+            try:
+                total += os.path.getsize(os.path.join(path, f))
+            except FileNotFoundError:
+                pass  # compacted away between the listing and the stat
+    return total
 
 
 def soak(server: ServerProcess, key: str, data_dir: str, capacity: int, seconds: float, clients: int) -> dict:
@@ -237,15 +246,52 @@ def group_commit(server: ServerProcess, key: str, runs: int) -> dict:
     return out
 
 
+def replay_history(overwrites: int = 500) -> dict:
+    """The issue's history case: one 256-token session overwritten ``overwrites`` times plus as
+    many save/delete pairs; data-dir size and restart time against a fresh store holding the
+    same live data. Replay must scale with live data, not with history."""
+    import rdmakv
+    from rdmakv import kvgen
+
+    out = {}
+    key = os.urandom(32).hex()
+    for label, history in (("fresh", False), ("after_history", True)):
+        d = tempfile.mkdtemp(prefix="rdmakv-history-")
+        srv = ServerProcess(d, "256MiB", "--fsync", "never", "--transport", "tcp", key_hex=key).start()
+        try:
+            with rdmakv.connect(srv.url("h"), key=key, transport="tcp", window=64) as st:
+                if history:
+                    for i in range(overwrites):
+                        st.save("hot", kvgen.generate(kvgen.token_stream(10_000 + i, 256), kvgen.QWEN25_05B))
+                        st.save("tmp", kvgen.generate(kvgen.token_stream(20_000 + i, 256), kvgen.QWEN25_05B))
+                        st.delete_manifest("tmp")
+                st.save("hot", kvgen.generate(kvgen.token_stream(10_000 + overwrites, 256), kvgen.QWEN25_05B))
+                live = st.stats()["disk_bytes"]
+            time.sleep(3)  # the background compactor runs every couple of seconds
+            disk = _disk(d)
+            srv.stop()
+            t0 = time.perf_counter()
+            srv.start()
+            restart = time.perf_counter() - t0
+            rss = _rss(srv.pid())
+            out[label] = {"live_bytes": live, "disk_bytes": disk, "disk_over_live": disk / max(1, live),
+                          "restart_s": restart, "rss_after_restart": rss}  # fmt: skip
+        finally:
+            srv.stop()
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 def markdown(r: dict) -> str:
     s = r["soak"]
     c = s["counts"]
+    live = sum(x["disk_bytes"] for x in s["server_stats"].values())
     lines = [
         "# rdmakv lifecycle benchmark",
         "",
         f"Environment: {r['environment'].get('cpu_model', '?')}, {r['environment'].get('cpus', '?')} CPUs, "
         f"kernel {r['environment'].get('kernel', '?')}; server `--capacity {fmt_bytes(s['capacity'])}` "
-        f"`--fsync {r['fsync']}`.",
+        f"`--disk-capacity {r.get('disk_capacity', '?')}` `--fsync {r['fsync']}`.",
         "",
         f"## Soak: {s['clients']} clients, {len(s['namespaces'])} namespaces, {s['seconds']:.0f} s",
         "",
@@ -266,6 +312,7 @@ def markdown(r: dict) -> str:
         f"| save p50 / p99 | {s['save'].get('median_ms', 0):.2f} / {s['save'].get('p99_ms', 0):.2f} ms |",
         f"| server RSS start / end | {fmt_bytes(s['rss_start'])} / {fmt_bytes(s['rss_end'])} |",
         f"| disk use start / end | {fmt_bytes(s['disk_start'])} / {fmt_bytes(s['disk_end'])} |",
+        f"| live log bytes at the end (disk use / live) | {fmt_bytes(live)} ({s['disk_end'] / max(1, live):.2f}x) |",
         "",
         "## Group commit (warm save = 1 round trip + an fsync'd commit; 256-token Qwen session)",
         "",
@@ -277,6 +324,14 @@ def markdown(r: dict) -> str:
             f"| {n.split('_')[0]} | {g['warm_save']['median_ms']:.2f} / {g['warm_save']['p99_ms']:.2f} ms | "
             f"{g['restore']['median_ms']:.2f} / {g['restore']['p99_ms']:.2f} ms | {g['commits_per_second']:.0f} |"
         )
+    h = r.get("replay_history")
+    if h:
+        lines += ["", "## History: 500 overwrites + 500 save/delete pairs of a 256-token session", "",
+                  "| store | live | data dir | data dir / live | restart | RSS after restart |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for label, x in h.items():
+            lines.append(f"| {label} | {fmt_bytes(x['live_bytes'])} | {fmt_bytes(x['disk_bytes'])} | "
+                         f"{x['disk_over_live']:.2f}x | {x['restart_s']:.2f} s | {fmt_bytes(x['rss_after_restart'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,24 +369,32 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--capacity", default="64MiB", help="server --capacity (default 64MiB)")
+    p.add_argument("--disk-capacity", default="80MiB",
+                   help="server --disk-capacity (default 80MiB: less than the live working set, so the disk tier "
+                   "evicts too)")
     p.add_argument("--fsync", choices=("manifest", "always", "never"), default="manifest")
     p.add_argument("--commit-runs", type=int, default=200, help="warm saves per client in the group-commit part")
+    p.add_argument("--history", type=int, default=500, help="overwrites for the replay-history part (0: skip)")
     p.add_argument("--out", default="bench/out/lifecycle")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     key = os.urandom(32).hex()
     data_dir = tempfile.mkdtemp(prefix="rdmakv-lifecycle-")
     capacity = parse_size(args.capacity)
-    server = ServerProcess(data_dir, args.capacity, "--fsync", args.fsync, "--transport", "tcp", key_hex=key).start()
+    server = ServerProcess(data_dir, args.capacity, "--fsync", args.fsync, "--transport", "tcp",
+                           "--disk-capacity", args.disk_capacity, key_hex=key).start()  # fmt: skip
     try:
         print(f"bench lifecycle: soak, {args.clients} clients, {args.minutes} min ...", file=sys.stderr, flush=True)
-        result = {"environment": envinfo.collect(), "fsync": args.fsync}
+        result = {"environment": envinfo.collect(), "fsync": args.fsync, "disk_capacity": args.disk_capacity}
         result["soak"] = soak(server, key, data_dir, capacity, args.minutes * 60, args.clients)
         print("bench lifecycle: group commit ...", file=sys.stderr, flush=True)
         result["group_commit"] = group_commit(server, key, args.commit_runs)
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+    if args.history:
+        print(f"bench lifecycle: replay after {args.history} overwrites ...", file=sys.stderr, flush=True)
+        result["replay_history"] = replay_history(args.history)
     with open(os.path.join(args.out, "lifecycle.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
     with open(os.path.join(args.out, "lifecycle.md"), "w") as f:

@@ -62,6 +62,7 @@ class Compactor:
                 return
             try:
                 with self._pass_lock:
+                    self._seal_if_mostly_garbage()
                     for sid in self.candidates(self.threshold):
                         if self._stop.is_set():
                             return
@@ -70,6 +71,19 @@ class Compactor:
                 self.engine.say(f"rdmakv: compaction paused: {e}")
             except Exception as e:  # noqa: BLE001 - a bug here must not end the server
                 self.engine.say(f"rdmakv: compaction failed: {e!r}")
+
+    def _seal_if_mostly_garbage(self) -> None:
+        """The open segment is never compacted while appends go to it: in a small store most
+        garbage can sit there, so seal it once it is big enough and mostly garbage."""
+        e = self.engine
+        with e.lock:
+            sid = e.log.active_id
+            seg = e.log.segments.get(sid) if sid is not None else None
+            if seg is None or seg.size < min(e.log.segment_bytes // 4, 4 << 20):
+                return
+            if e.seg_live.get(sid, 0) / seg.size >= self.threshold:
+                return
+        e.log.rotate()
 
     # -- passes -----------------------------------------------------------------------------
     def candidates(self, below: float) -> list[int]:
