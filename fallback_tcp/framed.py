@@ -1,4 +1,9 @@
-"""Authenticated frames over a stream socket (the socket edge of rdmakv.wire.protocol)."""
+"""Authenticated frames over a blocking stream socket: the client's socket edge.
+
+Messages larger than the peer's frame limit go out as continuation frames (``FLAG_MORE``) and
+are joined on receipt up to a message limit. Once the handshake is done, nothing unauthenticated
+is accepted: an on-path party without the key cannot inject even an error.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,18 @@ import os
 import socket
 from collections.abc import Sequence
 
-from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
+from rdmakv.errors import ERRORS_BY_CODE, AuthError, ConnectionLost, MissingChunksError, ProtocolError, RdmakvError
 from rdmakv.wire import messages as msg
-from rdmakv.wire.auth import NONCE_BYTES, derive_session_keys
+from rdmakv.wire.auth import NONCE_BYTES, derive_session_keys, fingerprint
+from rdmakv.wire.frames import MessageAssembler
 from rdmakv.wire.protocol import (
     DEFAULT_MAX_FRAME,
+    FLAG_MORE,
     FLAG_PLAIN,
     FLAG_RESPONSE,
     HEADER,
+    MAC_BLAKE3,
+    MAC_NAMES,
     TAG_LEN,
     FrameAuth,
     Header,
@@ -25,6 +34,7 @@ from rdmakv.wire.protocol import (
 _IOV_MAX = 512
 _READ_AHEAD = 64 << 10
 _DIRECT_RECV = 16 << 10  # reads at least this big skip the read-ahead buffer (no extra copy)
+DEFAULT_MAX_MESSAGE = (1 << 31) + (1 << 20)  # the largest chunk a manifest can name, plus framing
 
 
 def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
@@ -45,17 +55,39 @@ def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
     return total
 
 
+def split_message(parts: Sequence[bytes | memoryview], limit: int) -> list[list[memoryview]]:
+    """Cut a message's parts into frames of at most ``limit`` payload bytes each."""
+    frames: list[list[memoryview]] = [[]]
+    room = limit
+    for p in parts:
+        v = memoryview(p).cast("B")
+        while v.nbytes:
+            if room == 0:
+                frames.append([])
+                room = limit
+            take = v[:room]
+            frames[-1].append(take)
+            room -= take.nbytes
+            v = v[take.nbytes :]
+    return frames
+
+
 class FramedSocket:
     """One connection's framing, authentication and byte counters."""
 
-    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, max_message: int = DEFAULT_MAX_MESSAGE
+    ) -> None:
         self.sock = sock
-        self.max_frame = max_frame
+        self.max_frame = max_frame  # what we accept per frame
+        self.peer_max_frame = max_frame  # what the peer accepts (learnt in the handshake)
         self.auth: FrameAuth | None = None
+        self.handshake_done = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
         self.frames_received = 0
+        self._assembler = MessageAssembler(max_message)
         self._buf = bytearray(64 << 10)
         self._hdr = bytearray(HEADER.size)
         self._rbuf = bytearray(_READ_AHEAD)
@@ -64,10 +96,16 @@ class FramedSocket:
         self._tag = bytearray(TAG_LEN)
 
     def send(self, op: int, flags: int, req_id: int, parts: Sequence[bytes | memoryview]) -> int:
+        """One message: a frame, or continuation frames when it exceeds the peer's limit."""
         assert self.auth is not None
-        n = send_all(self.sock, self.auth.seal(op, flags, req_id, parts))
+        size = msg_size(parts)
+        frames = [list(parts)] if size <= self.peer_max_frame else split_message(parts, self.peer_max_frame)
+        n = 0
+        for i, fparts in enumerate(frames):
+            more = FLAG_MORE if i < len(frames) - 1 else 0
+            n += send_all(self.sock, self.auth.seal(op, flags | more, req_id, fparts))
+            self.frames_sent += 1
         self.bytes_sent += n
-        self.frames_sent += 1
         return n
 
     def send_plain(self, op: int, flags: int, req_id: int, payload: bytes) -> None:
@@ -104,18 +142,21 @@ class FramedSocket:
             else:
                 got += r
 
-    def recv(self) -> tuple[Header, memoryview]:
-        """Next frame; its payload view is valid until the next recv()."""
+    def _recv_frame(self) -> tuple[Header, memoryview]:
         hview = memoryview(self._hdr)
         self._recv_exact(hview)
         header = decode_header(hview, self.max_frame)
         if len(self._buf) < header.length:
             self._buf = bytearray(max(header.length, 2 * len(self._buf)))
+        elif len(self._buf) > (1 << 20) and header.length < (64 << 10):
+            self._buf = bytearray(64 << 10)  # shrink back after a large frame
         payload = memoryview(self._buf)[: header.length]
         self._recv_exact(payload)
         if header.plain:
+            if self.handshake_done:
+                raise AuthError("unauthenticated frame after the handshake (dropped: it could be forged)")
             if self.auth is not None and header.op != Op.ERROR:
-                raise AuthError("unauthenticated frame after the handshake")
+                raise AuthError("unauthenticated frame during the handshake")
             self.bytes_received += HEADER.size + header.length
         else:
             if self.auth is None:
@@ -127,6 +168,16 @@ class FramedSocket:
         self.frames_received += 1
         return header, payload
 
+    def recv(self) -> tuple[Header, memoryview]:
+        """Next message (continuation frames joined); its payload is valid until the next recv()."""
+        while True:
+            header, payload = self._recv_frame()
+            if header.plain:
+                return header, payload
+            got = self._assembler.add(header, payload)
+            if got is not None:
+                return got
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -134,9 +185,11 @@ class FramedSocket:
             pass
 
 
-def raise_error_frame(payload: memoryview) -> None:
-    from rdmakv.errors import ERRORS_BY_CODE, MissingChunksError
+def msg_size(parts: Sequence[bytes | memoryview]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
 
+
+def raise_error_frame(payload: memoryview) -> None:
     code, message, missing = msg.dec_error(payload)
     cls = ERRORS_BY_CODE.get(code, RdmakvError)
     if cls is MissingChunksError:
@@ -144,18 +197,20 @@ def raise_error_frame(payload: memoryview) -> None:
     raise cls(message)
 
 
-def client_handshake(fs: FramedSocket, key: bytes, namespace: str) -> dict:
+def client_handshake(fs: FramedSocket, key: bytes, namespace: str, mac: int = MAC_BLAKE3) -> dict:
     """HELLO exchange, key derivation, then one authenticated AUTH round trip each way."""
     nonce = os.urandom(NONCE_BYTES)
-    fs.send_plain(Op.HELLO, 0, 0, msg.enc_hello(nonce, namespace))
+    fs.send_plain(Op.HELLO, 0, 0, msg.enc_hello(nonce, namespace, fingerprint(key), mac))
     header, payload = fs.recv()
     if header.op == Op.ERROR:
         raise_error_frame(payload)
-    if header.op != Op.HELLO or not header.flags & FLAG_RESPONSE:
+    if header.op != Op.HELLO or not header.flags & FLAG_RESPONSE or not header.plain:
         raise ProtocolError(f"expected HELLO from the server, got opcode {header.op}")
-    server_nonce, _ = msg.dec_hello(payload)
-    c2s, s2c = derive_session_keys(key, nonce, server_nonce, namespace)
-    fs.auth = FrameAuth(c2s, s2c)
+    server_nonce, ns, _, chosen = msg.dec_hello(payload)
+    if ns != namespace or chosen not in MAC_NAMES:
+        raise ProtocolError("the server's HELLO does not answer ours")
+    c2s, s2c = derive_session_keys(key, nonce, server_nonce, namespace, chosen)
+    fs.auth = FrameAuth(c2s, s2c, chosen)
     fs.send(Op.AUTH, 0, 0, [])
     try:
         header, payload = fs.recv()
@@ -163,39 +218,14 @@ def client_handshake(fs: FramedSocket, key: bytes, namespace: str) -> dict:
         raise AuthError("server failed to authenticate (it holds a different key)") from e
     if header.op == Op.ERROR:
         raise_error_frame(payload)
-    if header.op != Op.AUTH:
+    if header.op != Op.AUTH or header.plain:
         raise ProtocolError(f"expected AUTH from the server, got opcode {header.op}")
     info = msg.dec_json(payload)
-    return info if isinstance(info, dict) else {}
+    fs.handshake_done = True
+    info = info if isinstance(info, dict) else {}
+    if isinstance(info.get("max_frame"), int) and info["max_frame"] > 0:
+        fs.peer_max_frame = min(fs.peer_max_frame, info["max_frame"])
+    return info
 
 
-def server_handshake(fs: FramedSocket, key: bytes, info: dict) -> str:
-    """Returns the authenticated namespace; raises AuthError (after telling the client)."""
-    header, payload = fs.recv()
-    if header.op != Op.HELLO or not header.plain:
-        raise ProtocolError(f"expected HELLO, got opcode {header.op}")
-    client_nonce, namespace = msg.dec_hello(payload)
-    if not namespace or len(namespace.encode()) > 255 or "/" in namespace:
-        raise ProtocolError(f"bad namespace {namespace!r}")
-    nonce = os.urandom(NONCE_BYTES)
-    fs.send_plain(Op.HELLO, FLAG_RESPONSE, header.req_id, msg.enc_hello(nonce, namespace))
-    c2s, s2c = derive_session_keys(key, client_nonce, nonce, namespace)
-    fs.auth = FrameAuth(s2c, c2s)
-    try:
-        header, _ = fs.recv()
-    except AuthError:
-        fs.auth = None
-        fs.send_plain(
-            Op.ERROR,
-            FLAG_RESPONSE,
-            0,
-            msg.enc_error(AuthError.code, "authentication failed: the client's key does not match the server's"),
-        )
-        raise AuthError("client failed to authenticate (wrong key)") from None
-    if header.op != Op.AUTH:
-        raise ProtocolError(f"expected AUTH, got opcode {header.op}")
-    fs.send(Op.AUTH, FLAG_RESPONSE, header.req_id, [msg.enc_json(info)])
-    return namespace
-
-
-__all__ = ["FramedSocket", "client_handshake", "server_handshake", "send_all", "raise_error_frame", "FLAG_PLAIN"]
+__all__ = ["FLAG_PLAIN", "FramedSocket", "client_handshake", "raise_error_frame", "send_all", "split_message"]

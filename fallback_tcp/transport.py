@@ -16,7 +16,8 @@ import numpy as np
 
 from rdmakv.errors import ConnectionLost, ProtocolError, RdmakvError
 from rdmakv.wire import messages as msg
-from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+from rdmakv.wire.messages import Key, key_hex
+from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, MAC_BLAKE3, Op
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
 
@@ -40,6 +41,7 @@ class TcpChannel:
         window: int = DEFAULT_WINDOW,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         fetch_bytes: int = DEFAULT_FETCH_BYTES,
+        mac: int = MAC_BLAKE3,
     ) -> None:
         self.namespace = namespace
         self.window = window
@@ -54,7 +56,7 @@ class TcpChannel:
         self._req = 0
         self.round_trips = 0
         try:
-            self.server_info = client_handshake(self.fs, key, namespace)
+            self.server_info = client_handshake(self.fs, key, namespace, mac)
         except BaseException:
             self.fs.close()
             raise
@@ -166,43 +168,66 @@ class TcpChannel:
 
     def fetch_chunks(
         self,
-        keys: Sequence[int],
+        keys: Sequence[Key],
         lengths: Sequence[int],
         sink: Callable[[int, memoryview], None],
     ) -> None:
-        """Pipelined batched GET; every chunk is checked against its key before ``sink(i, bytes)``."""
-        batches: list[tuple[int, int]] = []
-        start, size = 0, 0
-        for i, n in enumerate(lengths):
-            size += n
-            if size >= self.fetch_bytes or i == len(lengths) - 1:
-                batches.append((start, i + 1))
-                start, size = i + 1, 0
-        frames = [[msg.enc_keys(keys[a:b])] for a, b in batches]
+        """Pipelined batched GET of distinct keys; every chunk is checked against its key (and
+        its length) before ``sink(i, bytes)``. A reply covers what fits in a frame; the keys it
+        leaves out are asked for again."""
+        index = {k: i for i, k in enumerate(keys)}
+        if len(index) != len(keys):
+            raise ValueError("fetch_chunks wants distinct keys")
+        todo = list(range(len(keys)))
+        while todo:
+            batches: list[list[int]] = [[]]
+            size = 0
+            for i in todo:
+                if batches[-1] and size + lengths[i] > self.fetch_bytes:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(i)
+                size += lengths[i]
+            frames = [[msg.enc_keys([keys[i] for i in b])] for b in batches]
+            left: list[int] = []
 
-        def deliver(j: int, payload: memoryview) -> None:
-            a, b = batches[j]
-            chunks = msg.dec_chunks(payload)
-            if len(chunks) != b - a:
-                raise ProtocolError("GET_CHUNKS reply has the wrong number of chunks")
-            for i, data in zip(range(a, b), chunks):
-                if data is None:
-                    raise msg_missing(keys[i])
-                msg.verify_chunk(keys[i], data, lengths[i])
-                sink(i, data)
+            def deliver(j: int, payload: memoryview, batches=batches, left=left) -> None:
+                served, absent = msg.dec_chunks(payload)
+                if absent:
+                    raise msg_missing(absent[0])
+                asked = set(batches[j])
+                got = set()
+                for k, data in served:
+                    i = index.get(k)
+                    if i is None or i not in asked:
+                        raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
+                    msg.verify_chunk(k, data, lengths[i])
+                    sink(i, data)
+                    got.add(i)
+                if not got:
+                    raise ProtocolError("GET_CHUNKS reply served nothing")
+                left.extend(i for i in batches[j] if i not in got)
 
-        self.pipeline(Op.GET_CHUNKS, frames, deliver)
+            self.pipeline(Op.GET_CHUNKS, frames, deliver)
+            todo = left
 
-    def get_chunks(self, keys: Sequence[int]) -> list[bytes | None]:
-        """Unverified-length fetch (lengths unknown): one batch per request, verified by key."""
-        out: list[bytes | None] = []
-        for a in range(0, len(keys), 256):
-            part = keys[a : a + 256]
-            for k, data in zip(part, msg.dec_chunks(self.request(Op.GET_CHUNKS, [msg.enc_keys(part)]))):
-                if data is not None:
-                    msg.verify_chunk(k, data)
-                out.append(None if data is None else bytes(data))
-        return out
+    def get_chunks(self, keys: Sequence[Key]) -> list[bytes | None]:
+        """Chunks of unknown length: requests of up to 256 keys, each reply verified by key."""
+        found: dict[Key, bytes | None] = {}
+        todo = list(dict.fromkeys(keys))
+        while todo:
+            part, todo = todo[:256], todo[256:]
+            served, absent = msg.dec_chunks(self.request(Op.GET_CHUNKS, [msg.enc_keys(part)]))
+            for k, data in served:
+                msg.verify_chunk(k, data)
+                found[k] = bytes(data)
+            for k in absent:
+                found[k] = None
+            rest = [k for k in part if k not in found]
+            if len(rest) == len(part):
+                raise ProtocolError("GET_CHUNKS reply served nothing")
+            todo = rest + todo
+        return [found[k] for k in keys]
 
     def put_manifest(self, name: str, manifest: bytes, options: msg.SaveOptions | None = None) -> np.ndarray:
         reply = self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest, options or msg.SaveOptions()))
@@ -231,8 +256,17 @@ class TcpChannel:
         self.request(Op.DELETE_MANIFEST, [msg.enc_name_only(name)])
 
     def list(self, prefix: str = "") -> list[dict]:
-        out = msg.dec_json(self.request(Op.LIST, [prefix.encode("utf-8")]))
-        return out if isinstance(out, list) else []
+        """Every session whose name starts with ``prefix``, following the server's pages."""
+        rows: list[dict] = []
+        after = ""
+        while True:
+            page = msg.dec_json(self.request(Op.LIST, [msg.enc_list(prefix, after)]))
+            if not isinstance(page, dict) or not isinstance(page.get("sessions"), list):
+                raise ProtocolError("LIST reply is not a page of sessions")
+            rows += page["sessions"]
+            if not page.get("more") or not page["sessions"]:
+                return rows
+            after = page["sessions"][-1]["name"]
 
     def stats(self) -> dict:
         out = msg.dec_json(self.request(Op.STATS, []))

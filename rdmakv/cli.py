@@ -14,7 +14,13 @@ from .wire.auth import KEY_ENV, key_from_env, parse_key
 KEY_HELP = f"auth key: 64 hex characters, read from ${KEY_ENV} (generate one with: openssl rand -hex 32)"
 
 
-def _key_for_serve(args: argparse.Namespace) -> bytes:
+def _key_for_serve(args: argparse.Namespace):
+    from .store.keyring import KeyRing
+
+    if args.keys:
+        if args.key_file:
+            raise ValueError("--keys and --key-file exclude each other")
+        return KeyRing.load(args.keys)
     if args.key_file:
         with open(args.key_file) as f:
             return parse_key(f.read())
@@ -22,8 +28,13 @@ def _key_for_serve(args: argparse.Namespace) -> bytes:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .store.server import run_server
+    from .store.server import ServerLimits, run_server
 
+    limits = ServerLimits(
+        max_connections=args.max_connections, max_per_source=args.max_connections_per_source,
+        handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
+        max_frame=parse_size(args.max_frame), workers=args.workers,
+    )  # fmt: skip
     run_server(
         args.listen,
         args.data_dir,
@@ -32,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fsync=args.fsync,
         transport=args.transport,
         region_bytes=parse_size(args.region_size),
-        max_frame=parse_size(args.max_frame),
+        limits=limits,
         disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else None,
         high_watermark=args.high_watermark,
         quotas=dict(_parse_quota(q) for q in args.quota),
@@ -116,6 +127,13 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .store.keyring import new_entry
+
+    print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rdmakv",
@@ -161,7 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--region-size", default="64MiB", help="size of each registered slab region (default 64MiB)")
     s.add_argument("--max-frame", default="64MiB", help="largest frame payload accepted (default 64MiB)")
-    s.add_argument("--key-file", help=f"read the auth key from this file instead of ${KEY_ENV}")
+    s.add_argument("--key-file", help=f"read the one shared key from this file instead of ${KEY_ENV}")
+    s.add_argument(
+        "--keys", metavar="FILE",
+        help="per-tenant keys: a TOML file of [[key]] tables (namespace, key, not_after, admin); a key opens "
+        "only its namespace. Make entries with `rdmakv keys new NAMESPACE`",
+    )
+    s.add_argument("--max-connections", type=int, default=10_000, help="connections at once (default 10000)")
+    s.add_argument("--max-connections-per-source", type=int, default=1024,
+                   help="connections at once from one address (default 1024)")
+    s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="S",
+                   help="a connection must authenticate within S seconds (default 5)")
+    s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="close connections idle for S seconds (default 300)")
+    s.add_argument("--workers", type=int, default=8, help="threads that run requests (default 8)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser(
@@ -191,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ls":
             c.add_argument("--prefix", default="", help="only names starting with this prefix")
         c.set_defaults(func=func)
+
+    k = sub.add_parser("keys", help="make per-tenant keys for `rdmakv serve --keys`",
+                       description="Print a new [[key]] table for a keys file (a fresh random key).")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="new")
+    kn = ksub.add_parser("new", help="print a new [[key]] entry")
+    kn.add_argument("namespace", nargs="?", help="the namespace the key opens (omit with --admin for any)")
+    kn.add_argument("--admin", action="store_true", help="an operator key: STATS, LIST, COMPACT, PIN anywhere")
+    kn.add_argument("--not-after", metavar="YYYY-MM-DD", help="the last day the key is accepted (UTC)")
+    kn.set_defaults(func=cmd_keys)
 
     for name, helptext in (
         ("rxe-vm", "run a command inside a guest with real soft-RoCE (rxe0); see rdmakv rxe-vm --help"),

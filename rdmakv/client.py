@@ -11,14 +11,17 @@ import numpy as np
 from fallback_tcp.transport import TcpChannel
 
 from .bufpool import BufferPool
+from .calls import LowLevel
 from .errors import MissingChunksError, RdmakvError, StoreFullError
-from .hashing import chunk_key
+from .hashing import HASH_XXH3_64, key_function, keys_array
+from .hashing import hash_alg as parse_hash_alg
 from .kvstate import KVState, RestoreReport, SaveReport
 from .url import parse_url
 from .wire import chunking
 from .wire import manifest as mf
 from .wire.auth import key_from_env
 from .wire.messages import SaveOptions
+from .wire.protocol import mac_alg
 
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
@@ -41,14 +44,21 @@ def connect(
     *,
     timeout: float | None = 60.0,
     pipeline_window: int = 64,
+    hash_alg: str | int = "xxh3",
+    mac: str = "blake3",
 ) -> Store:
-    """Open a store. ``key`` defaults to ``$RDMAKV_AUTH_KEY``; ``window`` is W in tokens."""
+    """Open a store. ``key`` defaults to ``$RDMAKV_AUTH_KEY``; ``window`` is W in tokens;
+    ``hash_alg`` ("xxh3" or "blake3") keys the chunks this connection saves; ``mac``
+    ("blake3" or "hmac-sha256") authenticates its frames."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    return Store(url, key_from_env(key), transport, window, timeout=timeout, pipeline_window=pipeline_window)
+    return Store(
+        url, key_from_env(key), transport, window, timeout=timeout, pipeline_window=pipeline_window,
+        hash_alg=hash_alg, mac=mac,
+    )  # fmt: skip
 
 
-class Store:
+class Store(LowLevel):
     def __init__(
         self,
         url: str,
@@ -58,17 +68,21 @@ class Store:
         *,
         timeout: float | None = 60.0,
         pipeline_window: int = 64,
+        hash_alg: str | int = HASH_XXH3_64,
+        mac: str = "blake3",
     ) -> None:
         self.url = parse_url(url)
         self.window = window
+        self.hash_alg = parse_hash_alg(hash_alg)
         self.transport = transport
         self.channel = TcpChannel(
-            self.url.host, self.url.port, self.url.namespace, key, timeout=timeout, window=pipeline_window
-        )
+            self.url.host, self.url.port, self.url.namespace, key, timeout=timeout, window=pipeline_window,
+            mac=mac_alg(mac),
+        )  # fmt: skip
         self.server_info = self.channel.server_info
         self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
         self.rdma_reason = ""
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int | bytes, bytes] = OrderedDict()
         self._host_pool: BufferPool | None = None
         self._decoded: OrderedDict[bytes, tuple[mf.Manifest, chunking.KVLayout]] = OrderedDict()
         self._cache_bytes = 0
@@ -109,7 +123,7 @@ class Store:
         ``pin``: never demoted to disk or evicted (until ``unpin``); ``ttl``: seconds until the
         session expires."""
         t0 = time.perf_counter()
-        manifest, chunks = chunking.split(kv, window or self.window)
+        manifest, chunks = chunking.split(kv, window or self.window, self.hash_alg)
         return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
 
     def save_object(
@@ -125,9 +139,10 @@ class Store:
     ) -> SaveReport:
         """Save any manifest kind (slot files, blobs): body + ordered chunks with tags."""
         t0 = time.perf_counter()
-        keys = np.fromiter((chunk_key(c) for c in chunks), dtype=np.uint64, count=len(chunks))
+        key = key_function(self.hash_alg)
+        keys = keys_array([key(c) for c in chunks], self.hash_alg)
         lengths = np.fromiter((memoryview(c).nbytes for c in chunks), dtype=np.uint32, count=len(chunks))
-        manifest = mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64))
+        manifest = mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64), self.hash_alg)
         return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
 
     def put_blob(
@@ -151,28 +166,22 @@ class Store:
         mark = ch.mark()
         data = manifest.encode()
         missing = ch.put_manifest(name, data, opts)
-        sent_chunks = 0
-        for attempt in range(3):
-            if len(missing) == 0:
-                break
-            if attempt == 2:
+        sent: set = set()
+        by_key = dict(zip(manifest.keys.tolist(), chunks))
+        while len(missing):
+            want = missing.tolist()
+            if set(want) <= sent:
                 raise StoreFullError(
-                    f"save of {name!r}: {len(missing)} chunks were evicted again before the commit "
-                    "(the store is too full for this save)"
+                    f"save of {name!r}: the server dropped {len(want)} chunks of this save before the commit "
+                    "(they are held for a minute: the save was too slow, or the server restarted)"
                 )
-            want = set(missing.tolist())
-            keys: list[int] = []
-            views: list[bytes | memoryview] = []
-            for k, c in zip(manifest.keys.tolist(), chunks):
-                if k in want:
-                    want.discard(k)
-                    keys.append(k)
-                    views.append(c)
-            if want:
-                raise MissingChunksError("server asked for chunks this manifest does not name", list(want))
-            ch.put_chunks(keys, views)
-            sent_chunks += len(keys)
+            stray = [k for k in want if k not in by_key]
+            if stray:
+                raise MissingChunksError("server asked for chunks this manifest does not name", stray)
+            ch.put_chunks(want, [by_key[k] for k in want])
+            sent.update(want)
             missing = ch.put_manifest(name, data, opts)
+        sent_chunks = len(sent)
         unique = len(np.unique(manifest.keys))
         nbytes, rts = ch.usage_since(mark)
         return SaveReport(
@@ -253,36 +262,6 @@ class Store:
             self._decoded.popitem(last=False)
         return out
 
-    def fill_tcp(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
-        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``."""
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        order = np.argsort(first)  # fetch in manifest order: sequential slab reads
-        ukeys = uniq[order].tolist()
-        ulens = lengths[first[order]].tolist()
-        targets: list[list[int]] = [[] for _ in ukeys]
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        for pos, u in zip(offsets.tolist(), rank[inverse].tolist()):
-            targets[u].append(pos)
-
-        def sink(i: int, data: memoryview | bytes) -> None:
-            n = ulens[i]
-            for pos in targets[i]:
-                dest[pos : pos + n] = data
-
-        todo = []
-        for i, k in enumerate(ukeys):
-            cached = self._cache.pop(k, None)
-            if cached is not None:
-                self._cache_bytes -= len(cached)
-                sink(i, cached)
-            else:
-                todo.append(i)
-        if todo:
-            sub_keys = [ukeys[i] for i in todo]
-            sub_lens = [ulens[i] for i in todo]
-            self.channel.fetch_chunks(sub_keys, sub_lens, lambda j, data: sink(todo[j], data))
-
     def load_object(self, name: str, report: RestoreReport | None = None) -> tuple[mf.Manifest, list[memoryview]]:
         """Any manifest plus its chunks (each verified against its key), in manifest order.
 
@@ -293,60 +272,3 @@ class Store:
         view = memoryview(buf)
         rep.wall_s = time.perf_counter() - t0
         return m, [view[o : o + n] for o, n in zip(offsets.tolist(), m.lengths.tolist())]
-
-    # -- kv_store-style low level ----------------------------------------------------------
-    def exists(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self.channel.exists(np.asarray(keys, dtype=np.uint64))
-
-    def put_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[int]:
-        """Store chunks (content-addressed); returns their keys."""
-        keys = [chunk_key(c) for c in chunks]
-        self.channel.put_chunks(keys, chunks)
-        return keys
-
-    def get_chunks(self, keys: Sequence[int]) -> list[bytes | None]:
-        """Chunks by key (None where absent); every chunk is verified against its key."""
-        return self.channel.get_chunks([int(k) for k in keys])
-
-    def prefetch(self, keys: Sequence[int]) -> int:
-        """Fetch chunks into a local cache that the next restore uses; returns bytes cached."""
-        got = 0
-        for k, data in zip(keys, self.get_chunks(keys)):
-            if data is not None and int(k) not in self._cache:
-                self._cache[int(k)] = data
-                self._cache_bytes += len(data)
-                got += len(data)
-        while self._cache_bytes > self.cache_limit and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
-        return got
-
-    def put_manifest(
-        self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None
-    ) -> list[int]:
-        """Commit if every chunk is present; returns the missing keys (empty = committed)."""
-        data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
-        return self.channel.put_manifest(name, data, _options(pin, ttl)).tolist()
-
-    def pin(self, name: str) -> None:
-        """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
-        self.channel.pin(name, True)
-
-    def unpin(self, name: str) -> None:
-        self.channel.pin(name, False)
-
-    def compact(self) -> dict:
-        """Compact the server's log now; returns what it did (segments, bytes before and after)."""
-        return self.channel.compact()
-
-    def get_manifest(self, name: str) -> mf.Manifest:
-        return mf.decode(self.channel.get_manifest(name)[0])
-
-    def delete_manifest(self, name: str) -> None:
-        self.channel.delete_manifest(name)
-
-    def list(self, prefix: str = "") -> list[dict]:
-        return self.channel.list(prefix)
-
-    def stats(self) -> dict:
-        return self.channel.stats()

@@ -98,6 +98,12 @@ class StorageError(RdmakvError):
     code = 14
 
 
+class BusyError(RdmakvError):
+    """The server refused the connection: a connection limit, or out of file descriptors."""
+
+    code = 15
+
+
 ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
     cls.code: cls
     for cls in (
@@ -115,5 +121,6 @@ ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
         ServerError,
         DiskFullError,
         StorageError,
+        BusyError,
     )
 }

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from rdmakv import kvgen
 from rdmakv.errors import AuthError, CodecError, ManifestError, ProtocolError, TooLargeError
+from rdmakv.hashing import HASH_BLAKE3_256, HASH_XXH3_64
 from rdmakv.kvstate import KVState
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
@@ -180,19 +181,21 @@ def test_header_limits():
 @settings(max_examples=100, deadline=None)
 @given(chunks=st.lists(st.binary(min_size=1, max_size=50), max_size=10))
 def test_put_and_get_chunk_payloads_round_trip(chunks):
-    keys = list(range(len(chunks)))
-    payload = b"".join(bytes(p) for p in msg.enc_put_chunks(keys, chunks))
-    assert [(k, bytes(v)) for k, v in msg.dec_put_chunks(payload)] == list(zip(keys, chunks))
-    with_missing = [*chunks, None]
-    back = msg.dec_chunks(b"".join(bytes(p) for p in msg.enc_chunks(with_missing)))
-    assert [None if b is None else bytes(b) for b in back] == with_missing
+    for alg, key in ((HASH_XXH3_64, lambda i: i), (HASH_BLAKE3_256, lambda i: bytes([i]) * 32)):
+        keys = [key(i) for i in range(len(chunks))]
+        payload = b"".join(bytes(p) for p in msg.enc_put_chunks(keys, chunks))
+        assert [(k, bytes(v)) for k, v in msg.dec_put_chunks(payload)] == list(zip(keys, chunks))
+        absent = [key(200), key(201)]
+        served, gone = msg.dec_chunks(b"".join(bytes(p) for p in msg.enc_chunks(list(zip(keys, chunks)), absent, alg)))
+        assert [(k, bytes(v)) for k, v in served] == list(zip(keys, chunks)) and gone == absent
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=80))
 def test_payload_decoders_raise_codec_errors_only(data):
     for dec in (msg.dec_keys, msg.dec_put_chunks, msg.dec_chunks, msg.dec_bitmap, msg.dec_manifest_reply,
-                msg.dec_get_manifest, msg.dec_name_only, msg.dec_put_manifest, msg.dec_locations):
+                msg.dec_get_manifest, msg.dec_name_only, msg.dec_put_manifest, msg.dec_locations, msg.dec_hello,
+                msg.dec_list, msg.dec_pin, msg.dec_error, msg.dec_manifest_result, msg.dec_put_result):
         try:
             dec(data)
         except CodecError:

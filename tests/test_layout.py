@@ -20,7 +20,7 @@ TOP = ("rdmakv", "slab", "fallback_tcp", "bench")
 # Modules that import nothing of the project above them: usable from every layer.
 LEAVES = ("rdmakv.errors", "rdmakv.hashing", "rdmakv.units", "rdmakv.kvstate", "rdmakv.bufpool", "rdmakv.url")
 WIRE = ("rdmakv.wire", *LEAVES)
-CLIENT = ("rdmakv.client", "rdmakv.wire", "fallback_tcp", "rdmakv.rdma", "slab", *LEAVES)
+CLIENT = ("rdmakv.client", "rdmakv.calls", "rdmakv.wire", "fallback_tcp", "rdmakv.rdma", "slab", *LEAVES)
 
 # (module prefix, what its modules may import); the first matching prefix wins.
 RULES: list[tuple[str, tuple[str, ...]]] = [
@@ -35,6 +35,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("fallback_tcp", ("fallback_tcp", "rdmakv.wire", "rdmakv.errors")),
     ("rdmakv.rdma", ("rdmakv.rdma", "slab", *WIRE)),
     ("rdmakv.client", CLIENT),
+    ("rdmakv.calls", CLIENT),
     # the store reports the package version in its handshake: "rdmakv" is the root __init__ only
     ("rdmakv.store", ("rdmakv.store", "rdmakv", *CLIENT)),
     ("rdmakv.llama", ("rdmakv.llama", *CLIENT)),

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bufpool import BufferPool
 from ..errors import RdmakvError
-from ..hashing import chunk_key
+from ..hashing import matches
 from ..kvstate import RestoreReport
 from ..wire.messages import NO_REGION, Locations, dec_locations
 from .device import Device, list_devices, pyverbs_status
@@ -139,7 +139,7 @@ class RdmaRestorer:
         assert self.requester is not None
         rep.reads_posted += self.requester.read(plan.reads)
         rep.bytes += plan.bytes_read
-        failed = [i for i, k, d, n in checks if chunk_key(view[d : d + n]) != k]
+        failed = [i for i, k, d, n in checks if not matches(k, view[d : d + n])]
         if not failed:
             return missing
         return np.concatenate([missing, np.array(failed, dtype=np.int64)])

@@ -24,7 +24,7 @@ import numpy as np
 from slab import CapacityBudget, Region, Slab
 
 from ..errors import DiskFullError, IntegrityError, ManifestError
-from ..hashing import chunk_key
+from ..hashing import keys_array, matches
 from ..wire import manifest as mf
 from . import records as rec
 from .compactor import Compactor
@@ -34,7 +34,7 @@ from .maintenance import Maintenance
 from .reads import Reads
 from .replay import replay
 from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
-from .stats import namespace_list, namespace_stats
+from .stats import namespace_list, namespace_stats, store_stats
 from .tiering import Tiering
 
 RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
@@ -98,6 +98,7 @@ class Engine(Tiering, Reads):
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
         self.replay_stats: dict[str, float] = {}
+        self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
         self.maintenance = Maintenance(self)
         self._open = False
@@ -251,7 +252,7 @@ class Engine(Tiering, Reads):
         commit; returns (stored, already present)."""
         holder = holder or self.local
         for key, data in items:
-            if chunk_key(data) != key:
+            if not matches(key, data):
                 raise IntegrityError(f"chunk {key:016x}: bytes do not hash to the key")
         now = time.monotonic()
         with self.lock:
@@ -331,7 +332,7 @@ class Engine(Tiering, Reads):
             chunks = ns.chunks
             missing = [k for k in unique if k not in chunks]
             if missing:
-                return np.array(missing, dtype=np.uint64)
+                return keys_array(missing[: self.max_missing], m.hash_alg)
             for k, length in zip(m.keys.tolist(), m.lengths.tolist()):
                 if chunks[k].length != length:
                     raise ManifestError(
@@ -416,9 +417,13 @@ class Engine(Tiering, Reads):
             self._list(s)
         self.log.sync_to(lsn)
 
-    def list(self, ns_name: str, prefix: str = "") -> list[dict]:
+    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
         with self.lock:
-            return namespace_list(self.namespace(ns_name), prefix)
+            return namespace_list(self.namespace(ns_name), prefix, after, limit)
+
+    def store_stats(self) -> dict:
+        with self.lock:
+            return store_stats(self)
 
     def stats(self, ns_name: str) -> dict:
         with self.lock:

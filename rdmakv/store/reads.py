@@ -10,12 +10,35 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NotFoundError
+from ..hashing import Key
 from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+class ChunkViews:
+    """What ``chunk_views`` found; ``release()`` once the bytes are sent."""
+
+    def __init__(self, engine: Engine, ns_name: str) -> None:
+        self.engine = engine
+        self.ns: Namespace | None = None
+        self.served: list[tuple[Key, memoryview | None]] = []
+        self.absent: list[Key] = []
+        self.held: list[Chunk] = []
+        self.segments: list[Segment] = []
+
+    def release(self) -> None:
+        self.served = []
+        with self.engine.lock:
+            for c in self.held:
+                self.engine._unhold(self.ns, c)
+        self.held = []
+        for seg in self.segments:
+            seg.release()
+        self.segments = []
 
 
 class Reads:
@@ -113,6 +136,43 @@ class Reads:
             for p in plan:
                 if p is not None and p[1] is not None:
                     p[1].release()
+
+    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:
+        """For a GET_CHUNKS reply: each distinct key once, in order, up to ``max_bytes`` (at least
+        one chunk). Chunks in memory are served from the slab itself (no copy; they are held
+        until ``release``), the rest read from the log. Keys past the budget are left out."""
+        out = ChunkViews(self, ns_name)
+        disk: list[tuple[Chunk, Segment, int]] = []
+        with self.lock:
+            ns = out.ns = self.namespace(ns_name)
+            total = 0
+            for k in dict.fromkeys(keys):
+                c = ns.chunks.get(k)
+                if c is None:
+                    out.absent.append(k)
+                    continue
+                if out.held and total + c.length > max_bytes:
+                    break
+                c.holds += 1
+                out.held.append(c)
+                total += c.length
+                if c.slot is not None and c.ready:
+                    out.served.append((k, ns.slab.view(c.slot)))
+                else:
+                    seg = self.log.segment(c.loc.segment).acquire()
+                    out.segments.append(seg)
+                    disk.append((c, seg, c.loc.body))
+                    out.served.append((k, None))
+        if disk:
+            buf = memoryview(bytearray(sum(c.length for c, _, _ in disk)))
+            pos = 0
+            views = {}
+            for c, seg, offset in disk:
+                seg.pread_into(offset, buf[pos : pos + c.length])
+                views[c.key] = buf[pos : pos + c.length]
+                pos += c.length
+            out.served = [(k, v if v is not None else views[k]) for k, v in out.served]
+        return out
 
     def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
         with self.lock:

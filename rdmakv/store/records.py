@@ -13,7 +13,7 @@ the compactor can move them freely.
 
 Payloads (little-endian; ns and name are u16-length-prefixed UTF-8):
 
-- CHUNK     ns | u64 key | chunk bytes
+- CHUNK     ns | u8 hash_alg | key (8 or 32 bytes) | chunk bytes
 - MANIFEST  ns | name | u64 seq | u8 flags (1 = pinned) | u64 expires_at_ms (0 = never)
             | u64 committed_at_ms | manifest bytes
 - DELETE    ns | name | u64 seq                       (a tombstone)
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import CodecError
+from ..hashing import HASH_BLAKE3_256, HASH_XXH3_64
 
 REC_CHUNK = 1
 REC_MANIFEST = 2
@@ -105,8 +106,16 @@ def _str(s: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def chunk_parts(ns: str, key: int, data: bytes | memoryview) -> list[bytes | memoryview]:
-    return [_str(ns) + _U64.pack(key), data]
+def _key(key: int | bytes) -> bytes:
+    if isinstance(key, bytes):
+        if len(key) != 32:
+            raise CodecError("a BLAKE3-256 chunk key is 32 bytes")
+        return bytes((HASH_BLAKE3_256,)) + key
+    return bytes((HASH_XXH3_64,)) + _U64.pack(key)
+
+
+def chunk_parts(ns: str, key: int | bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
+    return [_str(ns) + _key(key), data]
 
 
 def manifest_parts(
@@ -130,7 +139,7 @@ class Record:
 
     rtype: int
     ns: str
-    key: int = 0  # chunks
+    key: int | bytes = 0  # chunks
     name: str = ""  # manifests, tombstones, pins
     seq: int = 0  # manifests, tombstones, pins (0 in format 1: numbered by replay)
     pinned: bool = False
@@ -168,7 +177,16 @@ def decode_payload(h: Header, payload: memoryview) -> Record:
     c = _Cursor(payload)
     ns = c.text()
     if h.rtype == REC_CHUNK:
-        (key,) = _U64.unpack(c.take(8))
+        if h.v1:
+            key: int | bytes = _U64.unpack(c.take(8))[0]
+        else:
+            alg = c.take(1)[0]
+            if alg == HASH_XXH3_64:
+                key = _U64.unpack(c.take(8))[0]
+            elif alg == HASH_BLAKE3_256:
+                key = bytes(c.take(32))
+            else:
+                raise CodecError(f"chunk record with unknown hash_alg {alg}")
         return Record(REC_CHUNK, ns, key=key, body=payload[c.pos :], body_offset=c.pos)
     name = c.text()
     if h.rtype == REC_MANIFEST:

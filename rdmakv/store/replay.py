@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from slab import class_size
 
 from ..errors import ManifestError, StoreFullError
-from ..hashing import chunk_key
+from ..hashing import matches
 from ..wire import manifest as mf
 from . import records as rec
 from .index import Chunk, Session, Tombstone
@@ -144,7 +144,7 @@ def _load_resident(engine: Engine, sessions: list[Session]) -> int:
             c.slot = slot
             view = ns.slab.view(slot)
             engine.log.read_into(c.loc, view)
-            if chunk_key(view) != c.key:
+            if not matches(c.key, view):
                 ok = False
         if not ok:
             engine.say(f"rdmakv: session {s.name!r} ({s.ns}): a chunk in the log does not match its key")

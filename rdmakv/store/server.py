@@ -1,325 +1,319 @@
-"""The rdmakv server: TCP control plane and TCP data path over the Engine.
+"""The rdmakv server: one event loop for every connection, a bounded pool of workers.
 
-One thread per connection (blocking sockets keep the frame handling simple and
-let pyverbs calls block without an event loop); the Engine's lock serialises
-store updates. RDMA restores never reach this code: clients READ the slab
-directly, so the server spends CPU only on the control round trip.
+The loop (``selectors``) accepts, reads and runs the handshakes; a connection costs a socket
+and a few KiB until it sends a request, never a thread, so thousands of idle clients cost
+little. Each whole request goes to one of ``workers`` threads, which calls the engine and sends
+the reply; RDMA restores never get here at all (clients READ the slab). Every limit is named
+in ``ServerLimits`` and checked before anything is allocated for it: connections overall and
+per source address, the handshake's time and size, idle time, the frame and message sizes, and
+how long a client may leave a reply unread. Out of file descriptors, a new connection is
+refused (a spare descriptor is kept for saying so), and the server goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import faulthandler
+import os
+import resource
+import selectors
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from fallback_tcp.framed import FramedSocket, server_handshake
-
-from .. import __version__
-from ..errors import (
-    AuthError,
-    CodecError,
-    ConnectionLost,
-    NotFoundError,
-    ProtocolError,
-    RdmakvError,
-    ServerError,
-)
-from ..wire import messages as msg
-from ..wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, Op
+from ..wire.protocol import DEFAULT_MAX_FRAME, Header
+from .connection import Connection, refuse
 from .engine import Engine
+from .keyring import KeyRing
+
+
+@dataclass
+class ServerLimits:
+    max_connections: int = 10_000
+    max_per_source: int = 1024
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    send_timeout: float = 30.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_message: int = (1 << 31) + (1 << 20)  # a chunk as large as a manifest can name, framed
+    workers: int = 8
 
 
 class Server:
     def __init__(
         self,
         engine: Engine,
-        key: bytes,
+        key: bytes | KeyRing,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        max_frame: int = DEFAULT_MAX_FRAME,
+        max_frame: int | None = None,
+        limits: ServerLimits | None = None,
         rdma: object | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
-        self.key = key
-        self.max_frame = max_frame
+        self.single_key = not isinstance(key, KeyRing)
+        self.keyring = KeyRing.single(key) if isinstance(key, bytes) else key
+        self.limits = limits or ServerLimits()
+        if max_frame is not None:
+            self.limits.max_frame = max_frame
+        engine.max_missing = max(1, (self.limits.max_frame - 64) // 32)
         self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self.say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = self.say
+        self.listener = socket.create_server((host, port), reuse_port=False, backlog=1024)
+        self.listener.setblocking(False)
         self.address = self.listener.getsockname()[:2]
         self._stopping = threading.Event()
-        self._threads: set[threading.Thread] = set()
-        self._conns: set[_Connection] = set()
-        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._sel = selectors.DefaultSelector()
+        self._conns: dict[int, Connection] = {}
+        self._per_source: Counter[str] = Counter()
+        self._ready: list[Connection] = []  # workers hand connections back here
+        self._ready_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="rdmakv-worker")
+        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._accept_paused_until = 0.0
+        self._last_fd_warning = 0.0
+        self._thread: threading.Thread | None = None
+        self.auth_failures = 0
+        self.refused = 0
+        self.internal_errors = 0
 
     @property
     def url_base(self) -> str:
         host, port = self.address
         return f"rdmakv://{host}:{port}"
 
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # -- the loop -----------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        while not self._stopping.is_set():
+        self._sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_sweep = time.monotonic() + 0.5
+        try:
+            while not self._stopping.is_set():
+                for key, _ in self._sel.select(0.5):
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._readable(key.data)
+                self._rearm()
+                now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    self._sel.register(self.listener, selectors.EVENT_READ, "listen")
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + 0.5
+        finally:
+            self._stopped.set()
+
+    def start(self) -> Server:
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="rdmakv-io")
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        for _ in range(64):
             try:
                 sock, peer = self.listener.accept()
-            except OSError:
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_descriptors(e)
+                    return
                 if self._stopping.is_set():
                     return
                 raise
+            self._admit(sock, peer)
+
+    def _out_of_descriptors(self, e: OSError) -> None:
+        """Refuse the waiting connection with the spare descriptor, and pause accepting briefly."""
+        now = time.monotonic()
+        if now - self._last_fd_warning > 60:
+            self._last_fd_warning = now
+            self.say(f"rdmakv: out of file descriptors ({e.strerror}): refusing new connections "
+                     f"({len(self._conns)} open; raise ulimit -n)")  # fmt: skip
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+            try:
+                sock, _ = self.listener.accept()
+                self.refused += 1
+                refuse(sock, "server busy: out of file descriptors; try again later")
+            except OSError:
+                pass
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._spare_fd = None
+        self._sel.unregister(self.listener)
+        self._accept_paused_until = now + 0.1
+
+    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+        source = peer[0]
+        lim = self.limits
+        if self._stopping.is_set() or len(self._conns) >= lim.max_connections:
+            self.refused += 1
+            refuse(sock, f"server busy: {len(self._conns)} connections open (limit {lim.max_connections})")
+            return
+        if self._per_source[source] >= lim.max_per_source:
+            self.refused += 1
+            refuse(sock, f"server busy: {self._per_source[source]} connections from {source} (limit "
+                         f"{lim.max_per_source} per source address)")  # fmt: skip
+            return
+        sock.setblocking(False)
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(target=self._serve_conn, args=(sock, peer), daemon=True)
-            with self._lock:
-                self._threads.add(t)
-            t.start()
+        except OSError:
+            pass  # a unix socket or a closed peer
+        conn = Connection(self, sock, peer)
+        self._conns[conn.fd] = conn
+        self._per_source[source] += 1
+        self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def start(self) -> Server:
-        threading.Thread(target=self.serve_forever, daemon=True, name="rdmakv-accept").start()
-        return self
+    def _readable(self, conn: Connection) -> None:
+        if not conn.on_readable():
+            self._close(conn)
 
+    def submit(self, conn: Connection, h: Header, payload: memoryview) -> None:
+        """(loop thread) A whole request: a worker has the connection until it hands it back,
+        and the loop does not read it meanwhile."""
+        self._sel.unregister(conn.sock)
+        self._pool.submit(self._work, conn, h, payload)
+
+    def _work(self, conn: Connection, h: Header, payload: memoryview) -> None:
+        try:
+            keep = conn.serve(h, payload)
+        except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
+            self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
+            keep = False
+        conn.busy = False
+        conn.last_active = time.monotonic()
+        if not keep:
+            conn.close_requested = True
+        with self._ready_lock:
+            self._ready.append(conn)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the loop is awake already
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _rearm(self) -> None:
+        with self._ready_lock:
+            ready, self._ready = self._ready, []
+        for conn in ready:
+            if conn.close_requested or self._stopping.is_set():
+                self._close(conn)
+                continue
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            if not conn.process():  # a whole request may already be buffered
+                self._close(conn)
+
+    def _sweep(self, now: float) -> None:
+        lim = self.limits
+        for conn in list(self._conns.values()):
+            if conn.busy:
+                continue
+            if conn.state != Connection.OPEN and now > conn.deadline:
+                self.say(f"rdmakv: {conn.peer}: no handshake within {lim.handshake_timeout:g} s; closed")
+                self._close(conn)
+            elif now - conn.last_active > lim.idle_timeout:
+                self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if self._conns.pop(conn.fd, None) is None:
+            return
+        if not conn.busy:
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        self._per_source[conn.source] -= 1
+        if self._per_source[conn.source] <= 0:
+            del self._per_source[conn.source]
+        conn.close()
+
+    # -- stopping -----------------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let requests in progress finish (for up to ``timeout`` seconds), then
         hang up on every connection."""
         self._stopping.set()
         try:
-            self.listener.close()
+            os.write(self._wake_w, b"x")
         except OSError:
             pass
         deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                conns = list(self._conns)
-            busy = [c for c in conns if c.busy]
-            for c in conns:
-                if not c.busy or time.monotonic() > deadline:
-                    c.hang_up()
-            if not busy or time.monotonic() > deadline:
-                break
+        if self._thread is not None:
+            self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        elif threading.current_thread() is not threading.main_thread():
+            self._stopped.wait(max(0.1, deadline - time.monotonic()))
+        while any(c.busy for c in list(self._conns.values())) and time.monotonic() < deadline:
             time.sleep(0.01)
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
-
-    # -- one connection ---------------------------------------------------------------
-    def _serve_conn(self, sock: socket.socket, peer: tuple) -> None:
-        conn = _Connection(self, FramedSocket(sock, self.max_frame), peer)
-        with self._lock:
-            self._conns.add(conn)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for conn in list(self._conns.values()):
+            self._close(conn)
         try:
-            conn.run()
-        finally:
-            conn.close()
-            with self._lock:
-                self._conns.discard(conn)
-                self._threads.discard(threading.current_thread())
-
-
-class _Connection:
-    def __init__(self, server: Server, fs: FramedSocket, peer: tuple) -> None:
-        self.server = server
-        self.engine = server.engine
-        self.fs = fs
-        self.peer = f"{peer[0]}:{peer[1]}"
-        self.ns = ""
-        self.busy = False  # between receiving a request and sending its reply
-        self.holder = self.engine.new_holder()
-        self.rdma_session: object | None = None
-        self.scratch = bytearray()  # GET_CHUNKS replies are staged here, reused across requests
-        self.handlers: dict[int, Callable[[memoryview], list]] = {
-            Op.EXISTS: self.on_exists,
-            Op.PUT_CHUNKS: self.on_put_chunks,
-            Op.GET_CHUNKS: self.on_get_chunks,
-            Op.PUT_MANIFEST: self.on_put_manifest,
-            Op.GET_MANIFEST: self.on_get_manifest,
-            Op.DELETE_MANIFEST: self.on_delete_manifest,
-            Op.LIST: self.on_list,
-            Op.STATS: self.on_stats,
-            Op.LOCATE: self.on_locate,
-            Op.RDMA_CONNECT: self.on_rdma_connect,
-            Op.PIN: self.on_pin,
-            Op.COMPACT: self.on_compact,
-        }
-
-    def run(self) -> None:
-        fs = self.fs
-        try:
-            info = {
-                "server": "rdmakv",
-                "version": __version__,
-                "max_frame": self.server.max_frame,
-                "rdma": self.server.rdma is not None,
-            }
-            self.ns = server_handshake(fs, self.server.key, info)
-        except (ProtocolError, CodecError) as e:
-            self.server.log(f"rdmakv: {self.peer}: handshake failed: {e}")
-            self._send_error_plain(e)
-            self._linger()
-            return
-        except (AuthError, ConnectionLost, OSError) as e:
-            self.server.log(f"rdmakv: {self.peer}: handshake failed: {e}")
-            self._linger()
-            return
-        while True:
-            before = fs.bytes_received
-            try:
-                header, payload = fs.recv()
-            except ConnectionLost:
-                return
-            except (AuthError, ProtocolError, CodecError) as e:
-                # The byte stream can no longer be trusted: say why, then hang up.
-                self.server.log(f"rdmakv: {self.peer} ns={self.ns}: closing: {e}")
-                self._send_error_plain(e)
-                self._linger()
-                return
-            except OSError:
-                return
-            self.busy = True
-            try:
-                parts = self.dispatch(header.op, payload)
-                op, resp = header.op, parts
-            except RdmakvError as e:
-                op, resp = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
-            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
-                self.server.log(f"rdmakv: {self.peer}: internal error on op {header.op}: {e!r}")
-                op, resp = Op.ERROR, [msg.enc_error(ServerError.code, f"internal server error: {e!r}")]
-            with self.engine.lock:
-                counters = self.engine.namespace(self.ns).counters
-                counters["bytes_received"] += fs.bytes_received - before
-            try:
-                sent = fs.send(op, FLAG_RESPONSE, header.req_id, resp)
-            except OSError:
-                return
-            finally:
-                self.busy = False
-            with self.engine.lock:
-                counters["bytes_sent"] += sent
-            if self.server._stopping.is_set():
-                return
-
-    def hang_up(self) -> None:
-        try:
-            self.fs.sock.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
         except OSError:
             pass
+        for fd in (self._wake_r, self._wake_w, self._spare_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._spare_fd = None
 
-    def _send_error_plain(self, e: RdmakvError) -> None:
+
+def raise_fd_limit(want: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards ``want`` (up to the hard limit); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
         try:
-            self.fs.send_plain(Op.ERROR, FLAG_RESPONSE, 0, msg.enc_error(e.code, str(e)))
-        except OSError:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
             pass
-
-    def _linger(self) -> None:
-        """Half-close and drain briefly so the peer reads our error instead of a reset."""
-        sock = self.fs.sock
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(1.0)
-            for _ in range(16):
-                if not sock.recv(65536):
-                    break
-        except OSError:
-            pass
-
-    def dispatch(self, op: int, payload: memoryview) -> list:
-        handler = self.handlers.get(op)
-        if handler is None:
-            raise ProtocolError(f"unknown opcode {op}")
-        return handler(payload)
-
-    def close(self) -> None:
-        self.engine.release_holder(self.holder)
-        if self.rdma_session is not None:
-            try:
-                self.rdma_session.close()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001
-                pass
-        self.fs.close()
-
-    # -- handlers ------------------------------------------------------------------------
-    def on_exists(self, payload: memoryview) -> list:
-        keys = msg.dec_keys(payload)
-        return [msg.enc_bitmap(self.engine.exists(self.ns, keys))]
-
-    def on_put_chunks(self, payload: memoryview) -> list:
-        items = msg.dec_put_chunks(payload)
-        stored, existed = self.engine.put_chunks(self.ns, items, self.holder)
-        return [msg.enc_put_result(stored, existed)]
-
-    def on_get_chunks(self, payload: memoryview) -> list:
-        keys = msg.dec_keys(payload)
-        self.scratch, chunks = self.engine.read_chunks_into(self.ns, keys.tolist(), self.scratch)
-        return msg.enc_chunks(chunks)
-
-    def on_put_manifest(self, payload: memoryview) -> list:
-        name, data, opts = msg.dec_put_manifest(payload)
-        missing = self.engine.commit_manifest(self.ns, name, bytes(data), self.holder, pin=opts.pin, ttl=opts.ttl)
-        return [msg.enc_manifest_result(missing)]
-
-    def on_get_manifest(self, payload: memoryview) -> list:
-        name, flags = msg.dec_get_manifest(payload)
-        want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
-        data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
-        return msg.enc_manifest_reply(data, loc, tier)
-
-    def on_pin(self, payload: memoryview) -> list:
-        name, pinned = msg.dec_pin(payload)
-        self.engine.set_pin(self.ns, name, pinned)
-        return []
-
-    def on_compact(self, payload: memoryview) -> list:
-        if len(payload):
-            raise ProtocolError("COMPACT takes no payload")
-        return [msg.enc_json(self.engine.compact())]
-
-    def on_locate(self, payload: memoryview) -> list:
-        keys = msg.dec_keys(payload)
-        return [self.engine.locate(self.ns, keys).encode()]
-
-    def on_delete_manifest(self, payload: memoryview) -> list:
-        self.engine.delete_manifest(self.ns, msg.dec_name_only(payload))
-        return []
-
-    def on_list(self, payload: memoryview) -> list:
-        prefix = bytes(payload).decode("utf-8", "strict") if len(payload) else ""
-        return [msg.enc_json(self.engine.list(self.ns, prefix))]
-
-    def on_stats(self, payload: memoryview) -> list:
-        stats = self.engine.stats(self.ns)
-        stats["rdma"] = self.server.rdma is not None
-        if self.server.rdma is not None:
-            stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
-        return [msg.enc_json(stats)]
-
-    def on_rdma_connect(self, payload: memoryview) -> list:
-        exporter = self.server.rdma
-        if exporter is None:
-            raise NotFoundError("this server has no RDMA device; use TCP")
-        if self.rdma_session is not None:
-            self.rdma_session.close()  # type: ignore[attr-defined]
-            self.rdma_session = None
-        self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
-        # QP info, then the namespace's region table (later regions arrive with every location reply)
-        regions = self.engine.locate(self.ns, np.zeros(0, dtype=np.uint64)).encode()
-        return [reply, regions]
+    return soft
 
 
 def run_server(
     listen: str,
     data_dir: str | Path,
     capacity: int,
-    key: bytes,
+    key: bytes | KeyRing,
     *,
     fsync: str = "manifest",
     transport: str = "auto",
     region_bytes: int = 64 << 20,
-    max_frame: int = DEFAULT_MAX_FRAME,
+    limits: ServerLimits | None = None,
     disk_capacity: int | None = None,
     high_watermark: float = 0.9,
     quotas: dict[str, int] | None = None,
@@ -327,6 +321,12 @@ def run_server(
 ) -> None:
     """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
     host, _, port = listen.rpartition(":")
+    limits = limits or ServerLimits()
+    fds = raise_fd_limit(limits.max_connections + 256)
+    if fds < limits.max_connections + 64:
+        limits.max_connections = max(16, fds - 64)
+        print(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections "
+              "(raise ulimit -n for more)", file=sys.stderr)  # fmt: skip
     engine = Engine(
         data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
         high_watermark=high_watermark, quotas=quotas,
@@ -342,14 +342,15 @@ def run_server(
                 raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
             if exporter is None:
                 print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
-        server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), max_frame=max_frame, rdma=exporter)
+        server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), limits=limits, rdma=exporter)
     except BaseException:
         engine.close()
         raise
     stats = engine.replay_stats
+    keys = "one shared key" if server.single_key else f"{len(server.keyring.entries)} keys from {server.keyring.source}"
     print(
         f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
-        f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} "
+        f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} auth={keys} "
         f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks, "
         f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)",
         file=sys.stderr,
@@ -357,10 +358,10 @@ def run_server(
     )
 
     def on_signal(signum: int, _frame: object) -> None:
-        server.log(f"rdmakv serve: {signal.Signals(signum).name}: finishing requests in progress, then stopping")
+        server.say(f"rdmakv serve: {signal.Signals(signum).name}: finishing requests in progress, then stopping")
         server._stopping.set()
         try:
-            server.listener.close()  # the accept below returns
+            os.write(server._wake_w, b"x")
         except OSError:
             pass
 
@@ -379,4 +380,4 @@ def run_server(
         print("rdmakv serve: stopped (log synced and closed)", file=sys.stderr, flush=True)
 
 
-__all__ = ["Server", "run_server"]
+__all__ = ["Server", "ServerLimits", "run_server"]

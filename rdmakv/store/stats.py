@@ -41,8 +41,12 @@ def namespace_stats(engine: Engine, ns: Namespace) -> dict:
     return out
 
 
-def namespace_list(ns: Namespace, prefix: str = "") -> list[dict]:
+def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
+    """Sessions by name: those starting with ``prefix``, after the name ``after``, ``limit`` of them."""
     now = time.time()
+    names = sorted(n for n in ns.sessions if n.startswith(prefix) and n > after)
+    if limit is not None:
+        names = names[:limit]
     return [
         {
             "name": n,
@@ -54,6 +58,22 @@ def namespace_list(ns: Namespace, prefix: str = "") -> list[dict]:
             "expires_in": round(s.expires_at - now, 3) if s.expires_at else None,
             "resident": s.resident,
         }
-        for n, s in sorted(ns.sessions.items())
-        if n.startswith(prefix)
+        for n, s in ((n, ns.sessions[n]) for n in names)
     ]
+
+
+def store_stats(engine: Engine) -> dict:
+    """The whole store's figures: for admin keys only."""
+    return {
+        "namespaces": len(engine.namespaces),
+        "capacity_bytes": engine.capacity,
+        "memory_used_bytes": engine.mem_used(),
+        "memory_reserved_bytes": engine.budget.reserved,
+        "disk_capacity_bytes": engine.disk_capacity,
+        "disk_live_bytes": engine.disk_live,
+        "disk_bytes": engine.log.disk_bytes(),
+        "segments": len(engine.log.segments),
+        "fsyncs": engine.log.fsyncs,
+        "damaged_records": len(engine.damage),
+        "compaction": dict(engine.compactor.totals),
+    }

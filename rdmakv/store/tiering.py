@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from slab import SlabFullError, Slot, class_size
 
 from ..errors import DiskFullError, StorageError, StoreFullError
-from ..hashing import chunk_key
+from ..hashing import matches
 from ..units import fmt_bytes
 from .datadir import fs_free_bytes
 from .index import Chunk, Namespace, Session
@@ -244,7 +244,7 @@ class Tiering:
             try:
                 for c, view, seg, offset in reads:
                     seg.pread_into(offset, view)
-                    if chunk_key(view) != c.key:
+                    if not matches(c.key, view):
                         failed.append(c)
                 if need_manifest:
                     data = self.read_manifest(s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 from cryptography.hazmat.primitives import hashes
@@ -46,14 +48,24 @@ def key_from_env(explicit: str | bytes | None = None) -> bytes:
     return parse_key(value)
 
 
+FINGERPRINT_BYTES = 16
+
+
+def fingerprint(key: bytes) -> bytes:
+    """What HELLO says about the client's key: enough for the server to pick the matching entry
+    of its keys file, nothing that helps recover the key."""
+    return hmac.new(key, b"rdmakv/2 key fingerprint", hashlib.sha256).digest()[:FINGERPRINT_BYTES]
+
+
 def derive_session_keys(
-    key: bytes, client_nonce: bytes, server_nonce: bytes, namespace: str
+    key: bytes, client_nonce: bytes, server_nonce: bytes, namespace: str, mac_alg: int = 1
 ) -> tuple[bytes, bytes]:
-    """(client->server key, server->client key); the namespace is bound into both."""
+    """(client->server key, server->client key); the namespace and the MAC algorithm are bound
+    into both, so a HELLO altered on the way yields keys that fail the first authenticated frame."""
     okm = HKDF(
         algorithm=hashes.SHA256(),
         length=2 * KEY_BYTES,
         salt=client_nonce + server_nonce,
-        info=b"rdmakv/1 session " + namespace.encode("utf-8"),
+        info=b"rdmakv/2 session " + bytes((mac_alg,)) + namespace.encode("utf-8"),
     ).derive(key)
     return okm[:KEY_BYTES], okm[KEY_BYTES:]

@@ -15,13 +15,15 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import ManifestError
-from ..hashing import chunk_key
+from ..hashing import HASH_XXH3_64, key_function, keys_array
 from ..kvstate import KVState
 from .manifest import KIND_KV, Manifest
 
 DEFAULT_WINDOW = 256
 MAX_LAYERS = 1 << 16
 MAX_TOKENS = 1 << 26
+MAX_EMBD = 1 << 20  # elements per row: keeps every size below in 64-bit range before it is checked
+MAX_CHUNK_BYTES = (1 << 32) - 1  # a chunk length is a u32 in the manifest
 
 _BODY = struct.Struct("<BB8sIIII")  # flags, dtype_len, dtype, elem_size, n_layer, window, n_tokens
 _FLAG_V_TRANS = 1
@@ -103,7 +105,10 @@ class KVLayout:
             v_len = rows[:, 1:] * counts[None, :]
             v_off = base[:, 1:] + rows[:, 1:] * starts[None, :]
         tags = np.concatenate([k_tags, v_tags], axis=1).ravel().astype(np.uint64)
-        lengths = np.concatenate([k_len, v_len], axis=1).ravel().astype(np.uint32)
+        lengths64 = np.concatenate([k_len, v_len], axis=1).ravel()
+        if len(lengths64) and int(lengths64.max()) > MAX_CHUNK_BYTES:
+            raise ManifestError(f"a chunk of this shape would be {int(lengths64.max())} bytes, over the u32 limit")
+        lengths = lengths64.astype(np.uint32)
         offsets = np.concatenate([k_off, v_off], axis=1).ravel().astype(np.uint64)
         return tags, lengths, offsets
 
@@ -126,7 +131,7 @@ def layout_of(kv: KVState, window: int) -> KVLayout:
     )
 
 
-def split(kv: KVState, window: int = DEFAULT_WINDOW) -> tuple[Manifest, list[memoryview]]:
+def split(kv: KVState, window: int = DEFAULT_WINDOW, hash_alg: int = HASH_XXH3_64) -> tuple[Manifest, list[memoryview]]:
     """Chunks (as zero-copy views where the arrays allow) and the manifest that lists them."""
     layout = layout_of(kv, window)
     views: list[memoryview] = []
@@ -142,9 +147,10 @@ def split(kv: KVState, window: int = DEFAULT_WINDOW) -> tuple[Manifest, list[mem
         else:
             for a, b in wins:
                 views.append(_bytes_view(v[a:b]))
-    keys = np.fromiter((chunk_key(c) for c in views), dtype=np.uint64, count=len(views))
+    key = key_function(hash_alg)
+    keys = keys_array([key(c) for c in views], hash_alg)
     tags, lengths, _ = layout.chunk_table()
-    return Manifest(KIND_KV, encode_body(layout), keys, lengths, tags), views
+    return Manifest(KIND_KV, encode_body(layout), keys, lengths, tags, hash_alg), views
 
 
 def _bytes_view(a: np.ndarray) -> memoryview:
@@ -194,6 +200,8 @@ def decode_layout(m: Manifest) -> KVLayout:
     if len(body) != expected:
         raise ManifestError(f"KV manifest body is {len(body)} bytes, expected {expected}")
     dims = np.frombuffer(body, dtype="<u4", count=2 * n_layer, offset=_BODY.size).reshape(n_layer, 2)
+    if int(dims.max()) > MAX_EMBD:
+        raise ManifestError(f"n_embd {int(dims.max())} out of range (at most {MAX_EMBD})")
     tokens = np.frombuffer(body, dtype="<u4", count=n_tokens, offset=_BODY.size + 8 * n_layer)
     layout = KVLayout(
         dtype=dtype,
@@ -209,6 +217,8 @@ def decode_layout(m: Manifest) -> KVLayout:
     tags, lengths, _ = layout.chunk_table()
     if not (np.array_equal(tags, m.tags) and np.array_equal(lengths, m.lengths)):
         raise ManifestError("chunk table does not match the session shape")
+    if layout.total_bytes != m.total_bytes:
+        raise ManifestError("chunk lengths do not add up to the session's size")
     return layout
 
 

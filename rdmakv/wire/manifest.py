@@ -9,8 +9,10 @@ blobs, and llama.cpp slot files (``rdmakv.llama.slotfile``).
 Layout, little-endian, no padding::
 
     magic "RKVM" | u8 version | u8 kind | u8 hash_alg | u8 flags(0)
-    u32 body_len | u32 n_chunks | body | n_chunks x (u64 key, u32 length, u64 tag)
+    u32 body_len | u32 n_chunks | body | n_chunks x (key, u32 length, u64 tag)
     u64 xxh3-64 of everything before it
+
+A key is 8 bytes (xxh3-64, little-endian) or 32 (BLAKE3-256), as ``hash_alg`` says.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import xxhash
 
 from ..errors import ManifestError
-from ..hashing import HASH_NAMES, HASH_XXH3_64
+from ..hashing import HASH_NAMES, HASH_XXH3_64, key_dtype, keys_array
 
 MAGIC = b"RKVM"
 VERSION = 1
@@ -40,6 +42,13 @@ _TRAILER = struct.Struct("<Q")
 CHUNK_DTYPE = np.dtype([("key", "<u8"), ("length", "<u4"), ("tag", "<u8")])
 
 
+def chunk_dtype(hash_alg: int) -> np.dtype:
+    """The chunk table's record for a hash_alg (its key width)."""
+    if hash_alg == HASH_XXH3_64:
+        return CHUNK_DTYPE
+    return np.dtype([("key", key_dtype(hash_alg)), ("length", "<u4"), ("tag", "<u8")])
+
+
 @dataclass(eq=False)
 class Manifest:
     kind: int
@@ -51,7 +60,9 @@ class Manifest:
     _encoded: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.keys = np.ascontiguousarray(self.keys, dtype=np.uint64)
+        if self.hash_alg not in HASH_NAMES:
+            raise ManifestError(f"unsupported hash_alg {self.hash_alg} (supported: {HASH_NAMES})")
+        self.keys = keys_array(self.keys, self.hash_alg)
         self.lengths = np.ascontiguousarray(self.lengths, dtype=np.uint32)
         self.tags = np.ascontiguousarray(self.tags, dtype=np.uint64)
         if not (len(self.keys) == len(self.lengths) == len(self.tags)):
@@ -88,7 +99,7 @@ def encode(m: Manifest) -> bytes:
     if m._encoded is not None:
         return m._encoded
     _check_header_fields(m.kind, m.hash_alg, len(m.body), m.n_chunks)
-    table = np.empty(m.n_chunks, dtype=CHUNK_DTYPE)
+    table = np.empty(m.n_chunks, dtype=chunk_dtype(m.hash_alg))
     table["key"] = m.keys
     table["length"] = m.lengths
     table["tag"] = m.tags
@@ -112,14 +123,15 @@ def decode(data: bytes | memoryview) -> Manifest:
     if flags != 0:
         raise ManifestError(f"unknown manifest flags 0x{flags:02x}")
     _check_header_fields(kind, hash_alg, body_len, n_chunks)
-    expected = _HEADER.size + body_len + n_chunks * CHUNK_DTYPE.itemsize + _TRAILER.size
+    dtype = chunk_dtype(hash_alg)
+    expected = _HEADER.size + body_len + n_chunks * dtype.itemsize + _TRAILER.size
     if len(data) != expected:
         raise ManifestError(f"manifest length {len(data)} != {expected} declared by its header")
     (check,) = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
     if xxhash.xxh3_64_intdigest(memoryview(data)[: -_TRAILER.size]) != check:
         raise ManifestError("manifest checksum mismatch (corrupted or truncated)")
     body = data[_HEADER.size : _HEADER.size + body_len]
-    table = np.frombuffer(data, dtype=CHUNK_DTYPE, count=n_chunks, offset=_HEADER.size + body_len)
+    table = np.frombuffer(data, dtype=dtype, count=n_chunks, offset=_HEADER.size + body_len)
     lengths = table["length"].copy()
     if n_chunks and int(lengths.min()) == 0:
         raise ManifestError("manifest has a zero-length chunk")

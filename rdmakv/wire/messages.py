@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CodecError, IntegrityError
-from ..hashing import chunk_key
+from ..hashing import HASH_BLAKE3_256, HASH_XXH3_64, KEY_BYTES, Key, key_dtype, key_hex, keys_array, matches
 
 MAX_NAME = 255
-MISSING = 0xFFFFFFFF
+MAX_KEYS = 1 << 22
+MAX_ERROR_KEYS = 1 << 12  # an error frame lists at most this many missing keys
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_PUT_ENTRY = np.dtype([("key", "<u8"), ("length", "<u4")])
 _REGION = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
 LOCATION_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("gen", "<u4"), ("size", "<u4")])
 NO_REGION = 0xFFFFFFFF
@@ -63,12 +63,21 @@ class Reader:
             raise CodecError(f"{len(self.data) - self.pos} unexpected trailing bytes in payload")
 
 
-def validate_name(name: str) -> bytes:
+def validate_name(name: str, what: str = "manifest name") -> bytes:
+    """Names and namespaces: 1..255 bytes of UTF-8, printable (no control characters: they would
+    let a client inject lines into the server's log)."""
     raw = name.encode("utf-8") if isinstance(name, str) else b""
     if not 0 < len(raw) <= MAX_NAME:
-        raise CodecError(f"manifest name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
-    if any(c < 0x20 or c == 0x7F for c in raw):
-        raise CodecError("manifest name contains control characters")
+        raise CodecError(f"{what} must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
+    if not name.isprintable():
+        raise CodecError(f"{what} contains control or other unprintable characters")
+    return raw
+
+
+def validate_namespace(ns: str) -> bytes:
+    raw = validate_name(ns, "namespace")
+    if "/" in ns:
+        raise CodecError("namespace must not contain '/'")
     return raw
 
 
@@ -87,24 +96,44 @@ def enc_name(name: str) -> bytes:
     return _U8.pack(len(raw)) + raw
 
 
-def verify_chunk(key: int, data: bytes | memoryview, length: int | None = None) -> None:
-    """Raise IntegrityError unless ``data`` (of ``length`` bytes, when given) hashes to ``key``."""
-    if (length is not None and memoryview(data).nbytes != length) or chunk_key(data) != key:
-        raise IntegrityError(f"chunk {key:016x} failed verification: bytes do not match its key")
+def verify_chunk(key: Key, data: bytes | memoryview, length: int | None = None) -> None:
+    """Raise IntegrityError unless ``data`` (of ``length`` bytes, when given) hashes to ``key``
+    (xxh3-64 for an int key, BLAKE3-256 for a 32-byte one)."""
+    if (length is not None and memoryview(data).nbytes != length) or not matches(key, data):
+        raise IntegrityError(f"chunk {key_hex(key)} failed verification: bytes do not match its key")
 
 
-# -- EXISTS / LOCATE / GET_CHUNKS requests: a list of keys ------------------------
-def enc_keys(keys: np.ndarray | Sequence[int]) -> bytes:
-    arr = np.ascontiguousarray(keys, dtype="<u8")
-    return _U32.pack(len(arr)) + arr.tobytes()
+def alg_of(keys: np.ndarray | Sequence[Key]) -> int:
+    if isinstance(keys, np.ndarray):
+        return HASH_BLAKE3_256 if keys.dtype == key_dtype(HASH_BLAKE3_256) else HASH_XXH3_64
+    return HASH_BLAKE3_256 if keys and isinstance(next(iter(keys)), bytes) else HASH_XXH3_64
 
 
-def dec_keys(data: bytes | memoryview, max_keys: int = 1 << 22) -> np.ndarray:
-    r = Reader(data)
+def _alg(r: Reader) -> int:
+    alg = r.u8()
+    if alg not in KEY_BYTES:
+        raise CodecError(f"unknown hash_alg {alg} in a key list")
+    return alg
+
+
+# -- key lists: u8 hash_alg | u32 n | n keys (8 or 32 bytes each) -------------------
+def enc_keys(keys: np.ndarray | Sequence[Key], alg: int | None = None) -> bytes:
+    alg = alg or alg_of(keys)
+    arr = keys_array(keys, alg)
+    return _U8.pack(alg) + _U32.pack(len(arr)) + arr.tobytes()
+
+
+def _keys(r: Reader, max_keys: int) -> np.ndarray:
+    alg = _alg(r)
     n = r.u32()
     if n > max_keys:
         raise CodecError(f"{n} keys in one request exceeds {max_keys}")
-    keys = r.array(np.dtype("<u8"), n)
+    return r.array(key_dtype(alg), n)
+
+
+def dec_keys(data: bytes | memoryview, max_keys: int = MAX_KEYS) -> np.ndarray:
+    r = Reader(data)
+    keys = _keys(r, max_keys)
     r.end()
     return keys
 
@@ -121,18 +150,26 @@ def dec_bitmap(data: bytes | memoryview) -> np.ndarray:
     return np.unpackbits(bits, count=n).astype(bool)
 
 
-# -- PUT_CHUNKS --------------------------------------------------------------------
-def enc_put_chunks(keys: Sequence[int], chunks: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    table = np.empty(len(keys), dtype=_PUT_ENTRY)
-    table["key"] = keys
+def _entry_dtype(alg: int) -> np.dtype:
+    return np.dtype([("key", key_dtype(alg)), ("length", "<u4")])
+
+
+# -- PUT_CHUNKS: u8 alg | u32 n | (key, u32 length)[n] | chunk bytes -----------------
+def enc_put_chunks(keys: Sequence[Key], chunks: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    alg = alg_of(keys)
+    table = np.empty(len(keys), dtype=_entry_dtype(alg))
+    table["key"] = keys_array(keys, alg)
     table["length"] = [memoryview(c).nbytes for c in chunks]
-    return [_U32.pack(len(keys)) + table.tobytes(), *chunks]
+    return [_U8.pack(alg) + _U32.pack(len(keys)) + table.tobytes(), *chunks]
 
 
-def dec_put_chunks(data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+def dec_put_chunks(data: bytes | memoryview) -> list[tuple[Key, memoryview]]:
     r = Reader(data)
+    alg = _alg(r)
     n = r.u32()
-    table = r.array(_PUT_ENTRY, n)
+    if n > MAX_KEYS:
+        raise CodecError(f"{n} chunks in one PUT_CHUNKS exceeds {MAX_KEYS}")
+    table = r.array(_entry_dtype(alg), n)
     if int(table["length"].sum(dtype=np.uint64)) != len(r.data) - r.pos:
         raise CodecError("PUT_CHUNKS lengths do not add up to the payload size")
     out = []
@@ -155,19 +192,33 @@ def dec_put_result(data: bytes | memoryview) -> tuple[int, int]:
     return out
 
 
-# -- GET_CHUNKS response -------------------------------------------------------------
-def enc_chunks(chunks: Sequence[bytes | memoryview | None]) -> list[bytes | memoryview]:
-    lengths = np.array([MISSING if c is None else memoryview(c).nbytes for c in chunks], dtype="<u4")
-    return [_U32.pack(len(chunks)) + lengths.tobytes(), *(c for c in chunks if c is not None)]
+# -- GET_CHUNKS response: the served keys (each once), the absent ones, then the bytes ---
+# A reply carries as many chunks as fit in the frame limit (at least one, which may then travel
+# in continuation frames); keys it neither serves nor reports absent are asked for again.
+def enc_chunks(
+    served: Sequence[tuple[Key, bytes | memoryview]], absent: Sequence[Key], alg: int
+) -> list[bytes | memoryview]:
+    table = np.empty(len(served), dtype=_entry_dtype(alg))
+    table["key"] = keys_array([k for k, _ in served], alg)
+    table["length"] = [memoryview(c).nbytes for _, c in served]
+    head = _U8.pack(alg) + _U32.pack(len(served)) + _U32.pack(len(absent)) + table.tobytes()
+    return [head, keys_array(absent, alg).tobytes(), *(c for _, c in served)]
 
 
-def dec_chunks(data: bytes | memoryview) -> list[memoryview | None]:
+def dec_chunks(data: bytes | memoryview) -> tuple[list[tuple[Key, memoryview]], list[Key]]:
+    """(served (key, bytes) pairs, absent keys)."""
     r = Reader(data)
-    n = r.u32()
-    lengths = r.array(np.dtype("<u4"), n).tolist()
-    out: list[memoryview | None] = [None if ln == MISSING else r.take(ln) for ln in lengths]
+    alg = _alg(r)
+    n, m = r.u32(), r.u32()
+    if n > MAX_KEYS or m > MAX_KEYS:
+        raise CodecError("GET_CHUNKS reply lists too many keys")
+    table = r.array(_entry_dtype(alg), n)
+    absent = r.array(key_dtype(alg), m).tolist()
+    if int(table["length"].sum(dtype=np.uint64)) != len(r.data) - r.pos:
+        raise CodecError("GET_CHUNKS reply lengths do not add up to its size")
+    served = [(k, r.take(ln)) for k, ln in zip(table["key"].tolist(), table["length"].tolist())]
     r.end()
-    return out
+    return served, absent
 
 
 # -- manifests -------------------------------------------------------------------------
@@ -316,6 +367,28 @@ def dec_name_only(data: bytes | memoryview) -> str:
     return name
 
 
+# -- LIST: u8 prefix_len | prefix | u8 after_len | after (the last name of the previous page) ---
+LIST_PAGE = 1000
+
+
+def enc_list(prefix: str, after: str = "") -> bytes:
+    p, a = prefix.encode("utf-8"), after.encode("utf-8")
+    if len(p) > MAX_NAME or len(a) > MAX_NAME:
+        raise CodecError("LIST prefix and cursor are at most 255 bytes")
+    return _U8.pack(len(p)) + p + _U8.pack(len(a)) + a
+
+
+def dec_list(data: bytes | memoryview) -> tuple[str, str]:
+    r = Reader(data)
+    try:
+        prefix = bytes(r.take(r.u8())).decode("utf-8")
+        after = bytes(r.take(r.u8())).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CodecError("LIST prefix or cursor is not valid UTF-8") from e
+    r.end()
+    return prefix, after
+
+
 # -- LIST / STATS / ERROR -------------------------------------------------------------
 def enc_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True).encode("utf-8")
@@ -330,7 +403,8 @@ def dec_json(data: bytes | memoryview) -> object:
 
 def enc_error(code: int, message: str, missing: np.ndarray | None = None) -> bytes:
     msg = message.encode("utf-8")[:4000]
-    return _U16.pack(code) + _U16.pack(len(msg)) + msg + enc_keys(missing if missing is not None else [])
+    missing = missing if missing is not None else np.zeros(0, np.uint64)
+    return _U16.pack(code) + _U16.pack(len(msg)) + msg + enc_keys(missing[:MAX_ERROR_KEYS])
 
 
 def dec_error(data: bytes | memoryview) -> tuple[int, str, np.ndarray]:
@@ -341,19 +415,25 @@ def dec_error(data: bytes | memoryview) -> tuple[int, str, np.ndarray]:
     return code, msg, missing
 
 
-# -- handshake ---------------------------------------------------------------------------
-def enc_hello(nonce: bytes, namespace: str) -> bytes:
-    ns = namespace.encode("utf-8")
-    return nonce + _U16.pack(len(ns)) + ns
+# -- handshake: nonce | u16 ns_len | ns | 16-byte key fingerprint | u8 MAC algorithm ---------
+def enc_hello(nonce: bytes, namespace: str, fp: bytes, mac: int) -> bytes:
+    ns = validate_namespace(namespace)
+    if len(fp) != 16:
+        raise CodecError("a key fingerprint is 16 bytes")
+    return nonce + _U16.pack(len(ns)) + ns + fp + _U8.pack(mac)
 
 
-def dec_hello(data: bytes | memoryview, nonce_len: int = 32) -> tuple[bytes, str]:
+def dec_hello(data: bytes | memoryview, nonce_len: int = 32) -> tuple[bytes, str, bytes, int]:
+    """(nonce, namespace, key fingerprint, MAC algorithm)."""
     r = Reader(data)
     nonce = bytes(r.take(nonce_len))
     raw = bytes(r.take(r.u16()))
+    fp = bytes(r.take(16))
+    mac = r.u8()
     r.end()
     try:
         ns = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CodecError("namespace is not valid UTF-8") from e
-    return nonce, ns
+    validate_namespace(ns)
+    return nonce, ns, fp, mac

@@ -1,12 +1,14 @@
 """Wire frames and their authentication (sans-IO: bytes in, objects out).
 
-Frame = header | payload | tag. The header is fixed-size; the tag is
-HMAC-SHA256(direction key, u64 sequence number || header || payload). The
+Frame = header | payload | tag. The header is fixed-size; the tag is a MAC (HMAC-SHA256 or
+keyed BLAKE3, chosen in HELLO) under the direction's key of
+(u64 sequence number || header || payload). The
 sequence number is implicit (each side counts frames per direction), so a
 replayed, dropped or reordered frame fails the MAC, and a frame reflected back
 to its sender fails because each direction has its own key. Only the two
 handshake frames and a handshake-failure error travel without a tag
-(``FLAG_PLAIN``).
+(``FLAG_PLAIN``), never once the handshake is done. ``FLAG_MORE`` marks a frame whose
+message continues in the next one (a chunk larger than the frame limit).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ _SEQ = struct.Struct("<Q")
 
 FLAG_RESPONSE = 0x1
 FLAG_PLAIN = 0x2
-_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_PLAIN
+FLAG_MORE = 0x4
+_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_PLAIN | FLAG_MORE
+HELLO_MAX = 512  # a HELLO is a few hundred bytes: anything larger is refused before it is read
+
+MAC_HMAC_SHA256 = 1
+MAC_BLAKE3 = 2
+MAC_NAMES = {MAC_HMAC_SHA256: "hmac-sha256", MAC_BLAKE3: "blake3"}
+MAC_BY_NAME = {v: k for k, v in MAC_NAMES.items()}
 
 
 class Op(IntEnum):
@@ -86,12 +95,30 @@ def payload_size(parts: Sequence[bytes | memoryview]) -> int:
     return sum(memoryview(p).nbytes for p in parts)
 
 
+def mac_alg(name_or_id: str | int) -> int:
+    if isinstance(name_or_id, int) and name_or_id in MAC_NAMES:
+        return name_or_id
+    alg = MAC_BY_NAME.get(str(name_or_id).lower())
+    if alg is None:
+        raise ValueError(f"mac must be one of {sorted(MAC_BY_NAME)}, got {name_or_id!r}")
+    return alg
+
+
+def _mac_base(key: bytes, alg: int):
+    if alg == MAC_BLAKE3:
+        import blake3
+
+        return blake3.blake3(key=key)
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 class FrameAuth:
     """Per-connection MAC state: one key and one sequence counter per direction."""
 
-    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send = hmac.new(send_key, digestmod=hashlib.sha256)
-        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
+    def __init__(self, send_key: bytes, recv_key: bytes, alg: int = MAC_HMAC_SHA256) -> None:
+        self.alg = alg
+        self._send = _mac_base(send_key, alg)
+        self._recv = _mac_base(recv_key, alg)
         self.send_seq = 0
         self.recv_seq = 0
 
@@ -108,7 +135,7 @@ class FrameAuth:
         self.send_seq += 1
         return [header, *parts, mac.digest()]
 
-    def verify(self, header: bytes | memoryview, payload: bytes | memoryview, tag: bytes) -> None:
+    def verify(self, header: bytes | memoryview, payload: bytes | memoryview, tag: bytes | memoryview) -> None:
         mac = self._recv.copy()
         mac.update(_SEQ.pack(self.recv_seq))
         mac.update(header)

@@ -1,0 +1,258 @@
+"""One client connection on the server: its handshake, its frames, its replies.
+
+The event loop (``server``) reads; this object turns bytes into frames (``FrameReader``, with
+the HELLO-sized limit until the client has authenticated), answers the two handshake frames
+itself, and hands each request to a worker thread, which runs it and sends the reply. While a
+request runs the loop does not read the connection, so requests are served in order and a
+client that floods is simply not read. Sends are non-blocking with a deadline: a client that
+stops reading is dropped instead of holding a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolError, RdmakvError, ServerError
+from ..wire import messages as msg
+from ..wire.auth import NONCE_BYTES, derive_session_keys
+from ..wire.frames import FrameReader, MessageAssembler
+from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
+from .handlers import Handlers
+
+if TYPE_CHECKING:
+    from .server import Server
+
+_IOV_MAX = 512
+
+
+def log_safe(text: str) -> str:
+    """A client-supplied string as it may appear in a log line: escaped, bounded."""
+    return repr(text[:300])
+
+
+class Connection:
+    HELLO, AUTH, OPEN, CLOSED = "hello", "auth", "open", "closed"
+
+    def __init__(self, server: Server, sock: socket.socket, peer: tuple) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.source = peer[0]
+        self.state = self.HELLO
+        self.reader = FrameReader(HELLO_MAX)
+        self.assembler = MessageAssembler(server.limits.max_message)
+        self.auth: FrameAuth | None = None
+        self.handlers: Handlers | None = None
+        self.ns = ""
+        self.busy = False
+        self.close_requested = False
+        now = time.monotonic()
+        self.deadline = now + server.limits.handshake_timeout
+        self.last_active = now
+        self._entry = None
+        self._client_nonce = b""
+        self.bytes_in = self.bytes_out = 0
+
+    # -- sending ------------------------------------------------------------------------------
+    def _send_all(self, parts: Sequence[bytes | memoryview], timeout: float) -> int:
+        views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+        total = sum(v.nbytes for v in views)
+        deadline = time.monotonic() + timeout
+        poller = None
+        i = 0
+        while i < len(views):
+            try:
+                sent = self.sock.sendmsg(views[i : i + _IOV_MAX])
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectionLost(f"{self.peer}: client stopped reading its replies") from None
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self.fd, select.POLLOUT)
+                poller.poll(min(left, 1.0) * 1000)
+                continue
+            while sent:
+                n = views[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+        self.bytes_out += total
+        return total
+
+    def send(self, op: int, req_id: int, parts: Sequence[bytes | memoryview], timeout: float | None = None) -> int:
+        """One authenticated reply, cut into continuation frames when it exceeds the frame limit."""
+        assert self.auth is not None
+        limit = self.server.limits.max_frame
+        timeout = timeout if timeout is not None else self.server.limits.send_timeout
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size <= limit:
+            return self._send_all(self.auth.seal(op, FLAG_RESPONSE, req_id, parts), timeout)
+        from fallback_tcp.framed import split_message  # the one splitter both ends share
+
+        frames = split_message(parts, limit)
+        n = 0
+        for i, fparts in enumerate(frames):
+            more = FLAG_MORE if i < len(frames) - 1 else 0
+            n += self._send_all(self.auth.seal(op, FLAG_RESPONSE | more, req_id, fparts), timeout)
+        return n
+
+    def send_error(self, e: RdmakvError, req_id: int = 0) -> None:
+        """Tell the client why; sealed once keys exist (after that nothing plain is believed)."""
+        body = msg.enc_error(e.code, str(e), getattr(e, "missing", None))
+        try:
+            if self.auth is not None and self.state != self.AUTH:
+                self.send(Op.ERROR, req_id, [body], timeout=1.0)
+            else:
+                self._send_all([plain_frame(Op.ERROR, FLAG_RESPONSE, req_id, body)], 1.0)
+        except (OSError, RdmakvError):
+            pass
+
+    # -- reading (event loop thread) ----------------------------------------------------------
+    def on_readable(self) -> bool:
+        """Read what the socket has; False when the connection is to be closed. When a whole
+        request is in, the connection is handed to a worker (``busy``)."""
+        try:
+            n = self.sock.recv_into(self.reader.buffer())
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if n == 0:
+            return False
+        self.reader.received(n)
+        self.bytes_in += n
+        self.last_active = time.monotonic()
+        return self.process()
+
+    def process(self) -> bool:
+        """Handle buffered frames: handshake frames here, a request by a worker."""
+        while True:
+            try:
+                frame = self.reader.next_frame()
+            except RdmakvError as e:
+                self.server.say(f"rdmakv: {self.peer} ns={log_safe(self.ns)}: closing: {e}")
+                if self.state != self.OPEN:
+                    self.server.auth_failures += 1
+                self.send_error(e)
+                return False
+            if frame is None:
+                return True
+            if self.state == self.OPEN:
+                self.busy = True
+                self.server.submit(self, frame.header, frame.payload)
+                return True
+            try:
+                self._handshake(frame.header, frame.payload)
+            except RdmakvError as e:
+                self.server.say(f"rdmakv: {self.peer}: handshake failed: {e}")
+                self.server.auth_failures += 1
+                self.send_error(e)
+                return False
+
+    def _handshake(self, h: Header, payload: memoryview) -> None:
+        if self.state == self.HELLO:
+            if h.op != Op.HELLO or not h.plain:
+                raise ProtocolError(f"expected HELLO, got opcode {h.op}")
+            client_nonce, ns, fp, mac = msg.dec_hello(payload)
+            entry = self.server.keyring.select(fp, ns)
+            chosen = mac if mac in MAC_NAMES else 1
+            nonce = os.urandom(NONCE_BYTES)
+            hello = msg.enc_hello(nonce, ns, bytes(16), chosen)
+            self._send_all([plain_frame(Op.HELLO, FLAG_RESPONSE, h.req_id, hello)], 1.0)
+            c2s, s2c = derive_session_keys(entry.key, client_nonce, nonce, ns, chosen)
+            self.auth = FrameAuth(s2c, c2s, chosen)
+            self.reader.auth = self.auth
+            self.ns, self._entry = ns, entry
+            self.state = self.AUTH
+            return
+        # AUTH: the first authenticated frame; the reader has checked its MAC
+        if h.op != Op.AUTH or h.plain:
+            raise ProtocolError(f"expected AUTH, got opcode {h.op}")
+        self.handlers = Handlers(self.server, self.ns, self._entry, self.server.single_key)
+        self.state = self.OPEN
+        self.reader.max_frame = self.server.limits.max_frame
+        self.send(Op.AUTH, h.req_id, [msg.enc_json(self.handlers.info())], timeout=5.0)
+
+    # -- requests (worker thread) -------------------------------------------------------------
+    def serve(self, h: Header, payload: memoryview) -> bool:
+        """Run one request (or take one more frame of a continued one) and reply; then any
+        request already buffered. False when the connection must close."""
+        assert self.handlers is not None
+        while True:
+            try:
+                whole = self.assembler.add(h, payload)
+            except RdmakvError as e:
+                self.send_error(e, h.req_id)
+                return False
+            if whole is not None:
+                if not self._run(*whole):
+                    return False
+            try:
+                frame = self.reader.next_frame()
+            except RdmakvError as e:
+                self.server.say(f"rdmakv: {self.peer} ns={log_safe(self.ns)}: closing: {e}")
+                self.send_error(e)
+                return False
+            if frame is None:
+                return True
+            h, payload = frame.header, frame.payload
+
+    def _run(self, h: Header, payload: memoryview) -> bool:
+        assert self.handlers is not None
+        reply = None
+        try:
+            reply = self.handlers.dispatch(h.op, payload)
+            op, parts = h.op, reply.parts
+        except (CodecError, ProtocolError) as e:
+            op, parts = Op.ERROR, [msg.enc_error(e.code, str(e))]
+        except RdmakvError as e:
+            op, parts = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
+        except Exception as e:  # noqa: BLE001 - a bug must not end the server; it is counted and logged
+            self.server.internal_errors += 1
+            self.server.say(f"rdmakv: {self.peer}: internal error on op {h.op}: {e!r}")
+            op, parts = Op.ERROR, [msg.enc_error(ServerError.code, f"internal server error: {e!r}")]
+        try:
+            self.send(op, h.req_id, parts)
+        except (OSError, RdmakvError):
+            return False
+        finally:
+            if reply is not None and reply.after is not None:
+                reply.after()
+        return True
+
+    def close(self) -> None:
+        if self.state == self.CLOSED:
+            return
+        self.state = self.CLOSED
+        if self.handlers is not None:
+            self.handlers.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def refuse(sock: socket.socket, reason: str) -> None:
+    """Tell a connection we will not serve why, without reading anything from it."""
+    try:
+        sock.setblocking(False)
+        sock.send(plain_frame(Op.ERROR, FLAG_RESPONSE, 0, msg.enc_error(BusyError.code, reason)))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+__all__ = ["AuthError", "Connection", "refuse"]

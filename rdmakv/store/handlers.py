@@ -1,0 +1,165 @@
+"""One authenticated connection's operations: decode the request, call the engine, encode the
+reply. Every reply fits the frame limit (GET_CHUNKS and LIST are paged; a chunk larger than a
+frame is the one exception, and travels in continuation frames). An admin key may manage any
+namespace (STATS, LIST, COMPACT, PIN) but never reads or writes its sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import __version__
+from ..errors import AuthError, NotFoundError, ProtocolError
+from ..wire import messages as msg
+from ..wire.protocol import Op
+
+if TYPE_CHECKING:
+    from .keyring import KeyEntry
+    from .server import Server
+
+MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
+ADMIN_OPS = {Op.COMPACT}  # store-wide: only an admin key
+
+
+class Reply:
+    """Reply parts, and what to do once they are sent (let go of held chunks)."""
+
+    __slots__ = ("parts", "after")
+
+    def __init__(self, parts: list, after: Callable[[], None] | None = None) -> None:
+        self.parts = parts
+        self.after = after
+
+
+class Handlers:
+    def __init__(self, server: Server, ns: str, entry: KeyEntry, single_key: bool) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.ns = ns
+        self.entry = entry
+        self.admin = entry.admin
+        self.data_access = single_key or entry.namespace == ns  # a file's admin entry only manages
+        self.holder = self.engine.new_holder()
+        self.rdma_session: object | None = None
+        self.table: dict[int, Callable[[memoryview], list | Reply]] = {
+            Op.EXISTS: self.on_exists,
+            Op.PUT_CHUNKS: self.on_put_chunks,
+            Op.GET_CHUNKS: self.on_get_chunks,
+            Op.PUT_MANIFEST: self.on_put_manifest,
+            Op.GET_MANIFEST: self.on_get_manifest,
+            Op.DELETE_MANIFEST: self.on_delete_manifest,
+            Op.LIST: self.on_list,
+            Op.STATS: self.on_stats,
+            Op.LOCATE: self.on_locate,
+            Op.RDMA_CONNECT: self.on_rdma_connect,
+            Op.PIN: self.on_pin,
+            Op.COMPACT: self.on_compact,
+        }
+
+    def info(self) -> dict:
+        return {
+            "server": "rdmakv",
+            "version": __version__,
+            "max_frame": self.server.limits.max_frame,
+            "rdma": self.server.rdma is not None and self.data_access,
+            "admin": self.admin,
+        }
+
+    def dispatch(self, op: int, payload: memoryview) -> Reply:
+        handler = self.table.get(op)
+        if handler is None:
+            raise ProtocolError(f"unknown opcode {op}")
+        if op in ADMIN_OPS and not self.admin:
+            raise AuthError("this operation needs an admin key")
+        if not self.data_access and op not in MANAGEMENT_OPS:
+            raise AuthError(f"an admin key manages namespace {self.ns!r}; it does not read or write its sessions")
+        out = handler(payload)
+        return out if isinstance(out, Reply) else Reply(out)
+
+    def close(self) -> None:
+        self.engine.release_holder(self.holder)
+        if self.rdma_session is not None:
+            try:
+                self.rdma_session.close()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - the QP may already be gone with its device
+                pass
+            self.rdma_session = None
+
+    # -- handlers ------------------------------------------------------------------------
+    def on_exists(self, payload: memoryview) -> list:
+        keys = msg.dec_keys(payload)
+        return [msg.enc_bitmap(self.engine.exists(self.ns, keys))]
+
+    def on_put_chunks(self, payload: memoryview) -> list:
+        items = msg.dec_put_chunks(payload)
+        stored, existed = self.engine.put_chunks(self.ns, items, self.holder)
+        return [msg.enc_put_result(stored, existed)]
+
+    def on_get_chunks(self, payload: memoryview) -> Reply:
+        keys = msg.dec_keys(payload)
+        alg = msg.alg_of(keys)
+        got = self.engine.chunk_views(self.ns, keys.tolist(), self.server.limits.max_frame - 4096)
+        try:
+            parts = msg.enc_chunks(got.served, got.absent, alg)
+        except BaseException:
+            got.release()
+            raise
+        return Reply(parts, got.release)
+
+    def on_put_manifest(self, payload: memoryview) -> list:
+        name, data, opts = msg.dec_put_manifest(payload)
+        missing = self.engine.commit_manifest(self.ns, name, bytes(data), self.holder, pin=opts.pin, ttl=opts.ttl)
+        return [msg.enc_manifest_result(missing)]
+
+    def on_get_manifest(self, payload: memoryview) -> list:
+        name, flags = msg.dec_get_manifest(payload)
+        want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
+        data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
+        return msg.enc_manifest_reply(data, loc, tier)
+
+    def on_pin(self, payload: memoryview) -> list:
+        name, pinned = msg.dec_pin(payload)
+        self.engine.set_pin(self.ns, name, pinned)
+        return []
+
+    def on_compact(self, payload: memoryview) -> list:
+        if len(payload):
+            raise ProtocolError("COMPACT takes no payload")
+        return [msg.enc_json(self.engine.compact())]
+
+    def on_locate(self, payload: memoryview) -> list:
+        keys = msg.dec_keys(payload)
+        return [self.engine.locate(self.ns, keys).encode()]
+
+    def on_delete_manifest(self, payload: memoryview) -> list:
+        self.engine.delete_manifest(self.ns, msg.dec_name_only(payload))
+        return []
+
+    def on_list(self, payload: memoryview) -> list:
+        prefix, after = msg.dec_list(payload)
+        rows = self.engine.list(self.ns, prefix, after, msg.LIST_PAGE + 1)
+        more = len(rows) > msg.LIST_PAGE
+        return [msg.enc_json({"sessions": rows[: msg.LIST_PAGE], "more": more})]
+
+    def on_stats(self, payload: memoryview) -> list:
+        stats = self.engine.stats(self.ns)
+        stats["rdma"] = self.server.rdma is not None
+        if self.server.rdma is not None:
+            stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
+        if self.admin:
+            stats["store"] = self.engine.store_stats()  # only an operator sees the whole store
+        return [msg.enc_json(stats)]
+
+    def on_rdma_connect(self, payload: memoryview) -> list:
+        exporter = self.server.rdma
+        if exporter is None:
+            raise NotFoundError("this server has no RDMA device; use TCP")
+        if self.rdma_session is not None:
+            self.rdma_session.close()  # type: ignore[attr-defined]
+            self.rdma_session = None
+        self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
+        # QP info, then the namespace's region table (later regions arrive with every location reply)
+        regions = self.engine.locate(self.ns, np.zeros(0, dtype=np.uint64)).encode()
+        return [reply, regions]

@@ -1,0 +1,149 @@
+"""Per-tenant keys (``rdmakv serve --keys FILE``): which key opens which namespace.
+
+The file is TOML, a list of ``[[key]]`` tables::
+
+    [[key]]
+    namespace = "tenant-a"
+    key = "<64 hex characters>"
+    not_after = 2027-06-30        # optional: refused after this date (UTC)
+
+    [[key]]
+    key = "<64 hex characters>"
+    admin = true                  # an operator key: STATS, LIST, COMPACT and PIN on any namespace
+
+A client's HELLO carries a fingerprint of its key; the server derives the session keys only
+from an entry listed for that namespace (or an admin entry), so a tenant-A key can never open
+tenant B, and so can never reach B's protection domain or rkeys. Two entries may be valid for
+one namespace at once (rotation). Without a keys file the server runs in single-key mode
+(``RDMAKV_AUTH_KEY``): that one key opens every namespace, admin included (development).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AuthError, RdmakvError
+from ..wire.auth import KEY_BYTES, fingerprint, parse_key
+from ..wire.messages import validate_namespace
+
+
+class KeysFileError(RdmakvError):
+    """The keys file cannot be used; the message names the file, the entry and the field."""
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key: bytes
+    namespace: str | None  # None for an admin key valid everywhere
+    admin: bool
+    not_after: dt.date | None
+    index: int  # position in the file, for messages
+
+    def valid_on(self, today: dt.date) -> bool:
+        return self.not_after is None or today <= self.not_after
+
+
+class KeyRing:
+    def __init__(self, entries: list[KeyEntry], source: str) -> None:
+        self.entries = entries
+        self.source = source
+        self._by_fp: dict[bytes, list[KeyEntry]] = {}
+        for e in entries:
+            self._by_fp.setdefault(fingerprint(e.key), []).append(e)
+
+    @classmethod
+    def single(cls, key: bytes) -> KeyRing:
+        return cls([KeyEntry(key, None, True, None, 0)], "the shared key (single-key mode)")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KeyRing:
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except OSError as e:
+            raise KeysFileError(f"{p}: cannot read the keys file: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise KeysFileError(f"{p}: not valid TOML: {e}") from e
+        tables = doc.get("key")
+        unknown = set(doc) - {"key"}
+        if unknown:
+            raise KeysFileError(f"{p}: unknown top-level key(s) {sorted(unknown)}; the file holds [[key]] tables")
+        if not isinstance(tables, list) or not tables:
+            raise KeysFileError(f"{p}: no [[key]] tables")
+        entries = [_entry(p, i, t) for i, t in enumerate(tables, 1)]
+        seen: dict[bytes, int] = {}
+        for e in entries:
+            if e.key in seen:
+                raise KeysFileError(f"{p}: [[key]] #{e.index} repeats the key of #{seen[e.key]}")
+            seen[e.key] = e.index
+        return cls(entries, str(p))
+
+    def select(self, fp: bytes, namespace: str, today: dt.date | None = None) -> KeyEntry:
+        """The entry whose key may open ``namespace`` for a client with fingerprint ``fp``."""
+        today = today or dt.datetime.now(dt.UTC).date()
+        cands = self._by_fp.get(bytes(fp), [])
+        if not cands:
+            raise AuthError("authentication failed: the client's key is not one this server knows")
+        fits = [e for e in cands if e.admin and e.namespace is None or e.namespace == namespace]
+        if not fits:
+            raise AuthError(f"authentication failed: this key does not open namespace {namespace!r}")
+        valid = [e for e in fits if e.valid_on(today)]
+        if not valid:
+            raise AuthError(f"authentication failed: this key expired on {fits[0].not_after.isoformat()}")
+        return valid[0]
+
+    def namespaces(self) -> list[str]:
+        return sorted({e.namespace for e in self.entries if e.namespace})
+
+
+def _entry(path: Path, i: int, t: object) -> KeyEntry:
+    where = f"{path}: [[key]] #{i}"
+    if not isinstance(t, dict):
+        raise KeysFileError(f"{where}: not a table")
+    unknown = set(t) - {"namespace", "key", "not_after", "admin"}
+    if unknown:
+        raise KeysFileError(f"{where}: unknown field(s) {sorted(unknown)} (fields: namespace, key, not_after, admin)")
+    if "key" not in t:
+        raise KeysFileError(f"{where}: no key")
+    try:
+        key = parse_key(str(t["key"]))
+    except AuthError as e:
+        raise KeysFileError(f"{where}: key: {e}") from None
+    admin = t.get("admin", False)
+    if not isinstance(admin, bool):
+        raise KeysFileError(f"{where}: admin must be true or false")
+    ns = t.get("namespace")
+    if ns is None and not admin:
+        raise KeysFileError(f"{where}: a tenant key needs a namespace (or admin = true)")
+    if ns is not None:
+        if not isinstance(ns, str):
+            raise KeysFileError(f"{where}: namespace must be a string")
+        try:
+            validate_namespace(ns)
+        except RdmakvError as e:
+            raise KeysFileError(f"{where}: namespace: {e}") from None
+    na = t.get("not_after")
+    if na is not None and not isinstance(na, dt.date):
+        raise KeysFileError(f"{where}: not_after must be a TOML date such as 2027-06-30")
+    if isinstance(na, dt.datetime):
+        na = na.date()
+    return KeyEntry(key, ns, admin, na, i)
+
+
+def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | None = None) -> str:
+    """A fresh ``[[key]]`` table to paste into a keys file (``rdmakv keys new``)."""
+    lines = ["[[key]]"]
+    if namespace:
+        validate_namespace(namespace)
+        lines.append(f'namespace = "{namespace}"')
+    lines.append(f'key = "{os.urandom(KEY_BYTES).hex()}"')
+    if not_after:
+        dt.date.fromisoformat(not_after)
+        lines.append(f"not_after = {not_after}")
+    if admin:
+        lines.append("admin = true")
+    return "\n".join(lines) + "\n"
