@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 
 from rdmakv.errors import ERRORS_BY_CODE, AuthError, ConnectionLost, MissingChunksError, ProtocolError, RdmakvError
@@ -41,6 +42,10 @@ def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
     """Scatter-gather send of every byte of ``parts`` (no join, no copy)."""
     views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
     total = sum(v.nbytes for v in views)
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: the record layer copies anyway
+        for v in views:
+            sock.sendall(v)
+        return total
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i : i + _IOV_MAX])

@@ -9,12 +9,13 @@ frames in flight, and come back in frames of up to ``fetch_bytes``.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rdmakv.errors import ConnectionLost, ProtocolError, RdmakvError
+from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
 from rdmakv.wire import messages as msg
 from rdmakv.wire.messages import Key, key_hex
 from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, MAC_BLAKE3, Op
@@ -42,6 +43,7 @@ class TcpChannel:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         fetch_bytes: int = DEFAULT_FETCH_BYTES,
         mac: int = MAC_BLAKE3,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.namespace = namespace
         self.window = window
@@ -52,6 +54,12 @@ class TcpChannel:
         except OSError as e:
             raise ConnectionLost(f"cannot reach rdmakv server at {host}:{port}: {e.strerror or e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except (ssl.SSLError, OSError) as e:
+                sock.close()
+                raise AuthError(f"TLS with {host}:{port} failed: {getattr(e, 'reason', None) or e}") from e
         self.fs = FramedSocket(sock, max_frame)
         self._req = 0
         self.round_trips = 0
@@ -279,4 +287,4 @@ class TcpChannel:
 def msg_missing(key: int) -> RdmakvError:
     from rdmakv.errors import NotFoundError
 
-    return NotFoundError(f"chunk {key:016x} is no longer stored on the server")
+    return NotFoundError(f"chunk {key_hex(key)} is no longer stored on the server")

@@ -47,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else None,
         high_watermark=args.high_watermark,
         quotas=dict(_parse_quota(q) for q in args.quota),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     return 0
 
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close connections idle for S seconds (default 300)")
     s.add_argument("--workers", type=int, default=8, help="threads that run requests (default 8)")
+    s.add_argument("--tls-cert", metavar="PEM", help="serve TLS (clients use rdmakvs://) with this certificate chain")
+    s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser(

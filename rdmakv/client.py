@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,6 +28,15 @@ from .wire.protocol import mac_alg
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
 
+def client_tls(ca: str | None) -> ssl.SSLContext:
+    """TLS for rdmakvs://: the server's certificate must check out against ``ca``
+    (or $RDMAKV_TLS_CA, or the system's CAs) and name the URL's host."""
+    ca = ca or os.environ.get("RDMAKV_TLS_CA") or None
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _options(pin: bool, ttl: float | None) -> SaveOptions:
     if ttl is not None and ttl <= 0:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
@@ -46,15 +57,17 @@ def connect(
     pipeline_window: int = 64,
     hash_alg: str | int = "xxh3",
     mac: str = "blake3",
+    tls_ca: str | None = None,
 ) -> Store:
     """Open a store. ``key`` defaults to ``$RDMAKV_AUTH_KEY``; ``window`` is W in tokens;
     ``hash_alg`` ("xxh3" or "blake3") keys the chunks this connection saves; ``mac``
-    ("blake3" or "hmac-sha256") authenticates its frames."""
+    ("blake3" or "hmac-sha256") authenticates its frames. An ``rdmakvs://`` URL speaks TLS,
+    verifying the server against ``tls_ca`` (default ``$RDMAKV_TLS_CA``, else the system's CAs)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     return Store(
         url, key_from_env(key), transport, window, timeout=timeout, pipeline_window=pipeline_window,
-        hash_alg=hash_alg, mac=mac,
+        hash_alg=hash_alg, mac=mac, tls_ca=tls_ca,
     )  # fmt: skip
 
 
@@ -70,6 +83,7 @@ class Store(LowLevel):
         pipeline_window: int = 64,
         hash_alg: str | int = HASH_XXH3_64,
         mac: str = "blake3",
+        tls_ca: str | None = None,
     ) -> None:
         self.url = parse_url(url)
         self.window = window
@@ -77,7 +91,7 @@ class Store(LowLevel):
         self.transport = transport
         self.channel = TcpChannel(
             self.url.host, self.url.port, self.url.namespace, key, timeout=timeout, window=pipeline_window,
-            mac=mac_alg(mac),
+            mac=mac_alg(mac), tls=client_tls(tls_ca) if self.url.tls else None,
         )  # fmt: skip
         self.server_info = self.channel.server_info
         self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected

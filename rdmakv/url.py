@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 DEFAULT_PORT = 9900
 DEFAULT_NAMESPACE = "default"
@@ -14,16 +14,17 @@ class StoreURL:
     host: str
     port: int
     namespace: str
+    tls: bool = False  # rdmakvs://
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"rdmakv://{host}:{self.port}/{self.namespace}"
+        return f"rdmakv{'s' if self.tls else ''}://{host}:{self.port}/{quote(self.namespace, safe='')}"
 
 
 def parse_url(url: str) -> StoreURL:
     parts = urlsplit(url)
-    if parts.scheme != "rdmakv":
-        raise ValueError(f"not an rdmakv URL (want rdmakv://host:port/namespace): {url!r}")
+    if parts.scheme not in ("rdmakv", "rdmakvs"):
+        raise ValueError(f"not an rdmakv URL (want rdmakv://host:port/namespace, or rdmakvs:// for TLS): {url!r}")
     if not parts.hostname:
         raise ValueError(f"rdmakv URL has no host: {url!r}")
     try:
@@ -33,4 +34,6 @@ def parse_url(url: str) -> StoreURL:
     ns = unquote(parts.path.strip("/")) or DEFAULT_NAMESPACE
     if "/" in ns or len(ns.encode()) > 255:
         raise ValueError(f"namespace must be one path segment of at most 255 bytes: {ns!r}")
-    return StoreURL(parts.hostname, port, ns)
+    if not ns.isprintable():
+        raise ValueError(f"namespace must be printable (no control characters): {ns!r}")
+    return StoreURL(parts.hostname, port, ns, parts.scheme == "rdmakvs")

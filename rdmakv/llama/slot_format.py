@@ -26,6 +26,7 @@ MAX_ROW_BYTES = 1 << 30
 MAX_N_EMBD = 1 << 24
 MAX_BLOCKS = 16  # 4 bits of the chunk tag
 MAX_TYPE_ID = 1024
+MAX_BODY_PAYLOAD = 256 << 20  # a slot manifest body's inflated payload (skeleton, cell order, tables)
 
 GGML_TYPE_NAMES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",

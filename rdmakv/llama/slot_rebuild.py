@@ -20,7 +20,7 @@ from .slot_chunks import (
     _WIN_DTYPE,
     _Plan,
 )
-from .slot_format import MAX_ROW_BYTES, Buffer, SlotFileError, _Fail, _Reader
+from .slot_format import MAX_BODY_PAYLOAD, MAX_ROW_BYTES, Buffer, SlotFileError, _Fail, _Reader
 
 
 @dataclass
@@ -58,7 +58,15 @@ def _decode_body(body: Buffer) -> _Body:
     if mode != _MODE_PARSED:
         raise SlotFileError(f"slot-file manifest body has unknown mode {mode}")
     try:
-        payload = zlib.decompress(body[_BODY_HEAD.size :])
+        # the payload is the file's non-KV bytes plus small tables: never more than the file,
+        # and never more than MAX_BODY_PAYLOAD whatever the body claims
+        limit = min(size + (1 << 20), MAX_BODY_PAYLOAD)
+        z = zlib.decompressobj()
+        payload = z.decompress(body[_BODY_HEAD.size :], limit)
+        if z.unconsumed_tail:
+            raise SlotFileError(f"slot-file manifest body inflates past its declared {size}-byte file")
+        if not z.eof:
+            raise zlib.error("incomplete or truncated stream")
         return _decode_payload(_Body(mode, size, fhash), memoryview(payload))
     except (zlib.error, _Fail, ValueError) as e:
         raise SlotFileError(f"corrupt slot-file manifest body: {e}") from None

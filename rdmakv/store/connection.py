@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -56,11 +57,23 @@ class Connection:
         self.deadline = now + server.limits.handshake_timeout
         self.last_active = now
         self._entry = None
-        self._client_nonce = b""
         self.bytes_in = self.bytes_out = 0
+        self.tls: ssl.SSLObject | None = None
+        self._tls_ready = False
+        if server.tls is not None:
+            self._tls_in, self._tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = server.tls.wrap_bio(self._tls_in, self._tls_out, server_side=True)
 
     # -- sending ------------------------------------------------------------------------------
     def _send_all(self, parts: Sequence[bytes | memoryview], timeout: float) -> int:
+        if self.tls is not None:
+            for p in parts:
+                if memoryview(p).nbytes:
+                    self.tls.write(p)
+            return self._send_raw([self._tls_out.read()], timeout)
+        return self._send_raw(parts, timeout)
+
+    def _send_raw(self, parts: Sequence[bytes | memoryview], timeout: float) -> int:
         views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
         total = sum(v.nbytes for v in views)
         deadline = time.monotonic() + timeout
@@ -121,6 +134,8 @@ class Connection:
     def on_readable(self) -> bool:
         """Read what the socket has; False when the connection is to be closed. When a whole
         request is in, the connection is handed to a worker (``busy``)."""
+        if self.tls is not None:
+            return self._tls_readable()
         try:
             n = self.sock.recv_into(self.reader.buffer())
         except BlockingIOError:
@@ -132,6 +147,42 @@ class Connection:
         self.reader.received(n)
         self.bytes_in += n
         self.last_active = time.monotonic()
+        return self.process()
+
+    def _tls_readable(self) -> bool:
+        """TLS: ciphertext from the socket into the TLS object, plaintext from it into the reader."""
+        try:
+            raw = self.sock.recv(min(self.reader.wanted() + 1024, 1 << 20))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not raw:
+            return False
+        self._tls_in.write(raw)
+        self.bytes_in += len(raw)
+        self.last_active = time.monotonic()
+        try:
+            if not self._tls_ready:
+                self.tls.do_handshake()
+                self._tls_ready = True
+            while True:
+                n = self.tls.read(self.reader.wanted(), self.reader.buffer())
+                if n == 0:
+                    return False
+                self.reader.received(n)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as e:
+            self.server.say(f"rdmakv: {self.peer}: TLS failed: {e.reason or e}")
+            return False
+        finally:
+            pending = self._tls_out.read()
+            if pending:
+                try:
+                    self._send_raw([pending], 1.0)
+                except (OSError, RdmakvError):
+                    return False
         return self.process()
 
     def process(self) -> bool:

@@ -24,7 +24,7 @@ import numpy as np
 from slab import CapacityBudget, Region, Slab
 
 from ..errors import DiskFullError, IntegrityError, ManifestError
-from ..hashing import keys_array, matches
+from ..hashing import key_hex, keys_array, matches
 from ..wire import manifest as mf
 from . import records as rec
 from .compactor import Compactor
@@ -253,7 +253,7 @@ class Engine(Tiering, Reads):
         holder = holder or self.local
         for key, data in items:
             if not matches(key, data):
-                raise IntegrityError(f"chunk {key:016x}: bytes do not hash to the key")
+                raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
         now = time.monotonic()
         with self.lock:
             ns = self.namespace(ns_name)
@@ -336,7 +336,7 @@ class Engine(Tiering, Reads):
             for k, length in zip(m.keys.tolist(), m.lengths.tolist()):
                 if chunks[k].length != length:
                     raise ManifestError(
-                        f"manifest says chunk {k:016x} has {length} bytes; the stored chunk has "
+                        f"manifest says chunk {key_hex(k)} has {length} bytes; the stored chunk has "
                         f"{chunks[k].length}"
                     )
             self._disk_room(ns, len(data) + 128)

@@ -148,8 +148,12 @@ class Handlers:
         stats["rdma"] = self.server.rdma is not None
         if self.server.rdma is not None:
             stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
-        if self.admin:
-            stats["store"] = self.engine.store_stats()  # only an operator sees the whole store
+        if self.admin:  # only an operator sees the whole store
+            srv = self.server
+            stats["store"] = self.engine.store_stats() | {
+                "connections": srv.connections, "auth_failures": srv.auth_failures, "refused": srv.refused,
+                "internal_errors": srv.internal_errors,
+            }  # fmt: skip
         return [msg.enc_json(stats)]
 
     def on_rdma_connect(self, payload: memoryview) -> list:

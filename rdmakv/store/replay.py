@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from slab import class_size
 
 from ..errors import ManifestError, StoreFullError
-from ..hashing import matches
+from ..hashing import key_hex, matches
 from ..wire import manifest as mf
 from . import records as rec
 from .index import Chunk, Session, Tombstone
@@ -95,7 +95,7 @@ def replay(engine: Engine) -> None:
         if absent:
             engine.say(
                 f"rdmakv: session {name!r} of namespace {ns_name!r} left out: {len(absent)} of its chunks "
-                f"are not in the log (damaged records; first {absent[0]:016x})"
+                f"are not in the log (damaged records; first {key_hex(absent[0])})"
             )
             continue
         lengths = dict(zip(m.keys.tolist(), m.lengths.tolist()))

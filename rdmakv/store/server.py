@@ -19,6 +19,7 @@ import resource
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -58,8 +59,10 @@ class Server:
         limits: ServerLimits | None = None,
         rdma: object | None = None,
         log: Callable[[str], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.engine = engine
+        self.tls = tls  # every connection speaks TLS (rdmakvs://) when set
         self.single_key = not isinstance(key, KeyRing)
         self.keyring = KeyRing.single(key) if isinstance(key, bytes) else key
         self.limits = limits or ServerLimits()
@@ -291,6 +294,21 @@ class Server:
         self._spare_fd = None
 
 
+def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A TLS context for --tls-cert/--tls-key (both or neither)."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS certificate {cert} / key {key}: {e}") from e
+    return ctx
+
+
 def raise_fd_limit(want: int) -> int:
     """Raise RLIMIT_NOFILE's soft limit towards ``want`` (up to the hard limit); returns it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -317,9 +335,12 @@ def run_server(
     disk_capacity: int | None = None,
     high_watermark: float = 0.9,
     quotas: dict[str, int] | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     ready: Callable[[Server], None] | None = None,
 ) -> None:
     """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
+    tls = server_tls(tls_cert, tls_key)
     host, _, port = listen.rpartition(":")
     limits = limits or ServerLimits()
     fds = raise_fd_limit(limits.max_connections + 256)
@@ -342,7 +363,9 @@ def run_server(
                 raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
             if exporter is None:
                 print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
-        server = Server(engine, key, host.strip("[]") or "127.0.0.1", int(port), limits=limits, rdma=exporter)
+        server = Server(
+            engine, key, host.strip("[]") or "127.0.0.1", int(port), limits=limits, rdma=exporter, tls=tls
+        )
     except BaseException:
         engine.close()
         raise
@@ -351,6 +374,7 @@ def run_server(
     print(
         f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
         f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} auth={keys} "
+        f"tls={'on' if tls else 'off'} "
         f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks, "
         f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)",
         file=sys.stderr,

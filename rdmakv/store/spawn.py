@@ -22,10 +22,12 @@ class ServerProcess:
         self.port = port
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
+        self.start_prefix: list[str] = []  # e.g. ["prlimit", "--nofile=300:300"]
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         env = dict(os.environ, RDMAKV_AUTH_KEY=self.key_hex, PYTHONUNBUFFERED="1")
         cmd = [
+            *self.start_prefix,
             sys.executable, "-m", "rdmakv", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--data-dir", self.data_dir,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from slab import SlabFullError, Slot, class_size
 
 from ..errors import DiskFullError, StorageError, StoreFullError
-from ..hashing import matches
+from ..hashing import key_hex, matches
 from ..units import fmt_bytes
 from .datadir import fs_free_bytes
 from .index import Chunk, Namespace, Session
@@ -269,7 +269,7 @@ class Tiering:
             if failed:
                 raise StorageError(
                     f"session {s.name!r}: {len(failed)} chunks read back from the log do not match their "
-                    f"keys (first {failed[0].key:016x}); the data dir is damaged"
+                    f"keys (first {key_hex(failed[0].key)}); the data dir is damaged"
                 )
             return s.complete
 

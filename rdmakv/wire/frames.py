@@ -21,6 +21,7 @@ from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, Op, decode_
 
 SMALL_BUFFER = 4 << 10  # what an idle connection keeps
 READ_AHEAD = 64 << 10  # bytes asked of the socket beyond the current frame, at most
+READ_STEP = 1 << 20  # a large frame's buffer grows by what arrives, at most this per read
 
 
 @dataclass(slots=True)
@@ -52,10 +53,12 @@ class FrameReader:
         return HEADER.size + self._header.length + (0 if self._header.plain else TAG_LEN)
 
     def wanted(self) -> int:
-        """Bytes to ask the socket for now: the rest of the current frame, plus a little more
-        read-ahead while frames are small."""
+        """Bytes to ask the socket for now: the rest of the current frame (a step of it at a time,
+        so a header's claim alone allocates nothing), plus a little read-ahead for small frames."""
         need = max(1, self._frame_size() - self.buffered)
-        return need if need >= READ_AHEAD else need + min(READ_AHEAD, SMALL_BUFFER)
+        if need >= READ_AHEAD:
+            return min(need, READ_STEP)
+        return need + min(READ_AHEAD, SMALL_BUFFER)
 
     def buffer(self) -> memoryview:
         """A writable view to receive into (``recv_into``), at least ``wanted()`` bytes long."""
@@ -81,7 +84,8 @@ class FrameReader:
         live = self.buffered
         size = len(self._buf)
         if live + want > size:
-            size = max(live + want, SMALL_BUFFER)
+            # grow geometrically (amortised copies), never past what the frame needs
+            size = max(live + want, min(2 * size, self._frame_size() + SMALL_BUFFER), SMALL_BUFFER)
         if size != len(self._buf) or self._start:
             new = bytearray(size)
             new[:live] = self._buf[self._start : self._end]

@@ -33,7 +33,7 @@ KIND_OPAQUE = 2
 KIND_SLOTFILE = 3
 KIND_NAMES = {KIND_KV: "kv", KIND_OPAQUE: "opaque", KIND_SLOTFILE: "slotfile"}
 
-MAX_CHUNKS = 1 << 22
+MAX_CHUNKS = 1 << 20  # a 16k-token session at W=8 has ~100k; each entry costs the server memory
 MAX_BODY = 64 << 20
 MAX_CHUNK_LEN = 1 << 31
 

@@ -1,0 +1,105 @@
+"""The sans-IO frame reader and the hardened codecs: byte streams cut anywhere give back the
+same frames, buffers stay bounded, crafted manifests and bodies fail before they allocate."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rdmakv.errors import AuthError, ManifestError, TooLargeError
+from rdmakv.llama import slotfile
+from rdmakv.llama.slotfile import SlotFileError
+from rdmakv.wire import chunking
+from rdmakv.wire import manifest as mf
+from rdmakv.wire.frames import SMALL_BUFFER, FrameReader, MessageAssembler
+from rdmakv.wire.protocol import FLAG_MORE, MAC_BLAKE3, MAC_HMAC_SHA256, FrameAuth, Op, plain_frame
+
+
+def _pair(alg):
+    k1, k2 = bytes(range(32)), bytes(range(32, 64))
+    return FrameAuth(k1, k2, alg), FrameAuth(k2, k1, alg)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(1, 700), min_size=1, max_size=40),
+    alg=st.sampled_from([MAC_BLAKE3, MAC_HMAC_SHA256]),
+)
+def test_frames_come_back_whole_however_the_stream_is_cut(payloads, cuts, alg):
+    tx, rx = _pair(alg)
+    stream = b"".join(b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, i, [pl])) for i, pl in enumerate(payloads))
+    reader = FrameReader(1 << 20, rx)
+    got, pos, i = [], 0, 0
+    while pos < len(stream):
+        n = cuts[i % len(cuts)]
+        reader.feed(stream[pos : pos + n])
+        pos += n
+        i += 1
+        got += [(f.header.req_id, bytes(f.payload)) for f in reader.frames()]
+        assert reader.capacity <= SMALL_BUFFER + 3000 + 4096  # one frame plus read-ahead, never more
+    assert got == list(enumerate(payloads))
+
+
+def test_a_tampered_or_plain_frame_after_keys_is_refused():
+    tx, rx = _pair(MAC_BLAKE3)
+    frame = bytearray(b"".join(bytes(p) for p in tx.seal(Op.GET_CHUNKS, 0, 1, [b"abc"])))
+    frame[-1] ^= 1
+    r = FrameReader(1 << 20, rx)
+    r.feed(frame)
+    with pytest.raises(AuthError):
+        r.next_frame()
+    r2 = FrameReader(1 << 20, _pair(MAC_BLAKE3)[1])
+    r2.feed(plain_frame(Op.GET_CHUNKS, 0, 1, b""))
+    with pytest.raises(AuthError, match="unauthenticated"):
+        r2.next_frame()
+
+
+def test_the_size_limit_is_checked_on_the_header_and_the_buffer_shrinks_back():
+    tx, rx = _pair(MAC_BLAKE3)
+    r = FrameReader(512, None)
+    r.feed(plain_frame(Op.HELLO, 0, 0, b"x" * 600)[:16])
+    with pytest.raises(TooLargeError):
+        r.next_frame()
+    r = FrameReader(8 << 20, rx)
+    r.feed(b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, 1, [b"y" * (4 << 20)])))
+    assert len(r.next_frame().payload) == 4 << 20 and r.capacity > 4 << 20
+    r.feed(b"".join(bytes(p) for p in tx.seal(Op.STATS, 0, 2, [])))
+    assert r.next_frame().header.req_id == 2
+    assert r.next_frame() is None and r.capacity == SMALL_BUFFER
+
+
+def test_continued_messages_are_joined_up_to_their_limit():
+    from rdmakv.wire.protocol import Header
+
+    a = MessageAssembler(10)
+    assert a.add(Header(Op.PUT_CHUNKS, FLAG_MORE, 5, 4), memoryview(b"abcd")) is None
+    h, body = a.add(Header(Op.PUT_CHUNKS, 0, 5, 3), memoryview(b"efg"))
+    assert bytes(body) == b"abcdefg" and h.length == 7 and not h.flags & FLAG_MORE
+    a.add(Header(Op.PUT_CHUNKS, FLAG_MORE, 6, 8), memoryview(b"12345678"))
+    with pytest.raises(TooLargeError):
+        a.add(Header(Op.PUT_CHUNKS, 0, 6, 8), memoryview(b"12345678"))
+
+
+def test_a_kv_manifest_whose_lengths_would_truncate_is_refused():
+    """The crafted case: a 2,049-token window of 2^20-element rows is 4 GiB + 2 MiB per chunk,
+    which a u32 cast turns into 2 MiB: the manifest matched its shape and a restore allocated 8 GiB."""
+    n = 2049
+    body = chunking._BODY.pack(0, 3, b"<f2", 2, 1, n, n)
+    body += np.array([[1 << 20, 1 << 20]], "<u4").tobytes() + bytes(4 * n)
+    truncated = (n * (1 << 21)) & 0xFFFFFFFF
+    m = mf.Manifest(mf.KIND_KV, body, [1, 2], [truncated, truncated], [0, 1 << 32])
+    with pytest.raises(ManifestError, match="u32 limit"):
+        chunking.decode_layout(mf.decode(m.encode()))
+
+
+def test_a_slot_body_that_inflates_past_its_file_is_refused():
+    head = struct.pack("<4sBBHQQ", b"RKSF", 1, 1, 0, 100, 0)  # a 100-byte file...
+    bomb = zlib.compress(b"\0" * (64 << 20), 9)  # ...whose body inflates to 64 MiB
+    with pytest.raises(SlotFileError, match="inflates past"):
+        slotfile.rebuild(head + bomb, [])
