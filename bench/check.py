@@ -13,6 +13,7 @@ REQUIRED = {
     "server_cpu": ["tcp"],
     "concurrency": ["rows"],
     "tuning": ["hash_throughput"],
+    "tcp_limit": ["raw_socket", "variants", "restore_default_over_raw"],
     "targets": [],
 }
 REQUIRED_RDMA = {

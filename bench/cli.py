@@ -12,7 +12,7 @@ import time
 
 from rdmakv.store.spawn import ServerProcess
 
-from . import envinfo, report, suites
+from . import envinfo, report, suites, tcp_limit
 
 QUICK = {
     "walls_runs": 10,
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
             ("concurrency", lambda: suites.concurrency(ctx, params["clients"], params["client_reps"],
                                                        params["client_tokens"])),
             ("tuning", lambda: suites.tuning(ctx, params["tune_runs"])),
+            ("tcp_limit", lambda: tcp_limit.tcp_limit(ctx, params["walls_runs"])),
         ]
         if rdma:
             steps.append(("limits", lambda: suites.limits(

@@ -147,10 +147,18 @@ class FramedSocket:
             else:
                 got += r
 
-    def _recv_frame(self) -> tuple[Header, memoryview]:
+    def recv_header(self) -> Header:
+        """The next frame's header, checked (size limit first); its payload follows."""
         hview = memoryview(self._hdr)
         self._recv_exact(hview)
-        header = decode_header(hview, self.max_frame)
+        return decode_header(hview, self.max_frame)
+
+    def recv_exact(self, view: memoryview) -> None:
+        """Bytes of the current frame's payload, straight into ``view`` (no copy for big ones)."""
+        self._recv_exact(view)
+
+    def finish_frame(self, header: Header) -> memoryview:
+        """The rest of the frame whose header was just read: payload, then tag and MAC check."""
         if len(self._buf) < header.length:
             self._buf = bytearray(max(header.length, 2 * len(self._buf)))
         elif len(self._buf) > (1 << 20) and header.length < (64 << 10):
@@ -164,22 +172,35 @@ class FramedSocket:
                 raise AuthError("unauthenticated frame during the handshake")
             self.bytes_received += HEADER.size + header.length
         else:
-            if self.auth is None:
-                raise ProtocolError("authenticated frame before the handshake")
-            tag = memoryview(self._tag)
-            self._recv_exact(tag)
-            self.auth.verify(hview, payload, tag)
-            self.bytes_received += HEADER.size + header.length + TAG_LEN
+            self.verify_tag(header, [payload])
         self.frames_received += 1
-        return header, payload
+        return payload
+
+    def verify_tag(self, header: Header, parts: Sequence[memoryview]) -> None:
+        """Receive the frame's tag and check the MAC over the payload ``parts`` as received."""
+        if self.auth is None:
+            raise ProtocolError("authenticated frame before the handshake")
+        tag = memoryview(self._tag)
+        self._recv_exact(tag)
+        self.auth.verify_parts(memoryview(self._hdr), parts, tag)
+        self.bytes_received += HEADER.size + header.length + TAG_LEN
+
+    def recv_verified(self, header: Header, done: Sequence[memoryview], rest: Sequence[memoryview]) -> None:
+        """Receive the rest of a frame's payload straight into ``rest`` (its final places), then
+        check the MAC over ``done`` (payload bytes read already) and ``rest``."""
+        for v in rest:
+            self._recv_exact(v)
+        self.verify_tag(header, [*done, *rest])
+        self.frames_received += 1
+
+    def assemble(self, header: Header, payload: memoryview) -> tuple[Header, memoryview] | None:
+        return (header, payload) if header.plain else self._assembler.add(header, payload)
 
     def recv(self) -> tuple[Header, memoryview]:
         """Next message (continuation frames joined); its payload is valid until the next recv()."""
         while True:
-            header, payload = self._recv_frame()
-            if header.plain:
-                return header, payload
-            got = self._assembler.add(header, payload)
+            header = self.recv_header()
+            got = self.assemble(header, self.finish_frame(header))
             if got is not None:
                 return got
 

@@ -18,13 +18,13 @@ import numpy as np
 from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
 from rdmakv.wire import messages as msg
 from rdmakv.wire.messages import Key, key_hex
-from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_RESPONSE, MAC_BLAKE3, Op
+from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_MORE, FLAG_RESPONSE, MAC_BLAKE3, Op
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
 
 DEFAULT_WINDOW = 64
 DEFAULT_BATCH_BYTES = 512 << 10
-DEFAULT_FETCH_BYTES = 1 << 20
+DEFAULT_FETCH_BYTES = 8 << 20  # per GET_CHUNKS: one request for a typical session
 
 
 class TcpChannel:
@@ -175,14 +175,12 @@ class TcpChannel:
         return totals[0], totals[1]
 
     def fetch_chunks(
-        self,
-        keys: Sequence[Key],
-        lengths: Sequence[int],
-        sink: Callable[[int, memoryview], None],
+        self, keys: Sequence[Key], lengths: Sequence[int], dest: memoryview, offsets: Sequence[int]
     ) -> None:
-        """Pipelined batched GET of distinct keys; every chunk is checked against its key (and
-        its length) before ``sink(i, bytes)``. A reply covers what fits in a frame; the keys it
-        leaves out are asked for again."""
+        """Pipelined batched GET of distinct keys, chunk i received straight into
+        ``dest[offsets[i]:]`` and checked against its key. A reply covers what fits in a frame;
+        the keys it leaves out are asked for again."""
+        dests = _Places(dest, offsets, lengths)
         index = {k: i for i, k in enumerate(keys)}
         if len(index) != len(keys):
             raise ValueError("fetch_chunks wants distinct keys")
@@ -196,28 +194,105 @@ class TcpChannel:
                     size = 0
                 batches[-1].append(i)
                 size += lengths[i]
-            frames = [[msg.enc_keys([keys[i] for i in b])] for b in batches]
             left: list[int] = []
-
-            def deliver(j: int, payload: memoryview, batches=batches, left=left) -> None:
-                served, absent = msg.dec_chunks(payload)
-                if absent:
-                    raise msg_missing(absent[0])
-                asked = set(batches[j])
-                got = set()
-                for k, data in served:
-                    i = index.get(k)
-                    if i is None or i not in asked:
-                        raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
-                    msg.verify_chunk(k, data, lengths[i])
-                    sink(i, data)
-                    got.add(i)
-                if not got:
-                    raise ProtocolError("GET_CHUNKS reply served nothing")
-                left.extend(i for i in batches[j] if i not in got)
-
-            self.pipeline(Op.GET_CHUNKS, frames, deliver)
+            inflight: deque[tuple[list[int], int]] = deque()
+            first_error: RdmakvError | None = None
+            self.round_trips += 1
+            for b in batches:
+                if len(inflight) >= self.window:
+                    first_error = self._reap_chunks(inflight, index, lengths, dests, left, first_error)
+                inflight.append((b, self._send(Op.GET_CHUNKS, [msg.enc_keys([keys[i] for i in b])])))
+            while inflight:
+                first_error = self._reap_chunks(inflight, index, lengths, dests, left, first_error)
+            if first_error is not None:
+                raise first_error
             todo = left
+
+    def _reap_chunks(self, inflight, index, lengths, dests, left: list[int], first_error):
+        batch, req = inflight.popleft()
+        try:
+            got = self._recv_chunks_into(req, index, lengths, dests)
+        except ConnectionLost:
+            raise
+        except RdmakvError as e:
+            return first_error or e
+        if not got:
+            return first_error or ProtocolError("GET_CHUNKS reply served nothing")
+        asked = set(batch)
+        if not got <= asked:
+            raise ProtocolError("GET_CHUNKS reply holds chunks of another request")
+        left.extend(i for i in batch if i not in got)
+        return first_error
+
+    def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: Sequence[memoryview]) -> set:
+        """Receive one GET_CHUNKS reply with its chunk bytes landing in ``dests`` (the MAC is
+        checked over them as they lie); a continued or unusual reply takes the general path."""
+        fs = self.fs
+        try:
+            h = fs.recv_header()
+            if h.plain or h.flags & FLAG_MORE or h.op != Op.GET_CHUNKS:
+                return self._chunks_slow(req_id, h, index, lengths, dests)
+            if not h.flags & FLAG_RESPONSE or h.req_id != req_id:
+                raise ProtocolError(f"response {h.req_id} does not answer request {req_id}")
+            if h.length < 9:
+                raise ProtocolError("GET_CHUNKS reply too short")
+            head = memoryview(bytearray(9))
+            fs.recv_exact(head)
+            alg, n, m = head[0], *msg.struct_u32x2(head[1:9])
+            klen = msg.KEY_BYTES.get(alg)
+            table_len = (n * (klen + 4) + m * klen) if klen else h.length
+            if klen is None or 9 + table_len > h.length:
+                raise ProtocolError("GET_CHUNKS reply's table does not fit it")
+            table = memoryview(bytearray(table_len))
+            fs.recv_exact(table)
+            served, absent = msg.dec_chunk_table(alg, n, m, table)
+            idx = []
+            for k, ln in served:
+                i = index.get(k)
+                if i is None or lengths[i] != ln:
+                    raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
+                idx.append(i)
+            if 9 + table_len + sum(lengths[i] for i in idx) != h.length:
+                raise ProtocolError("GET_CHUNKS reply lengths do not add up to its size")
+            runs = dests.runs(idx)  # chunks that lie back to back become one receive
+            fs.recv_verified(h, [head, table], runs)
+        except OSError as e:
+            raise ConnectionLost(f"connection to the server lost: {e}") from e
+        except ProtocolError as e:  # the byte stream is out of step now: nothing more can be read
+            self.fs.close()
+            raise ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}") from e
+        if absent:
+            raise msg_missing(absent[0])
+        got = set()
+        for (k, _), i in zip(served, idx):
+            msg.verify_chunk(k, dests[i])
+            got.add(i)
+        return got
+
+    def _chunks_slow(self, req_id: int, h, index, lengths, dests) -> set:
+        fs = self.fs
+        payload = fs.finish_frame(h)
+        whole = fs.assemble(h, payload)
+        while whole is None:
+            h2 = fs.recv_header()
+            whole = fs.assemble(h2, fs.finish_frame(h2))
+        header, payload = whole
+        if header.op == Op.ERROR:
+            raise_error_frame(payload)
+        if not header.flags & FLAG_RESPONSE or header.req_id != req_id:
+            raise ProtocolError(f"response {header.req_id} does not answer request {req_id}")
+        served, absent = msg.dec_chunks(payload)
+        if absent:
+            raise msg_missing(absent[0])
+        got = set()
+        for k, data in served:
+            i = index.get(k)
+            if i is None:
+                raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
+            msg.verify_chunk(k, data, lengths[i])
+            dests[i][:] = data
+            got.add(i)
+        return got
 
     def get_chunks(self, keys: Sequence[Key]) -> list[bytes | None]:
         """Chunks of unknown length: requests of up to 256 keys, each reply verified by key."""
@@ -282,6 +357,32 @@ class TcpChannel:
 
     def rdma_connect(self, payload: bytes) -> bytes:
         return bytes(self.request(Op.RDMA_CONNECT, [payload]))
+
+
+class _Places:
+    """Where each fetched chunk goes in the restore buffer."""
+
+    def __init__(self, dest: memoryview, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        self.dest, self.offsets, self.lengths = dest, offsets, lengths
+
+    def __getitem__(self, i: int) -> memoryview:
+        o = self.offsets[i]
+        return self.dest[o : o + self.lengths[i]]
+
+    def runs(self, idx: list[int]) -> list[memoryview]:
+        out: list[memoryview] = []
+        start = end = -1
+        for i in idx:
+            o, n = self.offsets[i], self.lengths[i]
+            if o == end:
+                end += n
+                continue
+            if start >= 0:
+                out.append(self.dest[start:end])
+            start, end = o, o + n
+        if start >= 0:
+            out.append(self.dest[start:end])
+        return out
 
 
 def msg_missing(key: int) -> RdmakvError:

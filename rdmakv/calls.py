@@ -18,34 +18,30 @@ class LowLevel:
     """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them."""
 
     def fill_tcp(self: Store, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
-        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``."""
+        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``: each
+        distinct chunk is received straight into its first place, then copied to any others."""
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         order = np.argsort(first)  # fetch in manifest order: sequential slab reads
         ukeys = uniq[order].tolist()
         ulens = lengths[first[order]].tolist()
-        targets: list[list[int]] = [[] for _ in ukeys]
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        for pos, u in zip(offsets.tolist(), rank[inverse].tolist()):
-            targets[u].append(pos)
-
-        def sink(i: int, data: memoryview | bytes) -> None:
-            n = ulens[i]
-            for pos in targets[i]:
-                dest[pos : pos + n] = data
-
+        home = offsets[first[order]].tolist()
         todo = []
         for i, k in enumerate(ukeys):
             cached = self._cache.pop(k, None)
             if cached is not None:
                 self._cache_bytes -= len(cached)
-                sink(i, cached)
+                dest[home[i] : home[i] + ulens[i]] = cached
             else:
                 todo.append(i)
         if todo:
-            sub_keys = [ukeys[i] for i in todo]
-            sub_lens = [ulens[i] for i in todo]
-            self.channel.fetch_chunks(sub_keys, sub_lens, lambda j, data: sink(todo[j], data))
+            self.channel.fetch_chunks([ukeys[i] for i in todo], [ulens[i] for i in todo], dest, [home[i] for i in todo])
+        if len(ukeys) != len(keys):  # the same chunk at several places: copy from where it landed
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            src = np.asarray(home, dtype=np.int64)[rank[inverse]]
+            for pos, s, n in zip(offsets.tolist(), src.tolist(), lengths.tolist()):
+                if pos != s:
+                    dest[pos : pos + n] = dest[s : s + n]
 
     def exists(self: Store, keys: Sequence[Key] | np.ndarray) -> np.ndarray:
         return self.channel.exists(keys_array(keys, _alg(keys, self.hash_alg)))

@@ -29,9 +29,12 @@ class ChunkViews:
         self.absent: list[Key] = []
         self.held: list[Chunk] = []
         self.segments: list[Segment] = []
+        self.slots: list = []
+        self.payload: list[memoryview] = []  # the chunk bytes in order: slab neighbours as one view
 
     def release(self) -> None:
         self.served = []
+        self.payload = []
         with self.engine.lock:
             for c in self.held:
                 self.engine._unhold(self.ns, c)
@@ -39,6 +42,25 @@ class ChunkViews:
         for seg in self.segments:
             seg.release()
         self.segments = []
+
+
+def _runs(ns: Namespace, served: list, slots: list) -> list[memoryview]:
+    """Chunks that lie back to back in one region (a save's run) as one view: one MAC update and
+    one iovec for the lot instead of one per chunk."""
+    out: list[memoryview] = []
+    start = None
+    prev_full = False
+    for s in slots:
+        if start is not None and s.region == start[0] and s.offset == start[2] and prev_full:
+            start = (start[0], start[1], s.offset + s.length)
+        else:
+            if start is not None:
+                out.append(ns.slab.regions[start[0]].view[start[1] : start[2]])
+            start = (s.region, s.offset, s.offset + s.length)
+        prev_full = s.size == s.length
+    if start is not None:
+        out.append(ns.slab.regions[start[0]].view[start[1] : start[2]])
+    return out
 
 
 class Reads:
@@ -158,11 +180,14 @@ class Reads:
                 total += c.length
                 if c.slot is not None and c.ready:
                     out.served.append((k, ns.slab.view(c.slot)))
+                    out.slots.append(c.slot)
                 else:
+                    out.slots.append(None)
                     seg = self.log.segment(c.loc.segment).acquire()
                     out.segments.append(seg)
                     disk.append((c, seg, c.loc.body))
                     out.served.append((k, None))
+        out.payload = _runs(ns, out.served, out.slots) if not disk else [v for _, v in out.served]
         if disk:
             buf = memoryview(bytearray(sum(c.length for c, _, _ in disk)))
             pos = 0
@@ -172,6 +197,7 @@ class Reads:
                 views[c.key] = buf[pos : pos + c.length]
                 pos += c.length
             out.served = [(k, v if v is not None else views[k]) for k, v in out.served]
+            out.payload = [v for _, v in out.served]
         return out
 
     def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:

@@ -196,13 +196,33 @@ def dec_put_result(data: bytes | memoryview) -> tuple[int, int]:
 # A reply carries as many chunks as fit in the frame limit (at least one, which may then travel
 # in continuation frames); keys it neither serves nor reports absent are asked for again.
 def enc_chunks(
-    served: Sequence[tuple[Key, bytes | memoryview]], absent: Sequence[Key], alg: int
+    served: Sequence[tuple[Key, bytes | memoryview]],
+    absent: Sequence[Key],
+    alg: int,
+    payload: Sequence[bytes | memoryview] | None = None,
 ) -> list[bytes | memoryview]:
+    """``payload``: the served chunks' bytes in order, in as few pieces as the caller has them."""
     table = np.empty(len(served), dtype=_entry_dtype(alg))
     table["key"] = keys_array([k for k, _ in served], alg)
     table["length"] = [memoryview(c).nbytes for _, c in served]
     head = _U8.pack(alg) + _U32.pack(len(served)) + _U32.pack(len(absent)) + table.tobytes()
-    return [head, keys_array(absent, alg).tobytes(), *(c for _, c in served)]
+    body = payload if payload is not None else [c for _, c in served]
+    return [head, keys_array(absent, alg).tobytes(), *body]
+
+
+def struct_u32x2(data: bytes | memoryview) -> tuple[int, int]:
+    return struct.unpack("<II", data)
+
+
+def dec_chunk_table(alg: int, n: int, m: int, table: bytes | memoryview) -> tuple[list[tuple[Key, int]], list[Key]]:
+    """The (key, length) entries and absent keys of a GET_CHUNKS reply whose table was read apart."""
+    if alg not in KEY_BYTES or n > MAX_KEYS or m > MAX_KEYS:
+        raise CodecError("GET_CHUNKS reply table out of range")
+    r = Reader(table)
+    entries = r.array(_entry_dtype(alg), n)
+    absent = r.array(key_dtype(alg), m).tolist()
+    r.end()
+    return list(zip(entries["key"].tolist(), entries["length"].tolist())), absent
 
 
 def dec_chunks(data: bytes | memoryview) -> tuple[list[tuple[Key, memoryview]], list[Key]]:
