@@ -103,3 +103,27 @@ def test_a_slot_body_that_inflates_past_its_file_is_refused():
     bomb = zlib.compress(b"\0" * (64 << 20), 9)  # ...whose body inflates to 64 MiB
     with pytest.raises(SlotFileError, match="inflates past"):
         slotfile.rebuild(head + bomb, [])
+
+
+def test_a_forked_child_can_still_seal_large_blake3_frames():
+    """BLAKE3's thread pool is gone in a fork's child; sealing there must not wait for it forever."""
+    import os
+    import signal
+    import time
+
+    tx, _ = _pair(MAC_BLAKE3)
+    big = bytes(4 << 20)
+    tx.seal(Op.GET_CHUNKS, 0, 1, [big])  # starts the pool in this process
+    pid = os.fork()
+    if pid == 0:
+        child, _ = _pair(MAC_BLAKE3)
+        child.seal(Op.GET_CHUNKS, 0, 1, [big])
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("sealing a large frame in a forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,12 +105,24 @@ def mac_alg(name_or_id: str | int) -> int:
     return alg
 
 
+_blake3_threads_ok = True  # BLAKE3's thread pool does not survive fork: a child that used it would hang
+
+
+def _no_blake3_threads() -> None:
+    global _blake3_threads_ok
+    _blake3_threads_ok = False
+
+
+os.register_at_fork(after_in_child=_no_blake3_threads)
+
+
 def _mac_base(key: bytes, alg: int):
     if alg == MAC_BLAKE3:
         import blake3
 
         # large frames are hashed on several cores (BLAKE3's tree); small ones stay on this one
-        return blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
+        threads = blake3.blake3.AUTO if _blake3_threads_ok else 1
+        return blake3.blake3(key=key, max_threads=threads)
     return hmac.new(key, digestmod=hashlib.sha256)
 
 
