@@ -15,7 +15,7 @@ KEY_HELP = f"auth key: 64 hex characters, read from ${KEY_ENV} (generate one wit
 
 
 def _key_for_serve(args: argparse.Namespace):
-    from .store.keyring import KeyRing
+    from .wire.keyring import KeyRing
 
     if args.keys:
         if args.key_file:
@@ -130,7 +130,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .store.keyring import new_entry
+    from .wire.keyring import new_entry
 
     print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after), end="")
     return 0
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "benchmarks: RDMA vs TCP vs v1 single blob; see rdmakv bench --help"),
         ("slotfile", "inspect, import and export llama.cpp slot files; see rdmakv slotfile --help"),
         ("llama-proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
+        ("kvstore-lib", "build or locate libkv_store_rdmakv.so, the kv_store_v1 backend for llama-server"),
     ):
         sub.add_parser(name, help=helptext, add_help=False)
     return p
@@ -253,6 +254,7 @@ DELEGATED = {
     "bench": "bench.cli",
     "slotfile": "rdmakv.llama.cli",
     "llama-proxy": "rdmakv.llama.proxy",
+    "kvstore-lib": "rdmakv.llama.kvstore_lib",
 }
 
 

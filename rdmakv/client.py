@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import xxhash
 
 from fallback_tcp.transport import TcpChannel
 
@@ -22,7 +23,7 @@ from .url import parse_url
 from .wire import chunking
 from .wire import manifest as mf
 from .wire.auth import key_from_env
-from .wire.messages import SaveOptions
+from .wire.messages import Locations, SaveOptions
 from .wire.protocol import mac_alg
 
 TRANSPORTS = ("auto", "rdma", "tcp")
@@ -173,8 +174,26 @@ class Store(LowLevel):
             raise RdmakvError(f"{name!r} is a {mf.KIND_NAMES[manifest.kind]} manifest, not a blob")
         return b"".join(pieces)
 
+    def save_manifest(
+        self,
+        name: str,
+        manifest: mf.Manifest,
+        chunks: Sequence[bytes | memoryview | None],
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> SaveReport:
+        """Commit a built manifest; ``chunks[i]`` holds the bytes of ``manifest.keys[i]`` (None for
+        one sent already). One round trip when the store has every chunk."""
+        return self._save_manifest(name, manifest, chunks, time.perf_counter(), _options(pin, ttl))
+
     def _save_manifest(
-        self, name: str, manifest: mf.Manifest, chunks: Sequence[bytes | memoryview], t0: float, opts: SaveOptions
+        self,
+        name: str,
+        manifest: mf.Manifest,
+        chunks: Sequence[bytes | memoryview | None],
+        t0: float,
+        opts: SaveOptions,
     ) -> SaveReport:
         ch = self.channel
         mark = ch.mark()
@@ -189,9 +208,10 @@ class Store(LowLevel):
                     f"save of {name!r}: the server dropped {len(want)} chunks of this save before the commit "
                     "(they are held for a minute: the save was too slow, or the server restarted)"
                 )
-            stray = [k for k in want if k not in by_key]
+            stray = [k for k in want if by_key.get(k) is None]
             if stray:
-                raise MissingChunksError("server asked for chunks this manifest does not name", stray)
+                raise MissingChunksError("server asked for chunks this save does not hold (not named, or sent "
+                                         "ahead and dropped since)", stray)  # fmt: skip
             ch.put_chunks(want, [by_key[k] for k in want])
             sent.update(want)
             missing = ch.put_manifest(name, data, opts)
@@ -207,6 +227,7 @@ class Store(LowLevel):
             wall_s=time.perf_counter() - t0,
             transport="tcp",
             manifest_bytes=len(data),
+            manifest_xxh3=xxhash.xxh3_64_intdigest(data),
         )
 
     def restore(self, name: str, report: bool = False, **hooks: Callable) -> KVState | tuple[KVState, RestoreReport]:
@@ -236,8 +257,28 @@ class Store(LowLevel):
         m, layout, offsets, total = self.restore_target(data, kv)
         buf = self._restore_buffer(total)
         self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
-        self._charge_tcp(rep, m, mark)
+        self._charge_tcp(rep, m.n_chunks, mark)
         return m, layout, buf, offsets
+
+    def fetch_located(
+        self, keys: np.ndarray, lengths: np.ndarray, loc: Locations | None, idx: np.ndarray, rep: RestoreReport
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(buffer, offsets): chunks ``idx`` of the manifest last read on this connection, back to
+        back; by READs when ``loc`` (that manifest's locations) is given and RDMA is usable."""
+        offsets = np.zeros(len(keys), dtype=np.uint64)
+        if len(keys):
+            offsets[1:] = np.cumsum(lengths[:-1], dtype=np.uint64)
+        total = int(lengths.sum(dtype=np.uint64))
+        mark = self.channel.mark()
+        if loc is not None and self.rdma is not None and self.rdma.usable:
+            sub = Locations(loc.regions, loc.slots[idx])
+            buf = self.rdma.read_located(keys, lengths, offsets, total, sub, rep, mark)
+            if buf is not None:
+                return buf, offsets
+        buf = self._restore_buffer(total)
+        self.fill_tcp(keys, lengths, offsets, memoryview(buf))
+        self._charge_tcp(rep, len(keys), mark)
+        return buf, offsets
 
     def restore_target(self, data: bytes, kv: bool) -> tuple[mf.Manifest, chunking.KVLayout | None, np.ndarray, int]:
         """(manifest, its KV layout when ``kv``, each chunk's offset in the restore buffer, buffer
@@ -249,9 +290,9 @@ class Store(LowLevel):
         m = mf.decode(data)
         return m, None, m.packed_offsets(), m.total_bytes
 
-    def _charge_tcp(self, rep: RestoreReport, m: mf.Manifest, mark: tuple[int, int]) -> None:
+    def _charge_tcp(self, rep: RestoreReport, n_chunks: int, mark: tuple[int, int]) -> None:
         nbytes, rts = self.channel.usage_since(mark)
-        rep.transport, rep.chunks = "tcp", m.n_chunks
+        rep.transport, rep.chunks = "tcp", n_chunks
         rep.bytes += nbytes
         rep.round_trips += rts
 

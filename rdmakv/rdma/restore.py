@@ -76,6 +76,16 @@ class RdmaRestorer:
         mark = ch.mark()
         data, loc, rep.tier = ch.get_manifest(name, want_locations=True)
         m, layout, offsets, total = self.store.restore_target(data, kv)
+        buf = self.read_located(m.keys, m.lengths, offsets, total, loc, rep, mark, **hooks)
+        return None if buf is None else (m, layout, buf, offsets)
+
+    def read_located(
+        self, keys, lengths, offsets, total: int, loc: Locations | None, rep: RestoreReport, mark, **hooks
+    ) -> np.ndarray | None:
+        """Chunks at ``loc`` READ into a new buffer at ``offsets``; None when this connection has
+        just switched to TCP (the report says why). ``mark``: the channel mark the round trips
+        and bytes of this restore are counted from."""
+        ch = self.store.channel
         if loc is None:
             self.latch("server returned no chunk locations (its RDMA session is gone)")
             return None
@@ -83,18 +93,18 @@ class RdmaRestorer:
         if "after_locate" in hooks:
             hooks["after_locate"]()
         try:
-            self._fill(m.keys, m.lengths, offsets, loc, buf, laddr, lkey, rep)
+            self._fill(keys, lengths, offsets, loc, buf, laddr, lkey, rep)
         except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
             rep.round_trips += ch.usage_since(mark)[1]
             return None
         rep.transport = "rdma"
-        rep.chunks = m.n_chunks
+        rep.chunks = len(keys)
         nbytes, rts = ch.usage_since(mark)
         rep.bytes += nbytes
         rep.round_trips += rts
-        return m, layout, buf, offsets
+        return buf
 
     def _fill(
         self,

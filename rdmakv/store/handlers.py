@@ -16,7 +16,7 @@ from ..wire import messages as msg
 from ..wire.protocol import Op
 
 if TYPE_CHECKING:
-    from .keyring import KeyEntry
+    from ..wire.keyring import KeyEntry
     from .server import Server
 
 MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
@@ -75,6 +75,7 @@ class Handlers:
             raise AuthError("this operation needs an admin key")
         if not self.data_access and op not in MANAGEMENT_OPS:
             raise AuthError(f"an admin key manages namespace {self.ns!r}; it does not read or write its sessions")
+        self.server.count_request(self.ns, op)
         out = handler(payload)
         return out if isinstance(out, Reply) else Reply(out)
 
@@ -146,6 +147,7 @@ class Handlers:
     def on_stats(self, payload: memoryview) -> list:
         stats = self.engine.stats(self.ns)
         stats["rdma"] = self.server.rdma is not None
+        stats["requests"] = self.server.requests_of(self.ns)  # this one included
         if self.server.rdma is not None:
             stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
         if self.admin:  # only an operator sees the whole store

@@ -29,10 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..wire.protocol import DEFAULT_MAX_FRAME, Header
+from ..wire.keyring import KeyRing
+from ..wire.protocol import DEFAULT_MAX_FRAME, Header, Op
 from .connection import Connection, refuse
 from .engine import Engine
-from .keyring import KeyRing
+
+MAX_COUNTED_NAMESPACES = 4096  # request counters kept per namespace, then pooled
 
 
 @dataclass
@@ -93,6 +95,23 @@ class Server:
         self.auth_failures = 0
         self.refused = 0
         self.internal_errors = 0
+        self._requests: dict[str, Counter[str]] = {}  # namespace -> op name -> requests served
+        self._requests_lock = threading.Lock()
+
+    def count_request(self, namespace: str, op: int) -> None:
+        """One request served for ``namespace`` (STATS shows a namespace its own counts)."""
+        name = Op(op).name if op in Op._value2member_map_ else "UNKNOWN"
+        with self._requests_lock:
+            per = self._requests.get(namespace)
+            if per is None:
+                if len(self._requests) >= MAX_COUNTED_NAMESPACES:
+                    namespace = "(other namespaces)"
+                per = self._requests.setdefault(namespace, Counter())
+            per[name] += 1
+
+    def requests_of(self, namespace: str) -> dict[str, int]:
+        with self._requests_lock:
+            return dict(self._requests.get(namespace, {}))
 
     @property
     def url_base(self) -> str:

@@ -4,7 +4,7 @@ A manifest is the small, name-addressed description of a stored object: a
 kind-specific *body* plus the ordered *chunk table* (key, length, tag). The
 server only needs the container (it checks that every key is present); the
 client interprets the body. Kinds: KV sessions (``rdmakv.wire.chunking``), opaque
-blobs, and llama.cpp slot files (``rdmakv.llama.slotfile``).
+blobs, llama.cpp slot files (``rdmakv.llama.slotfile``) and engine manifests (kv_store_v1).
 
 Layout, little-endian, no padding::
 
@@ -31,7 +31,8 @@ VERSION = 1
 KIND_KV = 1
 KIND_OPAQUE = 2
 KIND_SLOTFILE = 3
-KIND_NAMES = {KIND_KV: "kv", KIND_OPAQUE: "opaque", KIND_SLOTFILE: "slotfile"}
+KIND_ENGINE = 4  # an engine's own manifest (kv_store_v1), opaque to rdmakv, over the chunks put with it
+KIND_NAMES = {KIND_KV: "kv", KIND_OPAQUE: "opaque", KIND_SLOTFILE: "slotfile", KIND_ENGINE: "engine"}
 
 MAX_CHUNKS = 1 << 20  # a 16k-token session at W=8 has ~100k; each entry costs the server memory
 MAX_BODY = 64 << 20

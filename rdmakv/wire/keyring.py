@@ -1,4 +1,5 @@
-"""Per-tenant keys (``rdmakv serve --keys FILE``): which key opens which namespace.
+"""Per-tenant keys (``rdmakv serve --keys FILE``): which key opens which namespace (parsing
+and selection only; the server checks HELLO against it, a client picks its own key from it).
 
 The file is TOML, a list of ``[[key]]`` tables::
 
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AuthError, RdmakvError
-from ..wire.auth import KEY_BYTES, fingerprint, parse_key
-from ..wire.messages import validate_namespace
+from .auth import KEY_BYTES, fingerprint, parse_key
+from .messages import validate_namespace
 
 
 class KeysFileError(RdmakvError):
@@ -63,9 +64,16 @@ class KeyRing:
     def load(cls, path: str | os.PathLike) -> KeyRing:
         p = Path(path)
         try:
-            doc = tomllib.loads(p.read_text())
+            text = p.read_text()
         except OSError as e:
             raise KeysFileError(f"{p}: cannot read the keys file: {e.strerror}") from e
+        return cls.parse(text, p)
+
+    @classmethod
+    def parse(cls, text: str, p: Path) -> KeyRing:
+        """The entries of a keys file's text (``p`` names it in messages)."""
+        try:
+            doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise KeysFileError(f"{p}: not valid TOML: {e}") from e
         tables = doc.get("key")
@@ -95,6 +103,15 @@ class KeyRing:
         if not valid:
             raise AuthError(f"authentication failed: this key expired on {fits[0].not_after.isoformat()}")
         return valid[0]
+
+    def client_key(self, namespace: str, today: dt.date | None = None) -> bytes:
+        """The key a client should present for ``namespace``: its tenant entry valid today that
+        lasts longest (during a rotation, the successor)."""
+        today = today or dt.datetime.now(dt.UTC).date()
+        fits = [e for e in self.entries if e.namespace == namespace and e.valid_on(today)]
+        if not fits:
+            raise KeysFileError(f"{self.source}: no valid [[key]] for namespace {namespace!r}")
+        return max(fits, key=lambda e: e.not_after or dt.date.max).key
 
     def namespaces(self) -> list[str]:
         return sorted({e.namespace for e in self.entries if e.namespace})

@@ -1,0 +1,82 @@
+"""The kv_store_v1 library on real rxe: a restore's prefetch is one READ plan, with no GET_CHUNKS
+at the server, from the Python backend and from the C consumer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import rdmakv
+from bench import kvstore_abi as ka
+from rdmakv.llama.kvstore_backend import KV_OK, KVStoreBackend
+
+from ..conftest import KEY_HEX, ServerProcess
+
+pytestmark = pytest.mark.rdma
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = ServerProcess(str(tmp_path_factory.mktemp("kvs") / "d"), "128MiB", "--fsync", "never").start()
+    assert s.rdma
+    yield s
+    s.stop()
+
+
+def _requests(url: str) -> dict[str, int]:
+    with rdmakv.connect(url, key=KEY_HEX, transport="tcp") as st:
+        return dict(st.stats()["requests"])
+
+
+def test_backend_prefetch_is_one_read_plan(srv, monkeypatch):
+    monkeypatch.setenv("RDMAKV_AUTH_KEY", KEY_HEX)
+    uri = srv.url("kvs-py") + "?transport=rdma"
+    chunks = ka.session_chunks(7)
+    hashes = [ka.engine_hash(c) for c in chunks]
+    save = KVStoreBackend(uri)
+    try:
+        for h, c in zip(hashes, chunks):
+            assert save.put_chunk(h, memoryview(c)) == KV_OK
+        assert save.put_manifest("chat", b"ENGM body") == KV_OK
+    finally:
+        save.close()
+
+    before = _requests(srv.url("kvs-py"))
+    b = KVStoreBackend(uri)
+    try:
+        assert b.store.active_transport == "rdma"
+        assert b.get_manifest("chat") == b"ENGM body"
+        assert b.prefetch_chunks(b"".join(hashes), len(hashes), 8) == len(hashes)
+        rep = b.last_prefetch
+        assert rep.transport == "rdma" and rep.fallback_chunks == 0 and rep.reads_posted >= 1
+        assert rep.chunks == len(chunks)
+        for h, c in zip(hashes, chunks):
+            assert bytes(b.get_chunk(h)) == bytes(c)  # from the cache, byte for byte
+    finally:
+        b.close()
+    after = _requests(srv.url("kvs-py"))
+    assert after.get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)  # every byte came by READ
+    assert after["GET_MANIFEST"] == before.get("GET_MANIFEST", 0) + 1
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_c_consumer_restores_over_reads(srv, tmp_path):
+    lib = subprocess.run([sys.executable, "-m", "rdmakv", "kvstore-lib", "build", "--out", str(tmp_path / "lib")],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    consumer = ka.compile_consumer(tmp_path / "consumer")
+    sessions = ka.write_sessions(tmp_path / "s.bin", [ka.session_chunks(8)])
+    env = {"RDMAKV_AUTH_KEY": KEY_HEX}
+    uri = srv.url("kvs-c") + "?transport=rdma"
+    lib_dir = tmp_path / "lib"
+    assert lib.startswith(str(lib_dir))
+    p = ka.run(consumer, lib_dir, "save", uri, "chat", str(sessions), env=env)
+    assert p.returncode == 0, p.stderr
+    before = _requests(srv.url("kvs-c"))
+    p = ka.run(consumer, lib_dir, "restore", uri, "chat", str(sessions), env=env)
+    assert p.returncode == 0, p.stdout + p.stderr  # compared byte for byte in C
+    after = _requests(srv.url("kvs-c"))
+    assert after.get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
+    assert after["GET_MANIFEST"] == before.get("GET_MANIFEST", 0) + 1
