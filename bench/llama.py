@@ -30,7 +30,7 @@ from typing import Any
 
 from rdmakv.store.spawn import ServerProcess
 
-from . import envinfo
+from . import envinfo, llama_slots
 from .stats import summary
 
 N_SPECIAL = 3  # the test GGUF's vocab: unk/bos/eos, then 256 byte tokens
@@ -83,10 +83,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if binary is None:
         raise SystemExit("bench.llama: llama-server not built: run tests/build_llama_server.sh")
     key = os.urandom(32).hex()
-    work = Path(tempfile.mkdtemp(prefix="rdmakv-bench-llama-"))
     t_all = time.perf_counter()
     load0 = os.getloadavg()[0]  # other work on the machine skews walls: recorded with them
     servers: list[Any] = []
+    # the slot dir on tmpfs where there is one: what an operator should do, and the same dir for both sides
+    work_base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    work = Path(tempfile.mkdtemp(prefix="rdmakv-bench-llama-", dir=work_base))
     try:
         model = lf.write_tiny_llama_gguf(
             work / "model.gguf", n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_embd // 64,
@@ -108,10 +110,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         t_chat = time.perf_counter() - t0
         proxy = lf.LlamaProxy(llama.url, slot_dir, store.url("walls"), key).__enter__()
         servers.append(proxy)
+        local = lf.LlamaProxy(llama.url, slot_dir, store.url("walls"), key, "--local-cache", "1GiB").__enter__()
+        servers.append(local)
         t0 = time.perf_counter()
         print(f"bench.llama: save/restore walls, {args.runs} runs ...", file=sys.stderr, flush=True)
-        walls = save_restore_walls(Http(llama.port), Http(proxy.port), slot_dir, args)
+        walls = save_restore_walls(Http(llama.port), Http(proxy.port), Http(local.port), slot_dir, args)
         t_walls = time.perf_counter() - t0
+        local.__exit__()
+        proxy.__exit__()
+        llama.__exit__()
+        t0 = time.perf_counter()
+        print("bench.llama: 1 vs 4 slots at once ...", file=sys.stderr, flush=True)
+        slots = llama_slots.slot_throughput(lf, binary, model, work, store, key, args)
+        t_slots = time.perf_counter() - t0
+        print("bench.llama: kv_store_v1 library from C vs the Python API ...", file=sys.stderr, flush=True)
+        abi = llama_slots.kvstore_abi_walls(work, store, key, args.runs)
         return {
             "bench": "llama",
             "environment": {**envinfo.collect(), "llama_server": str(binary), "llama_server_version":
@@ -121,11 +134,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "model": {"n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_embd // 64,
                           "n_head_kv": max(1, args.n_embd // 128), "kv_type": "F16", "weights": "random"},
                 "window": 256, "store_fsync": "never", "transport": "tcp (loopback)",
+                "slot_dir": str(slot_dir), "slot_dir_fs": llama_slots.fs_type(slot_dir),
             },
             **walls,
+            "slots_at_once": slots,
+            "kvstore_abi": abi,
             "chat": chat,
             "seconds": {"setup": round(t_setup, 2), "chat": round(t_chat, 2), "walls": round(t_walls, 2),
-                        "total": round(time.perf_counter() - t_all, 2)},
+                        "slots": round(t_slots, 2), "total": round(time.perf_counter() - t_all, 2)},
         }
     finally:
         for s in reversed(servers):
@@ -136,11 +152,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def save_restore_walls(direct: Http, proxy: Http, slot_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, args: argparse.Namespace
+                       ) -> dict[str, Any]:  # fmt: skip
     rng = random.Random(1)
     t: dict[str, list[float]] = {k: [] for k in (
-        "save_direct", "save_proxy_cold", "save_proxy_warm", "restore_direct", "restore_proxy",
-        "llama_save", "llama_restore", "store_save", "store_restore",
+        "save_direct", "save_proxy_cold", "save_proxy_warm", "save_local", "restore_direct", "restore_proxy",
+        "restore_local", "llama_save", "llama_restore", "store_save", "store_restore", "proxy_overhead",
+        "proxy_file_write", "proxy_other",
     )}  # fmt: skip
     file_bytes = n_saved = 0
     for i in range(args.runs + 1):  # run 0 warms up every path and is not recorded
@@ -155,14 +173,19 @@ def save_restore_walls(direct: Http, proxy: Http, slot_dir: Path, args: argparse
             else:
                 got["sp"], got["sp_t"] = proxy.ok("POST", "/slots/0?action=save", {"filename": name})
                 got["sw"], got["sw_t"] = proxy.ok("POST", "/slots/0?action=save", {"filename": name})
+                got["sl"], got["sl_t"] = local.ok("POST", "/slots/0?action=save", {"filename": name})
         for side in order:
             direct.ok("POST", "/slots/0?action=erase")
             if side == 0:
                 got["rd"], got["rd_t"] = direct.ok("POST", "/slots/0?action=restore", {"filename": "direct.bin"})
             else:
                 got["rp"], got["rp_t"] = proxy.ok("POST", "/slots/0?action=restore", {"filename": name})
-        assert got["rd"]["n_restored"] == got["rp"]["n_restored"] == got["sd"]["n_saved"], got
+                direct.ok("POST", "/slots/0?action=erase")
+                got["rl"], got["rl_t"] = local.ok("POST", "/slots/0?action=restore", {"filename": name})
+        assert got["rd"]["n_restored"] == got["rp"]["n_restored"] == got["rl"]["n_restored"] == got["sd"]["n_saved"]
         assert got["sw"]["rdmakv"]["chunks_sent"] == 0 and got["sp"]["rdmakv"]["chunks_skipped"] == 0, got
+        assert got["rp"]["rdmakv"]["source"] == "store" and got["rl"]["rdmakv"]["source"] == "local", got
+        assert got["rl"]["rdmakv"]["local_verified"] is True and got["sl"]["rdmakv"]["local_copy"] is True, got
         file_bytes, n_saved = got["sd"]["n_written"], got["sd"]["n_saved"]
         if i == 0:
             continue
@@ -171,28 +194,45 @@ def save_restore_walls(direct: Http, proxy: Http, slot_dir: Path, args: argparse
         t["save_proxy_warm"].append(got["sw_t"])
         t["restore_direct"].append(got["rd_t"])
         t["restore_proxy"].append(got["rp_t"])
+        t["save_local"].append(got["sl_t"])
+        t["restore_local"].append(got["rl_t"])
+        fetch = got["rp"]["rdmakv"]["wall_s"]
+        t["proxy_overhead"].append(got["rp_t"] - got["rd_t"] - fetch)
+        t["proxy_file_write"].append(got["rp"]["rdmakv"]["prepare_ms"] / 1e3 - fetch)
+        t["proxy_other"].append(got["rp_t"] - got["rp"]["rdmakv"]["prepare_ms"] / 1e3
+                                - got["rp"]["rdmakv"]["llama_restore_ms"] / 1e3)
         t["llama_save"].append(got["sd"]["timings"]["save_ms"] / 1e3)
         t["llama_restore"].append(got["rd"]["timings"]["restore_ms"] / 1e3)
         t["store_save"].append(got["sp"]["rdmakv"]["wall_s"])
         t["store_restore"].append(got["rp"]["rdmakv"]["wall_s"])
     (slot_dir / "direct.bin").unlink(missing_ok=True)
-    leftovers = sorted(p.name for p in slot_dir.iterdir())
+    leftovers = sorted(p.name for p in slot_dir.iterdir() if p.name != ".rdmakv-cache")
     walls = {k: summary(v) for k, v in t.items()}
     med = {k: walls[k]["median_ms"] for k in walls}
     return {
         "slot": {"n_saved_tokens": n_saved, "file_bytes": file_bytes},
-        "walls_client_ms": {k: walls[k] for k in ("save_direct", "save_proxy_cold", "save_proxy_warm",
-                                                   "restore_direct", "restore_proxy")},
+        "walls_client_ms": {k: walls[k] for k in ("save_direct", "save_proxy_cold", "save_proxy_warm", "save_local",
+                                                   "restore_direct", "restore_proxy", "restore_local")},
         "breakdown_ms": {
             "llama_server_save_ms (its own timings.save_ms)": walls["llama_save"],
             "llama_server_restore_ms (its own timings.restore_ms)": walls["llama_restore"],
             "store_save_cold (proxy's SaveReport wall)": walls["store_save"],
             "store_restore (proxy's RestoreReport wall)": walls["store_restore"],
+            "proxy_overhead (restore_proxy - restore_direct - store fetch, per run)": walls["proxy_overhead"],
+            "proxy_file_write (scratch file from the fetched chunks)": walls["proxy_file_write"],
+            "proxy_http (proxy restore wall - fetch/write - llama-server's forwarded restore)": walls["proxy_other"],
+        },
+        "targets": {
+            "proxy_overhead_ms <= 0.5": med["proxy_overhead"],
+            "save_proxy_warm / save_direct <= 1.5": med["save_proxy_warm"] / med["save_direct"],
+            "restore_local / restore_direct <= 1.3": med["restore_local"] / med["restore_direct"],
         },
         "ratios_of_medians": {
             "save_proxy_cold / save_direct": med["save_proxy_cold"] / med["save_direct"],
             "save_proxy_warm / save_direct": med["save_proxy_warm"] / med["save_direct"],
             "restore_proxy / restore_direct": med["restore_proxy"] / med["restore_direct"],
+            "restore_local / restore_direct": med["restore_local"] / med["restore_direct"],
+            "save_local / save_direct": med["save_local"] / med["save_direct"],
         },
         "slot_dir_leftovers": leftovers,
     }

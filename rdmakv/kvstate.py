@@ -80,6 +80,7 @@ class SaveReport:
     wall_s: float = 0.0
     transport: str = "tcp"
     manifest_bytes: int = 0
+    manifest_xxh3: int = 0  # of the manifest as committed: names this version of the save
 
 
 @dataclass

@@ -393,3 +393,97 @@ def test_store_unreachable_is_503_and_leaves_no_file(stack: Stack, fresh_server)
         st, res = proxy.request("POST", "/slots/0?action=restore", {"filename": "kept.bin"})
         assert st == 200 and res["n_restored"] == saved["n_saved"], res
         assert stack.files() == []
+
+
+# --------------------------------------------------------------------------- the node-local hot copy
+
+
+def test_local_cache_serves_this_nodes_saves_and_defers_to_the_store(stack: Stack, fresh_server) -> None:
+    import shutil
+
+    store = fresh_server()
+    url = store.url("local-cache")
+    cache_dir = stack.slot_dir / ".rdmakv-cache"
+    stack.complete(text(21, 500), 0)
+    st, other_file = stack.slot("save", 0, "other-node.bin", direct=True)  # a file "another node" will save
+    assert st == 200, other_file
+    other = (stack.slot_dir / "other-node.bin").read_bytes()
+    (stack.slot_dir / "other-node.bin").unlink()
+    stack.complete(text(22, 700), 0)
+    assert stack.slot("save", 0, "size.bin", direct=True)[0] == 200
+    size = (stack.slot_dir / "size.bin").stat().st_size
+    (stack.slot_dir / "size.bin").unlink()
+    room = size * 3 // 2  # this slot's file fits once, not beside a second one
+    try:
+        with lf.LlamaProxy(stack.llama.url, stack.slot_dir, url, KEY_HEX, "--local-cache", str(room)) as proxy:
+            def slot(action: str, name: str) -> tuple[int, dict]:
+                return proxy.request("POST", f"/slots/0?action={action}", {"filename": name})
+
+            st, saved = slot("save", "hot.bin")
+            assert st == 200 and saved["rdmakv"]["local_copy"] is True, saved
+            assert len(list(cache_dir.iterdir())) == 1  # llama-server's file, moved in
+            st, res = slot("restore", "hot.bin")
+            assert st == 200 and res["rdmakv"]["source"] == "local" and res["rdmakv"]["local_verified"], res
+            assert res["n_restored"] == saved["n_saved"] and res["rdmakv"]["transport"] == "local"
+
+            # another node saves the same name: the store's version wins over the copy here
+            with rdmakv.connect(url, KEY_HEX) as s:
+                put_slotfile(s, "hot.bin", other, WINDOW)
+            st, res = slot("restore", "hot.bin")
+            assert st == 200 and res["rdmakv"]["source"] == "store", res
+            assert res["n_restored"] == other_file["n_saved"] != saved["n_saved"]
+            st, res = slot("restore", "hot.bin")  # what the store gave is now the local copy
+            assert st == 200 and res["rdmakv"]["source"] == "local", res
+
+            # bounded: the slot's file does not fit beside the other node's
+            stack.complete(text(22, 700), 0)
+            st, two = slot("save", "second.bin")
+            assert st == 200 and two["rdmakv"]["local_copy"], two
+            assert len(other) + size > room and len(list(cache_dir.iterdir())) == 1
+            assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= room
+            st, res = slot("restore", "hot.bin")
+            assert st == 200 and res["rdmakv"]["source"] == "store", res  # evicted, fetched again
+
+            # deleted in the store: gone here too
+            with rdmakv.connect(url, KEY_HEX) as s:
+                s.delete_manifest("second.bin")
+            st, res = slot("restore", "second.bin")
+            assert st == 404, res
+
+            # the store down: the copy still restores, and the report says it was not checked
+            store.stop()
+            st, res = slot("restore", "hot.bin")
+            assert st == 200 and res["rdmakv"]["source"] == "local" and res["rdmakv"]["local_verified"] is False
+            assert res["n_restored"] == other_file["n_saved"]
+            store.start()
+        assert [p for p in stack.files() if p != ".rdmakv-cache"] == []
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def test_store_pool_is_bounded_and_waits_with_a_limit(server, monkeypatch) -> None:
+    import threading
+
+    from rdmakv.llama.store_pool import PoolBusyError, StorePool
+
+    monkeypatch.setenv("RDMAKV_AUTH_KEY", KEY_HEX)
+    pool = StorePool(server.url("pool"), "tcp", 256, size=2, wait_s=0.3)
+    held, release = threading.Barrier(3), threading.Event()
+
+    def hold(store):
+        held.wait(5)
+        release.wait(5)
+        return store
+
+    with ThreadPoolExecutor(2) as ex:
+        a, b = ex.submit(pool.run, hold), ex.submit(pool.run, hold)
+        held.wait(5)  # both connections are busy
+        t0 = time.monotonic()
+        with pytest.raises(PoolBusyError, match="all 2 store connections stayed busy for 0.3 s"):
+            pool.run(lambda s: s.stats())
+        assert 0.25 < time.monotonic() - t0 < 2
+        release.set()
+        assert a.result() is not b.result()  # two connections, one per caller
+    assert pool.run(lambda s: s.stats())["namespace"] == "pool"  # an idle one is reused
+    assert pool._open == 2
+    pool.close()

@@ -32,23 +32,25 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-from ..errors import CodecError, ConnectionLost, NotFoundError, RdmakvError
+from ..errors import CodecError, NotFoundError, RdmakvError
+from ..units import parse_size
 from ..wire.auth import KEY_ENV
 from . import slotfile
+from .local_cache import DIR_NAME, LocalCache
+from .store_pool import DEFAULT_POOL_SIZE, StorePool
 
 if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
     from aiohttp import web
 
-T = TypeVar("T")
-
+IOV_BATCH = 1024  # IOV_MAX on Linux: parts per writev
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
@@ -62,45 +64,12 @@ def llama_error(status: int, message: str, etype: str) -> web.Response:
     return web.json_response({"error": {"code": status, "message": message, "type": etype}}, status=status)
 
 
-class StorePool:
-    """One store connection used from worker threads, reconnected after a failure."""
-
-    def __init__(self, url: str, transport: str, window: int) -> None:
-        self.url, self.transport, self.window = url, transport, window
-        self._store = None
-        self._lock = threading.Lock()
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        from ..client import connect
-
-        with self._lock:
-            for attempt in range(2):
-                if self._store is None:
-                    self._store = connect(self.url, transport=self.transport, window=self.window, timeout=30)
-                try:
-                    return fn(self._store, *args)
-                except (NotFoundError, CodecError):
-                    raise  # answers, not failures: the connection is still in step
-                except Exception as e:
-                    # A timeout or reset can leave half a frame on the socket: never reuse it.
-                    self._store.close()
-                    self._store = None
-                    if attempt or not isinstance(e, (ConnectionLost, OSError)):
-                        raise
-            raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
-
-
 class Proxy:
-    def __init__(self, upstream: str, slot_dir: str, store: StorePool) -> None:
+    def __init__(self, upstream: str, slot_dir: str, store: StorePool, local: LocalCache | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.slot_dir = Path(slot_dir)
         self.store = store
+        self.local = local
         self.session = None
         self._scratch = itertools.count()
 
@@ -203,38 +172,55 @@ class Proxy:
             await asyncio.to_thread(_remove, scratch)
             return web.Response(status=status, body=raw, headers=headers)
         try:
-            data = await asyncio.to_thread(scratch.read_bytes)
+            report, parse_error, size, cached = await asyncio.to_thread(self._ingest, name, scratch)
         except OSError as e:
-            return llama_error(500, f"rdmakv llama-proxy: llama-server saved the slot but {scratch} is unreadable "
-                               f"({e.strerror}); is --slot-dir the same directory as --slot-save-path?", "server_error")
-        from .slotstore import put_slotfile
-
-        try:
-            report, parse_error = await asyncio.to_thread(self.store.run, put_slotfile, name, data)
-        except (RdmakvError, OSError) as e:
-            # keep llama-server's complete file under the client's name: the save is not lost
-            await asyncio.to_thread(os.replace, scratch, self.slot_dir / name)
-            return llama_error(503, f"rdmakv store {self.store.url} unreachable or refused the save ({e}); the slot "
-                               f"file was left in {self.slot_dir} as {name!r}", "unavailable_error")
-        await asyncio.to_thread(_remove, scratch)
+            if not scratch.exists():
+                return llama_error(500, f"rdmakv llama-proxy: llama-server saved the slot but {scratch} is "
+                                   f"unreadable ({e.strerror}); is --slot-dir the same directory as "
+                                   "--slot-save-path?", "server_error")  # fmt: skip
+            return self._save_failed(name, scratch, e)
+        except RdmakvError as e:
+            return self._save_failed(name, scratch, e)
         parsed["filename"] = name
         parsed["rdmakv"] = {
             "stored_as": name,
             "chunked": not parse_error,
             "parse_error": parse_error or None,
-            "file_bytes": len(data),
+            "file_bytes": size,
+            "local_copy": cached,
             "llama_save_ms": t_llama * 1e3,
             "proxy_total_ms": (time.perf_counter() - t0) * 1e3,
             **asdict(report),
         }
         return web.json_response(parsed)
 
+    def _ingest(self, name: str, scratch: Path) -> tuple:
+        """Store llama-server's file; keep it as the local copy or remove it. In a worker thread."""
+        from .slotstore import put_slotfile
+
+        data = scratch.read_bytes()
+        size = len(data)
+        report, parse_error = self.store.run(put_slotfile, name, data)
+        del data
+        cached = self.local is not None and self.local.adopt(name, scratch, report.manifest_xxh3)
+        if not cached:
+            _remove(scratch)
+        return report, parse_error, size, cached
+
+    def _save_failed(self, name: str, scratch: Path, e: Exception) -> web.Response:
+        # keep llama-server's complete file under the client's name: the save is not lost
+        try:
+            os.replace(scratch, self.slot_dir / name)
+        except OSError:
+            pass
+        return llama_error(503, f"rdmakv store {self.store.url} unreachable or refused the save ({e}); the slot "
+                           f"file was left in {self.slot_dir} as {name!r}", "unavailable_error")
+
     # -- restore -----------------------------------------------------------------------------
     async def slot_restore(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
         from ..kvstate import RestoreReport
-        from .slotstore import get_slotfile
 
         body = await request.read()
         name = self._filename(body)
@@ -242,35 +228,99 @@ class Proxy:
             return await self.passthrough(request, body)
         t0 = time.perf_counter()
         rep = RestoreReport()
+        # llama-server only opens the scratch file after it is complete and closed
+        scratch = self.slot_dir / self._scratch_name()
         try:
-            data = await asyncio.to_thread(self.store.run, get_slotfile, name, rep)
+            source, size, mx, verified = await asyncio.to_thread(self._materialise, name, scratch, rep)
         except NotFoundError:
             return llama_error(404, f"slot file {name!r} is not in the rdmakv store", "not_found_error")
         except CodecError as e:  # e.g. the name holds a KV manifest, not a slot file
             return llama_error(400, f"rdmakv store: {e}", "invalid_request_error")
         except (RdmakvError, OSError) as e:
+            await asyncio.to_thread(_remove, scratch)
             return llama_error(503, f"rdmakv store {self.store.url} unreachable: {e}", "unavailable_error")
-        # llama-server only opens the scratch file after it is complete and closed
-        scratch = self.slot_dir / self._scratch_name()
+        keep = False
         try:
-            await asyncio.to_thread(scratch.write_bytes, data)
             t1 = time.perf_counter()
             status, parsed, raw, headers = await self._upstream_json(request, self._with_filename(body, scratch.name))
             t_llama = time.perf_counter() - t1
+            # a file fetched from the store becomes the local copy; a local copy was only linked
+            keep = status == 200 and source == "store" and self.local is not None
         except ClientError as e:
             return self._upstream_down(e)
         finally:
-            await asyncio.to_thread(_remove, scratch)
+            if keep:
+                await asyncio.to_thread(self._keep, name, scratch, mx)
+            else:
+                await asyncio.to_thread(_remove, scratch)
         if status != 200 or not isinstance(parsed, dict):
             return web.Response(status=status, body=raw, headers=headers)
         parsed["filename"] = name
         parsed["rdmakv"] = {
-            "file_bytes": len(data),
+            "source": source,
+            "local_verified": verified if source == "local" else None,
+            "file_bytes": size,
+            "prepare_ms": (t1 - t0) * 1e3,
             "llama_restore_ms": t_llama * 1e3,
             "proxy_total_ms": (time.perf_counter() - t0) * 1e3,
             **asdict(rep),
         }
         return web.json_response(parsed)
+
+    def _materialise(self, name: str, scratch: Path, rep) -> tuple[str, int, int, bool]:
+        """Put ``name``'s file at ``scratch``: the local copy when it is still the store's version,
+        else fetched from the store. (source, bytes, manifest xxh3, verified). In a worker thread."""
+        from .slotstore import get_slotfile_parts, manifest_xxh3
+
+        entry = self.local.get(name) if self.local is not None else None
+        if entry is not None:
+            try:
+                current = self.store.run(manifest_xxh3, name)
+                verified = True
+            except NotFoundError:
+                self.local.drop(name)  # deleted in the store: so it is here
+                raise
+            except (RdmakvError, OSError):
+                current, verified = entry.manifest_xxh3, False  # the store is down: the copy is all there is
+            if current == entry.manifest_xxh3 and self.local.link(entry, scratch):
+                rep.transport, rep.tier = "local", "local"
+                return "local", entry.size, entry.manifest_xxh3, verified
+            self.local.drop(name)  # saved again elsewhere: the store's version wins
+
+        def fetch(store):  # the parts are views of the connection's buffer: write before giving it back
+            parts, mx = get_slotfile_parts(store, name, rep)
+            write_parts(scratch, parts)
+            return sum(memoryview(p).nbytes for p in parts), mx
+
+        size, mx = self.store.run(fetch)
+        return "store", size, mx, True
+
+    def _keep(self, name: str, scratch: Path, mx: int) -> None:
+        if not self.local.adopt(name, scratch, mx):
+            _remove(scratch)
+
+
+def write_parts(path: Path, parts: Sequence) -> None:
+    """Write the parts to a new file with writev: no joined copy of the file in memory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        views = [memoryview(p).cast("B") for p in parts]
+        i = 0
+        while i < len(views):
+            batch = views[i : i + IOV_BATCH]
+            n = os.writev(fd, batch)
+            for v in batch:  # a short write: resume inside the part it stopped in
+                if n >= len(v):
+                    n -= len(v)
+                    i += 1
+                else:
+                    views[i] = v[n:]
+                    break
+    except BaseException:
+        os.close(fd)
+        _remove(path)
+        raise
+    os.close(fd)
 
 
 def sweep_scratch(slot_dir: Path) -> list[str]:
@@ -309,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="W: positions per chunk (default 256)")
     p.add_argument("--transport", choices=("auto", "rdma", "tcp"), default="auto",
                    help="how restores fetch chunks (saves always use TCP)")
+    p.add_argument("--store-connections", type=int, default=DEFAULT_POOL_SIZE,
+                   help=f"store connections shared by concurrent slot requests (default {DEFAULT_POOL_SIZE})")
+    p.add_argument("--local-cache", metavar="SIZE", type=parse_size,
+                   help="keep recently saved and restored slot files on this node, an LRU of SIZE bytes "
+                   f"(e.g. 4GiB) in SLOT_DIR/{DIR_NAME}; put the slot dir on tmpfs to keep them in memory")
     return p
 
 
@@ -322,16 +377,25 @@ def cli(argv: list[str]) -> int:
     if not Path(args.slot_dir).is_dir():
         print(f"rdmakv llama-proxy: --slot-dir {args.slot_dir} is not a directory", file=sys.stderr)
         return 1
+    if args.store_connections < 1:
+        print("rdmakv llama-proxy: --store-connections must be at least 1", file=sys.stderr)
+        return 2
+    if args.local_cache is not None and args.local_cache <= 0:
+        print("rdmakv llama-proxy: --local-cache must be a positive size", file=sys.stderr)
+        return 2
+    if not args.local_cache:  # copies a previous run kept are never served: reclaim their space
+        shutil.rmtree(Path(args.slot_dir) / DIR_NAME, ignore_errors=True)
     for name in sweep_scratch(Path(args.slot_dir)):
         print(f"rdmakv llama-proxy: removed stale scratch file {name}", file=sys.stderr)
     host, _, port = args.listen.rpartition(":")
-    pool = StorePool(args.store, args.transport, args.window)
+    pool = StorePool(args.store, args.transport, args.window, size=args.store_connections)
     try:
         pool.run(lambda store: store.stats())  # fail fast: wrong key, unreachable store
     except (RdmakvError, OSError) as e:
         print(f"rdmakv llama-proxy: store {args.store}: {e}", file=sys.stderr)
         return 1
-    proxy = Proxy(args.upstream, args.slot_dir, pool)
+    local = LocalCache(Path(args.slot_dir) / DIR_NAME, args.local_cache) if args.local_cache else None
+    proxy = Proxy(args.upstream, args.slot_dir, pool, local)
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     app.on_startup.append(lambda _: proxy.start())

@@ -113,28 +113,39 @@ def _check_regions(regions: np.ndarray, n_plans: int) -> None:
 
 def rebuild(body: Buffer, chunks: list[Buffer]) -> bytes:
     """The exact original file bytes from a body made by split/split_opaque and its chunks."""
+    return b"".join(rebuild_parts(body, chunks))
+
+
+def rebuild_parts(body: Buffer, chunks: list[Buffer]) -> list[Buffer]:
+    """The original file as consecutive parts (views of the body and chunks where the layout
+    allows), checked against the recorded size and xxh3: a writer needs no joined copy."""
     b = _decode_body(body)
     if b.mode == _MODE_OPAQUE:
         want = 1 if b.file_size else 0
         if len(chunks) != want:
             raise SlotFileError(f"opaque slot file needs {want} chunk(s), got {len(chunks)}")
-        out = bytes(chunks[0]) if want else b""
+        parts: list[Buffer] = list(chunks[:want])
     else:
         try:
-            out = _assemble(b, chunks)
+            parts = _assemble(b, chunks)
         except SlotFileError:
             raise
         except (ValueError, IndexError) as e:  # a body that passed the checks but does not fit
             raise SlotFileError(f"slot-file manifest body does not fit its chunks: {e}") from None
-    if len(out) != b.file_size or xxhash.xxh3_64_intdigest(out) != b.file_hash:
+    h = xxhash.xxh3_64()
+    size = 0
+    for part in parts:
+        h.update(part)
+        size += memoryview(part).nbytes
+    if size != b.file_size or h.intdigest() != b.file_hash:
         raise SlotFileError(
-            f"rebuilt slot file ({len(out)} bytes) does not match the recorded "
+            f"rebuilt slot file ({size} bytes) does not match the recorded "
             f"{b.file_size} bytes / xxh3 {b.file_hash:016x}"
         )
-    return out
+    return parts
 
 
-def _assemble(b: _Body, chunks: list[Buffer]) -> bytes:
+def _assemble(b: _Body, chunks: list[Buffer]) -> list[Buffer]:
     assert b.regions is not None
     counts = [len(b.plans[int(s)].windows) for s in b.regions["stream"]]
     if len(chunks) != sum(counts):
@@ -150,7 +161,7 @@ def _assemble(b: _Body, chunks: list[Buffer]) -> bytes:
         ci += nwin
         cursor = at
     out.append(b.skeleton[cursor:])
-    return b"".join(out)
+    return [p for p in out if memoryview(p).nbytes]
 
 
 def _region_bytes(reg: np.void, plan: _Plan, parts: list[Buffer], first: int) -> list[Buffer]:

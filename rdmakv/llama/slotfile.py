@@ -42,7 +42,7 @@ from .slot_format import (
     Stream,
     ggml_type_name,
 )
-from .slot_rebuild import describe_body, rebuild
+from .slot_rebuild import describe_body, rebuild, rebuild_parts
 
 __all__ = [
     "KVBlock",
@@ -59,6 +59,7 @@ __all__ = [
     "parse",
     "parse_tag",
     "rebuild",
+    "rebuild_parts",
     "split",
     "split_any",
     "split_opaque",
