@@ -158,7 +158,7 @@ def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, a
     t: dict[str, list[float]] = {k: [] for k in (
         "save_direct", "save_proxy_cold", "save_proxy_warm", "save_local", "restore_direct", "restore_proxy",
         "restore_local", "llama_save", "llama_restore", "store_save", "store_restore", "proxy_overhead",
-        "proxy_file_write", "proxy_other",
+        "proxy_file_write", "proxy_other", "warm_map_and_hash", "warm_store", "warm_thread_hop",
     )}  # fmt: skip
     file_bytes = n_saved = 0
     for i in range(args.runs + 1):  # run 0 warms up every path and is not recorded
@@ -196,6 +196,9 @@ def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, a
         t["restore_proxy"].append(got["rp_t"])
         t["save_local"].append(got["sl_t"])
         t["restore_local"].append(got["rl_t"])
+        t["warm_map_and_hash"].append(got["sw"]["rdmakv"]["map_and_chunk_ms"] / 1e3)
+        t["warm_store"].append(got["sw"]["rdmakv"]["wall_s"])
+        t["warm_thread_hop"].append(got["sw"]["rdmakv"]["thread_hop_ms"] / 1e3)
         fetch = got["rp"]["rdmakv"]["wall_s"]
         t["proxy_overhead"].append(got["rp_t"] - got["rd_t"] - fetch)
         t["proxy_file_write"].append(got["rp"]["rdmakv"]["prepare_ms"] / 1e3 - fetch)
@@ -221,6 +224,10 @@ def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, a
             "proxy_overhead (restore_proxy - restore_direct - store fetch, per run)": walls["proxy_overhead"],
             "proxy_file_write (scratch file from the fetched chunks)": walls["proxy_file_write"],
             "proxy_http (proxy restore wall - fetch/write - llama-server's forwarded restore)": walls["proxy_other"],
+            "warm save: map the file and hash it whole (a recent identical file: no parse/cut/hash)":
+                walls["warm_map_and_hash"],
+            "warm save: store commit (one round trip)": walls["warm_store"],
+            "warm save: worker-thread hop": walls["warm_thread_hop"],
         },
         "targets": {
             "proxy_overhead_ms <= 0.5": med["proxy_overhead"],
@@ -278,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.llama", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20; one more warms up)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out-dir", help="write results.json, report.md and walls.png into this directory")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="slot size for the save/restore walls")
     p.add_argument("--n-embd", type=int, default=256, help="model width (head_dim 64; n_head_kv = n_embd/128)")
     p.add_argument("--n-layer", type=int, default=4, help="model layers")
@@ -297,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.out_dir:
+        from . import llama_report
+
+        llama_report.write(result, Path(args.out_dir))
     return 0
 
 

@@ -154,11 +154,17 @@ class Store(LowLevel):
     ) -> SaveReport:
         """Save any manifest kind (slot files, blobs): body + ordered chunks with tags."""
         t0 = time.perf_counter()
+        manifest = self.build_object(kind, body, chunks, tags)
+        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
+
+    def build_object(
+        self, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
+    ) -> mf.Manifest:
+        """The manifest ``save_object`` commits: the chunks hashed with this connection's keys."""
         key = key_function(self.hash_alg)
         keys = keys_array([key(c) for c in chunks], self.hash_alg)
         lengths = np.fromiter((memoryview(c).nbytes for c in chunks), dtype=np.uint32, count=len(chunks))
-        manifest = mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64), self.hash_alg)
-        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
+        return mf.Manifest(kind, body, keys, lengths, np.asarray(tags, dtype=np.uint64), self.hash_alg)
 
     def put_blob(
         self, name: str, data: bytes | memoryview, *, pin: bool = False, ttl: float | None = None

@@ -59,7 +59,8 @@ class Stack:
         self.llama, self.proxy, self.slot_dir, self.store_url = llama, proxy, slot_dir, store_url
 
     def files(self) -> list[str]:
-        return sorted(p.name for p in self.slot_dir.iterdir())
+        """What is in the slot dir, leaving out the proxies' own work dirs (spares, local copies)."""
+        return sorted(p.name for p in self.slot_dir.iterdir() if not p.name.startswith(".rdmakv-proxy-"))
 
     def names(self) -> set[str]:
         with rdmakv.connect(self.store_url, KEY_HEX) as store:
@@ -371,8 +372,11 @@ def test_store_unreachable_is_503_and_leaves_no_file(stack: Stack, fresh_server)
     dead.wait()
     stale = stack.slot_dir / f".rdmakv-{dead.pid}-7.slot"  # as if a proxy was killed mid-restore
     stale.write_bytes(b"ggsq")
+    stale_work = stack.slot_dir / f".rdmakv-proxy-{dead.pid}"  # and its spares and local copies
+    (stale_work / "cache").mkdir(parents=True)
+    (stale_work / "cache" / "0.slot").write_bytes(b"ggsq")
     with lf.LlamaProxy(stack.llama.url, stack.slot_dir, url, KEY_HEX) as proxy:
-        assert not stale.exists()  # swept at start-up
+        assert not stale.exists() and not stale_work.exists()  # swept at start-up
         stack.complete(text(11, 300), 0)
         st, saved = proxy.request("POST", "/slots/0?action=save", {"filename": "kept.bin"})
         assert st == 200, saved
@@ -403,7 +407,6 @@ def test_local_cache_serves_this_nodes_saves_and_defers_to_the_store(stack: Stac
 
     store = fresh_server()
     url = store.url("local-cache")
-    cache_dir = stack.slot_dir / ".rdmakv-cache"
     stack.complete(text(21, 500), 0)
     st, other_file = stack.slot("save", 0, "other-node.bin", direct=True)  # a file "another node" will save
     assert st == 200, other_file
@@ -414,8 +417,11 @@ def test_local_cache_serves_this_nodes_saves_and_defers_to_the_store(stack: Stac
     size = (stack.slot_dir / "size.bin").stat().st_size
     (stack.slot_dir / "size.bin").unlink()
     room = size * 3 // 2  # this slot's file fits once, not beside a second one
+    work = None
     try:
         with lf.LlamaProxy(stack.llama.url, stack.slot_dir, url, KEY_HEX, "--local-cache", str(room)) as proxy:
+            work = stack.slot_dir / f".rdmakv-proxy-{proxy.proc.pid}"
+            cache_dir = work / "cache"
             def slot(action: str, name: str) -> tuple[int, dict]:
                 return proxy.request("POST", f"/slots/0?action={action}", {"filename": name})
 
@@ -456,9 +462,10 @@ def test_local_cache_serves_this_nodes_saves_and_defers_to_the_store(stack: Stac
             assert st == 200 and res["rdmakv"]["source"] == "local" and res["rdmakv"]["local_verified"] is False
             assert res["n_restored"] == other_file["n_saved"]
             store.start()
-        assert [p for p in stack.files() if p != ".rdmakv-cache"] == []
+        assert stack.files() == [] and not work.exists()  # a clean exit takes its work dir along
     finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def test_store_pool_is_bounded_and_waits_with_a_limit(server, monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """The proxy's node-local hot copy: recently saved and restored slot files, an LRU bounded in bytes.
 
-Files live in a directory on the slot dir's filesystem, so a save's file moves in by rename and a
+Files live in the proxy's work directory inside the slot dir (clients' names cannot contain
+"/", so cannot reach it), so a save's file moves in by rename and a
 restore hands llama-server a hard link: no byte is copied either way. The store stays the durable,
 shared tier: each entry remembers which committed manifest it is (its xxh3), and the proxy checks
 that against the store before it serves the copy, so a save of the same name on another node is
@@ -17,8 +18,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
-DIR_NAME = ".rdmakv-cache"  # inside the slot dir; clients' names cannot contain "/" so cannot reach it
 
 
 @dataclass
@@ -38,8 +37,7 @@ class LocalCache:
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.lock = threading.Lock()
         self._ids = itertools.count()
-        # what a previous run left is not trusted (its manifests were never checked): start empty
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # a copy nobody checked is not served: start empty
         self.dir.mkdir(parents=True)
 
     def adopt(self, name: str, src: Path, manifest_xxh3: int) -> bool:

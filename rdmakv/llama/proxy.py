@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
+import mmap
 import os
 import re
-import shutil
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,13 +42,13 @@ from ..errors import CodecError, NotFoundError, RdmakvError
 from ..units import parse_size
 from ..wire.auth import KEY_ENV
 from . import slotfile
-from .local_cache import DIR_NAME, LocalCache
+from .local_cache import LocalCache
+from .scratch import ScratchFiles, remove, sweep, work_dir
 from .store_pool import DEFAULT_POOL_SIZE, StorePool
 
 if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
     from aiohttp import web
 
-IOV_BATCH = 1024  # IOV_MAX on Linux: parts per writev
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
@@ -71,7 +69,7 @@ class Proxy:
         self.store = store
         self.local = local
         self.session = None
-        self._scratch = itertools.count()
+        self.scratch = ScratchFiles(self.slot_dir)
 
     async def start(self) -> None:
         import aiohttp
@@ -83,6 +81,7 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
         await asyncio.to_thread(self.store.close)
+        self.scratch.close()
 
     # -- plumbing ----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -99,11 +98,6 @@ class Proxy:
         return self.session.request(
             request.method, self.upstream + request.path_qs, headers=self._headers(request.headers), data=body
         )
-
-    def _scratch_name(self) -> str:
-        # valid for llama-server, unique per request, and never a name a client can ask for
-        # (clients' names are validated before we substitute this one)
-        return f".rdmakv-{os.getpid()}-{next(self._scratch)}.slot"
 
     @staticmethod
     def _with_filename(body: bytes, name: str) -> bytes:
@@ -159,20 +153,21 @@ class Proxy:
         name = self._filename(body)
         if name is None:  # llama-server answers bad filenames itself, in its own words
             return await self.passthrough(request, body)
-        scratch = self.slot_dir / self._scratch_name()
+        scratch = self.scratch.path()
         t0 = time.perf_counter()
         try:
             status, parsed, raw, headers = await self._upstream_json(request, self._with_filename(body, scratch.name))
         except ClientError as e:
-            await asyncio.to_thread(_remove, scratch)  # llama-server may have written it before the link broke
+            await asyncio.to_thread(remove, scratch)  # llama-server may have written it before the link broke
             return self._upstream_down(e)
         finally:
             t_llama = time.perf_counter() - t0
         if status != 200 or not isinstance(parsed, dict):
-            await asyncio.to_thread(_remove, scratch)
+            await asyncio.to_thread(remove, scratch)
             return web.Response(status=status, body=raw, headers=headers)
         try:
-            report, parse_error, size, cached = await asyncio.to_thread(self._ingest, name, scratch)
+            t1 = time.perf_counter()
+            report, parse_error, size, cached, split_s, ingest_s = await asyncio.to_thread(self._ingest, name, scratch)
         except OSError as e:
             if not scratch.exists():
                 return llama_error(500, f"rdmakv llama-proxy: llama-server saved the slot but {scratch} is "
@@ -189,6 +184,8 @@ class Proxy:
             "file_bytes": size,
             "local_copy": cached,
             "llama_save_ms": t_llama * 1e3,
+            "map_and_chunk_ms": split_s * 1e3,  # mmap, parse, cut into chunks, hash them
+            "thread_hop_ms": (time.perf_counter() - t1 - ingest_s) * 1e3,
             "proxy_total_ms": (time.perf_counter() - t0) * 1e3,
             **asdict(report),
         }
@@ -198,14 +195,21 @@ class Proxy:
         """Store llama-server's file; keep it as the local copy or remove it. In a worker thread."""
         from .slotstore import put_slotfile
 
-        data = scratch.read_bytes()
-        size = len(data)
-        report, parse_error = self.store.run(put_slotfile, name, data)
-        del data
+        t0 = time.perf_counter()
+        with open(scratch, "rb") as f:  # mapped, not read: the chunks are views of llama-server's pages
+            size = os.fstat(f.fileno()).st_size
+            m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) \
+                if size else b""  # fmt: skip
+        try:
+            report, parse_error = self.store.run(put_slotfile, name, memoryview(m))
+        finally:
+            if size:
+                _close_map(m)
+        split_s = time.perf_counter() - t0 - report.wall_s
         cached = self.local is not None and self.local.adopt(name, scratch, report.manifest_xxh3)
         if not cached:
-            _remove(scratch)
-        return report, parse_error, size, cached
+            self.scratch.release(scratch)  # its pages serve a later restore
+        return report, parse_error, size, cached, split_s, time.perf_counter() - t0
 
     def _save_failed(self, name: str, scratch: Path, e: Exception) -> web.Response:
         # keep llama-server's complete file under the client's name: the save is not lost
@@ -229,7 +233,7 @@ class Proxy:
         t0 = time.perf_counter()
         rep = RestoreReport()
         # llama-server only opens the scratch file after it is complete and closed
-        scratch = self.slot_dir / self._scratch_name()
+        scratch = self.scratch.path()
         try:
             source, size, mx, verified = await asyncio.to_thread(self._materialise, name, scratch, rep)
         except NotFoundError:
@@ -237,7 +241,7 @@ class Proxy:
         except CodecError as e:  # e.g. the name holds a KV manifest, not a slot file
             return llama_error(400, f"rdmakv store: {e}", "invalid_request_error")
         except (RdmakvError, OSError) as e:
-            await asyncio.to_thread(_remove, scratch)
+            await asyncio.to_thread(remove, scratch)
             return llama_error(503, f"rdmakv store {self.store.url} unreachable: {e}", "unavailable_error")
         keep = False
         try:
@@ -249,10 +253,7 @@ class Proxy:
         except ClientError as e:
             return self._upstream_down(e)
         finally:
-            if keep:
-                await asyncio.to_thread(self._keep, name, scratch, mx)
-            else:
-                await asyncio.to_thread(_remove, scratch)
+            await asyncio.to_thread(self._done_with, scratch, name if keep else None, mx)
         if status != 200 or not isinstance(parsed, dict):
             return web.Response(status=status, body=raw, headers=headers)
         parsed["filename"] = name
@@ -289,60 +290,22 @@ class Proxy:
 
         def fetch(store):  # the parts are views of the connection's buffer: write before giving it back
             parts, mx = get_slotfile_parts(store, name, rep)
-            write_parts(scratch, parts)
+            self.scratch.write(scratch, parts)
             return sum(memoryview(p).nbytes for p in parts), mx
 
         size, mx = self.store.run(fetch)
         return "store", size, mx, True
 
-    def _keep(self, name: str, scratch: Path, mx: int) -> None:
-        if not self.local.adopt(name, scratch, mx):
-            _remove(scratch)
+    def _done_with(self, scratch: Path, keep_as: str | None, mx: int) -> None:
+        if keep_as is None or not self.local.adopt(keep_as, scratch, mx):
+            self.scratch.release(scratch)
 
 
-def write_parts(path: Path, parts: Sequence) -> None:
-    """Write the parts to a new file with writev: no joined copy of the file in memory."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _close_map(m: mmap.mmap) -> None:
     try:
-        views = [memoryview(p).cast("B") for p in parts]
-        i = 0
-        while i < len(views):
-            batch = views[i : i + IOV_BATCH]
-            n = os.writev(fd, batch)
-            for v in batch:  # a short write: resume inside the part it stopped in
-                if n >= len(v):
-                    n -= len(v)
-                    i += 1
-                else:
-                    views[i] = v[n:]
-                    break
-    except BaseException:
-        os.close(fd)
-        _remove(path)
-        raise
-    os.close(fd)
-
-
-def sweep_scratch(slot_dir: Path) -> list[str]:
-    """Remove scratch files left by a proxy that died mid-request (its pid is gone); returns their names."""
-    removed = []
-    for p in slot_dir.glob(".rdmakv-*-*.slot"):
-        try:
-            os.kill(int(p.name.split("-")[1]), 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
-        except (ValueError, OSError):  # not our naming, or a live process of another user
-            pass
-    return removed
-
-
-def _remove(*paths: Path) -> None:
-    for p in paths:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+        m.close()
+    except BufferError:  # a view outlived the save (an exception's traceback): the GC unmaps it
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"store connections shared by concurrent slot requests (default {DEFAULT_POOL_SIZE})")
     p.add_argument("--local-cache", metavar="SIZE", type=parse_size,
                    help="keep recently saved and restored slot files on this node, an LRU of SIZE bytes "
-                   f"(e.g. 4GiB) in SLOT_DIR/{DIR_NAME}; put the slot dir on tmpfs to keep them in memory")
+                   "(e.g. 4GiB) in SLOT_DIR/.rdmakv-proxy-PID; put the slot dir on tmpfs to keep them in memory")
     return p
 
 
@@ -383,9 +346,7 @@ def cli(argv: list[str]) -> int:
     if args.local_cache is not None and args.local_cache <= 0:
         print("rdmakv llama-proxy: --local-cache must be a positive size", file=sys.stderr)
         return 2
-    if not args.local_cache:  # copies a previous run kept are never served: reclaim their space
-        shutil.rmtree(Path(args.slot_dir) / DIR_NAME, ignore_errors=True)
-    for name in sweep_scratch(Path(args.slot_dir)):
+    for name in sweep(Path(args.slot_dir)):
         print(f"rdmakv llama-proxy: removed stale scratch file {name}", file=sys.stderr)
     host, _, port = args.listen.rpartition(":")
     pool = StorePool(args.store, args.transport, args.window, size=args.store_connections)
@@ -394,7 +355,7 @@ def cli(argv: list[str]) -> int:
     except (RdmakvError, OSError) as e:
         print(f"rdmakv llama-proxy: store {args.store}: {e}", file=sys.stderr)
         return 1
-    local = LocalCache(Path(args.slot_dir) / DIR_NAME, args.local_cache) if args.local_cache else None
+    local = LocalCache(work_dir(Path(args.slot_dir)) / "cache", args.local_cache) if args.local_cache else None
     proxy = Proxy(args.upstream, args.slot_dir, pool, local)
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)

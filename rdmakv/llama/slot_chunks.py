@@ -164,7 +164,7 @@ def _encode_body(
             parts.append(p.order.astype("<u4").tobytes())
         parts.append(p.windows.tobytes())
     parts += [_U32.pack(len(regions)), np.array(regions, _REGION_DTYPE).tobytes()]
-    payload = zlib.compress(b"".join(parts), 6)
+    payload = zlib.compress(b"".join(parts), 1)  # level 6 cost 1.3 ms a save for 2% smaller bodies
     head = _BODY_HEAD.pack(
         _BODY_MAGIC, _BODY_VERSION, _MODE_PARSED, 0, slot.file_size,
         xxhash.xxh3_64_intdigest(slot.data),

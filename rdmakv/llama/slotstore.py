@@ -2,20 +2,74 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import xxhash
 
 from ..client import Store
+from ..errors import MissingChunksError
 from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
 from . import slotfile
 
+RECENT_MANIFEST_BYTES = 16 << 20  # manifests kept for re-saves of byte-identical files
+
+
+class RecentManifests:
+    """Manifests of recently saved files by content: a file saved again byte for byte (a slot
+    saved twice with no new tokens, one system prompt saved from every slot) is committed from
+    its manifest without parsing, cutting or hashing its chunks again. An LRU bounded in bytes."""
+
+    def __init__(self, limit: int = RECENT_MANIFEST_BYTES) -> None:
+        self.limit, self.used = limit, 0
+        self._items: OrderedDict[tuple, tuple[mf.Manifest, str, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ident: tuple) -> tuple[mf.Manifest, str] | None:
+        with self._lock:
+            hit = self._items.get(ident)
+            if hit is None:
+                return None
+            self._items.move_to_end(ident)
+            return hit[0], hit[1]
+
+    def put(self, ident: tuple, manifest: mf.Manifest, error: str) -> None:
+        size = len(manifest.body) + manifest.n_chunks * 24
+        if size > self.limit:
+            return
+        with self._lock:
+            old = self._items.pop(ident, None)
+            if old is not None:
+                self.used -= old[2]
+            self._items[ident] = (manifest, error, size)
+            self.used += size
+            while self.used > self.limit:
+                self.used -= self._items.popitem(last=False)[1][2]
+
+
+RECENT = RecentManifests()
+
 
 def put_slotfile(
-    store: Store, name: str, data: bytes | memoryview, window: int | None = None
-) -> tuple[SaveReport, str]:
+    store: Store, name: str, data: bytes | memoryview, window: int | None = None,
+    recent: RecentManifests | None = RECENT,
+) -> tuple[SaveReport, str]:  # fmt: skip
     """Store a slot file; returns (report, parse error or ""). Unparseable files are kept whole."""
-    body, chunks, error = slotfile.split_any(data, window or store.window)
-    report = store.save_object(name, mf.KIND_SLOTFILE, body, [c for _, c in chunks], [t for t, _ in chunks])
+    window = window or store.window
+    ident = (xxhash.xxh3_128_digest(data), window, store.hash_alg) if recent is not None else None
+    hit = recent.get(ident) if recent is not None else None
+    if hit is not None:
+        try:  # every chunk is still stored: one round trip, nothing cut or hashed
+            return store.save_manifest(name, hit[0], [None] * hit[0].n_chunks), hit[1]
+        except MissingChunksError:
+            pass  # some were evicted since: cut and send them
+    body, cut, error = slotfile.split_any(data, window)
+    chunks = [c for _, c in cut]
+    manifest = store.build_object(mf.KIND_SLOTFILE, body, chunks, [t for t, _ in cut])
+    report = store.save_manifest(name, manifest, chunks)
+    if recent is not None:
+        recent.put(ident, manifest, error or "")
     return report, error or ""
 
 

@@ -80,3 +80,30 @@ def test_c_consumer_restores_over_reads(srv, tmp_path):
     after = _requests(srv.url("kvs-c"))
     assert after.get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
     assert after["GET_MANIFEST"] == before.get("GET_MANIFEST", 0) + 1
+
+
+def test_proxy_restores_slot_files_over_reads(srv, monkeypatch):
+    """The proxy's pooled connections fetch a slot file's chunks by READ; the parts it writes
+    are the file, byte for byte."""
+    from rdmakv.kvstate import RestoreReport
+    from rdmakv.llama.slotstore import get_slotfile_parts, put_slotfile
+    from rdmakv.llama.store_pool import StorePool
+
+    from ..slot_writer import Block, prompt_cells, write_slot
+
+    monkeypatch.setenv("RDMAKV_AUTH_KEY", KEY_HEX)
+    tokens = list(range(1, 301))
+    data = write_slot("v3", tokens, [Block([prompt_cells(tokens, ext=True)])])
+    pool = StorePool(srv.url("kvs-proxy"), "rdma", 64, size=2)
+    try:
+        rep_save, err = pool.run(put_slotfile, "slot.bin", data)
+        assert err == "" and rep_save.chunks_sent > 1  # parsed and chunked, not stored whole
+        before = _requests(srv.url("kvs-proxy"))
+        rep = RestoreReport()
+        # the parts are views of the connection's buffer: joined while it is still held
+        got = pool.run(lambda s: b"".join(get_slotfile_parts(s, "slot.bin", rep)[0]))
+        assert got == data
+        assert rep.transport == "rdma" and rep.fallback_chunks == 0
+        assert _requests(srv.url("kvs-proxy")).get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
+    finally:
+        pool.close()
