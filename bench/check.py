@@ -42,6 +42,16 @@ def problems(r: dict, need_rdma: bool) -> list[str]:
         out.append(f"RDMA was required but skipped: {r.get('rdma_skipped_because')}")
     if (need_rdma or r.get("rdma_used")) and "error" in r.get("limits", {}).get("perftest", {}):
         out.append(f"perftest failed: {r['limits']['perftest']['error']}")
+    ops = r.get("op_transports")
+    if ops is None:
+        out.append("missing section op_transports (each timed operation's reported transport)")
+    for label, e in (ops or {}).items():
+        wrong = {t: n for t, n in e["seen"].items() if t != e["expected"]}
+        if wrong:
+            out.append(f"{label}: labelled {e['expected']} but {sum(wrong.values())} of "
+                       f"{sum(e['seen'].values())} ran over {', '.join(sorted(wrong))}")
+    if need_rdma and not any(e["expected"] == "rdma" and e["seen"].get("rdma") for e in (ops or {}).values()):
+        out.append("no timed operation reported rdma")
     for row in r.get("scaling", {}).get("by_size", []):
         if "tcp" not in row or (r.get("rdma_used") and "rdma" not in row):
             out.append(f"scaling row {row.get('tokens')} incomplete")

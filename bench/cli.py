@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> dict:
                     server.start()
             result.setdefault("suite_seconds", {})[name] = round(time.perf_counter() - t0, 2)
         result["total_seconds"] = round(time.perf_counter() - t_all, 2)
+        result["op_transports"] = ctx.ops  # what each timed operation's report said it ran over
         result["targets"] = report.targets(result)
         return result
     finally:

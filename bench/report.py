@@ -78,6 +78,16 @@ def markdown(r: dict) -> str:
     for k, t in r["targets"].items():
         w(f"| {k} | {_fmt(t['value'], 3)} | {t['target']} | {_fmt(t['met'])} |")
     w("")
+    ops = r.get("op_transports", {})
+    if ops:
+        by: dict[str, list[int]] = {}
+        for e in ops.values():
+            n = by.setdefault(e["expected"], [0, 0])
+            n[0] += sum(e["seen"].values())
+            n[1] += e["seen"].get(e["expected"], 0)
+        w("Each timed operation's own report: " + "; ".join(
+            f"{total} labelled {t}, {ok} reported {t}" for t, (total, ok) in sorted(by.items())) + ".")
+        w("")
     if _section_ok(r, "seed_scenarios", w):
         s = r["seed_scenarios"]
         ref = s["reference"]

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
@@ -29,6 +29,12 @@ class Ctx:
     rdma_reason: str
     out_dir: str
     quick: bool
+    # label -> {"expected": transport, "seen": {transport the report gave: count}}, for every timed op
+    ops: dict = field(default_factory=dict)
+
+    def record(self, label: str, expected: str, actual: str, n: int = 1) -> None:
+        e = self.ops.setdefault(label, {"expected": expected, "seen": {}})
+        e["seen"][actual] = e["seen"].get(actual, 0) + n
 
     # demo.* scenario functions take an object with url(ns) and key
     def url(self, ns: str) -> str:
@@ -96,12 +102,14 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
             st.restore("ref")
         _v1_save(v1, ref, fsync)
         for i in range(runs):
-            samples["cold_save"].append(tcp.save(f"cold{i}", kvs[i + 1]).wall_s)
-            samples["warm_save"].append(tcp.save("ref", ref).wall_s)
+            for label, rep in (("cold_save", tcp.save(f"cold{i}", kvs[i + 1])), ("warm_save", tcp.save("ref", ref))):
+                samples[label].append(rep.wall_s)
+                ctx.record(f"walls.{label}", "tcp", rep.transport)
             for t, st in stores.items():
                 t0 = time.perf_counter()
                 _, rep = st.restore("ref", report=True)
                 samples[f"restore_{t}"].append(time.perf_counter() - t0)
+                ctx.record(f"walls.restore_{t}", t, rep.transport)
                 if t == "rdma":
                     reads = rep.reads_posted
             t0 = time.perf_counter()
@@ -121,7 +129,10 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
     return out
 
 
-def _restore_samples(st: rdmakv.Store, name: str, runs: int) -> tuple[list[float], rdmakv.RestoreReport]:
+def _restore_samples(
+    ctx: Ctx, label: str, transport: str, st: rdmakv.Store, name: str, runs: int
+) -> tuple[list[float], rdmakv.RestoreReport]:
+    """Timed restores; each one's reported transport is recorded under ``label``."""
     st.restore(name)  # warm the pool and caches
     samples = []
     rep = None
@@ -129,6 +140,7 @@ def _restore_samples(st: rdmakv.Store, name: str, runs: int) -> tuple[list[float
         t0 = time.perf_counter()
         _, rep = st.restore(name, report=True)
         samples.append(time.perf_counter() - t0)
+        ctx.record(label, transport, rep.transport)
     assert rep is not None
     return samples, rep
 
@@ -144,7 +156,7 @@ def scaling(ctx: Ctx, sizes: list[int], windows: list[int], fixed: int, runs: in
         del kv
         for t in ctx.transports():
             with ctx.connect("scale", t, 64) as st:
-                samples, rep = _restore_samples(st, f"s{n}", reps)
+                samples, rep = _restore_samples(ctx, f"scaling.by_size.{n}.{t}", t, st, f"s{n}", reps)
             row[t] = {**summary(samples), "reads_posted": rep.reads_posted, "chunks": rep.chunks}
         by_size.append(row)
         with ctx.connect("scale", "tcp", 64) as w:
@@ -157,7 +169,7 @@ def scaling(ctx: Ctx, sizes: list[int], windows: list[int], fixed: int, runs: in
             row["cold_save"] = summary([st.save("s", kv).wall_s])
         for t in ctx.transports():
             with ctx.connect(f"scale-w{w}", t, w) as st:
-                samples, rep = _restore_samples(st, "s", runs)
+                samples, rep = _restore_samples(ctx, f"scaling.by_window.{w}.{t}", t, st, "s", runs)
             row[t] = {**summary(samples), "reads_posted": rep.reads_posted, "chunks": rep.chunks}
         by_window.append(row)
     return {"by_size": by_size, "by_window": by_window}
@@ -172,16 +184,17 @@ def server_cpu(ctx: Ctx, restores: int) -> dict:
         with ctx.connect("cpu", t) as st:
             st.restore("s")
             c0 = ctx.server.cpu_ticks()
-            for _ in range(restores):
-                st.restore("s")
+            seen = [st.restore("s", report=True)[1].transport for _ in range(restores)]
             ticks = ctx.server.cpu_ticks() - c0
+            for actual in set(seen):
+                ctx.record(f"server_cpu.{t}", t, actual, seen.count(actual))
         out[t] = {"ticks": ticks, "ms_per_restore": ticks / out["clk_tck"] / restores * 1e3}
     if "rdma" in out:
         out["rdma_over_tcp"] = out["rdma"]["ticks"] / max(1, out["tcp"]["ticks"])
     return out
 
 
-def _concurrent_client(args: tuple) -> tuple[int, float, float]:
+def _concurrent_client(args: tuple) -> tuple[int, float, float, dict]:
     url, key, transport, name, reps, start_at = args
     with rdmakv.connect(url, key=key, transport=transport, window=64) as st:
         st.restore(name)
@@ -189,10 +202,12 @@ def _concurrent_client(args: tuple) -> tuple[int, float, float]:
             time.sleep(0.001)
         t0 = time.time()
         total = 0
+        seen: dict[str, int] = {}
         for _ in range(reps):
-            kv = st.restore(name)
+            kv, rep = st.restore(name, report=True)
             total += kv.nbytes
-        return total, t0, time.time()
+            seen[rep.transport] = seen.get(rep.transport, 0) + 1
+        return total, t0, time.time(), seen
 
 
 def concurrency(ctx: Ctx, clients: list[int], reps: int, tokens: int) -> dict:
@@ -210,6 +225,9 @@ def concurrency(ctx: Ctx, clients: list[int], reps: int, tokens: int) -> dict:
                 res = pool.map(_concurrent_client, jobs)
             total = sum(r[0] for r in res)
             wall = max(r[2] for r in res) - min(r[1] for r in res)
+            for r in res:
+                for actual, count in r[3].items():
+                    ctx.record(f"concurrency.{n}.{t}", t, actual, count)
             row[t] = {"aggregate_MBps": total / wall / 1e6, "wall_s": wall, "bytes": total}
         out["rows"].append(row)
     return out
@@ -251,7 +269,7 @@ def tuning(ctx: Ctx, runs: int) -> dict:
         with ctx.connect(f"tune-w{window}", "tcp", pipeline_window=window) as st:
             for i in range(runs):
                 cold.append(st.save(f"c{i}", session(256, 9000 + i)).wall_s)
-            rest, _ = _restore_samples(st, "c0", runs)
+            rest, _ = _restore_samples(ctx, f"tuning.tcp_window_{window}", "tcp", st, "c0", runs)
         out[f"tcp_window_{window}"] = {"cold_save": summary(cold), "restore": summary(rest)}
     if ctx.rdma:
         with ctx.connect("tune", "rdma") as st:
@@ -263,14 +281,14 @@ def tuning(ctx: Ctx, runs: int) -> dict:
                 ("no_merge", False, 1 << 20),
             ):
                 r.merge, r.max_read_bytes = merge, max_read
-                samples, rep = _restore_samples(st, "s", runs)
+                samples, rep = _restore_samples(ctx, f"tuning.rdma_{label}", "rdma", st, "s", runs)
                 out[f"rdma_{label}"] = {**summary(samples), "reads_posted": rep.reads_posted}
             r.merge, r.max_read_bytes = True, 1 << 20
             req = r.requester
             default_sig = req.signal_every
             for sig in sorted({1, default_sig, req.depth}):
                 req.signal_every = sig
-                samples, rep = _restore_samples(st, "s", runs)
+                samples, rep = _restore_samples(ctx, f"tuning.rdma_signal_every_{sig}", "rdma", st, "s", runs)
                 out[f"rdma_signal_every_{sig}"] = summary(samples)
             req.signal_every = default_sig
             out["per_wr_cost_us"] = _per_wr_cost(st)
