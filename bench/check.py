@@ -14,6 +14,7 @@ REQUIRED = {
     "concurrency": ["rows"],
     "tuning": ["hash_throughput"],
     "tcp_limit": ["raw_socket", "variants", "restore_default_over_raw"],
+    "saves": ["by_size", "server_cpu", "restore_under_save_load"],
     "targets": [],
 }
 REQUIRED_RDMA = {
@@ -52,6 +53,9 @@ def problems(r: dict, need_rdma: bool) -> list[str]:
                        f"{sum(e['seen'].values())} ran over {', '.join(sorted(wrong))}")
     if need_rdma and not any(e["expected"] == "rdma" and e["seen"].get("rdma") for e in (ops or {}).values()):
         out.append("no timed operation reported rdma")
+    for row in r.get("saves", {}).get("by_size", []) if isinstance(r.get("saves"), dict) else []:
+        if "tcp" not in row or (r.get("rdma_used") and "rdma" not in row):
+            out.append(f"saves row {row.get('tokens')} incomplete")
     for row in r.get("scaling", {}).get("by_size", []):
         if "tcp" not in row or (r.get("rdma_used") and "rdma" not in row):
             out.append(f"scaling row {row.get('tokens')} incomplete")

@@ -12,7 +12,7 @@ import time
 
 from rdmakv.store.spawn import ServerProcess
 
-from . import envinfo, report, suites, tcp_limit
+from . import envinfo, report, saves, suites, tcp_limit
 
 QUICK = {
     "walls_runs": 10,
@@ -26,6 +26,10 @@ QUICK = {
     "client_reps": 3,
     "client_tokens": 256,
     "tune_runs": 3,
+    "save_sizes": [256, 1024],
+    "save_runs": 3,
+    "cpu_saves": 10,
+    "load_restores": 20,
 }
 FULL = {
     "walls_runs": 30,
@@ -39,6 +43,10 @@ FULL = {
     "client_reps": 5,
     "client_tokens": 1024,
     "tune_runs": 20,
+    "save_sizes": [256, 1024, 4096, 16384],
+    "save_runs": 10,
+    "cpu_saves": 30,
+    "load_restores": 200,
 }
 
 
@@ -88,6 +96,8 @@ def run(args: argparse.Namespace) -> dict:
                                                        params["client_tokens"])),
             ("tuning", lambda: suites.tuning(ctx, params["tune_runs"])),
             ("tcp_limit", lambda: tcp_limit.tcp_limit(ctx, params["walls_runs"])),
+            ("saves", lambda: saves.saves(ctx, params["save_sizes"], params["save_runs"], params["cpu_saves"],
+                                          params["load_restores"])),
         ]
         if rdma:
             steps.append(("limits", lambda: suites.limits(

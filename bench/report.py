@@ -8,9 +8,12 @@ import sys
 
 def _get(d: dict, *path, default=None):
     for p in path:
-        if not isinstance(d, dict) or p not in d:
+        if isinstance(p, int) and isinstance(d, list) and -len(d) <= p < len(d):
+            d = d[p]
+        elif isinstance(d, dict) and p in d:
+            d = d[p]
+        else:
             return default
-        d = d[p]
     return d
 
 
@@ -26,6 +29,14 @@ def targets(r: dict) -> dict:
                                     "met": None if speedup is None else speedup >= 2}
     raw = _get(r, "tcp_limit", "restore_default_over_raw")
     out["tcp_restore_over_raw_socket"] = {"value": raw, "target": "<= 2", "met": None if raw is None else raw <= 2}
+    for key, path, goal, ok in (
+        ("cold_save_tcp_over_write", ("saves", "by_size", 0, "tcp_over_rdma"), ">= 2", lambda v: v >= 2),
+        ("write_save_server_cpu_over_tcp", ("saves", "server_cpu", "rdma_over_tcp"), "<= 0.3", lambda v: v <= 0.3),
+        ("rdma_restore_p99_under_save_load", ("saves", "restore_under_save_load", "rdma", "p99_loaded_over_idle"),
+         "<= 1.3", lambda v: v <= 1.3),
+    ):  # fmt: skip
+        v = _get(r, *path)
+        out[key] = {"value": v, "target": goal, "met": None if v is None else ok(v)}
     cpu = _get(r, "server_cpu", "rdma_over_tcp")
     out["rdma_server_cpu_over_tcp"] = {"value": cpu, "target": "<= 0.05", "met": None if cpu is None else cpu <= 0.05}
     return out
@@ -213,7 +224,35 @@ def markdown(r: dict) -> str:
           f"{_fmt(tl['restore_default_over_raw'], 2)}; best variant / raw: {_fmt(tl['restore_best_over_raw'], 2)}")
         w("")
     w(f"Suite wall times (s): {r.get('suite_seconds')}; total {r.get('total_seconds')} s.")
+    if _section_ok(r, "saves", w):
+        _saves_section(r["saves"], w)
     return "\n".join(lines) + "\n"
+
+
+def _saves_section(sv: dict, w) -> None:
+    w("## Saves: chunk bytes over TCP vs by RDMA WRITE (cold: every chunk new)")
+    w("| tokens | bytes | TCP median ms | WRITE median ms | TCP / WRITE |")
+    w("|---|---|---|---|---|")
+    for row in sv["by_size"]:
+        rd = row.get("rdma", {})
+        w(f"| {row['tokens']:,} | {row.get('bytes', 0):,} | {_fmt(row['tcp'].get('median_ms'))} | "
+          f"{_fmt(rd.get('median_ms'))} | {_fmt(row.get('tcp_over_rdma'))} |")
+    cpu = sv["server_cpu"]
+    w("")
+    w(f"Server CPU per cold save ({cpu['saves']} saves of {cpu['tokens']} tokens): "
+      + ", ".join(f"{t} {cpu[t]['ms_per_save']:.2f} ms" for t in ("tcp", "rdma") if t in cpu)
+      + (f"; WRITE / TCP = {cpu['rdma_over_tcp']:.2f}" if "rdma_over_tcp" in cpu else ""))
+    ld = sv["restore_under_save_load"]
+    w("")
+    w(f"Restore while {ld['savers']} clients cold-save in a loop ({ld['restores']} restores each way):")
+    w("| restore path | idle p99 ms | loaded p99 ms | loaded / idle | saves meanwhile |")
+    w("|---|---|---|---|---|")
+    for t in ("tcp", "rdma"):
+        if t in ld:
+            x = ld[t]
+            w(f"| {t} | {_fmt(x['idle'].get('p99_ms'))} | {_fmt(x['loaded'].get('p99_ms'))} | "
+              f"{_fmt(x['p99_loaded_over_idle'])} | {x['saves_meanwhile']} |")
+    w("")
 
 
 def plots(r: dict, out_dir: str) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
 from rdmakv.wire import messages as msg
+from rdmakv.wire import writes as wr
 from rdmakv.wire.messages import Key, key_hex
 from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_MORE, FLAG_RESPONSE, MAC_BLAKE3, Op
 
@@ -315,6 +316,20 @@ class TcpChannel:
     def put_manifest(self, name: str, manifest: bytes, options: msg.SaveOptions | None = None) -> np.ndarray:
         reply = self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest, options or msg.SaveOptions()))
         return msg.dec_manifest_result(reply).copy()
+
+    def put_manifest_reserving(
+        self, name: str, manifest: bytes, options: msg.SaveOptions
+    ) -> tuple[np.ndarray, wr.Reservation | None]:
+        """PUT_MANIFEST that may answer missing chunks with a write reservation (RDMA saves)."""
+        missing, res = wr.dec_put_result(self.request(Op.PUT_MANIFEST, msg.enc_put_manifest(name, manifest, options)))
+        if res is not None:
+            res = wr.Reservation(res.id, res.expires_ms, res.windows.copy(), res.addrs.copy())
+        return missing.copy(), res
+
+    def commit_written(self, reservation_id: int, name: str, manifest: bytes, options: msg.SaveOptions) -> np.ndarray:
+        """COMMIT after the reserved chunks were written: what is still missing (normally nothing)."""
+        parts = wr.enc_commit(reservation_id, msg.enc_put_manifest(name, manifest, options))
+        return wr.dec_put_result(self.request(Op.COMMIT, parts))[0].copy()
 
     def get_manifest(self, name: str, want_locations: bool = False) -> tuple[bytes, msg.Locations | None, str]:
         """(manifest, chunk locations when asked and the server exports RDMA, tier)."""

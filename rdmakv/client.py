@@ -7,6 +7,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import xxhash
@@ -97,6 +98,7 @@ class Store(LowLevel):
         self.server_info = self.channel.server_info
         self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
         self.rdma_reason = ""
+        self.rdma_writes = True  # saves WRITE their missing chunks when RDMA is up (False: TCP)
         self._cache: OrderedDict[int | bytes, bytes] = OrderedDict()
         self._host_pool: BufferPool | None = None
         self._decoded: OrderedDict[bytes, tuple[mf.Manifest, chunking.KVLayout]] = OrderedDict()
@@ -204,9 +206,16 @@ class Store(LowLevel):
         ch = self.channel
         mark = ch.mark()
         data = manifest.encode()
-        missing = ch.put_manifest(name, data, opts)
-        sent: set = set()
         by_key = dict(zip(manifest.keys.tolist(), chunks))
+        sent: set = set()
+        transport, reason = "tcp", ""
+        if self.rdma is not None and self.rdma.usable and self.rdma_writes:
+            missing, res = ch.put_manifest_reserving(name, data, replace(opts, reserve=True))
+            if res is not None:
+                missing, transport, reason = self._write_reserved(name, data, opts, res, missing, by_key, sent)
+        else:
+            missing = ch.put_manifest(name, data, opts)
+            reason = self.rdma_reason  # empty unless RDMA was wanted and is not up
         while len(missing):
             want = missing.tolist()
             if set(want) <= sent:
@@ -231,10 +240,28 @@ class Store(LowLevel):
             bytes_on_wire=nbytes,
             round_trips=rts,
             wall_s=time.perf_counter() - t0,
-            transport="tcp",
+            transport=transport,
             manifest_bytes=len(data),
+            fallback_reason=reason,
             manifest_xxh3=xxhash.xxh3_64_intdigest(data),
         )
+
+    def _write_reserved(self, name, data, opts, res, missing, by_key, sent) -> tuple[np.ndarray, str, str]:
+        """The reserved chunks by RDMA WRITE, then COMMIT: (still missing, transport, reason).
+        A failed WRITE latches this connection to TCP and the save goes on over TCP."""
+        keys = missing.tolist()
+        if any(by_key.get(k) is None for k in keys):  # sent ahead (held, not in hand): TCP's loop says so
+            return self.channel.put_manifest(name, data, opts), "tcp", "chunks sent ahead are not in hand"
+        from .rdma.errors import RdmaError
+        from .rdma.save import write_reserved
+
+        try:
+            write_reserved(self.rdma, res, keys, by_key)
+        except RdmaError as e:
+            self.rdma.latch(f"RDMA WRITE failed ({e}); this connection now uses TCP")
+            return self.channel.put_manifest(name, data, opts), "tcp", self.rdma.latched_reason
+        sent.update(keys)
+        return self.channel.commit_written(res.id, name, data, opts), "rdma", ""
 
     def restore(self, name: str, report: bool = False, **hooks: Callable) -> KVState | tuple[KVState, RestoreReport]:
         """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""

@@ -81,6 +81,7 @@ class SaveReport:
     transport: str = "tcp"
     manifest_bytes: int = 0
     manifest_xxh3: int = 0  # of the manifest as committed: names this version of the save
+    fallback_reason: str = ""  # why a connection with RDMA sent this save's bytes over TCP
 
 
 @dataclass

@@ -17,6 +17,7 @@ FULL = {
     "tuning": {"hash_throughput": 1, "rdma_no_merge": 1, "per_wr_cost_us": 1},
     "tcp_limit": {"raw_socket": 1, "variants": 1, "restore_default_over_raw": 1},
     "limits": {"perftest": {}, "raw_pyverbs": 1, "rdma_restore_over_raw_pyverbs": 1},
+    "saves": {"by_size": [{"tokens": 256, "tcp": {}, "rdma": {}}], "server_cpu": {}, "restore_under_save_load": {}},
     "targets": {},
     "rdma_used": True,
     "op_transports": {

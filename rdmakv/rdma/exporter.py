@@ -30,6 +30,7 @@ class RdmaExporter:
         self._pds: dict[str, ProtectionDomain] = {}
         self._mrs: dict[tuple[str, int], MemoryRegion] = {}
         self._lock = threading.Lock()
+        self.windows_bounded: bool | None = None  # probed on the first save by WRITE
 
     def _pd(self, ns: str) -> ProtectionDomain:
         with self._lock:
@@ -39,10 +40,36 @@ class RdmaExporter:
             return pd
 
     def register(self, ns: str, region: Region) -> int:
-        """Register a whole slab region once; returns its rkey."""
-        mr = self._pd(ns).register(region.address, region.length, remote_read=True, keepalive=region)
+        """Register a whole slab region once (READ, and windows may be bound on it); its rkey."""
+        mr = self._pd(ns).register(region.address, region.length, remote_read=True, keepalive=region,
+                                   mw_bind=True)  # fmt: skip
         self._mrs[(ns, region.id)] = mr
         return mr.rkey
+
+    def open_window(self, responder: Responder, ns: str, region_id: int, addr: int, length: int) -> tuple[int, object]:
+        """A memory window with REMOTE_WRITE over exactly [addr, addr+length) of a region, bound on
+        ``responder``'s QP; (rkey, handle for close_window)."""
+        if self.windows_bounded is None:
+            self.windows_bounded = window_bounds_hold(self.device)
+        if self.windows_bounded:
+            return responder.open_window(self._mrs[(ns, region_id)], addr, length), None
+        # The device does not keep WRITEs inside a window (rxe checks the MR's range, not the
+        # window's): bind it on an MR of exactly the run, so that range is the window's.
+        pd = self._pd(ns)
+        run_mr = pd.register(addr, length, remote_read=False, mw_bind=True)
+        try:
+            return responder.open_window(run_mr, addr, length), (pd, run_mr)
+        except BaseException:
+            pd.deregister(run_mr)
+            raise
+
+    def close_window(self, responder: Responder, rkey: int, handle: object) -> None:
+        try:
+            responder.close_window(rkey)
+        finally:
+            if handle is not None:
+                pd, run_mr = handle  # type: ignore[misc]
+                pd.deregister(run_mr)
 
     def release(self, ns: str, region: Region) -> None:
         """Deregister a region the slab is about to unmap: a READ with its rkey now fails."""
@@ -58,6 +85,37 @@ class RdmaExporter:
             raise CodecError(f"bad RDMA_CONNECT payload: {e}") from e
         responder = Responder(self._pd(ns), remote)
         return responder, responder.local_info.to_bytes()
+
+
+def window_bounds_hold(device: Device) -> bool:
+    """Whether a WRITE through a memory window beyond the window's range fails on this device
+    (it must: probed once with a loopback QP pair and a 2-page scratch buffer)."""
+    import ctypes
+    import mmap
+
+    from .requester import Requester
+
+    buf = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    view = (ctypes.c_char * len(buf)).from_buffer(buf)
+    src = bytearray(8)
+    with device.alloc_pd() as pd:
+        mr = pd.register(ctypes.addressof(view), len(buf), remote_read=False, keepalive=view, mw_bind=True)
+        smr = pd.register_buffer(src, remote_read=False)
+        rq = Requester(device, pd, max_outstanding=4)
+        rs = Responder(pd, rq.local_info)
+        rq.connect(rs.local_info)
+        rkey = rs.open_window(mr, mr.addr + mmap.PAGESIZE, mmap.PAGESIZE)
+        try:
+            rq.write([(mr.addr, rkey, [(smr.addr, len(src), smr.lkey)])], timeout=5)
+            bounded = False
+        except RdmaError:
+            bounded = True
+        try:
+            rs.close_window(rkey)
+        except RdmaError:
+            pass  # the responder may be in error after the refused WRITE; the PD closes it all
+    del view
+    return bounded
 
 
 def make_exporter(engine) -> tuple[RdmaExporter | None, str]:

@@ -61,7 +61,7 @@ class ProtectionDomain:
         return self._pd
 
     def register(
-        self, address: int, length: int, *, remote_read: bool, keepalive: object | None = None
+        self, address: int, length: int, *, remote_read: bool, keepalive: object | None = None, mw_bind: bool = False
     ) -> MemoryRegion:
         """Register [address, address+length) (memory the caller owns, e.g. an mmap).
 
@@ -76,7 +76,9 @@ class ProtectionDomain:
         if not 0 < length <= caps.max_mr_size:
             raise ValueError(f"length {length} outside 1..max_mr_size ({caps.max_mr_size})")
         e = pv.e
+        # MW_BIND lets the owner open memory windows on it; the MR itself never takes REMOTE_WRITE
         access = e.IBV_ACCESS_LOCAL_WRITE | (e.IBV_ACCESS_REMOTE_READ if remote_read else 0)
+        access |= e.IBV_ACCESS_MW_BIND if mw_bind else 0
         try:
             mr = pv.mr.MR(self.pd, length, access, address=address)
         except pv.err.PyverbsError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,10 @@ def _new_psn() -> int:
 class Responder:
     """Server end of one client connection: an RC QP in the namespace's PD.
 
-    It only answers READs (REMOTE_READ access, responder resources = device max) and posts
-    nothing itself, so the server's CPU does no work per READ.
+    It answers READs (REMOTE_READ access, responder resources = device max) with no work by
+    the server's CPU. For a save by WRITE the server posts two WRs of its own on it: the bind
+    of a type-2 memory window over the reserved slots (REMOTE_WRITE on the window only; the
+    slab's MRs never carry it), and its invalidation before the chunks are checked.
     """
 
     def __init__(
@@ -137,10 +140,11 @@ class Responder:
         ctx = pd.device.context
         self._cq = None
         self._qp = None
+        self._windows: dict[int, Any] = {}  # rkey -> MW
         try:
-            # QP creation wants CQs even though nothing is ever posted here.
-            self._cq = pv.cq.CQ(ctx, 2, None, None, 0)
-            cap = pv.qp.QPCap(max_send_wr=1, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+            # Only window binds and invalidations are ever posted here, one at a time.
+            self._cq = pv.cq.CQ(ctx, 8, None, None, 0)
+            cap = pv.qp.QPCap(max_send_wr=4, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
             init = pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self._cq, rcq=self._cq, cap=cap)
             self._qp = pv.qp.QP(pd.pd, init)
             psn = _new_psn()
@@ -154,7 +158,8 @@ class Responder:
                 caps,
                 psn,
                 remote,
-                access=e.IBV_ACCESS_REMOTE_READ,
+                # REMOTE_WRITE on the QP admits WRITEs at all; memory only takes them through a window
+                access=e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE,
                 max_rd_atomic=1,
                 max_dest_rd_atomic=rd_atom,
                 ack_timeout=ack_timeout,
@@ -172,8 +177,66 @@ class Responder:
     def qp_num(self) -> int:
         return self.local_info.qpn
 
+    def open_window(self, mr: Any, addr: int, length: int, timeout: float = 2.0) -> int:
+        """Bind a new type-2 memory window over [addr, addr+length) of ``mr`` (a MemoryRegion
+        registered with mw_bind) with REMOTE_WRITE, on this QP only; returns its rkey."""
+        pv = _load()
+        e = pv.e
+        if self._qp is None:
+            raise RdmaError("responder is closed")
+        try:
+            mw = pv.mr.MW(self._pd.pd, e.IBV_MW_TYPE_2)
+        except pv.err.PyverbsError as exc:
+            raise RdmaError(f"ibv_alloc_mw(type 2) failed: {_errno_text(exc)}") from exc
+        try:
+            info = pv.mr.MWBindInfo(mr._mr, addr, length, e.IBV_ACCESS_REMOTE_WRITE)
+            wr = pv.wr.SendWR(opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
+            wr.set_bind_wr(mw, info)
+            self._post(wr, "bind of a memory window", timeout)
+        except BaseException:
+            mw.close()
+            raise
+        self._windows[wr.rkey] = mw
+        return int(wr.rkey)
+
+    def close_window(self, rkey: int, timeout: float = 2.0) -> None:
+        """Invalidate the window (a WRITE through it now fails with a remote access error)."""
+        pv = _load()
+        e = pv.e
+        mw = self._windows.pop(rkey, None)
+        if mw is None:
+            return
+        try:
+            if self._qp is not None:
+                wr = pv.wr.SendWR(opcode=e.IBV_WR_LOCAL_INV, send_flags=e.IBV_SEND_SIGNALED)
+                wr.imm_data = rkey  # the union member that is invalidate_rkey
+                self._post(wr, "invalidation of a memory window", timeout)
+        finally:
+            mw.close()
+
+    def _post(self, wr: Any, what: str, timeout: float) -> None:
+        pv = _load()
+        try:
+            self._qp.post_send(wr)
+        except pv.err.PyverbsError as exc:
+            raise RdmaError(f"posting the {what} failed: {_errno_text(exc)}") from exc
+        deadline = time.monotonic() + timeout
+        while True:
+            n, wcs = self._cq.poll(1)
+            if n:
+                if wcs[0].status:
+                    name = pv.wc_names.get(int(wcs[0].status), str(wcs[0].status))
+                    raise RdmaError(f"the {what} completed with {name}")
+                return
+            if time.monotonic() > deadline:
+                raise RdmaError(f"the {what} did not complete within {timeout:g} s")
+            time.sleep(0)
+
     def close(self) -> None:
         """Destroy QP then CQ. Idempotent; a client still reading gets an error completion."""
+        for mw in self._windows.values():
+            mw.close()
+        self._windows.clear()
         qp, self._qp = self._qp, None
         cq, self._cq = self._cq, None
         if qp is not None:

@@ -139,6 +139,7 @@ class Requester:
         )
         self._SIGNALED = int(e.IBV_SEND_SIGNALED)
         self._READ = int(e.IBV_WR_RDMA_READ)
+        self._WRITE = int(e.IBV_WR_RDMA_WRITE)
         pd._adopt(self)
 
     def _create_qp(self, pv: _Pyverbs, post_api: str, ctx: Any, depth: int) -> Any:
@@ -154,7 +155,7 @@ class Requester:
                 cap=cap,
                 pd=self._pd.pd,
                 comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-                send_ops_flags=e.IBV_QP_EX_WITH_RDMA_READ,
+                send_ops_flags=e.IBV_QP_EX_WITH_RDMA_READ | e.IBV_QP_EX_WITH_RDMA_WRITE,
             )
             try:
                 qp = pv.qp.QPEx(ctx, init)
@@ -251,7 +252,12 @@ class Requester:
                 out.append((raddr, rkey, sges))
         return out
 
-    def read(self, ops: Iterable[Any], *, timeout: float | None = 30.0) -> int:
+    def write(self, ops: Iterable[Any], *, timeout: float | None = 30.0) -> int:
+        """Post ``ops`` as RDMA WRITE WRs (same shape as ``read``: remote range, rkey, local
+        SGEs to send) and wait until all completed, i.e. the responder acknowledged them."""
+        return self.read(ops, timeout=timeout, _write=True)
+
+    def read(self, ops: Iterable[Any], *, timeout: float | None = 30.0, _write: bool = False) -> int:
         """Post ``ops`` as READ WRs and wait until all completed. Returns the WR count.
 
         Each op is (remote_addr, rkey, [(local_addr, length, lkey), ...]); ``ReadOp``/``Sge``
@@ -290,7 +296,7 @@ class Requester:
                     self._wait(base, stats)
                     continue
                 k = min(space, total - i)
-                post(prepared, i, k, last, stats)
+                post(prepared, i, k, last, stats, _write)
                 i += k
             while self._retired < last:
                 self._wait(base, stats)
@@ -307,9 +313,11 @@ class Requester:
         return total
 
     def _post_ex(
-        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats
-    ) -> None:
+        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats,
+        write: bool = False,
+    ) -> None:  # fmt: skip
         qp = self._qp
+        verb = qp.wr_rdma_write if write else qp.wr_rdma_read
         sig = self._SIGNALED
         every = self._sig_every
         seq = self._seq
@@ -322,7 +330,7 @@ class Requester:
                 seq += 1
                 qp.wr_id = seq
                 qp.wr_flags = sig if (seq == last or not seq % every) else 0
-                qp.wr_rdma_read(rkey, raddr)
+                verb(rkey, raddr)
                 qp.wr_set_sge_list(len(sges), sges)
         except BaseException:
             qp.wr_abort()
@@ -332,20 +340,21 @@ class Requester:
             qp.wr_complete()
         except self._pv.err.PyverbsError as exc:
             self._broken = f"post failed: {_errno_text(exc)}"
-            raise RdmaError(f"posting {count} READ WRs failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {_errno_text(exc)}") from exc
         self._seq = seq
         stats.post_s += clock() - t1
         stats.build_s += t1 - t0
         stats.batches += 1
 
     def _post_legacy(
-        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats
-    ) -> None:
+        self, prepared: list[tuple[int, int, Sequence[Sge]]], start: int, count: int, last: int, stats: ReadStats,
+        write: bool = False,
+    ) -> None:  # fmt: skip
         pv = self._pv
         SendWR = pv.wr.SendWR
         SGE = pv.wr.SGE
         sig = self._SIGNALED
-        opcode = self._READ
+        opcode = self._WRITE if write else self._READ
         every = self._sig_every
         clock = self._clock
         t0 = clock()
@@ -368,7 +377,7 @@ class Requester:
             self._qp.post_send(nxt, None)
         except pv.err.PyverbsError as exc:
             self._broken = f"post failed: {_errno_text(exc)}"
-            raise RdmaError(f"posting {count} READ WRs failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {_errno_text(exc)}") from exc
         finally:
             del chain
         self._seq += count

@@ -36,6 +36,7 @@ from .replay import replay
 from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
 from .stats import namespace_list, namespace_stats, store_stats
 from .tiering import Tiering
+from .writes import Writes
 
 RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
 ReleaseHook = Callable[[str, Region], None]
@@ -46,7 +47,7 @@ RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
 REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
 
 
-class Engine(Tiering, Reads):
+class Engine(Tiering, Reads, Writes):
     def __init__(
         self,
         data_dir: str | Path,
@@ -97,6 +98,7 @@ class Engine(Tiering, Reads):
         self.seq = 0
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
+        self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
@@ -288,6 +290,13 @@ class Engine(Tiering, Reads):
             raise
         finally:
             views.clear()
+        return self._adopt_placed(ns, placed, slots, holder, existed, now)
+
+    def _adopt_placed(
+        self, ns: Namespace, placed: list[tuple[int, Location]], slots: list, holder: Holder, existed: int, now: float
+    ) -> tuple[int, int]:
+        """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
+        for this caller's commit; returns (stored, already present)."""
         stored = 0
         with self.lock:
             for (key, loc), slot in zip(placed, slots):

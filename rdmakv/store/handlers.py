@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import AuthError, NotFoundError, ProtocolError
 from ..wire import messages as msg
 from ..wire.protocol import Op
+from .write_path import WritePath
 
 if TYPE_CHECKING:
     from ..wire.keyring import KeyEntry
@@ -43,6 +44,7 @@ class Handlers:
         self.data_access = single_key or entry.namespace == ns  # a file's admin entry only manages
         self.holder = self.engine.new_holder()
         self.rdma_session: object | None = None
+        self.writes = WritePath(self)
         self.table: dict[int, Callable[[memoryview], list | Reply]] = {
             Op.EXISTS: self.on_exists,
             Op.PUT_CHUNKS: self.on_put_chunks,
@@ -56,6 +58,7 @@ class Handlers:
             Op.RDMA_CONNECT: self.on_rdma_connect,
             Op.PIN: self.on_pin,
             Op.COMPACT: self.on_compact,
+            Op.COMMIT: self.on_commit,
         }
 
     def info(self) -> dict:
@@ -80,6 +83,7 @@ class Handlers:
         return out if isinstance(out, Reply) else Reply(out)
 
     def close(self) -> None:
+        self.writes.cancel()
         self.engine.release_holder(self.holder)
         if self.rdma_session is not None:
             try:
@@ -111,8 +115,17 @@ class Handlers:
 
     def on_put_manifest(self, payload: memoryview) -> list:
         name, data, opts = msg.dec_put_manifest(payload)
-        missing = self.engine.commit_manifest(self.ns, name, bytes(data), self.holder, pin=opts.pin, ttl=opts.ttl)
+        self.writes.cancel()  # a new save replaces what this connection had reserved
+        data = bytes(data)
+        missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
+        if opts.reserve and len(missing):
+            reply = self.writes.reserve(data, missing)
+            if reply is not None:
+                return [reply]
         return [msg.enc_manifest_result(missing)]
+
+    def on_commit(self, payload: memoryview) -> list:
+        return self.writes.commit(payload)
 
     def on_get_manifest(self, payload: memoryview) -> list:
         name, flags = msg.dec_get_manifest(payload)
@@ -150,6 +163,10 @@ class Handlers:
         stats["requests"] = self.server.requests_of(self.ns)  # this one included
         if self.server.rdma is not None:
             stats["rdma_device"] = getattr(self.server.rdma, "device_name", "")
+            bounded = getattr(self.server.rdma, "windows_bounded", None)
+            stats["rdma_write_windows"] = {None: "not used yet", True: "on the slab's MRs",
+                                           False: "on an MR of each save's run (the device does not keep "
+                                                  "WRITEs inside a window's range)"}[bounded]  # fmt: skip
         if self.admin:  # only an operator sees the whole store
             srv = self.server
             stats["store"] = self.engine.store_stats() | {

@@ -47,6 +47,8 @@ class ServerLimits:
     max_frame: int = DEFAULT_MAX_FRAME
     max_message: int = (1 << 31) + (1 << 20)  # a chunk as large as a manifest can name, framed
     workers: int = 8
+    reservation_timeout: float = 10.0  # a save by RDMA WRITE must COMMIT within this
+    max_reserved_bytes: int = 1 << 30  # larger saves send their chunks over TCP
 
 
 class Server:
@@ -267,6 +269,8 @@ class Server:
                 self._close(conn)
             elif now - conn.last_active > lim.idle_timeout:
                 self._close(conn)
+            elif conn.handlers is not None:
+                conn.handlers.writes.expire(now)  # not busy: no request of its own is running
 
     def _close(self, conn: Connection) -> None:
         if self._conns.pop(conn.fd, None) is None:

@@ -243,7 +243,8 @@ def dec_chunks(data: bytes | memoryview) -> tuple[list[tuple[Key, memoryview]], 
 
 # -- manifests -------------------------------------------------------------------------
 PUT_PIN = 1
-_PUT_OPTIONS = struct.Struct("<BQ")  # flags (PUT_PIN), TTL in milliseconds (0 = none)
+PUT_RESERVE = 2  # missing chunks: reserve slots the client then WRITEs by RDMA (wire.writes)
+_PUT_OPTIONS = struct.Struct("<BQ")  # flags (PUT_PIN, PUT_RESERVE), TTL in milliseconds (0 = none)
 MAX_TTL_MS = 10 * 365 * 86400 * 1000
 
 
@@ -251,6 +252,7 @@ MAX_TTL_MS = 10 * 365 * 86400 * 1000
 class SaveOptions:
     pin: bool = False
     ttl: float = 0.0  # seconds; 0 = never expires
+    reserve: bool = False  # answer missing chunks with a write reservation when RDMA can take them
 
 
 def enc_put_manifest(name: str, manifest: bytes, options: SaveOptions | None = None) -> list[bytes | memoryview]:
@@ -258,18 +260,19 @@ def enc_put_manifest(name: str, manifest: bytes, options: SaveOptions | None = N
     ttl_ms = round(options.ttl * 1000)
     if not 0 <= ttl_ms <= MAX_TTL_MS:
         raise CodecError(f"ttl must be between 0 and {MAX_TTL_MS // 1000} seconds, got {options.ttl}")
-    return [enc_name(name) + _PUT_OPTIONS.pack(PUT_PIN if options.pin else 0, ttl_ms), manifest]
+    flags = (PUT_PIN if options.pin else 0) | (PUT_RESERVE if options.reserve else 0)
+    return [enc_name(name) + _PUT_OPTIONS.pack(flags, ttl_ms), manifest]
 
 
 def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview, SaveOptions]:
     r = Reader(data)
     name = _name(r)
     flags, ttl_ms = _PUT_OPTIONS.unpack(r.take(_PUT_OPTIONS.size))
-    if flags & ~PUT_PIN:
+    if flags & ~(PUT_PIN | PUT_RESERVE):
         raise CodecError(f"unknown PUT_MANIFEST flags 0x{flags:02x}")
     if ttl_ms > MAX_TTL_MS:
         raise CodecError(f"ttl of {ttl_ms} ms exceeds {MAX_TTL_MS} ms")
-    return name, r.rest(), SaveOptions(bool(flags & PUT_PIN), ttl_ms / 1000)
+    return name, r.rest(), SaveOptions(bool(flags & PUT_PIN), ttl_ms / 1000, bool(flags & PUT_RESERVE))
 
 
 def enc_manifest_result(missing: np.ndarray) -> bytes:
@@ -279,6 +282,8 @@ def enc_manifest_result(missing: np.ndarray) -> bytes:
 def dec_manifest_result(data: bytes | memoryview) -> np.ndarray:
     r = Reader(data)
     status = r.u8()
+    if status == 2:
+        raise CodecError("PUT_MANIFEST answered with a write reservation that was not asked for")
     missing = dec_keys(r.rest())
     if (status == 0) != (len(missing) == 0):
         raise CodecError("PUT_MANIFEST result status disagrees with its missing list")

@@ -57,6 +57,7 @@ class Op(IntEnum):
     LOCATE = 12
     PIN = 13
     COMPACT = 14
+    COMMIT = 15  # a save whose missing chunks were written by RDMA into its reservation
     ERROR = 127
 
 
