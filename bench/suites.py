@@ -215,12 +215,12 @@ def concurrency(ctx: Ctx, clients: list[int], reps: int, tokens: int) -> dict:
         for i in range(max(clients)):
             w.save(f"c{i}", session(tokens, 500 + i))
     out: dict = {"tokens": tokens, "reps_per_client": reps, "rows": []}
-    mpctx = mp.get_context("fork")
+    mpctx = mp.get_context("spawn")  # fork: the children share the parent's verbs state and pinned pages
     for n in clients:
         row: dict = {"clients": n}
         for t in ctx.transports():
             with mpctx.Pool(n) as pool:
-                start_at = time.time() + 1.0 + 0.2 * n
+                start_at = time.time() + 3.0 + 0.5 * n  # spawned children import rdmakv first
                 jobs = [(ctx.url("conc"), ctx.key, t, f"c{i}", reps, start_at) for i in range(n)]
                 res = pool.map(_concurrent_client, jobs)
             total = sum(r[0] for r in res)
