@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections, max_per_source=args.max_connections_per_source,
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
         max_frame=parse_size(args.max_frame), workers=args.workers,
-        reservation_timeout=args.reservation_timeout,
+        reservation_timeout=args.reservation_timeout, index_entries=args.index_entries,
     )  # fmt: skip
     run_server(
         args.listen,
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=8, help="threads that run requests (default 8)")
     s.add_argument("--reservation-timeout", type=float, default=10.0, metavar="S",
                    help="a save by RDMA WRITE must commit within S seconds, else its slots are freed (default 10)")
+    s.add_argument("--index-entries", type=int, default=4096, metavar="N",
+                   help="sessions per namespace that RDMA clients look up with no request to the server "
+                   "(default 4096; others are looked up over TCP)")
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS (clients use rdmakvs://) with this certificate chain")
     s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     s.set_defaults(func=cmd_serve)

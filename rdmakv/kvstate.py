@@ -96,4 +96,8 @@ class RestoreReport:
     retried_chunks: int = 0
     fallback_reason: str = ""
     tier: str = "memory"  # "disk": the session was demoted and read back from the log first
+    lookup: str = "tcp"  # "one-sided": manifest and locations came by READ from the index
+    index_misses: int = 0  # the name was not in the index (lookup went over TCP)
+    index_retries: int = 0  # an entry or blob changed under the READ and was read again
+    index_fallbacks: int = 0  # still inconsistent after the retry, or a chunk moved: TCP lookup
     notes: list[str] = field(default_factory=list)

@@ -31,6 +31,7 @@ class RdmaExporter:
         self._mrs: dict[tuple[str, int], MemoryRegion] = {}
         self._lock = threading.Lock()
         self.windows_bounded: bool | None = None  # probed on the first save by WRITE
+        self._index_mrs: dict[str, MemoryRegion] = {}
 
     def _pd(self, ns: str) -> ProtectionDomain:
         with self._lock:
@@ -45,6 +46,22 @@ class RdmaExporter:
                                    mw_bind=True)  # fmt: skip
         self._mrs[(ns, region.id)] = mr
         return mr.rkey
+
+    def register_index(self, ns: str, index) -> bytes:
+        """Register the namespace's lookup index (exactly its bytes: a READ past it fails) once;
+        returns its wire form (wire.writes.enc_index_info)."""
+        import ctypes
+
+        from ..wire.writes import enc_index_info
+
+        with self._lock:
+            mr = self._index_mrs.get(ns)
+        if mr is None:
+            view = (ctypes.c_char * index.size).from_buffer(index.buf)
+            mr = self._pd(ns).register(ctypes.addressof(view), index.size, remote_read=True, keepalive=view)
+            with self._lock:
+                self._index_mrs[ns] = mr
+        return enc_index_info(mr.addr, mr.rkey, index.entries)
 
     def open_window(self, responder: Responder, ns: str, region_id: int, addr: int, length: int) -> tuple[int, object]:
         """A memory window with REMOTE_WRITE over exactly [addr, addr+length) of a region, bound on

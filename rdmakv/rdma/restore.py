@@ -21,9 +21,11 @@ from ..errors import RdmakvError
 from ..hashing import matches
 from ..kvstate import RestoreReport
 from ..wire.messages import NO_REGION, Locations, dec_locations
+from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
 from .device import Device, list_devices, pyverbs_status
 from .errors import RdmaError
 from .exporter import DEVICE_ENV
+from .lookup import OneSidedIndex
 from .qp import QPInfo
 from .readplan import plan_reads
 from .requester import ReadOp, Requester, Sge
@@ -43,9 +45,12 @@ class RdmaRestorer:
             self.requester = Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
             reply = store.channel.rdma_connect(self.requester.local_info.to_bytes())
             self.requester.connect(QPInfo.from_bytes(reply[: QPInfo.SIZE]))
-            self.regions = dec_locations(reply[QPInfo.SIZE :]).regions  # the table at connect time
+            at = QPInfo.SIZE + INDEX_INFO_SIZE
+            addr, rkey, entries, probe = dec_index_info(reply[QPInfo.SIZE : at])
+            self.regions = dec_locations(reply[at:]).regions  # the table at connect time
             self.pool = BufferPool(self.pd)
             self.scratch, self.scratch_addr, self.scratch_lkey = self.pool.alloc(SCRATCH_BYTES)
+            self.index = OneSidedIndex(self, addr, rkey, entries, probe) if entries else None
         except BaseException:
             self.close()
             raise
@@ -55,6 +60,7 @@ class RdmaRestorer:
         self._plans: OrderedDict[tuple, tuple] = OrderedDict()
         self.usable = True
         self.latched_reason = ""
+        self.one_sided = True  # look sessions up in the index by READ (False: GET_MANIFEST over TCP)
 
     def close(self) -> None:
         if self.requester is not None:
@@ -73,15 +79,44 @@ class RdmaRestorer:
         """(manifest, KV layout or None, restore buffer, chunk offsets) by READs, or None when this
         connection has just switched to TCP (the report says why)."""
         ch = self.store.channel
+        if self.index is not None and self.one_sided and not hooks:
+            got = self._fetch_one_sided(name, rep, kv)
+            if got is not None or not self.usable:
+                return got
         mark = ch.mark()
         data, loc, rep.tier = ch.get_manifest(name, want_locations=True)
         m, layout, offsets, total = self.store.restore_target(data, kv)
         buf = self.read_located(m.keys, m.lengths, offsets, total, loc, rep, mark, **hooks)
         return None if buf is None else (m, layout, buf, offsets)
 
+    def _fetch_one_sided(self, name: str, rep: RestoreReport, kv: bool):
+        """The restore with no request to the server, or None (then over the TCP lookup): the
+        name is not in the index, the index kept changing, or a chunk moved since it was read."""
+        mark = self.store.channel.mark()
+        try:
+            found = self.index.lookup(name, rep)
+        except RdmaError as e:
+            self.latch(f"RDMA READ of the lookup index failed ({e}); this connection now uses TCP")
+            rep.fallback_reason = self.latched_reason
+            return None
+        if found is None:
+            return None
+        data, loc = found
+        m, layout, offsets, total = self.store.restore_target(data, kv)
+        try:
+            buf = self.read_located(m.keys, m.lengths, offsets, total, loc, rep, mark, strict=True)
+        except _Moved:
+            rep.index_fallbacks += 1
+            return None
+        if buf is not None:
+            rep.lookup = "one-sided"
+            return m, layout, buf, offsets
+        return None
+
     def read_located(
-        self, keys, lengths, offsets, total: int, loc: Locations | None, rep: RestoreReport, mark, **hooks
-    ) -> np.ndarray | None:
+        self, keys, lengths, offsets, total: int, loc: Locations | None, rep: RestoreReport, mark,
+        strict: bool = False, **hooks,
+    ) -> np.ndarray | None:  # fmt: skip
         """Chunks at ``loc`` READ into a new buffer at ``offsets``; None when this connection has
         just switched to TCP (the report says why). ``mark``: the channel mark the round trips
         and bytes of this restore are counted from."""
@@ -93,7 +128,7 @@ class RdmaRestorer:
         if "after_locate" in hooks:
             hooks["after_locate"]()
         try:
-            self._fill(keys, lengths, offsets, loc, buf, laddr, lkey, rep)
+            self._fill(keys, lengths, offsets, loc, buf, laddr, lkey, rep, strict)
         except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
             self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
             rep.fallback_reason = self.latched_reason
@@ -116,6 +151,7 @@ class RdmaRestorer:
         laddr: int,
         lkey: int,
         rep: RestoreReport,
+        strict: bool = False,
     ) -> None:
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         ulen = lengths[first].astype(np.int64)
@@ -123,6 +159,8 @@ class RdmaRestorer:
         slots = loc.slots[first]
         view = memoryview(buf)
         bad = self._read(uniq, ulen, udest, slots, loc, view, laddr, lkey, rep)
+        if len(bad) and strict:  # a one-sided lookup's version holds nothing: start over by TCP
+            raise _Moved()
         if len(bad):
             rep.retried_chunks += len(bad)
             fresh = self.store.channel.locate(uniq[bad])
@@ -181,6 +219,10 @@ class RdmaRestorer:
         if len(self._plans) > PLAN_CACHE:
             self._plans.popitem(last=False)
         return out
+
+
+class _Moved(Exception):
+    """A chunk of a one-sidedly looked-up version is no longer where its entry said."""
 
 
 def open_restorer(store) -> tuple[RdmaRestorer | None, str]:

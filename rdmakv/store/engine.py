@@ -31,6 +31,7 @@ from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
 from .index import Chunk, Holder, Namespace, Session, Tombstone
 from .maintenance import Maintenance
+from .publishing import Publishing
 from .reads import Reads
 from .replay import replay
 from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
@@ -47,7 +48,7 @@ RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
 REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
 
 
-class Engine(Tiering, Reads, Writes):
+class Engine(Tiering, Reads, Writes, Publishing):
     def __init__(
         self,
         data_dir: str | Path,
@@ -99,6 +100,7 @@ class Engine(Tiering, Reads, Writes):
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
         self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
+        self.published: dict = {}  # namespace -> PublishedIndex, once a client connects by RDMA
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)

@@ -122,6 +122,8 @@ class Handlers:
             reply = self.writes.reserve(data, missing)
             if reply is not None:
                 return [reply]
+        if not len(missing) and self.rdma_session is not None:
+            self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
         return [msg.enc_manifest_result(missing)]
 
     def on_commit(self, payload: memoryview) -> list:
@@ -131,6 +133,8 @@ class Handlers:
         name, flags = msg.dec_get_manifest(payload)
         want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
         data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
+        if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
+            self.engine.publish(self.ns, name)
         return msg.enc_manifest_reply(data, loc, tier)
 
     def on_pin(self, payload: memoryview) -> list:
@@ -183,6 +187,9 @@ class Handlers:
             self.rdma_session.close()  # type: ignore[attr-defined]
             self.rdma_session = None
         self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
-        # QP info, then the namespace's region table (later regions arrive with every location reply)
+        published = self.engine.published_index(self.ns, self.server.limits.index_entries)
+        index = exporter.register_index(self.ns, published)  # type: ignore[attr-defined]
+        # QP info, the one-sided lookup index, then the namespace's region table (later regions
+        # arrive with every location reply)
         regions = self.engine.locate(self.ns, np.zeros(0, dtype=np.uint64)).encode()
-        return [reply, regions]
+        return [reply, index, regions]

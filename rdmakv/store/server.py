@@ -49,6 +49,7 @@ class ServerLimits:
     workers: int = 8
     reservation_timeout: float = 10.0  # a save by RDMA WRITE must COMMIT within this
     max_reserved_bytes: int = 1 << 30  # larger saves send their chunks over TCP
+    index_entries: int = 4096  # names per namespace a client can look up by READ (more: over TCP)
 
 
 class Server:

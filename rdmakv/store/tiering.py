@@ -72,6 +72,7 @@ class Tiering:
         before = ns.used
         s.resident = s.complete = False
         s.encoded_locations = None
+        self._unpublish(ns, s)
         if self.mem_lru.get((s.ns, s.name)) is s:
             del self.mem_lru[(s.ns, s.name)]
         for k in s.unique:
@@ -85,6 +86,7 @@ class Tiering:
     def _retire(self: Engine, ns: Namespace, s: Session) -> None:
         """``s`` was deleted, replaced, evicted or expired: its record is garbage now, and its
         chunks go when the last restore holding it lets go."""
+        self._unpublish(ns, s)
         self._unlist(s)
         self._dead(ns, s.loc)
         if s.pin_loc is not None:

@@ -90,6 +90,8 @@ class WritePath:
         h = self.h
         h.engine.install_written(h.ns, res.keys, res.slots, h.holder)  # frees the slots if any lies
         missing = h.engine.commit_manifest(h.ns, name, bytes(data), h.holder, pin=opts.pin, ttl=opts.ttl)
+        if not len(missing):
+            h.engine.publish(h.ns, name)
         return [msg.enc_manifest_result(missing)]
 
     def expire(self, now: float) -> None:

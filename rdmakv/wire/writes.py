@@ -75,6 +75,24 @@ def dec_put_result(data: bytes | memoryview) -> tuple[np.ndarray, Reservation | 
     return missing, Reservation(rid, expires_ms, windows, addrs)
 
 
+_INDEX = struct.Struct("<QIIH")  # address, rkey, entries, probe
+INDEX_INFO_SIZE = _INDEX.size
+
+
+def enc_index_info(addr: int, rkey: int, entries: int, probe: int = 8) -> bytes:
+    """Where a namespace's one-sided lookup index is (the RDMA_CONNECT reply carries it)."""
+    return _INDEX.pack(addr, rkey, entries, probe)
+
+
+def dec_index_info(data: bytes | memoryview) -> tuple[int, int, int, int]:
+    if len(data) < _INDEX.size:
+        raise CodecError("RDMA_CONNECT reply is shorter than its index description")
+    addr, rkey, entries, probe = _INDEX.unpack_from(data)
+    if not 0 < probe <= 64 or entries > 1 << 24:
+        raise CodecError(f"index of {entries} entries probed {probe} at a time is out of range")
+    return addr, rkey, entries, probe
+
+
 def enc_commit(reservation_id: int, put_manifest_parts: list) -> list:
     return [_ID.pack(reservation_id), *put_manifest_parts]
 
