@@ -127,7 +127,8 @@ def markdown(r: dict) -> str:
         w(f"## 2. Save/restore wall, 256-token session at W=64 ({_fmt(wl['kv_bytes'])} B of KV), interleaved runs")
         w("| operation | n | median ms | p99 ms | min ms | max ms | IQR ms |")
         w("|---|---|---|---|---|---|---|")
-        for k in ("cold_save", "warm_save", "restore_tcp", "restore_rdma", "v1_save", "v1_restore"):
+        for k in ("cold_save", "warm_save", "restore_tcp", "restore_rdma", "restore_rdma_tcp_lookup", "v1_save",
+                  "v1_restore"):
             if k in wl:
                 v = wl[k]
                 w(f"| {k} | {v['n']} | {_fmt(v['median_ms'], 3)} | {_fmt(v['p99_ms'], 3)} | {_fmt(v['min_ms'], 3)} | "
@@ -247,7 +248,7 @@ def _saves_section(sv: dict, w) -> None:
     w(f"Restore while {ld['savers']} clients cold-save in a loop ({ld['restores']} restores each way):")
     w("| restore path | idle p99 ms | loaded p99 ms | loaded / idle | saves meanwhile |")
     w("|---|---|---|---|---|")
-    for t in ("tcp", "rdma"):
+    for t in ("tcp", "rdma", "rdma_tcp_lookup"):
         if t in ld:
             x = ld[t]
             w(f"| {t} | {_fmt(x['idle'].get('p99_ms'))} | {_fmt(x['loaded'].get('p99_ms'))} | "

@@ -89,10 +89,15 @@ def _under_load(ctx: Ctx, n: int) -> dict:
     out: dict = {"restores": n, "savers": 4, "tokens": 256}
     with ctx.connect("load", "tcp") as w:
         w.save("probe", session(256, 5))
-    for t in ctx.transports():
+    variants = [("tcp", "tcp", True)]
+    if ctx.rdma:  # the one-sided lookup, and the RDMA restore whose lookup goes over TCP
+        variants += [("rdma", "rdma", True), ("rdma_tcp_lookup", "rdma", False)]
+    for label, t, one_sided in variants:
         with ctx.connect("load", t) as st:
+            if st.rdma is not None:
+                st.rdma.one_sided = one_sided
             st.restore("probe")
-            idle = _restores(ctx, st, f"saves.restore_idle.{t}", t, n)
+            idle = _restores(ctx, st, f"saves.restore_idle.{label}", t, n)
             mpc = mp.get_context("spawn")  # a forked child shares the parent's registered pages (COW breaks READs)
             stop, count = mpc.Event(), mpc.Array("l", 4)
             savers = [mpc.Process(target=_saver, args=(ctx.url("load"), ctx.key, t, i, stop, count))
@@ -104,13 +109,13 @@ def _under_load(ctx: Ctx, n: int) -> dict:
                 while min(count[:]) < 1 and time.monotonic() < deadline:
                     time.sleep(0.05)  # spawned savers import rdmakv first: measure once all are saving
                 started = sum(count[:])
-                loaded = _restores(ctx, st, f"saves.restore_loaded.{t}", t, n)
+                loaded = _restores(ctx, st, f"saves.restore_loaded.{label}", t, n)
             finally:
                 stop.set()
                 for p in savers:
                     p.join(60)
             saves_done = sum(count[:]) - started
         p99 = [float(np.percentile(x, 99)) for x in (idle, loaded)]
-        out[t] = {"idle": summary(idle), "loaded": summary(loaded), "saves_meanwhile": saves_done,
+        out[label] = {"idle": summary(idle), "loaded": summary(loaded), "saves_meanwhile": saves_done,
                   "p99_loaded_over_idle": p99[1] / p99[0]}  # fmt: skip
     return out

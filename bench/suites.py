@@ -92,10 +92,15 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
     for t in ctx.transports():
         samples[f"restore_{t}"] = []
     stores = {t: ctx.connect("walls", t) for t in ctx.transports()}
+    if ctx.rdma:  # the RDMA restore with its lookup over TCP (GET_MANIFEST), as before the index
+        samples["restore_rdma_tcp_lookup"] = []
+        stores["rdma_tcp_lookup"] = ctx.connect("walls", "rdma")
+        stores["rdma_tcp_lookup"].rdma.one_sided = False
     tcp = stores["tcp"]
     tmp = tempfile.mkdtemp(dir=ctx.out_dir, prefix="v1-")
     v1 = os.path.join(tmp, "session.v1")
     reads = 0
+    lookups: dict[str, int] = {}
     try:
         tcp.save("ref", ref)
         for st in stores.values():
@@ -109,7 +114,9 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
                 t0 = time.perf_counter()
                 _, rep = st.restore("ref", report=True)
                 samples[f"restore_{t}"].append(time.perf_counter() - t0)
-                ctx.record(f"walls.restore_{t}", t, rep.transport)
+                ctx.record(f"walls.restore_{t}", "tcp" if t == "tcp" else "rdma", rep.transport)
+                if t == "rdma":
+                    lookups[rep.lookup] = lookups.get(rep.lookup, 0) + 1
                 if t == "rdma":
                     reads = rep.reads_posted
             t0 = time.perf_counter()
@@ -125,6 +132,7 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
     out["kv_bytes"] = ref.nbytes
     out["window"] = 64
     out["rdma_reads_per_restore"] = reads
+    out["rdma_lookups"] = lookups  # how each restore_rdma found its session (one-sided or tcp)
     out["v1_fsync"] = fsync
     return out
 

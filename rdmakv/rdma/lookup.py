@@ -4,6 +4,8 @@ The layout is wire.lookup_index; store.published says how the server keeps it.""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import xxhash
 
@@ -12,21 +14,33 @@ from ..wire.lookup_index import ENTRY, dec_blob, entry_check, home, name_hash
 from ..wire.messages import Locations, dec_locations
 from .requester import ReadOp, Sge
 
+KNOWN_BLOBS = 256  # names whose blob address is remembered: entry and blob go in one READ call
+
 
 class OneSidedIndex:
     def __init__(self, restorer, addr: int, rkey: int, entries: int, probe: int) -> None:
         self.r = restorer
         self.addr, self.rkey, self.entries, self.probe = addr, rkey, entries, probe
+        self.known: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # name -> blob (addr, rkey, length)
 
-    def _read(self, addr: int, rkey: int, n: int, rep: RestoreReport) -> bytes:
-        rep.reads_posted += 1
+    def _read(self, ranges: list[tuple[int, int, int]], rep: RestoreReport) -> list[bytes]:
+        """READ each (addr, rkey, length) in one posting; the bytes of each."""
         r = self.r
-        if n <= len(r.scratch):
+        total = sum(n for _, _, n in ranges)
+        if total <= len(r.scratch):
             buf, laddr, lkey = r.scratch, r.scratch_addr, r.scratch_lkey
         else:
-            buf, laddr, lkey = r.pool.alloc(n)
-        r.requester.read([ReadOp(addr, rkey, [Sge(laddr, n, lkey)])])
-        return bytes(memoryview(buf)[:n])
+            buf, laddr, lkey = r.pool.alloc(total)
+        ops, at = [], 0
+        for addr, rkey, n in ranges:
+            ops.append(ReadOp(addr, rkey, [Sge(laddr + at, n, lkey)]))
+            at += n
+        rep.reads_posted += r.requester.read(ops)
+        out, at, view = [], 0, memoryview(buf)
+        for _, _, n in ranges:
+            out.append(bytes(view[at : at + n]))
+            at += n
+        return out
 
     def lookup(self, name: str, rep: RestoreReport) -> tuple[bytes, Locations] | None:
         """(manifest, locations) of ``name``, or None: not in the index, or still inconsistent
@@ -36,8 +50,10 @@ class OneSidedIndex:
         for attempt in range(2):
             if attempt:
                 rep.index_retries += 1
-            raw = self._read(self.addr + start * ENTRY.itemsize, self.rkey, self.probe * ENTRY.itemsize, rep)
-            table = np.frombuffer(raw, ENTRY)
+            guess = self.known.get(name) if not attempt else None
+            ranges = [(self.addr + start * ENTRY.itemsize, self.rkey, self.probe * ENTRY.itemsize)]
+            got = self._read(ranges + ([guess] if guess else []), rep)
+            table = np.frombuffer(got[0], ENTRY)
             hits = np.flatnonzero(table["hash"] == np.void(h))
             if not len(hits):
                 rep.index_misses += 1
@@ -45,15 +61,22 @@ class OneSidedIndex:
             e = table[int(hits[0])]
             if int(e["version"]) % 2 or entry_check(e.tobytes()) != int(e["check"]):
                 continue  # an update in flight, or a torn entry
-            blob = self._read(int(e["addr"]), int(e["rkey"]), int(e["length"]), rep)
+            where = (int(e["addr"]), int(e["rkey"]), int(e["length"]))
+            # the blob read beside the entry is good when the entry still points at it
+            blob = got[1] if guess == where else self._read([where], rep)[0]
             if xxhash.xxh3_64_intdigest(blob) != int(e["blob_xxh3"]):
                 continue  # the blob's slot was reused since the entry was read
             try:
-                got, manifest, loc = dec_blob(blob)
-                if got != name:
+                named, manifest, loc = dec_blob(blob)
+                if named != name:
                     continue
-                return bytes(manifest), dec_locations(loc)
+                found = bytes(manifest), dec_locations(loc)
             except (ValueError, UnicodeDecodeError):
                 continue
+            self.known[name] = where
+            self.known.move_to_end(name)
+            if len(self.known) > KNOWN_BLOBS:
+                self.known.popitem(last=False)
+            return found
         rep.index_fallbacks += 1
         return None

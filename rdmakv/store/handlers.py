@@ -122,7 +122,7 @@ class Handlers:
             reply = self.writes.reserve(data, missing)
             if reply is not None:
                 return [reply]
-        if not len(missing) and self.rdma_session is not None:
+        if not len(missing) and self.server.rdma is not None:
             self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
         return [msg.enc_manifest_result(missing)]
 

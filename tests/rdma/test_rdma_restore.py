@@ -54,7 +54,7 @@ def test_fresh_save_is_a_handful_of_reads(server, ns):
     with _rdma(server, ns, 64) as st:
         st.save("s", kv)
         _, rep = st.restore("s", report=True)
-    assert rep.chunks == 192 and rep.reads_posted <= 4, rep
+    assert rep.chunks == 192 and rep.reads_posted <= 4 + 2, rep  # + the index entries and the blob
 
 
 def test_long_session_16k_tokens(server, ns):
