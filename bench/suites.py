@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
     finally:
         for st in stores.values():
             st.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     out = {k: summary(v) for k, v in samples.items()}
     out["kv_bytes"] = ref.nbytes
     out["window"] = 64
