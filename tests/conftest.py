@@ -32,6 +32,14 @@ def server_bin() -> Path:
     return binary
 
 
+def request_counts(url: str) -> dict[str, int]:
+    """What the server counted for the URL's namespace, per op (STATS ``requests``)."""
+    import rdmakv
+
+    with rdmakv.connect(url, key=KEY_HEX, transport="tcp") as st:
+        return dict(st.stats()["requests"])
+
+
 def run_concurrently(worker, n: int) -> list[BaseException]:
     """Run worker(0..n-1) on n threads; the exceptions they raised (empty = all passed)."""
     import threading

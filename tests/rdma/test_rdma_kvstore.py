@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-import rdmakv
 from bench import kvstore_abi as ka
 from rdmakv.llama.kvstore_backend import KV_OK, KVStoreBackend
 
-from ..conftest import KEY_HEX, ServerProcess
+from ..conftest import KEY_HEX, ServerProcess, request_counts
 
 pytestmark = pytest.mark.rdma
 
@@ -24,11 +23,6 @@ def srv(tmp_path_factory):
     assert s.rdma
     yield s
     s.stop()
-
-
-def _requests(url: str) -> dict[str, int]:
-    with rdmakv.connect(url, key=KEY_HEX, transport="tcp") as st:
-        return dict(st.stats()["requests"])
 
 
 def test_backend_prefetch_is_one_read_plan(srv, monkeypatch):
@@ -44,7 +38,7 @@ def test_backend_prefetch_is_one_read_plan(srv, monkeypatch):
     finally:
         save.close()
 
-    before = _requests(srv.url("kvs-py"))
+    before = request_counts(srv.url("kvs-py"))
     b = KVStoreBackend(uri)
     try:
         assert b.store.active_transport == "rdma"
@@ -57,7 +51,7 @@ def test_backend_prefetch_is_one_read_plan(srv, monkeypatch):
             assert bytes(b.get_chunk(h)) == bytes(c)  # from the cache, byte for byte
     finally:
         b.close()
-    after = _requests(srv.url("kvs-py"))
+    after = request_counts(srv.url("kvs-py"))
     assert after.get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)  # every byte came by READ
     assert after["GET_MANIFEST"] == before.get("GET_MANIFEST", 0) + 1
 
@@ -74,10 +68,10 @@ def test_c_consumer_restores_over_reads(srv, tmp_path):
     assert lib.startswith(str(lib_dir))
     p = ka.run(consumer, lib_dir, "save", uri, "chat", str(sessions), env=env)
     assert p.returncode == 0, p.stderr
-    before = _requests(srv.url("kvs-c"))
+    before = request_counts(srv.url("kvs-c"))
     p = ka.run(consumer, lib_dir, "restore", uri, "chat", str(sessions), env=env)
     assert p.returncode == 0, p.stdout + p.stderr  # compared byte for byte in C
-    after = _requests(srv.url("kvs-c"))
+    after = request_counts(srv.url("kvs-c"))
     assert after.get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
     assert after["GET_MANIFEST"] == before.get("GET_MANIFEST", 0) + 1
 
@@ -98,12 +92,12 @@ def test_proxy_restores_slot_files_over_reads(srv, monkeypatch):
     try:
         rep_save, err = pool.run(put_slotfile, "slot.bin", data)
         assert err == "" and rep_save.chunks_sent > 1  # parsed and chunked, not stored whole
-        before = _requests(srv.url("kvs-proxy"))
+        before = request_counts(srv.url("kvs-proxy"))
         rep = RestoreReport()
         # the parts are views of the connection's buffer: joined while it is still held
         got = pool.run(lambda s: b"".join(get_slotfile_parts(s, "slot.bin", rep)[0]))
         assert got == data
         assert rep.transport == "rdma" and rep.fallback_chunks == 0
-        assert _requests(srv.url("kvs-proxy")).get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
+        assert request_counts(srv.url("kvs-proxy")).get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
     finally:
         pool.close()

@@ -13,7 +13,7 @@ from rdmakv.errors import NotFoundError
 from rdmakv.rdma.errors import RdmaError
 from rdmakv.rdma.requester import ReadOp, Sge
 
-from ..conftest import KEY_HEX, ServerProcess
+from ..conftest import KEY_HEX, ServerProcess, request_counts
 
 pytestmark = pytest.mark.rdma
 
@@ -31,23 +31,18 @@ def session(seed: int, tokens: int = 64) -> rdmakv.KVState:
     return kvgen.generate(kvgen.token_stream(seed, tokens), kvgen.QWEN25_05B)
 
 
-def requests(srv, ns: str) -> dict:
-    with rdmakv.connect(srv.url(ns), key=KEY_HEX, transport="tcp") as st:
-        return dict(st.stats()["requests"])
-
-
 def test_a_restore_asks_the_server_nothing(srv):
     kv = session(1, 256)
     with rdmakv.connect(srv.url("o1"), key=KEY_HEX, transport="rdma", window=64) as st:
         st.save("chat", kv)
-        before = requests(srv, "o1")
+        before = request_counts(srv.url("o1"))
         c0 = srv.cpu_ticks()
         for _ in range(100):
             back, rep = st.restore("chat", report=True)
             assert (rep.transport, rep.lookup, rep.round_trips) == ("rdma", "one-sided", 0)
         busy = srv.cpu_ticks() - c0
         assert back.equals(kv)
-        after = requests(srv, "o1")
+        after = request_counts(srv.url("o1"))
     assert after.get("GET_MANIFEST", 0) == before.get("GET_MANIFEST", 0)  # the server saw no request
     c0 = srv.cpu_ticks()
     threading.Event().wait(0.5)  # an idle server over a similar stretch, for the noise

@@ -16,7 +16,7 @@ from rdmakv.rdma.save import write_reserved
 from rdmakv.wire import chunking
 from rdmakv.wire.messages import SaveOptions
 
-from ..conftest import KEY_HEX, ServerProcess
+from ..conftest import KEY_HEX, ServerProcess, request_counts
 
 pytestmark = pytest.mark.rdma
 
@@ -34,11 +34,6 @@ def session(seed: int, tokens: int = 128) -> rdmakv.KVState:
     return kvgen.generate(kvgen.token_stream(seed, tokens), kvgen.QWEN25_05B)
 
 
-def requests(srv, ns: str) -> dict:
-    with rdmakv.connect(srv.url(ns), key=KEY_HEX, transport="tcp") as st:
-        return dict(st.stats()["requests"])
-
-
 def reserve(st: rdmakv.Store, name: str, kv: rdmakv.KVState):
     """A save up to its reservation: (manifest bytes, missing keys, reservation, chunk of key)."""
     m, chunks = chunking.split(kv, st.window, st.hash_alg)
@@ -53,7 +48,7 @@ def test_a_cold_save_goes_by_write_and_restores_bit_exact(srv):
     with rdmakv.connect(srv.url("w1"), key=KEY_HEX, transport="rdma", window=64) as st:
         rep = st.save("chat", kv)
         assert rep.transport == "rdma" and rep.fallback_reason == "" and rep.chunks_sent == rep.chunks_total
-        assert requests(srv, "w1").get("PUT_CHUNKS", 0) == 0  # no chunk byte went over TCP
+        assert request_counts(srv.url("w1")).get("PUT_CHUNKS", 0) == 0  # no chunk byte went over TCP
         back, rrep = st.restore("chat", report=True)
         assert rrep.transport == "rdma" and back.equals(kv)
         warm = st.save("chat", kv)
