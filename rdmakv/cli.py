@@ -30,6 +30,14 @@ def _key_for_serve(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from .store.server import ServerLimits, run_server
 
+    registration = None
+    if args.cluster:
+        from .cluster.membership import Registration
+
+        if not args.advertise:
+            raise SystemExit("rdmakv serve: --cluster needs --advertise HOST:PORT (where clients reach this node)")
+        registration = Registration(args.cluster, args.advertise, {"listen": args.listen}, ttl=args.lease_ttl,
+                                    say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     limits = ServerLimits(
         max_connections=args.max_connections, max_per_source=args.max_connections_per_source,
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
@@ -51,7 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quotas=dict(_parse_quota(q) for q in args.quota),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        ready=(lambda _server: registration.start()) if registration is not None else None,
     )
+    if registration is not None:
+        registration.close()  # leave the member list now, not when the lease runs out
     return 0
 
 
@@ -202,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-write-reservation", default="1GiB", metavar="SIZE",
                    help="saves with more missing bytes than this send them over TCP, not by RDMA WRITE "
                    "(default 1GiB; on rxe in UML WRITE stops paying off above ~12 MiB, see bench/results)")
+    s.add_argument("--cluster", metavar="etcd://HOST:PORT/NAME",
+                   help="join this cluster: register in etcd under a lease kept alive while serving")
+    s.add_argument("--advertise", metavar="HOST:PORT", help="with --cluster: the address clients use for this node")
+    s.add_argument("--lease-ttl", type=int, default=5, metavar="S",
+                   help="with --cluster: a node that dies leaves the member list within S seconds (default 5)")
     s.add_argument("--index-entries", type=int, default=4096, metavar="N",
                    help="sessions per namespace that RDMA clients look up with no request to the server "
                    "(default 4096; others are looked up over TCP)")
@@ -253,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("slotfile", "inspect, import and export llama.cpp slot files; see rdmakv slotfile --help"),
         ("llama-proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
         ("kvstore-lib", "build or locate libkv_store_rdmakv.so, the kv_store_v1 backend for llama-server"),
+        ("cluster", "cluster membership (etcd): rdmakv cluster status --cluster etcd://HOST:PORT/NAME"),
     ):
         sub.add_parser(name, help=helptext, add_help=False)
     return p
@@ -265,6 +282,7 @@ DELEGATED = {
     "slotfile": "rdmakv.llama.cli",
     "llama-proxy": "rdmakv.llama.proxy",
     "kvstore-lib": "rdmakv.llama.kvstore_lib",
+    "cluster": "rdmakv.cluster.cli",
 }
 
 

@@ -1,0 +1,1 @@
+"""Multi-node: cluster membership in etcd (placement, replicas and repair build on it)."""

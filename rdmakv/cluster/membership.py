@@ -1,0 +1,134 @@
+"""Cluster membership in etcd: each node is a key under a lease it keeps alive; a node that dies
+leaves the member list when its lease runs out, one that stops cleanly revokes it at once.
+
+Only membership lives in etcd, never data. etcd is reached through its JSON gateway with
+``etcd3gw`` (pure Python over HTTP: no gRPC build, and etcd 3.4 serves the gateway by default).
+An etcd outage does not stop a node: it keeps serving, retries its keepalive and registers again
+when etcd is back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ..errors import RdmakvError
+
+DEFAULT_LEASE_TTL = 5  # seconds: how long a dead node stays in the member list at most
+ETCD_TIMEOUT_S = 3.0  # every etcd request gives up after this
+
+
+class ClusterError(RdmakvError):
+    """etcd could not be reached or answered nonsense."""
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    host: str
+    port: int
+    name: str
+
+    @property
+    def prefix(self) -> str:
+        return f"/rdmakv/{self.name}/members/"
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """``etcd://HOST[:PORT]/NAME`` (port 2379 by default)."""
+    parts = urlsplit(url)
+    name = parts.path.strip("/")
+    if parts.scheme != "etcd" or not parts.hostname or not name or "/" in name:
+        raise ValueError(f"cluster URL must be etcd://HOST[:PORT]/NAME, got {url!r}")
+    return ClusterURL(parts.hostname, parts.port or 2379, name)
+
+
+def _client(c: ClusterURL):
+    try:
+        from etcd3gw.client import Etcd3Client
+    except ImportError as e:
+        raise ClusterError("clusters need etcd3gw: pip install 'rdmakv[cluster]'") from e
+    return Etcd3Client(host=c.host, port=c.port, timeout=ETCD_TIMEOUT_S)
+
+
+def members(url: str) -> dict[str, dict]:
+    """The live members: advertised address -> what the node registered."""
+    c = parse_cluster_url(url)
+    try:
+        rows = _client(c).get_prefix(c.prefix)
+    except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+        raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
+    out = {}
+    for value, meta in rows:
+        key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+        try:
+            out[key[len(c.prefix) :]] = json.loads(value)
+        except ValueError:
+            continue  # not ours
+    return out
+
+
+class Registration:
+    """This node's membership: registered under a lease, kept alive from a thread."""
+
+    def __init__(self, url: str, advertise: str, info: dict, ttl: int = DEFAULT_LEASE_TTL, say=print) -> None:
+        if ttl < 2:
+            raise ValueError("the lease TTL must be at least 2 seconds")
+        self.c = parse_cluster_url(url)
+        self.key = self.c.prefix + advertise
+        self.value = json.dumps({"addr": advertise, **info})
+        self.ttl = ttl
+        self.say = say
+        self.lease = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.client = _client(self.c)
+        self.registered = False
+
+    def start(self) -> None:
+        """Register (or say why not and keep trying), then keep the lease alive."""
+        try:
+            self._register()
+        except ClusterError as e:
+            self.say(f"rdmakv: {e}; serving anyway, and registering once etcd answers")
+        self._thread = threading.Thread(target=self._keepalive, daemon=True, name="rdmakv-membership")
+        self._thread.start()
+
+    def _register(self) -> None:
+        try:
+            self.lease = self.client.lease(self.ttl)
+            self.client.put(self.key, self.value, lease=self.lease)
+        except Exception as e:  # noqa: BLE001
+            self.registered = False
+            raise ClusterError(f"registering {self.key} in etcd at {self.c.host}:{self.c.port} failed: {e}") from e
+        self.registered = True
+
+    def _keepalive(self) -> None:
+        period = self.ttl / 3
+        down_since = None if self.registered else time.monotonic()
+        while not self._stop.wait(period):
+            try:
+                if not self.registered or self.lease.refresh() <= 0:  # an expired lease refreshes to -1
+                    self._register()
+                if down_since is not None:
+                    self.say(f"rdmakv: etcd is back after {time.monotonic() - down_since:.0f} s; registered again")
+                    down_since = None
+            except Exception as e:  # noqa: BLE001 - keep serving; membership waits for etcd
+                self.registered = False
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.say(f"rdmakv: etcd unreachable ({type(e).__name__}: {e}); still serving, retrying every "
+                             f"{period:.1f} s")
+
+    def close(self) -> None:
+        """Leave the cluster now (revoke the lease) rather than when it runs out."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.lease is not None and self.registered:
+            try:
+                self.lease.revoke()
+            except Exception:  # noqa: BLE001 - etcd down: the lease runs out by itself
+                pass
