@@ -136,3 +136,14 @@ def test_many_concurrent_clients(server, ns, key):
 
     errors = run_concurrently(worker, 12)
     assert not errors, errors
+
+
+def test_stats_count_the_bytes_each_namespace_received_and_sent(server, ns, key):
+    kv = kvgen.generate(kvgen.token_stream(3, 64), kvgen.QWEN25_05B)
+    with _store(server, ns, key) as st:
+        s0 = st.stats()
+        st.save("s", kv)
+        st.restore("s")
+        s1 = st.stats()
+    assert s1["bytes_received"] - s0["bytes_received"] >= kv.nbytes  # the chunks came in once
+    assert s1["bytes_sent"] - s0["bytes_sent"] >= kv.nbytes  # and went out once

@@ -22,7 +22,7 @@ from ..errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolE
 from ..wire import messages as msg
 from ..wire.auth import NONCE_BYTES, derive_session_keys
 from ..wire.frames import FrameReader, MessageAssembler
-from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
+from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
 from .handlers import Handlers
 
 if TYPE_CHECKING:
@@ -239,7 +239,9 @@ class Connection:
         """Run one request (or take one more frame of a continued one) and reply; then any
         request already buffered. False when the connection must close."""
         assert self.handlers is not None
+        counters = self.server.engine.namespace(self.ns).counters
         while True:
+            counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
             try:
                 whole = self.assembler.add(h, payload)
             except RdmakvError as e:
@@ -273,9 +275,11 @@ class Connection:
             self.server.say(f"rdmakv: {self.peer}: internal error on op {h.op}: {e!r}")
             op, parts = Op.ERROR, [msg.enc_error(ServerError.code, f"internal server error: {e!r}")]
         try:
-            self.send(op, h.req_id, parts)
+            sent = self.send(op, h.req_id, parts)
         except (OSError, RdmakvError):
             return False
+        else:
+            self.server.engine.namespace(self.ns).counters["bytes_sent"] += sent
         finally:
             if reply is not None and reply.after is not None:
                 reply.after()
