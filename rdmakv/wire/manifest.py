@@ -32,7 +32,9 @@ KIND_KV = 1
 KIND_OPAQUE = 2
 KIND_SLOTFILE = 3
 KIND_ENGINE = 4  # an engine's own manifest (kv_store_v1), opaque to rdmakv, over the chunks put with it
-KIND_NAMES = {KIND_KV: "kv", KIND_OPAQUE: "opaque", KIND_SLOTFILE: "slotfile", KIND_ENGINE: "engine"}
+KIND_PART = 5  # one node's part of a cluster session: its chunks; on the name's nodes the whole manifest as body
+KIND_NAMES = {KIND_KV: "kv", KIND_OPAQUE: "opaque", KIND_SLOTFILE: "slotfile", KIND_ENGINE: "engine",
+              KIND_PART: "part"}  # fmt: skip
 
 MAX_CHUNKS = 1 << 20  # a 16k-token session at W=8 has ~100k; each entry costs the server memory
 MAX_BODY = 64 << 20
