@@ -10,6 +10,7 @@ import pytest
 
 from rdmakv import kvgen
 from rdmakv.cluster.client import ClusterStore
+from rdmakv.cluster.membership import members
 from rdmakv.cluster.placement import owners
 
 from .conftest import KEY_HEX
@@ -21,13 +22,11 @@ pytest.importorskip("etcd3gw")
 
 @pytest.fixture
 def cluster(tmp_path):
-    from rdmakv.cluster.membership import members
-
     e = Etcd(tmp_path / "etcd").start()
     nodes = [node(tmp_path, e, i) for i in range(3)]
     url = f"etcd://{e.url}/c1"
     wait_for(lambda: len(members(url)) == 3, 10)
-    yield url, nodes
+    yield url, nodes, e
     for n in nodes:
         n.stop()
     e.stop()
@@ -49,7 +48,7 @@ def test_placement_moves_only_what_a_joining_node_gains():
 
 
 def test_sessions_spread_over_nodes_and_survive_a_killed_node(cluster):
-    url, nodes = cluster
+    url, nodes, _ = cluster
     st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
     kvs = {f"s{i}": session(i) for i in range(4)}
     for name, kv in kvs.items():
@@ -68,4 +67,50 @@ def test_sessions_spread_over_nodes_and_survive_a_killed_node(cluster):
     for name, kv in kvs.items():
         assert st.restore(name).equals(kv)
     assert f"127.0.0.1:{nodes[1].port}" in st.down
+    st.close()
+
+
+def _copies(url: str, nodes_up: list[str], name: str) -> dict[int, int]:
+    """How many live nodes hold each chunk of ``name`` in their part."""
+    import rdmakv
+
+    count: dict[int, int] = {}
+    for addr in nodes_up:
+        with rdmakv.connect(f"rdmakv://{addr}/tenant", key=KEY_HEX, transport="tcp") as s:
+            try:
+                part = s.get_manifest(name)
+            except Exception:  # noqa: BLE001 - no part there
+                continue
+            for k in set(part.keys.tolist()):
+                count[k] = count.get(k, 0) + 1
+    return count
+
+
+def test_repair_restores_r_copies_after_a_loss_and_a_join_moves_about_r_over_n(cluster, tmp_path):
+    url, nodes, etcd = cluster
+    st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
+    kvs = {f"r{i}": session(100 + i, 128) for i in range(3)}
+    for name, kv in kvs.items():
+        st.save(name, kv)
+    st.close()
+    os.kill(nodes[0].pid(), signal.SIGKILL)
+    wait_for(lambda: len(members(url)) == 2, 10)
+    st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
+    out = st.repair()
+    assert out["sessions"] == 3 and not out["lost"] and out["chunks_sent"] > 0
+    live = [f"127.0.0.1:{n.port}" for n in nodes[1:]]
+    for name in kvs:
+        assert set(_copies(url, live, name).values()) == {2}  # back to R = 2 on what is left
+    st.close()
+
+    nodes.append(node(tmp_path, etcd, 9))  # a node joins
+    wait_for(lambda: len(members(url)) == 3, 10)
+    st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
+    total = sum(len(set(kv_keys)) for kv_keys in (_copies(url, live, n) for n in kvs))
+    out = st.repair()
+    moved = out["chunks_sent"]
+    print(f"[cluster] join: {moved} of {2 * total} chunk copies moved to the new node ({moved / (2 * total):.2f})")
+    assert 0.15 < moved / (2 * total) < 0.55  # about R/N = 2/3 of chunks gain a copy there: 1/3 of copies
+    for name, kv in kvs.items():
+        assert st.restore(name).equals(kv)
     st.close()

@@ -29,10 +29,23 @@ def cli(argv: list[str]) -> int:
     st = sub.add_parser("status", help="members (from etcd), whether each answers, and its usage")
     st.add_argument("--cluster", required=True, metavar="etcd://HOST:PORT/NAME")
     st.add_argument("--json", action="store_true")
+    rp = sub.add_parser("repair", help="bring a namespace's sessions back to R copies on the live members")
+    rp.add_argument("--cluster", required=True, metavar="etcd://HOST:PORT/NAME")
+    rp.add_argument("--namespace", required=True)
+    rp.add_argument("--replicas", type=int, default=2)
     args = p.parse_args(argv)
     import os
 
     key = os.environ.get("RDMAKV_AUTH_KEY") or None
+    if args.cmd == "repair":
+        from .client import ClusterStore
+
+        st = ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas)
+        try:
+            print(json.dumps(st.repair(), indent=2))
+        finally:
+            st.close()
+        return 0
     rows = {addr: {**info, **node_usage(addr, key)} for addr, info in sorted(members(args.cluster).items())}
     if args.json:
         print(json.dumps({"cluster": args.cluster, "members": rows}, indent=2))

@@ -151,6 +151,40 @@ class ClusterStore:
         kv = chunking.assemble(layout, buf)
         return (kv, rep) if report else kv
 
+    def repair(self) -> dict:
+        """Bring every session back to R copies of each chunk and of its manifest on the live
+        members, and drop the parts that placement no longer gives a node (after a loss or a
+        join). A session is read whole and saved again: nodes that already hold a chunk are
+        sent nothing (commit-if-all-present), new owners get it."""
+        self.refresh()
+        self.down.clear()
+        names: set[str] = set()
+        for node in self.members:
+            try:
+                names.update(r["name"] for r in self._store(node).list())
+            except (ConnectionLost, OSError, RdmakvError):
+                self._drop(node)
+        live = [n for n in self.members if n not in self.down]
+        out = {"members": live, "sessions": 0, "chunks_sent": 0, "parts_dropped": 0, "lost": []}
+        for name in sorted(names):
+            try:
+                kv = self.restore(name)
+            except RdmakvError:
+                out["lost"].append(name)  # every copy of something it needs is gone
+                continue
+            self.members = live
+            rep = self.save(name, kv)
+            out["sessions"] += 1
+            out["chunks_sent"] += sum(p["sent"] for p in rep.per_node.values())
+            for node in live:
+                if node not in rep.per_node:
+                    try:
+                        self._store(node).delete_manifest(name)
+                        out["parts_dropped"] += 1
+                    except NotFoundError:
+                        pass
+        return out
+
     def close(self) -> None:
         for node in list(self._stores):
             self._drop(node)
