@@ -16,6 +16,7 @@ from rdmakv.errors import ERRORS_BY_CODE, AuthError, ConnectionLost, MissingChun
 from rdmakv.wire import messages as msg
 from rdmakv.wire.auth import NONCE_BYTES, derive_session_keys, fingerprint
 from rdmakv.wire.frames import MessageAssembler
+from rdmakv.wire.iovec import IOV_MAX, advance, byte_views
 from rdmakv.wire.protocol import (
     DEFAULT_MAX_FRAME,
     FLAG_MORE,
@@ -32,7 +33,6 @@ from rdmakv.wire.protocol import (
     plain_frame,
 )
 
-_IOV_MAX = 512
 _READ_AHEAD = 64 << 10
 _DIRECT_RECV = 16 << 10  # reads at least this big skip the read-ahead buffer (no extra copy)
 DEFAULT_MAX_MESSAGE = (1 << 31) + (1 << 20)  # the largest chunk a manifest can name, plus framing
@@ -40,7 +40,7 @@ DEFAULT_MAX_MESSAGE = (1 << 31) + (1 << 20)  # the largest chunk a manifest can 
 
 def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
     """Scatter-gather send of every byte of ``parts`` (no join, no copy)."""
-    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    views = byte_views(parts)
     total = sum(v.nbytes for v in views)
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: the record layer copies anyway
         for v in views:
@@ -48,15 +48,7 @@ def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
         return total
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
-        while sent:
-            n = views[i].nbytes
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = advance(views, i, sock.sendmsg(views[i : i + IOV_MAX]))
     return total
 
 

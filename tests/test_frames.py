@@ -127,3 +127,18 @@ def test_a_forked_child_can_still_seal_large_blake3_frames():
         os.waitpid(pid, 0)
         pytest.fail("sealing a large frame in a forked child hung")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+@given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.integers(1, 60), min_size=1, max_size=30))
+def test_partial_writes_resume_where_they_stopped(parts, steps):
+    from rdmakv.wire.iovec import advance, byte_views
+
+    views = byte_views(parts)
+    out, i, k = bytearray(), 0, 0
+    while i < len(views):  # a writer that takes at most steps[k] bytes per call
+        room = steps[k % len(steps)]
+        k += 1
+        chunk = b"".join(bytes(v) for v in views[i:])[:room]
+        out += chunk
+        i = advance(views, i, len(chunk))
+    assert bytes(out) == b"".join(parts)

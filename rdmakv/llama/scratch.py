@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-IOV_BATCH = 1024  # IOV_MAX on Linux: parts per writev
+from ..wire.iovec import IOV_MAX, advance, byte_views
+
 DEFAULT_SPARES = 4
 
 
@@ -88,19 +89,12 @@ class ScratchFiles:
 
 
 def _pwrite_all(fd: int, parts: Sequence) -> int:
-    views = [memoryview(p).cast("B") for p in parts]
+    views = byte_views(parts)
     at = i = 0
     while i < len(views):
-        batch = views[i : i + IOV_BATCH]
-        n = os.pwritev(fd, batch, at)
+        n = os.pwritev(fd, views[i : i + IOV_MAX], at)
         at += n
-        for v in batch:  # a short write: resume inside the part it stopped in
-            if n >= len(v):
-                n -= len(v)
-                i += 1
-            else:
-                views[i] = v[n:]
-                break
+        i = advance(views, i, n)  # a short write resumes inside the part it stopped in
     return at
 
 

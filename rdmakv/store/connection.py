@@ -22,13 +22,13 @@ from ..errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolE
 from ..wire import messages as msg
 from ..wire.auth import NONCE_BYTES, derive_session_keys
 from ..wire.frames import FrameReader, MessageAssembler
+from ..wire.iovec import IOV_MAX, advance, byte_views
 from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
 from .handlers import Handlers
 
 if TYPE_CHECKING:
     from .server import Server
 
-_IOV_MAX = 512
 
 
 def log_safe(text: str) -> str:
@@ -74,14 +74,14 @@ class Connection:
         return self._send_raw(parts, timeout)
 
     def _send_raw(self, parts: Sequence[bytes | memoryview], timeout: float) -> int:
-        views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+        views = byte_views(parts)
         total = sum(v.nbytes for v in views)
         deadline = time.monotonic() + timeout
         poller = None
         i = 0
         while i < len(views):
             try:
-                sent = self.sock.sendmsg(views[i : i + _IOV_MAX])
+                sent = self.sock.sendmsg(views[i : i + IOV_MAX])
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -91,14 +91,7 @@ class Connection:
                     poller.register(self.fd, select.POLLOUT)
                 poller.poll(min(left, 1.0) * 1000)
                 continue
-            while sent:
-                n = views[i].nbytes
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    views[i] = views[i][sent:]
-                    sent = 0
+            i = advance(views, i, sent)
         self.bytes_out += total
         return total
 
@@ -230,6 +223,9 @@ class Connection:
         if h.op != Op.AUTH or h.plain:
             raise ProtocolError(f"expected AUTH, got opcode {h.op}")
         self.handlers = Handlers(self.server, self.ns, self._entry, self.server.single_key)
+        engine = self.server.engine
+        with engine.lock:  # the namespace may not exist yet: made under the lock, like everywhere
+            self.counters = engine.namespace(self.ns).counters
         self.state = self.OPEN
         self.reader.max_frame = self.server.limits.max_frame
         self.send(Op.AUTH, h.req_id, [msg.enc_json(self.handlers.info())], timeout=5.0)
@@ -239,9 +235,8 @@ class Connection:
         """Run one request (or take one more frame of a continued one) and reply; then any
         request already buffered. False when the connection must close."""
         assert self.handlers is not None
-        counters = self.server.engine.namespace(self.ns).counters
         while True:
-            counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
+            self.counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
             try:
                 whole = self.assembler.add(h, payload)
             except RdmakvError as e:
@@ -279,7 +274,7 @@ class Connection:
         except (OSError, RdmakvError):
             return False
         else:
-            self.server.engine.namespace(self.ns).counters["bytes_sent"] += sent
+            self.counters["bytes_sent"] += sent
         finally:
             if reply is not None and reply.after is not None:
                 reply.after()
