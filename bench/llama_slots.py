@@ -20,7 +20,6 @@ from typing import Any
 
 from . import kvstore_abi as ka
 
-N_SPECIAL = 3  # the test GGUF's vocab: unk/bos/eos, then 256 byte tokens
 SLOTS = 4
 
 
@@ -55,7 +54,7 @@ def _rounds(http_cls, port: int, slot: int, name: str, rounds: int, expect: int)
 
 
 def slot_throughput(lf, binary: Path, model: Path, work: Path, store, key: str, args: argparse.Namespace) -> dict:
-    from .llama import Http
+    from .llama import Http, byte_tokens  # (bench.llama imports this module)
 
     slot_dir = work / "slots4"
     slot_dir.mkdir()
@@ -66,7 +65,7 @@ def slot_throughput(lf, binary: Path, model: Path, work: Path, store, key: str, 
         rng = random.Random(3)
         h = Http(llama.port)
         for slot in range(SLOTS):
-            prompt = [1, *(N_SPECIAL + rng.randrange(256) for _ in range(args.prompt_tokens))]
+            prompt = [1, *byte_tokens(rng, args.prompt_tokens)]
             h.ok("POST", "/completion", {"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": True})
         expect = h.ok("POST", "/slots/0?action=save", {"filename": "direct-0.bin"})[0]["n_saved"]
         h.close()
