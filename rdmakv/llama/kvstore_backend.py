@@ -285,12 +285,8 @@ class KVStoreBackend:
         """Fetch the listed chunks in one batch into the cache; returns how many are cached."""
         if hash_len != self.hash_len or len(hashes) != count * hash_len:
             raise ValueError(f"prefetch of {count} hashes of {hash_len} bytes on a {self.opts.hash_alg} connection")
-        want = []
-        for i in range(count):
-            k = self.key(hashes[i * hash_len : (i + 1) * hash_len])
-            if k not in self.cache:
-                want.append(k)
-        want = list(dict.fromkeys(want))
+        asked = [self.key(hashes[i * hash_len : (i + 1) * hash_len]) for i in range(count)]
+        want = list(dict.fromkeys(k for k in asked if k not in self.cache))
         known = [k for k in want if k in self.table]
         if self.last is not None and known:
             self._prefetch_known(known)
@@ -299,7 +295,7 @@ class KVStoreBackend:
             for k, data in zip(unknown, self._store().get_chunks(unknown)):
                 if data is not None:
                     self._cache_put(k, memoryview(data))
-        return sum(1 for i in range(count) if self.key(hashes[i * hash_len : (i + 1) * hash_len]) in self.cache)
+        return sum(1 for k in asked if k in self.cache)
 
     def _prefetch_known(self, keys: list[Key]) -> None:
         assert self.last is not None
