@@ -34,6 +34,9 @@ class Publishing:
             s = ns.sessions.get(name) if ns is not None else None
             if idx is None or s is None or not s.complete or s.data is None or not ns.rkeys:
                 return False
+            current = idx.slots.get(name)
+            if current is not None and current[2] is s:
+                return True  # the entry names this version already (a restore's TCP lookup asks again)
             loc = Locations(self._region_table(ns), self._locations(ns, s.keys.tolist())).encode()
             blob = enc_blob(name, s.data, loc)
             try:
