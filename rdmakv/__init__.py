@@ -22,9 +22,24 @@ from .errors import (  # noqa: E402
 from .kvstate import KVState, RestoreReport, SaveReport  # noqa: E402
 
 if TYPE_CHECKING:
-    from .client import Store, connect
+    from .client import Store
+    from .cluster.client import ClusterStore
 
-_LAZY = {"Store", "connect"}
+_LAZY = {"Store"}
+CLUSTER_SCHEME = "rdmakv+etcd://"
+
+
+def connect(url: str, *args: Any, **kwargs: Any) -> Store | ClusterStore:
+    """Open a store: ``rdmakv://HOST:PORT/NAMESPACE`` (one server, ``rdmakvs://`` with TLS) or
+    ``rdmakv+etcd://HOST:2379/CLUSTER/NAMESPACE`` (a cluster: its members read from etcd and
+    watched). See :func:`rdmakv.client.connect` and :func:`rdmakv.cluster.client.connect_cluster`."""
+    if url.startswith(CLUSTER_SCHEME):
+        from .cluster.client import connect_cluster
+
+        return connect_cluster(url, *args, **kwargs)
+    from .client import connect as connect_one
+
+    return connect_one(url, *args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

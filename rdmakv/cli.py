@@ -30,14 +30,15 @@ def _key_for_serve(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from .store.server import ServerLimits, run_server
 
-    registration = None
+    agent = None
     if args.cluster:
-        from .cluster.membership import Registration
+        from .cluster.node import NodeAgent
 
         if not args.advertise:
             raise SystemExit("rdmakv serve: --cluster needs --advertise HOST:PORT (where clients reach this node)")
-        registration = Registration(args.cluster, args.advertise, {"listen": args.listen}, ttl=args.lease_ttl,
-                                    say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+        agent = NodeAgent(args.cluster, args.advertise, args.listen, ttl=args.lease_ttl, replicas=args.replicas,
+                          auto_repair=not args.no_auto_repair,
+                          say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     limits = ServerLimits(
         max_connections=args.max_connections, max_per_source=args.max_connections_per_source,
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
@@ -59,10 +60,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quotas=dict(_parse_quota(q) for q in args.quota),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        ready=(lambda _server: registration.start()) if registration is not None else None,
+        ready=agent.start if agent is not None else None,
     )
-    if registration is not None:
-        registration.close()  # leave the member list now, not when the lease runs out
+    if agent is not None:
+        agent.close()  # leave the member list now, not when the lease runs out
     return 0
 
 
@@ -218,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise", metavar="HOST:PORT", help="with --cluster: the address clients use for this node")
     s.add_argument("--lease-ttl", type=int, default=5, metavar="S",
                    help="with --cluster: a node that dies leaves the member list within S seconds (default 5)")
+    s.add_argument("--replicas", type=int, default=2, metavar="R",
+                   help="with --cluster: copies of each chunk and manifest that repair restores (default 2)")
+    s.add_argument("--no-auto-repair", action="store_true",
+                   help="with --cluster: do not repair when membership changes (rdmakv cluster repair still does)")
     s.add_argument("--index-entries", type=int, default=4096, metavar="N",
                    help="sessions per namespace that RDMA clients look up with no request to the server "
                    "(default 4096; others are looked up over TCP)")

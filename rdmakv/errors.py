@@ -104,6 +104,20 @@ class BusyError(RdmakvError):
     code = 15
 
 
+class StaleMembersError(RdmakvError):
+    """A cluster node sees a different member list than the one the client placed a save by.
+
+    The message ends with ``members=ADDR,ADDR,...``: the node's own list, a redirect for a
+    client that cannot reach etcd."""
+
+    code = 16
+
+    @property
+    def members(self) -> list[str]:
+        _, sep, tail = str(self).rpartition("members=")
+        return [a for a in tail.strip().split(",") if a] if sep else []
+
+
 ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
     cls.code: cls
     for cls in (
@@ -122,5 +136,6 @@ ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
         DiskFullError,
         StorageError,
         BusyError,
+        StaleMembersError,
     )
 }

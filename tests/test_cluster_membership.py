@@ -30,11 +30,11 @@ def etcd(tmp_path):
     e.stop()
 
 
-def node(tmp_path, etcd: Etcd, i: int, ttl: int = 2) -> ServerProcess:
-    port = free_port()
+def node(tmp_path, etcd: Etcd, i: int, *extra: str, ttl: int = 2, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
     return ServerProcess(str(tmp_path / f"n{i}"), "64MiB", "--fsync", "never", "--transport", "tcp",
                          "--cluster", f"etcd://{etcd.url}/c1", "--advertise", f"127.0.0.1:{port}",
-                         "--lease-ttl", str(ttl), port=port).start()  # fmt: skip
+                         "--lease-ttl", str(ttl), *extra, port=port).start()  # fmt: skip
 
 
 def wait_for(pred, timeout: float) -> float:

@@ -12,6 +12,7 @@ from rdmakv import kvgen
 from rdmakv.cluster.client import ClusterStore
 from rdmakv.cluster.membership import members
 from rdmakv.cluster.placement import owners
+from rdmakv.cluster.repair import repair
 
 from .conftest import KEY_HEX
 from .etcd_fixture import Etcd
@@ -23,7 +24,7 @@ pytest.importorskip("etcd3gw")
 @pytest.fixture
 def cluster(tmp_path):
     e = Etcd(tmp_path / "etcd").start()
-    nodes = [node(tmp_path, e, i) for i in range(3)]
+    nodes = [node(tmp_path, e, i, "--no-auto-repair") for i in range(3)]
     url = f"etcd://{e.url}/c1"
     wait_for(lambda: len(members(url)) == 3, 10)
     yield url, nodes, e
@@ -96,18 +97,18 @@ def test_repair_restores_r_copies_after_a_loss_and_a_join_moves_about_r_over_n(c
     os.kill(nodes[0].pid(), signal.SIGKILL)
     wait_for(lambda: len(members(url)) == 2, 10)
     st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
-    out = st.repair()
-    assert out["sessions"] == 3 and not out["lost"] and out["chunks_sent"] > 0
+    out = repair(st)
+    assert out["sessions"] == 3 and not out["lost"] and out["chunks_sent"] > 0, str(out)
     live = [f"127.0.0.1:{n.port}" for n in nodes[1:]]
     for name in kvs:
         assert set(_copies(url, live, name).values()) == {2}  # back to R = 2 on what is left
     st.close()
 
-    nodes.append(node(tmp_path, etcd, 9))  # a node joins
+    nodes.append(node(tmp_path, etcd, 9, "--no-auto-repair"))  # a node joins
     wait_for(lambda: len(members(url)) == 3, 10)
     st = ClusterStore(url, "tenant", key=KEY_HEX, replicas=2)
     total = sum(len(set(kv_keys)) for kv_keys in (_copies(url, live, n) for n in kvs))
-    out = st.repair()
+    out = repair(st)
     moved = out["chunks_sent"]
     print(f"[cluster] join: {moved} of {2 * total} chunk copies moved to the new node ({moved / (2 * total):.2f})")
     assert 0.15 < moved / (2 * total) < 0.55  # about R/N = 2/3 of chunks gain a copy there: 1/3 of copies

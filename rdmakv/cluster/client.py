@@ -2,12 +2,14 @@
 key), every session's whole manifest on R nodes (by its name).
 
 Each node keeps, per session, a part: a manifest of kind ``part`` whose chunk table is the
-chunks it holds, so each node refcounts and evicts its own chunks as for a local session. On
-the name's R nodes the part's body is the session's whole manifest. A save commits the parts
-on every other node first, the name's nodes last, so a session is visible (its whole manifest
-readable) only when every chunk it names has its R copies. A restore reads the manifest from
-the first of the name's nodes that answers and fetches each node's chunks at once (one batched
-GET per node, in parallel); a node that fails is replaced by the next replica for its chunks.
+chunks it holds, so each node refcounts and evicts its own chunks as for a local session. The
+part's body names the member list the save was placed by (a node whose own list differs
+refuses it as stale) and, on the name's R nodes, carries the session's whole manifest. A save
+commits the parts on every other node first, the name's nodes last, so a session is visible
+(its whole manifest readable) only when every chunk it names has its R copies. A restore reads
+the manifest from the first of the name's nodes that answers, then fetches each node's share
+at once: one READ plan per node over that node's QP (RDMA), or one batched GET per node (TCP),
+all in parallel. A node that fails is replaced by the next replica for its chunks.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..client import Store, connect
-from ..errors import ConnectionLost, NotFoundError, RdmakvError
-from ..kvstate import KVState
+from ..errors import ConnectionLost, MissingChunksError, NotFoundError, RdmakvError, StaleMembersError
+from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
-from .membership import members
+from ..wire.cluster_part import dec_part_body, enc_part_body, members_digest
+from .membership import ClusterError, MemberWatch, parse_cluster_url
 from .placement import owners
 
 DEFAULT_REPLICAS = 2
+SAVE_RETRY_S = 15.0  # a save placed around a dead node waits at most this for etcd to drop it
+NODE_TIMEOUT_S = 10.0  # every request to one node gives up after this
+NODE_FAILURES = (ConnectionLost, OSError, TimeoutError)
 
 
 @dataclass
@@ -34,29 +41,71 @@ class ClusterReport:
     nodes: int = 0
     chunks: int = 0
     failovers: int = 0  # nodes that failed during the operation and were replaced by replicas
+    stale_retries: int = 0  # saves placed again after a node said the member list was stale
+    transport: str = "tcp"  # "rdma" only when every node's share came by RDMA
     wall_s: float = 0.0
     per_node: dict = field(default_factory=dict)
 
 
+def parse_connect_url(url: str) -> tuple[str, str]:
+    """``rdmakv+etcd://HOST[:PORT]/CLUSTER/NAMESPACE`` -> (``etcd://HOST:PORT/CLUSTER``, namespace)."""
+    p = urlsplit(url)
+    parts = p.path.strip("/").split("/")
+    if p.scheme != "rdmakv+etcd" or not p.hostname or len(parts) != 2 or not all(parts):
+        raise ValueError(f"cluster URL must be rdmakv+etcd://HOST[:PORT]/CLUSTER/NAMESPACE, got {url!r}")
+    etcd = f"etcd://{p.hostname}:{p.port or 2379}/{parts[0]}"
+    parse_cluster_url(etcd)
+    return etcd, parts[1]
+
+
 class ClusterStore:
-    def __init__(self, cluster_url: str, namespace: str, key: str | None = None, replicas: int = DEFAULT_REPLICAS,
-                 window: int = 64) -> None:  # fmt: skip
+    def __init__(self, cluster_url: str, namespace: str, key: str | bytes | None = None,
+                 replicas: int = DEFAULT_REPLICAS, window: int = 64, transport: str = "tcp",
+                 watch: bool = True) -> None:  # fmt: skip
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
         self.cluster_url, self.ns, self.key = cluster_url, namespace, key
-        self.replicas, self.window = replicas, window
-        self.members = sorted(members(cluster_url))
-        if not self.members:
+        self.replicas, self.window, self.transport = replicas, window, transport
+        self.view = MemberWatch(cluster_url)
+        if watch:
+            self.view.start(required=True)
+        else:
+            self.view.reload()
+        if not self.view.members:
+            self.view.close()
             raise RdmakvError(f"cluster {cluster_url} has no live members")
+        self._pinned: list[str] | None = None
         self._stores: dict[str, Store] = {}
         self.down: set[str] = set()
 
-    def refresh(self) -> None:
-        self.members = sorted(members(self.cluster_url))
+    # --- members ----------------------------------------------------------------------------
+    @property
+    def members(self) -> list[str]:
+        return self._pinned if self._pinned is not None else self.view.members
+
+    @members.setter
+    def members(self, addrs: list[str]) -> None:
+        """Place by this list instead of the watched one (tests, and repair over a fixed list)."""
+        self._pinned = sorted(addrs)
+
+    def refresh(self, hint: list[str] | None = None) -> None:
+        """Re-read the member list now; when etcd is unreachable take ``hint`` (a node's list)."""
+        self._pinned = None
+        try:
+            self.view.reload()
+        except ClusterError:
+            if hint:
+                self._pinned = sorted(hint)
+        self.down -= set(self.members)
+
+    def live(self) -> list[str]:
+        return [n for n in self.members if n not in self.down]
 
     def _store(self, node: str) -> Store:
         st = self._stores.get(node)
         if st is None:
-            st = self._stores[node] = connect(f"rdmakv://{node}/{self.ns}", key=self.key, transport="tcp",
-                                              window=self.window, timeout=10)  # fmt: skip
+            st = self._stores[node] = connect(f"rdmakv://{node}/{self.ns}", key=self.key, transport=self.transport,
+                                              window=self.window, timeout=NODE_TIMEOUT_S)  # fmt: skip
         return st
 
     def _drop(self, node: str) -> None:
@@ -68,124 +117,242 @@ class ClusterStore:
             except Exception:  # noqa: BLE001 - it failed already
                 pass
 
+    # --- save -------------------------------------------------------------------------------
     def save(self, name: str, kv: KVState) -> ClusterReport:
+        """Save a session on its nodes; returns once every chunk has its R copies and the name's
+        nodes hold the whole manifest. Retries (bounded by SAVE_RETRY_S) when a node says the
+        member list changed or a node dies mid-save."""
         t0 = time.perf_counter()
         m, chunks = chunking.split(kv, self.window)
+        deadline = time.monotonic() + SAVE_RETRY_S
+        stale = failovers = 0
+        while True:
+            try:
+                rep = self.save_placed(name, m, chunks)
+                break
+            except StaleMembersError as e:
+                stale += 1
+                self.refresh(e.members)
+            except NODE_FAILURES:
+                failovers += 1
+                time.sleep(0.5)  # the dead node leaves the member list within the lease TTL
+                self.refresh()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"save of {name!r}: the member list did not settle within {SAVE_RETRY_S:.0f} s "
+                                   f"(members {self.members}, down {sorted(self.down)})")  # fmt: skip
+        rep.stale_retries, rep.failovers = stale, failovers
+        rep.wall_s = time.perf_counter() - t0
+        return rep
+
+    def save_placed(self, name: str, m: mf.Manifest, chunks: list, members: list[str] | None = None,
+                    fill=None) -> ClusterReport:  # fmt: skip
+        """One placement of a save over ``members`` (default: the live list). ``chunks[i]`` may be
+        None for a chunk the caller does not hold (a repair): a node that lacks it gets it from
+        ``fill(indices) -> {index: bytes}``."""
+        members = members if members is not None else self.live()
+        digest = members_digest(members)
         whole = m.encode()
         keys = m.keys.tolist()
         placed: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
-            for node in owners(k, self.members, self.replicas):
+            for node in owners(k, members, self.replicas):
                 placed.setdefault(node, []).append(i)
-        name_nodes = owners(name, self.members, self.replicas)
+        name_nodes = owners(name, members, self.replicas)
         for node in name_nodes:
             placed.setdefault(node, [])
         rep = ClusterReport(nodes=len(placed), chunks=len(keys))
 
-        def commit(node: str) -> None:
+        def commit(node: str, extra: dict | None = None) -> tuple[str, list[int]]:
+            """(node, the indices it lacks that nobody here holds the bytes of)."""
             idx = list(dict.fromkeys(placed[node]))
-            part = mf.Manifest(mf.KIND_PART, whole if node in name_nodes else b"", m.keys[idx], m.lengths[idx],
-                               np.arange(len(idx), dtype=np.uint64), m.hash_alg)  # fmt: skip
-            r = self._store(node).save_manifest(name, part, [chunks[i] for i in idx])
-            rep.per_node[node] = {"chunks": len(idx), "sent": r.chunks_sent, "round_trips": r.round_trips}
+            body = enc_part_body(digest, whole if node in name_nodes else b"")
+            part = mf.Manifest(mf.KIND_PART, body, m.keys[idx], m.lengths[idx], np.arange(len(idx), dtype=np.uint64),
+                               m.hash_alg)  # fmt: skip
+            data = [chunks[i] for i in idx] if not extra else [extra.get(i, chunks[i]) for i in idx]
+            try:
+                r = self._store(node).save_manifest(name, part, data)
+            except MissingChunksError as e:
+                if fill is None:
+                    raise
+                lacking = set(e.missing)
+                return node, [i for i in idx if keys[i] in lacking]
+            except NODE_FAILURES as e:
+                self._drop(node)
+                raise ConnectionLost(f"node {node} failed during the save: {e}") from e
+            row = rep.per_node.setdefault(node, {"sent": 0, "round_trips": 0})
+            row.update(chunks=len(idx), transport=r.transport)
+            row["sent"] += r.chunks_sent
+            row["round_trips"] += r.round_trips
+            return node, []
 
-        # the name's nodes last: the session is visible once its whole manifest is
+        # the name's nodes last (see the docstring). A node that lacks chunks nobody here holds
+        # (a repair) is committed again once ``fill`` fetched them: never while another thread
+        # uses the same connections.
         with ThreadPoolExecutor(max(1, len(placed))) as pool:
-            list(pool.map(commit, [n for n in placed if n not in name_nodes]))
-            list(pool.map(commit, name_nodes))
-        rep.wall_s = time.perf_counter() - t0
+            for group in ([n for n in placed if n not in name_nodes], name_nodes):
+                lacking = {n: idx for n, idx in pool.map(commit, group) if idx}
+                if lacking:
+                    got = fill(sorted({i for idx in lacking.values() for i in idx}))
+                    for n, still in pool.map(lambda n: commit(n, got), list(lacking)):
+                        if still:
+                            raise MissingChunksError(f"node {n} still lacks {len(still)} chunk(s) of {name!r}",
+                                                     [keys[i] for i in still])  # fmt: skip
         return rep
+
+    # --- restore ----------------------------------------------------------------------------
+    def whole_manifest(self, name: str, rep: ClusterReport | None = None) -> tuple[bytes, str]:
+        """(the session's manifest, the node it came from), from the first name node that has it."""
+        rep = rep if rep is not None else ClusterReport()
+        for attempt in range(2):
+            for node in owners(name, self.live(), self.replicas):
+                try:
+                    part = self._store(node).get_manifest(name)
+                except NotFoundError:
+                    continue  # not there (yet): the next replica
+                except NODE_FAILURES:
+                    self._drop(node)
+                    rep.failovers += 1
+                    continue
+                whole = dec_part_body(part.body)[1] if part.kind == mf.KIND_PART else b""
+                if whole:
+                    return whole, node
+            if attempt == 0:
+                self.refresh()  # the name's nodes may have changed since the list was read
+        raise NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}")
 
     def restore(self, name: str, report: bool = False):
         t0 = time.perf_counter()
         rep = ClusterReport()
-        whole = None
-        for node in owners(name, self.members, self.replicas):
-            try:
-                whole = self._store(node).get_manifest(name)
-                break
-            except NotFoundError:
-                continue  # not there (yet): the next replica
-            except (ConnectionLost, OSError, RdmakvError):
-                self._drop(node)
-                rep.failovers += 1
-        if whole is None or not whole.body:
-            raise NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}")
-        m = mf.decode(whole.body)
+        whole, _ = self.whole_manifest(name, rep)
+        m = mf.decode(whole)
         layout = chunking.decode_layout(m)
-        offsets = layout.chunk_table()[2]
-        buf = bytearray(layout.total_bytes)
+        buf = np.empty(layout.total_bytes, dtype=np.uint8)
+        self.fetch_into(name, m, layout.chunk_table()[2], buf, rep)
+        rep.wall_s = time.perf_counter() - t0
+        kv = chunking.assemble(layout, memoryview(buf))
+        return (kv, rep) if report else kv
+
+    def fetch_into(self, name: str, m: mf.Manifest, offsets: np.ndarray, buf: np.ndarray, rep: ClusterReport,
+                   want: list[int] | None = None, ranks: int | None = None) -> None:  # fmt: skip
+        """Chunks ``want`` (default all) of session ``name`` into ``buf`` at ``offsets``: each node's
+        share at once, failing over to the next replica for a node that fails or lacks a chunk.
+        ``ranks``: how many nodes (in rendezvous order) may hold a chunk (default R; a repair
+        looks further, at every member)."""
         keys = m.keys.tolist()
-        todo = list(range(len(keys)))
-        tries = {i: owners(k, self.members, self.replicas) for i, k in enumerate(keys)}
+        todo = list(range(len(keys))) if want is None else list(want)
+        ranks = ranks or self.replicas
+        tries = {i: owners(keys[i], self.live(), ranks) for i in todo}
+        refreshed = False
+        transports: set[str] = set()
         while todo:
             by_node: dict[str, list[int]] = {}
+            lost = []
             for i in todo:
                 live = [n for n in tries[i] if n not in self.down]
-                if not live:
-                    raise RdmakvError(f"every replica of chunk #{i} of {name!r} is down")
-                by_node.setdefault(live[0], []).append(i)
+                if live:
+                    by_node.setdefault(live[0], []).append(i)
+                else:
+                    lost.append(i)
+            if lost and not refreshed:  # placed by a list newer than ours: look again, once
+                refreshed = True
+                self.refresh()
+                for i in lost:
+                    tries[i] = owners(keys[i], self.live(), ranks)
+                continue
+            if lost:
+                raise RdmakvError(f"every replica of {len(lost)} chunk(s) of {name!r} is down or lacks it "
+                                  f"(first: #{lost[0]})")  # fmt: skip
 
             def fetch(node: str, idx: list[int]) -> list[int]:
                 try:
-                    got = self._store(node).get_chunks([keys[i] for i in idx])
-                except (ConnectionLost, OSError, RdmakvError):
+                    missing, transport = self._fetch_node(node, name, m, idx, offsets, buf)
+                except NODE_FAILURES:
                     self._drop(node)
                     rep.failovers += 1
                     return idx
-                missing = []
-                for i, data in zip(idx, got):
-                    if data is None:
-                        tries[i] = [n for n in tries[i] if n != node]
-                        missing.append(i)
-                    else:
-                        o = int(offsets[i])
-                        buf[o : o + len(data)] = data
+                transports.add(transport)
+                row = rep.per_node.setdefault(node, {"chunks": 0, "transport": transport})
+                row["chunks"] += len(idx) - len(missing)
+                for i in missing:
+                    tries[i] = [n for n in tries[i] if n != node]
                 return missing
 
             with ThreadPoolExecutor(max(1, len(by_node))) as pool:
                 todo = [i for lst in pool.map(lambda kv_: fetch(*kv_), by_node.items()) for i in lst]
-            rep.nodes = max(rep.nodes, len(by_node))
-        rep.chunks = len(keys)
-        rep.wall_s = time.perf_counter() - t0
-        kv = chunking.assemble(layout, buf)
-        return (kv, rep) if report else kv
+            rep.nodes = max(rep.nodes, len(rep.per_node))
+        rep.chunks = len(keys) if want is None else len(want)
+        rep.transport = "rdma" if transports == {"rdma"} else "tcp" if transports <= {"tcp"} else "mixed"
 
-    def repair(self) -> dict:
-        """Bring every session back to R copies of each chunk and of its manifest on the live
-        members, and drop the parts that placement no longer gives a node (after a loss or a
-        join). A session is read whole and saved again: nodes that already hold a chunk are
-        sent nothing (commit-if-all-present), new owners get it."""
-        self.refresh()
-        self.down.clear()
+    def _fetch_node(self, node: str, name: str, m: mf.Manifest, idx: list[int], offsets: np.ndarray,
+                    buf: np.ndarray) -> tuple[list[int], str]:  # fmt: skip
+        """One node's share: READs at the locations its part lists (RDMA), else one batched GET.
+        Returns (chunks it lacked, transport)."""
+        st = self._store(node)
+        if st.rdma is not None and st.rdma.usable:
+            data, loc, _ = st.channel.get_manifest(name, want_locations=True)
+            part = mf.decode(data)
+            pos = {k: j for j, k in enumerate(part.keys.tolist())}
+            keys = m.keys.tolist()
+            have = [i for i in idx if keys[i] in pos]
+            pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
+            r = RestoreReport()
+            got, offs = st.fetch_located(part.keys[pidx], part.lengths[pidx], loc, pidx, r)
+            src = np.asarray(got)
+            for i, o, n in zip(have, offs.tolist(), part.lengths[pidx].tolist()):
+                d = int(offsets[i])
+                buf[d : d + n] = src[o : o + n]
+            return [i for i in idx if keys[i] not in pos], r.transport
+        keys = m.keys.tolist()
+        got = st.get_chunks([keys[i] for i in idx])
+        missing = []
+        for i, data in zip(idx, got):
+            if data is None:
+                missing.append(i)
+            else:
+                d = int(offsets[i])
+                buf[d : d + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return missing, "tcp"
+
+    # --- the rest of the store API ----------------------------------------------------------
+    def delete(self, name: str) -> int:
+        """Delete a session's parts on every live member; returns how many held one."""
+        n = 0
+        for node in self.live():
+            try:
+                self._store(node).delete_manifest(name)
+                n += 1
+            except NotFoundError:
+                pass
+            except NODE_FAILURES:
+                self._drop(node)
+        return n
+
+    def list(self) -> list[str]:
+        """Every session name any live member holds a part of."""
         names: set[str] = set()
-        for node in self.members:
+        for node in self.live():
             try:
                 names.update(r["name"] for r in self._store(node).list())
-            except (ConnectionLost, OSError, RdmakvError):
+            except NODE_FAILURES:
                 self._drop(node)
-        live = [n for n in self.members if n not in self.down]
-        out = {"members": live, "sessions": 0, "chunks_sent": 0, "parts_dropped": 0, "lost": []}
-        for name in sorted(names):
-            try:
-                kv = self.restore(name)
-            except RdmakvError:
-                out["lost"].append(name)  # every copy of something it needs is gone
-                continue
-            self.members = live
-            rep = self.save(name, kv)
-            out["sessions"] += 1
-            out["chunks_sent"] += sum(p["sent"] for p in rep.per_node.values())
-            for node in live:
-                if node not in rep.per_node:
-                    try:
-                        self._store(node).delete_manifest(name)
-                        out["parts_dropped"] += 1
-                    except NotFoundError:
-                        pass
-        return out
+        return sorted(names)
 
     def close(self) -> None:
         for node in list(self._stores):
             self._drop(node)
         self.down.clear()
+        self.view.close()
+
+    def __enter__(self) -> ClusterStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_cluster(url: str, key: str | bytes | None = None, transport: str = "tcp", window: int = 64,
+                    replicas: int = DEFAULT_REPLICAS) -> ClusterStore:  # fmt: skip
+    """``rdmakv.connect("rdmakv+etcd://HOST:2379/CLUSTER/NAMESPACE")``: read the member list,
+    watch it, and place by it."""
+    etcd, ns = parse_connect_url(url)
+    return ClusterStore(etcd, ns, key=key, replicas=replicas, window=window, transport=transport)

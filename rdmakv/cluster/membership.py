@@ -132,3 +132,103 @@ class Registration:
                 self.lease.revoke()
             except Exception:  # noqa: BLE001 - etcd down: the lease runs out by itself
                 pass
+
+
+WATCH_RESYNC_S = 2.0  # the list is re-read this often too: a watch stream that died says nothing
+
+
+class MemberWatch:
+    """The live member list, kept current by an etcd watch on the members prefix (changes arrive
+    in milliseconds) plus a re-read every WATCH_RESYNC_S (which also notices etcd going away and
+    coming back). During an etcd outage the last list read stays in force: saves and restores
+    go on against it, and membership simply stops changing."""
+
+    def __init__(self, url: str, on_change=None, resync_s: float = WATCH_RESYNC_S) -> None:
+        self.url = url
+        self.c = parse_cluster_url(url)
+        self.on_change = on_change
+        self.resync_s = resync_s
+        self.members: list[str] = []
+        self.info: dict[str, dict] = {}
+        self.known = False  # a list has been read at least once
+        self.etcd_ok = False
+        self.changes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._cancel = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def digest(self) -> int:
+        from ..wire.cluster_part import UNKNOWN, members_digest
+
+        return members_digest(self.members) if self.known else UNKNOWN
+
+    def start(self, required: bool = False) -> MemberWatch:
+        """Read the list now (``required``: fail if etcd cannot be read), then keep it current."""
+        try:
+            self.reload()
+        except ClusterError:
+            if required:
+                raise
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rdmakv-member-watch")
+        self._thread.start()
+        return self
+
+    def reload(self) -> bool:
+        """Read the list from etcd; True when it changed."""
+        try:
+            info = members(self.url)
+        except ClusterError:
+            self.etcd_ok = False
+            raise
+        self.etcd_ok = True
+        with self._lock:
+            new = sorted(info)
+            changed = not self.known or new != self.members
+            self.members, self.info, self.known = new, info, True
+            if changed:
+                self.changes += 1
+        if changed and self.on_change is not None:
+            self.on_change(new)
+        return changed
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reload()
+                if self._cancel is None:
+                    self._watch()
+            except ClusterError:
+                self._end_watch()  # etcd is gone: the stream with it; start a new one when it is back
+            except Exception:  # noqa: BLE001 - etcd3gw raises many kinds; the resync retries
+                self._end_watch()
+            self._stop.wait(self.resync_s)
+
+    def _watch(self) -> None:
+        events, self._cancel = _client(self.c).watch_prefix(self.c.prefix)
+
+        def consume() -> None:
+            for _ in events:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.reload()
+                except ClusterError:
+                    return
+
+        threading.Thread(target=consume, daemon=True, name="rdmakv-member-events").start()
+
+    def _end_watch(self) -> None:
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception:  # noqa: BLE001 - it is broken already
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._end_watch()
+        if self._thread is not None:
+            self._thread.join(self.resync_s + ETCD_TIMEOUT_S + 1)

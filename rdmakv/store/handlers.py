@@ -117,6 +117,8 @@ class Handlers:
         name, data, opts = msg.dec_put_manifest(payload)
         self.writes.cancel()  # a new save replaces what this connection had reserved
         data = bytes(data)
+        if self.server.cluster is not None:
+            self.server.cluster.check_put(data)  # a save placed by a stale member list is refused
         missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
         if opts.reserve and len(missing):
             reply = self.writes.reserve(data, missing)
@@ -171,6 +173,8 @@ class Handlers:
             stats["rdma_write_windows"] = {None: "not used yet", True: "on the slab's MRs",
                                            False: "on an MR of each save's run (the device does not keep "
                                                   "WRITEs inside a window's range)"}[bounded]  # fmt: skip
+        if self.server.cluster is not None:
+            stats["cluster"] = self.server.cluster.stats()
         if self.admin:  # only an operator sees the whole store
             srv = self.server
             stats["store"] = self.engine.store_stats() | {

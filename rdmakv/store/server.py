@@ -75,6 +75,9 @@ class Server:
             self.limits.max_frame = max_frame
         engine.max_missing = max(1, (self.limits.max_frame - 64) // 32)
         self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
+        # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(manifest bytes)
+        # refuses a save placed by a stale member list; stats() goes into STATS
+        self.cluster = None
         self.say = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.log = self.say
         self.listener = socket.create_server((host, port), reuse_port=False, backlog=1024)
