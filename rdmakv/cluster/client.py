@@ -193,7 +193,7 @@ class ClusterStore:
                 lacking = {n: idx for n, idx in pool.map(commit, group) if idx}
                 if lacking:
                     got = fill(sorted({i for idx in lacking.values() for i in idx}))
-                    for n, still in pool.map(lambda n: commit(n, got), list(lacking)):
+                    for n, still in pool.map(commit, list(lacking), [got] * len(lacking)):
                         if still:
                             raise MissingChunksError(f"node {n} still lacks {len(still)} chunk(s) of {name!r}",
                                                      [keys[i] for i in still])  # fmt: skip
