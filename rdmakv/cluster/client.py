@@ -28,7 +28,7 @@ from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.cluster_part import dec_part_body, enc_part_body, members_digest
 from .membership import ClusterError, MemberWatch, parse_cluster_url
-from .placement import owners
+from .placement import keys64, owners, place
 
 DEFAULT_REPLICAS = 2
 SAVE_RETRY_S = 15.0  # a save placed around a dead node waits at most this for etcd to drop it
@@ -153,10 +153,8 @@ class ClusterStore:
         digest = members_digest(members)
         whole = m.encode()
         keys = m.keys.tolist()
-        placed: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            for node in owners(k, members, self.replicas):
-                placed.setdefault(node, []).append(i)
+        where = place(keys64(m.keys), members, self.replicas)
+        placed = {members[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
         name_nodes = owners(name, members, self.replicas)
         for node in name_nodes:
             placed.setdefault(node, [])
@@ -241,7 +239,7 @@ class ClusterStore:
         keys = m.keys.tolist()
         todo = list(range(len(keys))) if want is None else list(want)
         ranks = ranks or self.replicas
-        tries = {i: owners(keys[i], self.live(), ranks) for i in todo}
+        tries = self._ranked(m, todo, ranks)
         refreshed = False
         transports: set[str] = set()
         while todo:
@@ -256,8 +254,7 @@ class ClusterStore:
             if lost and not refreshed:  # placed by a list newer than ours: look again, once
                 refreshed = True
                 self.refresh()
-                for i in lost:
-                    tries[i] = owners(keys[i], self.live(), ranks)
+                tries.update(self._ranked(m, lost, ranks))
                 continue
             if lost:
                 raise RdmakvError(f"every replica of {len(lost)} chunk(s) of {name!r} is down or lacks it "
@@ -282,6 +279,14 @@ class ClusterStore:
             rep.nodes = max(rep.nodes, len(rep.per_node))
         rep.chunks = len(keys) if want is None else len(want)
         rep.transport = "rdma" if transports == {"rdma"} else "tcp" if transports <= {"tcp"} else "mixed"
+
+    def _ranked(self, m: mf.Manifest, idx: list[int], ranks: int) -> dict[int, list[str]]:
+        """Chunk index -> the live nodes that should hold it, best first."""
+        live = self.live()
+        if not idx or not live:
+            return {i: [] for i in idx}
+        rows = place(keys64(m.keys[idx]), live, ranks).tolist()
+        return {i: [live[j] for j in row] for i, row in zip(idx, rows)}
 
     def _fetch_node(self, node: str, name: str, m: mf.Manifest, idx: list[int], offsets: np.ndarray,
                     buf: np.ndarray) -> tuple[list[int], str]:  # fmt: skip

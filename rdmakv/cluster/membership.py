@@ -134,14 +134,15 @@ class Registration:
                 pass
 
 
-WATCH_RESYNC_S = 2.0  # the list is re-read this often too: a watch stream that died says nothing
+WATCH_RESYNC_S = 10.0  # the list is re-read this often too: a watch stream that died says nothing
 
 
 class MemberWatch:
     """The live member list, kept current by an etcd watch on the members prefix (changes arrive
-    in milliseconds) plus a re-read every WATCH_RESYNC_S (which also notices etcd going away and
-    coming back). During an etcd outage the last list read stays in force: saves and restores
-    go on against it, and membership simply stops changing."""
+    in milliseconds, each applied as it comes: a change costs one event per watcher, not a
+    re-read of the list) plus a re-read every WATCH_RESYNC_S (which also notices etcd going
+    away and coming back). During an etcd outage the last list read stays in force: saves and
+    restores go on against it, and membership simply stops changing."""
 
     def __init__(self, url: str, on_change=None, resync_s: float = WATCH_RESYNC_S) -> None:
         self.url = url
@@ -183,6 +184,9 @@ class MemberWatch:
             self.etcd_ok = False
             raise
         self.etcd_ok = True
+        return self._install(info)
+
+    def _install(self, info: dict[str, dict]) -> bool:
         with self._lock:
             new = sorted(info)
             changed = not self.known or new != self.members
@@ -192,6 +196,24 @@ class MemberWatch:
         if changed and self.on_change is not None:
             self.on_change(new)
         return changed
+
+    def apply(self, event: dict) -> bool:
+        """One watch event (a member registered or left); True when the list changed."""
+        kv = event.get("kv", {})
+        key = kv.get("key", b"")
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if not key.startswith(self.c.prefix):
+            return False
+        addr = key[len(self.c.prefix) :]
+        info = dict(self.info)
+        if event.get("type") == "DELETE":
+            info.pop(addr, None)
+        else:
+            try:
+                info[addr] = json.loads(kv.get("value", b""))
+            except ValueError:
+                return False
+        return self._install(info)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -209,13 +231,10 @@ class MemberWatch:
         events, self._cancel = _client(self.c).watch_prefix(self.c.prefix)
 
         def consume() -> None:
-            for _ in events:
+            for event in events:
                 if self._stop.is_set():
                     return
-                try:
-                    self.reload()
-                except ClusterError:
-                    return
+                self.apply(event)
 
         threading.Thread(target=consume, daemon=True, name="rdmakv-member-events").start()
 

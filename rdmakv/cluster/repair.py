@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import NotFoundError, RdmakvError
 from ..wire import manifest as mf
 from .client import NODE_FAILURES, ClusterReport, ClusterStore
-from .placement import owners
+from .placement import keys64, place
 
 
 def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]) -> dict:
@@ -98,10 +98,8 @@ def check(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
         keys = m.keys.tolist()
         copies = np.zeros(len(keys), dtype=np.int64)
         want = min(cs.replicas, len(live))
-        by_node: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            for node in owners(k, live, cs.replicas):
-                by_node.setdefault(node, []).append(i)
+        where = place(keys64(m.keys), live, cs.replicas)
+        by_node = {live[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
         for node, idx in by_node.items():
             try:
                 have = cs._store(node).exists([keys[i] for i in idx])
