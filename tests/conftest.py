@@ -17,8 +17,9 @@ OTHER_KEY_HEX = "01" * 32
 
 
 class ServerProcess(_ServerProcess):
-    def __init__(self, data_dir: str, capacity: str = "256MiB", *extra: str, port: int = 0) -> None:
-        super().__init__(data_dir, capacity, *extra, key_hex=KEY_HEX, port=port)
+    def __init__(self, data_dir: str, capacity: str = "256MiB", *extra: str, port: int = 0,
+                 host: str = "127.0.0.1") -> None:  # fmt: skip
+        super().__init__(data_dir, capacity, *extra, key_hex=KEY_HEX, port=port, host=host)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import pytest
 
 import rdmakv
 from rdmakv import kvgen
+from rdmakv.cluster.etcd_server import Etcd, free_port
 from rdmakv.cluster.membership import ClusterError, members, parse_cluster_url
 
 from .conftest import KEY_HEX, ServerProcess
-from .etcd_fixture import Etcd, free_port
 
 pytest.importorskip("etcd3gw")
 

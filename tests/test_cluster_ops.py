@@ -16,12 +16,12 @@ import pytest
 
 import rdmakv
 from rdmakv.cluster.client import ClusterStore, parse_connect_url
+from rdmakv.cluster.etcd_server import Etcd
 from rdmakv.cluster.membership import members
 from rdmakv.errors import StaleMembersError
 from rdmakv.wire import chunking
 
 from .conftest import KEY_HEX
-from .etcd_fixture import Etcd
 from .test_cluster_membership import node, wait_for
 from .test_cluster_store import _copies, session
 

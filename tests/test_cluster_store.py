@@ -10,12 +10,12 @@ import pytest
 
 from rdmakv import kvgen
 from rdmakv.cluster.client import ClusterStore
+from rdmakv.cluster.etcd_server import Etcd
 from rdmakv.cluster.membership import members
 from rdmakv.cluster.placement import owners
 from rdmakv.cluster.repair import repair
 
 from .conftest import KEY_HEX
-from .etcd_fixture import Etcd
 from .test_cluster_membership import node, wait_for
 
 pytest.importorskip("etcd3gw")

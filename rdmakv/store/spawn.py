@@ -12,9 +12,11 @@ import time
 
 
 class ServerProcess:
-    """`python -m rdmakv serve` on 127.0.0.1; restartable on the same data dir."""
+    """`python -m rdmakv serve` on ``host`` (127.0.0.1 by default); restartable on the same data dir."""
 
-    def __init__(self, data_dir: str, capacity: str = "256MiB", *extra: str, key_hex: str, port: int = 0) -> None:
+    def __init__(self, data_dir: str, capacity: str = "256MiB", *extra: str, key_hex: str, port: int = 0,
+                 host: str = "127.0.0.1") -> None:  # fmt: skip
+        self.host = host
         self.data_dir = data_dir
         self.capacity = capacity
         self.extra = list(extra)
@@ -29,7 +31,7 @@ class ServerProcess:
         cmd = [
             *self.start_prefix,
             sys.executable, "-m", "rdmakv", "serve",
-            "--listen", f"127.0.0.1:{self.port}",
+            "--listen", f"{self.host}:{self.port}",
             "--data-dir", self.data_dir,
             "--capacity", self.capacity,
             *self.extra,
@@ -42,7 +44,7 @@ class ServerProcess:
             if not line:
                 raise RuntimeError("server exited during start-up:\n" + "".join(self.log))
             self.log.append(line)
-            m = re.search(r"listening on rdmakv://127\.0\.0\.1:(\d+)", line)
+            m = re.search(rf"listening on rdmakv://{re.escape(self.host)}:(\d+)", line)
             if m:
                 self.port = int(m.group(1))
                 threading.Thread(target=self._drain, daemon=True).start()
@@ -59,7 +61,7 @@ class ServerProcess:
         return any("rdma=on" in line for line in self.log)
 
     def url(self, ns: str = "test") -> str:
-        return f"rdmakv://127.0.0.1:{self.port}/{ns}"
+        return f"rdmakv://{self.host}:{self.port}/{ns}"
 
     def pid(self) -> int:
         assert self.proc is not None

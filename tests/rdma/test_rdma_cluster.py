@@ -10,10 +10,10 @@ import signal
 import pytest
 
 from rdmakv.cluster.client import ClusterStore
+from rdmakv.cluster.etcd_server import Etcd, free_port
 from rdmakv.cluster.membership import members
 
 from ..conftest import KEY_HEX, ServerProcess
-from ..etcd_fixture import Etcd, free_port
 from ..test_cluster_membership import wait_for
 from ..test_cluster_store import session
 

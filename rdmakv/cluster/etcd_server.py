@@ -1,4 +1,4 @@
-"""A real etcd (Debian's etcd-server) on loopback for the cluster tests."""
+"""A real etcd (Debian's etcd-server) on loopback, for the cluster tests, benchmarks and guests."""
 
 from __future__ import annotations
 
@@ -17,20 +17,24 @@ def free_port() -> int:
 
 
 class Etcd:
-    def __init__(self, data_dir: Path) -> None:
+    """One etcd member with its data dir; ``host`` is where clients reach it (loopback by default;
+    the first two-node guest uses its link address)."""
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
         self.dir = Path(data_dir)
+        self.host = host
         self.port, self.peer = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Etcd:
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("etcd not installed (apt-get install etcd-server; ./dev test does it)")
-        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        client, peer = f"http://{self.host}:{self.port}", f"http://127.0.0.1:{self.peer}"
         log = open(self.dir.parent / f"etcd-{self.port}.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [binary, "--name", "t", "--data-dir", str(self.dir), "--listen-client-urls", client,
