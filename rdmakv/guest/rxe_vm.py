@@ -87,13 +87,14 @@ def run(
     UML (its one-time kernel download/extract is not counted in ``timeout`` either).
 
     ``nodes=2`` (UML only; no disks or power cuts) boots two guests at once, one per host core,
-    joined by an Ethernet link (``vec0``, L2TPv3 over UDP on the host's 127.0.0.1) that rxe0
-    runs on, node i at ``NODE_ADDRS[i]`` (192.0.2.1, 192.0.2.2 /24). Both run ``command``, told
-    their role by ``RDMAKV_NODE`` (0/1), ``RDMAKV_NODES=2`` and ``RDMAKV_NODE_ADDRS``. Node 1's
-    output lines are prefixed ``[node1] ``. The result is node 0's status, unless node 1's
-    command exits non-zero on its own (then a zero becomes node 1's status; it is reported on
-    stderr either way); node 1 is killed 2 s after node 0 ends, which is no failure. ``timeout``
-    covers both guests.
+    joined by an Ethernet link (``vec0``: frames in UDP on the host's 127.0.0.1, or L2TPv3 with
+    RDMAKV_GUEST_LINK=l2tpv3; see ``rdmakv.guest.uml_pair``) that rxe0 runs on, node i at
+    ``NODE_ADDRS[i]`` (192.0.2.1, 192.0.2.2 /24). Both run ``command``, told their role by
+    ``RDMAKV_NODE`` (0/1), ``RDMAKV_NODES=2`` and ``RDMAKV_NODE_ADDRS``. Node 1's output lines
+    are prefixed ``[node1] ``. The result is node 0's status, unless node 1's command exits
+    non-zero on its own (then a zero becomes node 1's status; it is reported on stderr either
+    way); node 1 is killed 2 s after node 0 ends, which is no failure. ``timeout`` covers both
+    guests.
 
     Raises :class:`GuestError` when the guest cannot be prepared (missing kernel or packages,
     rxe0 not ACTIVE, ...), dies without reporting a status, or times out.
@@ -190,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nodes", type=int, default=1, metavar="N",
         help="1 (default) or 2: with 2, boot two UML guests at once, one per host core, joined by "
-        "a link vec0 (L2TPv3 over UDP on the host's 127.0.0.1) with rxe0 on it, node 0 at "
+        "a link vec0 (Ethernet frames in UDP on the host's 127.0.0.1; RDMAKV_GUEST_LINK=l2tpv3 "
+        "for L2TPv3) with rxe0 on it, node 0 at "
         "192.0.2.1/24 and node 1 at 192.0.2.2/24. Both run COMMAND with RDMAKV_NODE=0|1, "
         "RDMAKV_NODES=2, RDMAKV_NODE_ADDRS=192.0.2.1,192.0.2.2; node 1's output lines are "
         "prefixed '[node1] '. The exit status is node 0's (or node 1's non-zero one if node 0 "
