@@ -10,6 +10,12 @@ address; the guest has no network device to the host), ``rxe0`` on ``d0`` (check
 PORT_ACTIVE), ``ulimit -l unlimited``, fresh /proc /sys /dev, /tmp and /run on tmpfs, the
 caller's cwd mounted read-write at the same path, and ``RDMAKV_IN_GUEST=1 RDMAKV_GUEST=uml``.
 
+``run(..., nodes=2)`` / ``rdmakv rxe-vm --nodes 2`` boots two such UML guests at once, one per
+host core, joined by an Ethernet link ``vec0`` (frames in UDP on the host's 127.0.0.1) with
+rxe0 on it instead of d0: node 0 at 192.0.2.1/24, node 1 at 192.0.2.2/24, real RoCE between
+two kernels. Both run the command, told their role by ``RDMAKV_NODE`` (0/1), ``RDMAKV_NODES``
+and ``RDMAKV_NODE_ADDRS``; node 0's status is the run's (``rdmakv.guest.uml_pair``).
+
 ``run(..., guest="qemu")`` is the fallback for machines where that kernel cannot be built:
 QEMU TCG (never KVM) boots Debian's stock kernel package, extracted into the same cache, with
 the host root shared read-only over 9p; same guest setup, ``RDMAKV_GUEST=qemu``, ~10 s to
@@ -21,7 +27,8 @@ for the QEMU guest :func:`ensure_qemu_guest`, :func:`cached_qemu_kernel`.
 
 The parts: ``host`` (packages, cache dirs, the error), ``kernel`` (the UML kernel build and
 cache), ``runner`` (what both guests share: io files, output pipes, one boot), ``uml`` and
-``qemu`` (the two guests), ``initramfs`` (the QEMU guest's cpio).
+``qemu`` (the two guests), ``uml_pair`` (two linked UML guests), ``initramfs`` (the QEMU guest's
+cpio).
 """
 
 from __future__ import annotations
@@ -140,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
             "root is shared read-only (writes go to a tmpfs overlay), the current directory is "
             "mounted read-write at the same path, and COMMAND runs there with the caller's "
             "environment plus RDMAKV_IN_GUEST=1. Its output is streamed live; its exit status "
-            f"becomes ours. Harness failures exit with {HARNESS_FAILURE}."
+            f"becomes ours. Harness failures exit with {HARNESS_FAILURE}. With --nodes 2, two such "
+            "guests linked by vec0 (rxe0 on it) run COMMAND side by side."
         ),
         epilog="Examples: rdmakv rxe-vm -- ibv_devinfo -d rxe0; "
         "rdmakv rxe-vm --nodes 2 -- sh -c 'echo node $RDMAKV_NODE; ibv_devinfo -d rxe0 | grep state'",
