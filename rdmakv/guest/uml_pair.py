@@ -17,6 +17,9 @@ link carries the Ethernet frames in UDP datagrams on the host's 127.0.0.1, in on
   UDP RcvbufErrors, rxe retried on timeout, and bandwidth swung between 33 and 141 MB/s. With
   ``udp`` there were no rxe retries.
 
+The link MTU is 9000 ($RDMAKV_LINK_MTU), set on the UML command line: rxe then runs a 4096-byte
+path MTU, as on the single guest's d0.
+
 The command learns its role from ``RDMAKV_NODE`` (0 or 1), ``RDMAKV_NODES`` (2) and
 ``RDMAKV_NODE_ADDRS`` (192.0.2.1,192.0.2.2). Node 0's output goes to stdout/stderr unchanged,
 node 1's with every line prefixed ``[node1] ``. The run's status is node 0's, except that a
@@ -42,7 +45,7 @@ from .uml import _check_host, _pick_cpus, _prepare, _uml_argv, _uml_host_env
 NODE_ADDRS = ("192.0.2.1", "192.0.2.2")
 #: How long node 1 may keep running after node 0's guest ended before it is killed.
 NODE1_GRACE_S = 2.0
-#: The l2tpv3 link's MTU. rxe's largest path MTU is 4096, which an Ethernet MTU of 4096 + 58
+#: The link's MTU ($RDMAKV_LINK_MTU overrides). rxe's largest path MTU is 4096, which an Ethernet MTU of 4096 + 58
 #: (RoCE v2 headers) or more allows; 9000 matches the single guest. The UDP datagram carrying a
 #: 9000-byte frame fits the host's loopback MTU (65536) whole.
 DEFAULT_LINK_MTU = 9000
@@ -79,9 +82,11 @@ _SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux values; the socket module lac
 
 
 def _free_udp_ports(n: int) -> list[int]:
-    """``n`` distinct UDP ports on 127.0.0.1 free right now. UML binds them itself, so they are
-    released again; a port another process grabs in between makes ``ip link set vec0 up`` fail
-    in that guest, which is reported as a setup failure."""
+    """``n`` distinct UDP ports on 127.0.0.1 free right now (for the ``l2tpv3`` link). UML binds
+    them itself, so they are released again; a port another process grabs in between fails
+    ``ip link set vec0 up``, and 6.1's vector driver then panics in its error path, which the
+    harness reports as a guest that died without a status (the panic in the console tail). The
+    ``udp`` link has no such window."""
     socks = []
     try:
         for _ in range(n):
