@@ -65,20 +65,29 @@ def _nul_file(path: pathlib.Path, items) -> None:
     path.write_bytes(data)
 
 
-def _write_run_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
-    """The io files both guests' stage 2 read: devlinks, net.ip, argv, env, cwd, trace."""
+def _write_run_files(
+    io: pathlib.Path, command, genv: dict, workdir: str, net: tuple[str, list[str], str] | None = None
+) -> None:
+    """The io files both guests' stage 2 read: devlinks, net.ip, argv, env, cwd, trace.
+
+    ``net`` = (netdev, ``ip -batch`` lines, what they do) replaces the default (rxe0 on a dummy
+    d0 with 192.0.2.1/24): io/netdev then names the device rxe0 goes on, and the description
+    for error messages."""
     links = io / "devlinks"
     links.mkdir()
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         (links / name).symlink_to(target)
-    net = ["link set lo up", "link add d0 type dummy"]
-    # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
-    # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
-    mtu = int(os.environ.get("RDMAKV_GUEST_MTU") or DEFAULT_GUEST_MTU)
-    net.append(f"link set d0 mtu {mtu}")
-    net += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
-    (io / "net.ip").write_text("\n".join(net) + "\n")
+    if net is None:
+        lines = ["link set lo up", "link add d0 type dummy"]
+        # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
+        # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
+        lines.append(f"link set d0 mtu {guest_mtu()}")
+        lines += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
+    else:
+        netdev, lines, what = net
+        (io / "netdev").write_text(f"{netdev}\n{what}\n")
+    (io / "net.ip").write_text("\n".join(lines) + "\n")
     _nul_file(io / "argv", [str(a) for a in command])
     _nul_file(io / "env", [f"{k}={v}" for k, v in genv.items()])
     _nul_file(io / "cwd", [workdir])
@@ -89,9 +98,37 @@ def _write_run_files(io: pathlib.Path, command, genv: dict, workdir: str) -> Non
 DEFAULT_GUEST_MTU = 9000
 
 
-def _pump(fd: int, stream) -> None:
-    """Copy a pipe to a Python stream, live (chunk by chunk)."""
+def guest_mtu() -> int:
+    """The guest link MTU: $RDMAKV_GUEST_MTU, else :data:`DEFAULT_GUEST_MTU`."""
+    return int(os.environ.get("RDMAKV_GUEST_MTU") or DEFAULT_GUEST_MTU)
+
+
+def _write(stream, data: bytes) -> None:
     buf = getattr(stream, "buffer", None)
+    try:
+        if buf is not None:
+            buf.write(data)
+            buf.flush()
+        else:
+            stream.write(data.decode(errors="replace"))
+            stream.flush()
+    except (OSError, ValueError):
+        pass  # the consumer went away; keep draining so the guest never blocks
+
+
+@dataclass(frozen=True)
+class LineSink:
+    """Where a pump writes whole lines, each starting with ``prefix``, under ``lock``: two guests
+    share sys.stdout / sys.stderr, and a line must not be cut in the middle by the other's."""
+
+    prefix: bytes
+    lock: threading.Lock
+
+
+def _pump(fd: int, stream, lines: LineSink | None = None) -> None:
+    """Copy a pipe to a Python stream, live: chunk by chunk, or with ``lines`` line by line (a
+    partial line waits for its newline; at EOF it is written, given a newline if prefixed)."""
+    pending = b""
     try:
         while True:
             try:
@@ -100,15 +137,19 @@ def _pump(fd: int, stream) -> None:
                 continue
             if not data:
                 break
-            try:
-                if buf is not None:
-                    buf.write(data)
-                    buf.flush()
-                else:
-                    stream.write(data.decode(errors="replace"))
-                    stream.flush()
-            except (OSError, ValueError):
-                pass  # the consumer went away; keep draining so the guest never blocks
+            if lines is None:
+                _write(stream, data)
+                continue
+            pending += data
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                out = b"".join(lines.prefix + line + b"\n" for line in pending[: cut - 1].split(b"\n"))
+                pending = pending[cut:]
+                with lines.lock:
+                    _write(stream, out)
+        if lines is not None and pending:
+            with lines.lock:
+                _write(stream, lines.prefix + pending + (b"\n" if lines.prefix else b""))
     finally:
         os.close(fd)
 
@@ -203,6 +244,7 @@ class _GuestRun:
         self.fds: list[int] = []  # still ours to close
         self.t_launch = self.t_exit = 0.0
         self._pipes: list[tuple[int, int]] = []
+        self._pumps: list[threading.Thread] = []
 
     def open_pipes(self) -> tuple[int, int]:
         """Pipes for the command's stdout and stderr; returns their write ends (the guest's)."""
@@ -212,21 +254,15 @@ class _GuestRun:
         self._pipes = [(r_out, w_out), (r_err, w_err)]
         return w_out, w_err
 
-    def boot(
-        self, argv: list[str], *, timeout: float, what: str, power_cut: PowerCut | None = None, **popen_kwargs
-    ) -> int:
-        """Start the guest (own session, output to console.log, no core dump, dies with us),
-        stream the command's output to sys.stdout / sys.stderr, wait for the guest to end and
-        return the command's status from io/rc. Raises :class:`GuestError` on timeout, on a
-        setup failure the guest wrote to io/error, or when it left no io/rc (``what``: "UML"
-        or "QEMU", for that message). With ``power_cut``, the whole guest is killed at that
-        moment and POWER_CUT is returned (unless the command finished first)."""
+    def start(self, argv: list[str], *, lines: tuple[LineSink, LineSink] | None = None, **popen_kwargs) -> None:
+        """Start the guest (own session, output to console.log, no core dump, dies with us) and
+        the threads that stream the command's output to sys.stdout / sys.stderr (``lines``:
+        line by line through those sinks instead of chunk by chunk)."""
         with contextlib.suppress(AttributeError, ValueError, OSError):
             sys.stdout.flush()
             sys.stderr.flush()
         self.t_launch = time.time()
-        deadline = time.monotonic() + timeout
-        self.proc = proc = subprocess.Popen(
+        self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
@@ -238,37 +274,58 @@ class _GuestRun:
         for _, w in self._pipes:
             os.close(w)
             self.fds.remove(w)
-        pumps = []
-        for (r, _), stream in zip(self._pipes, (sys.stdout, sys.stderr)):
+        for i, ((r, _), stream) in enumerate(zip(self._pipes, (sys.stdout, sys.stderr))):
             self.fds.remove(r)
-            t = threading.Thread(target=_pump, args=(r, stream), daemon=True)
+            t = threading.Thread(target=_pump, args=(r, stream, lines[i] if lines else None), daemon=True)
             t.start()
-            pumps.append(t)
-        try:
-            if power_cut is not None and power_cut.wait_and_cut(proc, deadline, self.io / "t_cmd"):
-                self.t_exit = time.time()
-                for t in pumps:
-                    t.join(timeout=5)
-                return POWER_CUT
-            status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            proc.wait()
-            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(self.console)}") from None
+            self._pumps.append(t)
+
+    def ended(self) -> None:
+        """After the guest process exited (or was killed): note the time, kill its stray helper
+        processes, let the output threads drain."""
         self.t_exit = time.time()
-        _killpg(proc.pid)  # stray helper processes, if any
-        for t in pumps:
+        _killpg(self.proc.pid)  # stray helper processes, if any
+        for t in self._pumps:
             t.join(timeout=5)
+
+    def result(self, what: str) -> int:
+        """The command's status from io/rc after :meth:`ended`. Raises :class:`GuestError` on a
+        setup failure the guest wrote to io/error, or when it left no io/rc (``what``: "UML"
+        or "QEMU", for that message)."""
         err = self.io / "error"
         if err.exists():
             raise GuestError(f"guest setup failed: {err.read_text().strip()}")
         rc_file = self.io / "rc"
         if not rc_file.exists():
             raise GuestError(
-                f"guest died without reporting a status ({what} exit status {status}); "
+                f"guest died without reporting a status ({what} exit status {self.proc.returncode}); "
                 f"console log tail:\n{_tail(self.console)}"
             )
         return int(rc_file.read_text().strip())
+
+    def boot(
+        self, argv: list[str], *, timeout: float, what: str, power_cut: PowerCut | None = None, **popen_kwargs
+    ) -> int:
+        """:meth:`start` the guest, wait for it to end and return the command's status
+        (:meth:`result`). Raises :class:`GuestError` on timeout and as :meth:`result` does.
+        With ``power_cut``, the whole guest is killed at that moment and POWER_CUT is returned
+        (unless the command finished first)."""
+        deadline = time.monotonic() + timeout
+        self.start(argv, **popen_kwargs)
+        proc = self.proc
+        try:
+            if power_cut is not None and power_cut.wait_and_cut(proc, deadline, self.io / "t_cmd"):
+                self.t_exit = time.time()
+                for t in self._pumps:
+                    t.join(timeout=5)
+                return POWER_CUT
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(self.console)}") from None
+        self.ended()
+        return self.result(what)
 
     def log_timings(self, label: str, stamp) -> None:
         """Log boot / command / shutdown timings after :meth:`boot`; ``stamp(path)`` is the time

@@ -10,6 +10,12 @@ address; the guest has no network device to the host), ``rxe0`` on ``d0`` (check
 PORT_ACTIVE), ``ulimit -l unlimited``, fresh /proc /sys /dev, /tmp and /run on tmpfs, the
 caller's cwd mounted read-write at the same path, and ``RDMAKV_IN_GUEST=1 RDMAKV_GUEST=uml``.
 
+``run(..., nodes=2)`` / ``rdmakv rxe-vm --nodes 2`` boots two such UML guests at once, one per
+host core, joined by an Ethernet link ``vec0`` (frames in UDP on the host's 127.0.0.1) with
+rxe0 on it instead of d0: node 0 at 192.0.2.1/24, node 1 at 192.0.2.2/24, real RoCE between
+two kernels. Both run the command, told their role by ``RDMAKV_NODE`` (0/1), ``RDMAKV_NODES``
+and ``RDMAKV_NODE_ADDRS``; node 0's status is the run's (``rdmakv.guest.uml_pair``).
+
 ``run(..., guest="qemu")`` is the fallback for machines where that kernel cannot be built:
 QEMU TCG (never KVM) boots Debian's stock kernel package, extracted into the same cache, with
 the host root shared read-only over 9p; same guest setup, ``RDMAKV_GUEST=qemu``, ~10 s to
@@ -21,7 +27,8 @@ for the QEMU guest :func:`ensure_qemu_guest`, :func:`cached_qemu_kernel`.
 
 The parts: ``host`` (packages, cache dirs, the error), ``kernel`` (the UML kernel build and
 cache), ``runner`` (what both guests share: io files, output pipes, one boot), ``uml`` and
-``qemu`` (the two guests), ``initramfs`` (the QEMU guest's cpio).
+``qemu`` (the two guests), ``uml_pair`` (two linked UML guests), ``initramfs`` (the QEMU guest's
+cpio).
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from .kernel import cached_kernel, ensure_kernel, kernel_key
 from .qemu import _run_qemu, cached_qemu_kernel, ensure_qemu_guest
 from .runner import POWER_CUT, PowerCut
 from .uml import run_uml
+from .uml_pair import NODE_ADDRS, run_uml_pair
 
 __all__ = [
+    "NODE_ADDRS",
     "POWER_CUT",
     "GuestError",
     "PowerCut",
@@ -67,6 +76,7 @@ def run(
     verbose: bool | None = None,
     disks: Sequence[str] = (),
     power_cut: PowerCut | None = None,
+    nodes: int = 1,
 ) -> int:
     """Boot a guest with ``rxe0`` up, run ``command`` in it, return the command's exit status.
 
@@ -83,6 +93,16 @@ def run(
     boot/run/shutdown timings to stderr. ``guest="qemu"`` uses the QEMU TCG fallback instead of
     UML (its one-time kernel download/extract is not counted in ``timeout`` either).
 
+    ``nodes=2`` (UML only; no disks or power cuts) boots two guests at once, one per host core,
+    joined by an Ethernet link (``vec0``: frames in UDP on the host's 127.0.0.1, or L2TPv3 with
+    RDMAKV_GUEST_LINK=l2tpv3; see ``rdmakv.guest.uml_pair``) that rxe0 runs on, node i at
+    ``NODE_ADDRS[i]`` (192.0.2.1, 192.0.2.2 /24). Both run ``command``, told their role by
+    ``RDMAKV_NODE`` (0/1), ``RDMAKV_NODES=2`` and ``RDMAKV_NODE_ADDRS``. Node 1's output lines
+    are prefixed ``[node1] ``. The result is node 0's status, unless node 1's command exits
+    non-zero on its own (then a zero becomes node 1's status; it is reported on stderr either
+    way); node 1 is killed 2 s after node 0 ends, which is no failure. ``timeout`` covers both
+    guests.
+
     Raises :class:`GuestError` when the guest cannot be prepared (missing kernel or packages,
     rxe0 not ACTIVE, ...), dies without reporting a status, or times out.
     """
@@ -92,6 +112,8 @@ def run(
         raise GuestError("already inside the rxe guest (RDMAKV_IN_GUEST is set): run the command directly")
     if guest not in ("uml", "qemu"):
         raise GuestError(f"unknown guest {guest!r} (expected 'uml' or 'qemu')")
+    if nodes not in (1, 2):
+        raise ValueError(f"nodes must be 1 or 2, not {nodes!r}")
     if not re.fullmatch(r"[0-9]+[KMG]?", mem):
         raise GuestError(f"bad mem {mem!r} (expected e.g. 3G, 512M)")
     if verbose is None:
@@ -99,6 +121,10 @@ def run(
     workdir = os.path.realpath(cwd if cwd is not None else os.getcwd())
     if not os.path.isdir(workdir):
         raise GuestError(f"cwd {workdir} is not a directory")
+    if nodes == 2:
+        if guest != "uml" or disks or power_cut:
+            raise GuestError("two-node runs are for the UML guest only, without disks or power cuts")
+        return run_uml_pair(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
     if guest == "qemu":
         if disks or power_cut:
             raise GuestError("disks and power cuts are for the UML guest only")
@@ -121,9 +147,11 @@ def _parser() -> argparse.ArgumentParser:
             "root is shared read-only (writes go to a tmpfs overlay), the current directory is "
             "mounted read-write at the same path, and COMMAND runs there with the caller's "
             "environment plus RDMAKV_IN_GUEST=1. Its output is streamed live; its exit status "
-            f"becomes ours. Harness failures exit with {HARNESS_FAILURE}."
+            f"becomes ours. Harness failures exit with {HARNESS_FAILURE}. With --nodes 2, two such "
+            "guests linked by vec0 (rxe0 on it) run COMMAND side by side."
         ),
-        epilog="Example: rdmakv rxe-vm -- ibv_devinfo -d rxe0",
+        epilog="Examples: rdmakv rxe-vm -- ibv_devinfo -d rxe0; "
+        "rdmakv rxe-vm --nodes 2 -- sh -c 'echo node $RDMAKV_NODE; ibv_devinfo -d rxe0 | grep state'",
     )
     p.add_argument(
         "--guest",
@@ -169,6 +197,16 @@ def _parser() -> argparse.ArgumentParser:
         help="start the --power-cut-after clock when this file (in the shared cwd) appears",
     )
     p.add_argument(
+        "--nodes", type=int, default=1, metavar="N",
+        help="1 (default) or 2: with 2, boot two UML guests at once, one per host core, joined by "
+        "a link vec0 (Ethernet frames in UDP on the host's 127.0.0.1; RDMAKV_GUEST_LINK=l2tpv3 "
+        "for L2TPv3) with rxe0 on it, node 0 at "
+        "192.0.2.1/24 and node 1 at 192.0.2.2/24. Both run COMMAND with RDMAKV_NODE=0|1, "
+        "RDMAKV_NODES=2, RDMAKV_NODE_ADDRS=192.0.2.1,192.0.2.2; node 1's output lines are "
+        "prefixed '[node1] '. The exit status is node 0's (or node 1's non-zero one if node 0 "
+        "succeeded); node 1 is stopped 2 s after node 0 ends",
+    )  # fmt: skip
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -179,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    """``rdmakv rxe-vm [--guest uml|qemu] [--timeout S] [--mem 3G] [--rebuild] -- COMMAND...``"""
+    """``rdmakv rxe-vm [--guest uml|qemu] [--nodes 1|2] [--timeout S] [--mem 3G] [--rebuild] -- COMMAND...``"""
     p = _parser()
     args = p.parse_args(argv)
     command = args.command
@@ -187,6 +225,10 @@ def cli(argv: list[str]) -> int:
         command = command[1:]
     if not command:
         p.error("no COMMAND given (usage: rdmakv rxe-vm [options] -- COMMAND...)")
+    if args.nodes not in (1, 2):
+        p.error(f"--nodes must be 1 or 2, not {args.nodes}")
+    if args.nodes == 2 and (args.guest != "uml" or args.disk or args.power_cut_after is not None):
+        p.error("--nodes 2 needs --guest uml and no --disk / --power-cut-after")
 
     def _on_sigterm(signum, frame):
         raise SystemExit(128 + signum)  # unwinds run(): kills the guest, removes temp dirs
@@ -203,7 +245,7 @@ def cli(argv: list[str]) -> int:
         cut = PowerCut(args.power_cut_after, args.power_cut_when) if args.power_cut_after is not None else None
         rc = run(
             command, guest=args.guest, timeout=args.timeout, mem=args.mem, verbose=args.verbose or None,
-            disks=args.disk, power_cut=cut,
+            disks=args.disk, power_cut=cut, nodes=args.nodes,
         )  # fmt: skip
         return 137 if rc == POWER_CUT else rc
     except GuestError as e:

@@ -22,13 +22,19 @@ first_line() { # first line of a file (for error messages)
 }
 
 # ulimit -l, then lo, the dummy netdev d0 (io/net.ip) and rxe0 on it, checked PORT_ACTIVE.
-# Needs the tick fifo on fd 9 (`read -t S -u 9` sleeps without a fork).
+# A two-node UML run puts rxe0 on the link between the guests instead: io/netdev names it
+# (line 1: vec0; line 2: what io/net.ip does, for the error message). Needs the tick fifo on fd 9 (`read -t S -u 9` sleeps
+# without a fork).
 setup_rxe() {
+    local netdev=d0 what="lo up, dummy d0 192.0.2.1/24"
+    if [[ -e $io/netdev ]]; then
+        { IFS= read -r netdev; IFS= read -r what; } <"$io/netdev"
+    fi
     ulimit -l unlimited || fail "ulimit -l unlimited failed"
     ip -batch "$io/net.ip" 2>/run/rdmakv-ip.err ||
-        fail "network setup (lo up, dummy d0 192.0.2.1/24) failed: $(first_line /run/rdmakv-ip.err)"
-    rdma link add rxe0 type rxe netdev d0 2>/run/rdmakv-rdma.err ||
-        fail "rdma link add rxe0 type rxe netdev d0 failed: $(first_line /run/rdmakv-rdma.err)"
+        fail "network setup ($what) failed: $(first_line /run/rdmakv-ip.err)"
+    rdma link add rxe0 type rxe netdev "$netdev" 2>/run/rdmakv-rdma.err ||
+        fail "rdma link add rxe0 type rxe netdev $netdev failed: $(first_line /run/rdmakv-rdma.err)"
     state=
     for ((i = 0; i < 200; i++)); do
         IFS= read -r state 2>/dev/null </sys/class/infiniband/rxe0/ports/1/state

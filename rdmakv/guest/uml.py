@@ -74,31 +74,65 @@ def _pick_cpu():
     concurrent rdmakv guest holds (flock on a per-core lock file), so parallel runs spread out.
     """
     if os.environ.get("RDMAKV_UML_CPU"):
-        cpus = os.environ["RDMAKV_UML_CPU"].strip()
-        if not re.fullmatch(r"[0-9]+([,-][0-9]+)*", cpus):
-            raise GuestError(f"RDMAKV_UML_CPU={cpus!r} is not a taskset cpu list such as 1 or 0-1")
-        return cpus, None
+        return _env_cpus(), None
+    return _pick_cpus(1)[0]
+
+
+def _env_cpus() -> str:
+    cpus = os.environ["RDMAKV_UML_CPU"].strip()
+    if not re.fullmatch(r"[0-9]+([,-][0-9]+)*", cpus):
+        raise GuestError(f"RDMAKV_UML_CPU={cpus!r} is not a taskset cpu list such as 1 or 0-1")
+    return cpus
+
+
+def _expand_cpus(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def _pick_cpus(n: int) -> list[tuple[int | str, object]]:
+    """``n`` host cores for ``n`` guests, one each where the machine has that many; each as
+    (cpu, open lock file or None). Free cores first (last core first, as :func:`_pick_cpu`),
+    then cores another run holds: two guests on one core would halve each one's speed, which
+    is worse than sharing a core with another run's single guest only in the rare case that
+    run is busy. With $RDMAKV_UML_CPU (a taskset list), guest i gets its i-th core (cycling)."""
+    if os.environ.get("RDMAKV_UML_CPU"):
+        listed = _expand_cpus(_env_cpus())
+        return [(listed[i % len(listed)], None) for i in range(n)]
     try:
         cpus = sorted(os.sched_getaffinity(0), reverse=True)
     except (AttributeError, OSError):
         cpus = [0]
     lock_dir = pathlib.Path(tempfile.gettempdir())
+    picked: list[tuple[int | str, object]] = []
+    busy: list[int] = []
     for cpu in cpus:
+        if len(picked) == n:
+            break
         try:
             f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")
         except OSError:
+            busy.append(cpu)
             continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
+            busy.append(cpu)
             continue
-        return cpu, f
-    return cpus[0], None  # all busy: share the last core
+        picked.append((cpu, f))
+    while len(picked) < n:  # not enough free cores: share (busy ones, then round again)
+        pool = busy or cpus
+        picked.append((pool[(len(picked)) % len(pool)], None))
+    return picked
 
 
-def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> None:
-    """Everything stage1.sh / stage2.sh read from the io dir (see their headers)."""
+def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str, net=None) -> None:
+    """Everything stage1.sh / stage2.sh read from the io dir (see their headers); ``net`` as
+    for :func:`_write_run_files`."""
     e = _fstab_escape
     root = f"{io}/root"
     (io / "fstab1").write_text(
@@ -121,13 +155,13 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str) -> N
     lines.append(f"{e(str(io))}/cpuinfo {e(root)}/proc/cpuinfo none bind,ro 0 0")
     (io / "fstab2").write_text("\n".join(lines) + "\n")
     (io / "cpuinfo").write_text(_guest_cpuinfo())
-    _write_run_files(io, command, genv, workdir)
+    _write_run_files(io, command, genv, workdir, net)
 
 
-def _uml_host_env(mem: str, tmp: pathlib.Path) -> dict[str, str]:
+def _uml_host_env(mem: str, tmp: pathlib.Path, guests: int = 1) -> dict[str, str]:
     """Environment of the UML process itself. UML backs guest RAM with a file in $TMPDIR, else
     /dev/shm; a small /dev/shm (containers often have 64 MB) would SIGBUS the guest, so then
-    point TMPDIR at our temp dir instead."""
+    point TMPDIR at our temp dir instead (``guests`` running at once each need ``mem``)."""
     env = dict(os.environ)
     if env.get("TMPDIR"):
         return env
@@ -136,9 +170,49 @@ def _uml_host_env(mem: str, tmp: pathlib.Path) -> dict[str, str]:
         shm_free = st.f_bavail * st.f_frsize
     except OSError:
         shm_free = 0
-    if shm_free < _mem_bytes(mem):
+    if shm_free < guests * _mem_bytes(mem):
         env["TMPDIR"] = str(tmp)
     return env
+
+
+def _check_host(workdir: str) -> pathlib.Path:
+    """What every UML run needs on the host; returns the kernel (built if missing)."""
+    if "," in workdir:
+        raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
+    for tool in ("taskset",):
+        if shutil.which(tool) is None:
+            raise GuestError(f"{tool} not found on the host (package util-linux)")
+    ensure_packages(RUNTIME_PACKAGES)
+    return ensure_kernel()
+
+
+def _prepare(g, command, genv: dict, workdir: str, net=None) -> tuple[int, int]:
+    """Fill a fresh guest temp dir (io files, stage scripts), open its console log and output
+    pipes; returns the pipes' write ends (the guest's)."""
+    io, tmp = g.io, g.tmp
+    for d in (io / "rw", io / "root", tmp / "uml"):
+        d.mkdir(parents=True)
+    _copy_stage_scripts(io, "stage1.sh", "stage2.sh")
+    _write_guest_files(io, command, genv, workdir, net)
+    g.log = open(g.console, "wb")
+    return g.open_pipes()
+
+
+def _uml_argv(kernel: pathlib.Path, cpu, mem: str, g, w_out: int, w_err: int) -> list[str]:
+    """The UML command line for guest ``g`` (after :func:`_prepare`), pinned to ``cpu``."""
+    return [
+        "taskset", "-c", str(cpu),
+        str(kernel),
+        f"mem={mem}",
+        f"uml_dir={g.tmp / 'uml'}",
+        "rootfstype=hostfs", "rootflags=/", "ro",
+        "quiet", "loglevel=4",
+        f"init={g.io / 'stage1.sh'}",
+        "con=null", "ssl=null",
+        f"con0=null,fd:{g.log.fileno()}",
+        f"con1=null,fd:{w_out}",
+        f"con2=null,fd:{w_err}",
+    ]  # fmt: skip
 
 
 def run_uml(
@@ -158,46 +232,22 @@ def run_uml(
     for d in disks:
         if not os.path.isfile(d) or "," in d or "=" in d:
             raise GuestError(f"disk image {d!r} is not a file (or its path has a comma or '=')")
-    if "," in workdir:
-        raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
-    for tool in ("taskset",):
-        if shutil.which(tool) is None:
-            raise GuestError(f"{tool} not found on the host (package util-linux)")
-    ensure_packages(RUNTIME_PACKAGES)
-    kernel = ensure_kernel()
+    kernel = _check_host(workdir)
     genv = _guest_env(env)
 
     cpu, cpu_lock = _pick_cpu()
     with _guest_run("rdmakv-uml-", cpu_lock) as g:
-        io, tmp = g.io, g.tmp
-        for d in (io / "rw", io / "root", tmp / "uml"):
-            d.mkdir(parents=True)
-        _copy_stage_scripts(io, "stage1.sh", "stage2.sh")
-        _write_guest_files(io, command, genv, workdir)
-        g.log = log = open(g.console, "wb")
-        w_out, w_err = g.open_pipes()
-        argv = [
-            "taskset", "-c", str(cpu),
-            str(kernel),
-            f"mem={mem}",
-            f"uml_dir={tmp / 'uml'}",
-            "rootfstype=hostfs", "rootflags=/", "ro",
-            "quiet", "loglevel=4",
-            f"init={io / 'stage1.sh'}",
-            "con=null", "ssl=null",
-            f"con0=null,fd:{log.fileno()}",
-            f"con1=null,fd:{w_out}",
-            f"con2=null,fd:{w_err}",
-        ]  # fmt: skip
+        w_out, w_err = _prepare(g, command, genv, workdir)
+        argv = _uml_argv(kernel, cpu, mem, g, w_out, w_err)
         argv += [f"ubd{i}={os.path.realpath(d)}" for i, d in enumerate(disks)]
         rc = g.boot(
             argv,
             timeout=timeout,
             what="UML",
             power_cut=power_cut,
-            pass_fds=(log.fileno(), w_out, w_err),
-            cwd=tmp / "uml",  # a UML core dump (if any) lands in the temp dir
-            env=_uml_host_env(mem, tmp),
+            pass_fds=(g.log.fileno(), w_out, w_err),
+            cwd=g.tmp / "uml",  # a UML core dump (if any) lands in the temp dir
+            env=_uml_host_env(mem, g.tmp),
         )
         if verbose:
             g.log_timings(f"cpu {cpu}", _read_float)
