@@ -115,3 +115,23 @@ def test_repair_restores_r_copies_after_a_loss_and_a_join_moves_about_r_over_n(c
     for name, kv in kvs.items():
         assert st.restore(name).equals(kv)
     st.close()
+
+
+def test_sessions_with_a_shared_prefix_dedup_across_nodes(cluster):
+    """Two conversations on one system prompt, saved under names that land on different nodes:
+    the second sends only its own chunks, wherever the shared ones live."""
+    import numpy as np
+
+    url, _, _ = cluster
+    with ClusterStore(url, "tenant", key=KEY_HEX, replicas=2) as st:
+        system = kvgen.token_stream(11, 128)
+        a = kvgen.generate(np.concatenate([system, kvgen.token_stream(12, 64)]), kvgen.QWEN25_05B)
+        b = kvgen.generate(np.concatenate([system, kvgen.token_stream(13, 64)]), kvgen.QWEN25_05B)
+        names = [f"chat{i}" for i in range(40)]
+        first = next(n for n in names if owners(n, st.members, 2) != owners("chat0", st.members, 2))
+        ra, rb = st.save("chat0", a), st.save(first, b)
+        sent_a = sum(p["sent"] for p in ra.per_node.values())
+        sent_b = sum(p["sent"] for p in rb.per_node.values())
+        assert sent_a == 2 * ra.chunks  # every chunk, twice (R = 2)
+        assert sent_b == 2 * (rb.chunks // 3)  # only the last 64 of 192 tokens are new: a third
+        assert st.restore("chat0").equals(a) and st.restore(first).equals(b)
