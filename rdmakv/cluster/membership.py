@@ -134,7 +134,8 @@ class Registration:
                 pass
 
 
-WATCH_RESYNC_S = 10.0  # the list is re-read this often too: a watch stream that died says nothing
+WATCH_RESYNC_S = 10.0  # how often the watch is checked against etcd: a stream that died says nothing
+FULL_RESYNC_EVERY = 10  # checks are a member count (O(1) bytes); every 10th re-reads the whole list
 
 
 class MemberWatch:
@@ -215,10 +216,28 @@ class MemberWatch:
                 return False
         return self._install(info)
 
+    def count(self) -> int:
+        """How many members etcd lists (a count-only range: a few bytes whatever the size)."""
+        from etcd3gw.utils import _encode, _increment_last_byte
+
+        try:
+            client = _client(self.c)
+            reply = client.post(client.get_url("/kv/range"), json={
+                "key": _encode(self.c.prefix), "range_end": _encode(_increment_last_byte(self.c.prefix)),
+                "count_only": True})  # fmt: skip
+            return int(reply.get("count", 0))
+        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+            self.etcd_ok = False
+            raise ClusterError(f"etcd at {self.c.host}:{self.c.port} unreachable: {e}") from e
+
     def _run(self) -> None:
+        checks = 0
         while not self._stop.is_set():
             try:
-                self.reload()
+                if self._cancel is None or checks % FULL_RESYNC_EVERY == 0 or self.count() != len(self.members):
+                    self.reload()
+                self.etcd_ok = True
+                checks += 1
                 if self._cancel is None:
                     self._watch()
             except ClusterError:

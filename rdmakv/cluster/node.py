@@ -41,6 +41,8 @@ class NodeAgent:
         self.repairing = False
         self.last_repair: dict = {}
         self.stale_refused = 0
+        self.repaired = {"under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0, "parts_dropped": 0,
+                         "work_seconds": 0.0}  # over all passes  # fmt: skip
 
     def start(self, server) -> None:
         """Called once the store has replayed and listens: join, watch, and repair on changes."""
@@ -86,7 +88,8 @@ class NodeAgent:
     def stats(self) -> dict:
         return {"members": len(self.view.members), "etcd_reachable": self.view.etcd_ok,
                 "member_changes": self.view.changes, "stale_refused": self.stale_refused,
-                "repairs": self.repairs, "repairing": self.repairing, "last_repair": self.last_repair}  # fmt: skip
+                "repairs": self.repairs, "repairing": self.repairing, "last_repair": self.last_repair,
+                "repaired_total": dict(self.repaired)}  # fmt: skip
 
     # --- repair ---------------------------------------------------------------------------
     def _changed(self, _members: list[str]) -> None:
@@ -116,7 +119,7 @@ class NodeAgent:
         t0 = time.monotonic()
         total = {"members": len(self.view.members), "sessions": 0, "under_replicated": 0, "chunks_sent": 0,
                  "bytes_sent": 0, "parts_dropped": 0, "lost": 0, "still_under_replicated": 0,
-                 "failed": []}  # fmt: skip
+                 "work_seconds": 0.0, "failed": []}  # fmt: skip
         try:
             engine = self.server.engine
             for ns in sorted(engine.namespaces):
@@ -142,6 +145,7 @@ class NodeAgent:
                                       "still_under_replicated"):  # fmt: skip
                                 total[k] += out[k]
                             total["lost"] += len(out["lost"])
+                            total["work_seconds"] += out["seconds"]  # without the settle waits
                             total["failed"] += out["failed"]
                 finally:
                     cs.close()
@@ -152,6 +156,8 @@ class NodeAgent:
         total["finished_at"] = time.time()
         self.repairs += 1
         self.last_repair = total
+        for k in self.repaired:
+            self.repaired[k] += total[k]
         if total["chunks_sent"] or total["parts_dropped"] or total["failed"]:
             self.say(f"rdmakv: repair over {total['members']} members: {total['sessions']} sessions, "
                      f"{total['under_replicated']} were under-replicated, {total['chunks_sent']} chunks "
