@@ -28,7 +28,10 @@ def _key_for_serve(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .store import logs
     from .store.server import ServerLimits, run_server
+
+    logs.configure(args.log_format, args.log_level)
 
     agent = None
     if args.cluster:
@@ -38,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit("rdmakv serve: --cluster needs --advertise HOST:PORT (where clients reach this node)")
         agent = NodeAgent(args.cluster, args.advertise, args.listen, ttl=args.lease_ttl, replicas=args.replicas,
                           auto_repair=not args.no_auto_repair,
-                          say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+                          say=logs.say)  # fmt: skip
     limits = ServerLimits(
         max_connections=args.max_connections, max_per_source=args.max_connections_per_source,
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
@@ -61,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         ready=agent.start if agent is not None else None,
+        metrics_listen=args.metrics_listen,
     )
     if agent is not None:
         agent.close()  # leave the member list now, not when the lease runs out
@@ -160,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run a store server", description="Run a store server. " + KEY_HELP + ".")
+    p.serve_parser = s  # type: ignore[attr-defined]  # main() loads --config into it
     s.add_argument("--listen", default="127.0.0.1:9900", help="HOST:PORT to listen on (default 127.0.0.1:9900)")
-    s.add_argument("--data-dir", required=True, help="directory of the durable segment log (created if missing)")
+    s.add_argument("--config", metavar="FILE",
+                   help="read serve options from a TOML file (long option names with _ for -); flags override it")
+    s.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
+    s.add_argument("--data-dir", help="directory of the durable segment log (created if missing); required")
     s.add_argument(
         "--capacity", default="2GiB",
         help="memory tier: registered slab memory plus resident manifests across all namespaces, e.g. 2GiB",
@@ -226,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index-entries", type=int, default=4096, metavar="N",
                    help="sessions per namespace that RDMA clients look up with no request to the server "
                    "(default 4096; others are looked up over TCP)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (names in docs/operations.md)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="one line per event on stderr: text (default) or one JSON object per line")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="events below this level are not logged (default info)")
     s.add_argument("--tls-cert", metavar="PEM", help="serve TLS (clients use rdmakvs://) with this certificate chain")
     s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     s.set_defaults(func=cmd_serve)
@@ -291,6 +305,27 @@ DELEGATED = {
 }
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, with `serve --config FILE` applied under the command-line flags."""
+    if argv and argv[0] == "serve":
+        from . import serve_config
+
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv[1:])
+        serve = parser.serve_parser  # type: ignore[attr-defined]
+        if known.config:
+            serve.set_defaults(**serve_config.load(known.config, serve))
+        args = parser.parse_args(argv)
+        if args.print_config:
+            print(serve_config.render(args, serve), end="")
+            raise SystemExit(0)
+        if not args.data_dir:
+            parser.serve_parser.error("--data-dir (or data_dir in --config) is required")
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:  # these parse their own flags (argparse REMAINDER would not)
@@ -303,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         except (RdmakvError, OSError) as e:
             print(f"rdmakv {argv[0]}: error: {e}", file=sys.stderr)
             return 1
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = _parse(parser, argv)
+    except RdmakvError as e:
+        print(f"rdmakv: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:

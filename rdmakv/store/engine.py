@@ -12,7 +12,6 @@ needs bytes to stay put takes holds under the lock, does the copy without it, an
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -26,6 +25,7 @@ from slab import CapacityBudget, Region, Slab
 from ..errors import DiskFullError, IntegrityError, ManifestError
 from ..hashing import key_hex, keys_array, matches
 from ..wire import manifest as mf
+from . import logs
 from . import records as rec
 from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
@@ -81,7 +81,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
         self.span_bytes = span_bytes
         self.region_hook = region_hook
         self.release_hook = release_hook
-        self.say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = log or logs.say
         self.damage: list[Damage] = []
         # segments follow the disk budget, or the filesystem when it is the smaller of the two
         room = min(self.disk_capacity, fs_free_bytes(self.dir) + sum(p.stat().st_size for p in self.dir.glob("seg-*")))
@@ -379,6 +379,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
                 if (ns_name, k) in holder.pending:
                     self._drop_pending(holder, ns_name, k)
             ns.counters["manifests_committed"] += 1
+            ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
         return np.zeros(0, dtype=np.uint64)
 
     def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:

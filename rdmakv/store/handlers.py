@@ -5,13 +5,14 @@ namespace (STATS, LIST, COMPACT, PIN) but never reads or writes its sessions."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
-from ..errors import AuthError, NotFoundError, ProtocolError
+from ..errors import AuthError, NotFoundError, ProtocolError, RdmakvError
 from ..wire import messages as msg
 from ..wire.protocol import Op
 from .write_path import WritePath
@@ -79,7 +80,17 @@ class Handlers:
         if not self.data_access and op not in MANAGEMENT_OPS:
             raise AuthError(f"an admin key manages namespace {self.ns!r}; it does not read or write its sessions")
         self.server.count_request(self.ns, op)
-        out = handler(payload)
+        metrics = self.server.metrics
+        if metrics is None:
+            out = handler(payload)
+        else:
+            t0 = time.perf_counter()
+            try:
+                out = handler(payload)
+            except RdmakvError as e:
+                metrics.error(self.ns, e.code)
+                raise
+            metrics.request(self.ns, op, time.perf_counter() - t0)
         return out if isinstance(out, Reply) else Reply(out)
 
     def close(self) -> None:
@@ -91,6 +102,7 @@ class Handlers:
             except Exception:  # noqa: BLE001 - the QP may already be gone with its device
                 pass
             self.rdma_session = None
+            self.server.count_qp(-1)
 
     # -- handlers ------------------------------------------------------------------------
     def on_exists(self, payload: memoryview) -> list:
@@ -124,8 +136,11 @@ class Handlers:
             reply = self.writes.reserve(data, missing)
             if reply is not None:
                 return [reply]
-        if not len(missing) and self.server.rdma is not None:
-            self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
+        if not len(missing):
+            if self.server.rdma is not None:
+                self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
+            if self.server.metrics is not None:
+                self.server.metrics.saved(self.ns, "tcp")
         return [msg.enc_manifest_result(missing)]
 
     def on_commit(self, payload: memoryview) -> list:
@@ -137,6 +152,8 @@ class Handlers:
         data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
+        if self.server.metrics is not None:
+            self.server.metrics.restored(self.ns, "rdma" if want else "tcp", tier)
         return msg.enc_manifest_reply(data, loc, tier)
 
     def on_pin(self, payload: memoryview) -> list:
@@ -190,7 +207,9 @@ class Handlers:
         if self.rdma_session is not None:
             self.rdma_session.close()  # type: ignore[attr-defined]
             self.rdma_session = None
+            self.server.count_qp(-1)
         self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
+        self.server.count_qp(+1)
         published = self.engine.published_index(self.ns, self.server.limits.index_entries)
         index = exporter.register_index(self.ns, published)  # type: ignore[attr-defined]
         # QP info, the one-sided lookup index, then the namespace's region table (later regions

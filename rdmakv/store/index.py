@@ -28,7 +28,7 @@ from slab import Slab, Slot
 from .segment_log import Location
 
 COUNTERS = (
-    "bytes_received", "bytes_sent", "chunks_received", "chunks_stored", "chunks_deduped",
+    "bytes_received", "bytes_sent", "chunks_received", "chunks_stored", "chunks_deduped", "chunks_referenced",
     "manifests_committed", "restores", "memory_hits", "disk_hits", "promotions", "promoted_chunks",
     "demotions", "evictions", "expirations", "deletes", "orphans_dropped",
 )  # fmt: skip

@@ -29,6 +29,7 @@ import errno
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ class SegmentLog:
         self.broken: str | None = None
         self.bytes_written = 0
         self.fsyncs = 0
+        self.on_fsync: Callable[[float], None] | None = None  # seconds of each log fsync (metrics)
 
     # -- files ----------------------------------------------------------------------------
     def segment_paths(self) -> list[tuple[int, Path]]:
@@ -265,6 +267,12 @@ class SegmentLog:
             os.fsync(f.fileno())
         seg.size = at
 
+    def _fsync(self, fd: int) -> None:
+        t0 = time.perf_counter()
+        os.fsync(fd)
+        if self.on_fsync is not None:
+            self.on_fsync(time.perf_counter() - t0)
+
     # -- writing --------------------------------------------------------------------------
     def open_for_append(self) -> None:
         with self._lock:
@@ -273,7 +281,7 @@ class SegmentLog:
     def _rotate_locked(self) -> None:
         if self._fd is not None:
             if self.fsync_policy != "never":
-                os.fsync(self._fd)
+                self._fsync(self._fd)
                 self.fsyncs += 1
             os.close(self._fd)
             self._fd = None
@@ -351,7 +359,7 @@ class SegmentLog:
                     fd = os.dup(self._fd) if self._fd is not None else None
                 if fd is not None:
                     try:
-                        os.fsync(fd)
+                        self._fsync(fd)
                     finally:
                         os.close(fd)
             except OSError as e:
@@ -416,7 +424,7 @@ class SegmentLog:
         with self._lock:
             if self._fd is not None:
                 if self.fsync_policy != "never":
-                    os.fsync(self._fd)
+                    self._fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
         for seg in self.segments.values():
@@ -445,7 +453,7 @@ class SegmentWriter:
         return at
 
     def finish(self) -> None:
-        os.fsync(self._fd)
+        self._fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
 

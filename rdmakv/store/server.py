@@ -20,7 +20,6 @@ import selectors
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,10 +30,13 @@ from pathlib import Path
 
 from ..wire.keyring import KeyRing
 from ..wire.protocol import DEFAULT_MAX_FRAME, Header, Op
+from . import logs
 from .connection import Connection, refuse
 from .engine import Engine
+from .sd_notify import Notifier
 
 MAX_COUNTED_NAMESPACES = 4096  # request counters kept per namespace, then pooled
+LOOP_STALL_S = 5.0  # the event loop wakes at least every 0.5 s; this long without a turn is a hang
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Server:
         # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(manifest bytes)
         # refuses a save placed by a stale member list; stats() goes into STATS
         self.cluster = None
-        self.say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = log or logs.say
         self.log = self.say
         self.listener = socket.create_server((host, port), reuse_port=False, backlog=1024)
         self.listener.setblocking(False)
@@ -98,6 +100,9 @@ class Server:
         self._accept_paused_until = 0.0
         self._last_fd_warning = 0.0
         self._thread: threading.Thread | None = None
+        self.metrics = None  # rdmakv.store.metrics.ServerMetrics with --metrics-listen
+        self.qps = 0  # RDMA QPs connected to clients now
+        self.loop_turned = time.monotonic()
         self.auth_failures = 0
         self.refused = 0
         self.internal_errors = 0
@@ -114,6 +119,17 @@ class Server:
                     namespace = "(other namespaces)"
                 per = self._requests.setdefault(namespace, Counter())
             per[name] += 1
+
+    def rdma_qps(self) -> int:
+        return self.qps
+
+    def count_qp(self, delta: int) -> None:
+        with self._requests_lock:
+            self.qps += delta
+
+    def alive(self) -> bool:
+        """The event loop turned recently (the watchdog's test: a wedged loop stops the pings)."""
+        return not self._stopping.is_set() and time.monotonic() - self.loop_turned < LOOP_STALL_S
 
     def requests_of(self, namespace: str) -> dict[str, int]:
         with self._requests_lock:
@@ -143,7 +159,7 @@ class Server:
                     else:
                         self._readable(key.data)
                 self._rearm()
-                now = time.monotonic()
+                now = self.loop_turned = time.monotonic()
                 if self._accept_paused_until and now >= self._accept_paused_until:
                     self._accept_paused_until = 0.0
                     self._sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -365,6 +381,7 @@ def run_server(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     ready: Callable[[Server], None] | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
     """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
     tls = server_tls(tls_cert, tls_key)
@@ -373,8 +390,8 @@ def run_server(
     fds = raise_fd_limit(limits.max_connections + 256)
     if fds < limits.max_connections + 64:
         limits.max_connections = max(16, fds - 64)
-        print(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections "
-              "(raise ulimit -n for more)", file=sys.stderr)  # fmt: skip
+        logs.say(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections "
+                 "(raise ulimit -n for more)")  # fmt: skip
     engine = Engine(
         data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
         high_watermark=high_watermark, quotas=quotas,
@@ -389,27 +406,33 @@ def run_server(
             if exporter is None and transport == "rdma":
                 raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
             if exporter is None:
-                print(f"rdmakv serve: RDMA off ({why}); serving TCP only", file=sys.stderr)
+                logs.say(f"rdmakv serve: RDMA off ({why}); serving TCP only")
         server = Server(
             engine, key, host.strip("[]") or "127.0.0.1", int(port), limits=limits, rdma=exporter, tls=tls
         )
     except BaseException:
         engine.close()
         raise
+    notifier = Notifier()
+    if metrics_listen:
+        from .metrics import ServerMetrics
+
+        server.metrics = ServerMetrics(server)
+        maddr = server.metrics.listen(metrics_listen)
+        logs.say(f"rdmakv serve: metrics on http://{maddr[0]}:{maddr[1]}/metrics")
     stats = engine.replay_stats
     keys = "one shared key" if server.single_key else f"{len(server.keyring.entries)} keys from {server.keyring.source}"
-    print(
+    logs.say(
         f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
         f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} auth={keys} "
         f"tls={'on' if tls else 'off'} "
         f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks, "
-        f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)",
-        file=sys.stderr,
-        flush=True,
+        f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)", "info"
     )
 
     def on_signal(signum: int, _frame: object) -> None:
         server.say(f"rdmakv serve: {signal.Signals(signum).name}: finishing requests in progress, then stopping")
+        notifier.stopping()
         server._stopping.set()
         try:
             os.write(server._wake_w, b"x")
@@ -423,12 +446,18 @@ def run_server(
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack to the log
     if ready is not None:
         ready(server)
+    notifier.ready(f"serving {server.url_base}, {int(stats.get('manifests', 0))} sessions replayed")
+    notifier.start_watchdog(server.alive)
     try:
         server.serve_forever()
     finally:
+        notifier.stopping()
+        notifier.close()
+        if server.metrics is not None:
+            server.metrics.close()
         server.stop()
         engine.close()
-        print("rdmakv serve: stopped (log synced and closed)", file=sys.stderr, flush=True)
+        logs.say("rdmakv serve: stopped (log synced and closed)")
 
 
 __all__ = ["Server", "ServerLimits", "run_server"]
