@@ -441,6 +441,11 @@ class Engine(Tiering, Reads, Writes, Publishing):
         with self.lock:
             return namespace_stats(self, self.namespace(ns_name))
 
+    def count(self, ns_name: str, counter: str) -> None:
+        """One more of a per-namespace event the request path sees (saves and lookups by transport)."""
+        with self.lock:
+            self.namespace(ns_name).counters[counter] += 1
+
     def compact(self) -> dict:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""
         return self.compactor.full_pass()

@@ -139,8 +139,7 @@ class Handlers:
         if not len(missing):
             if self.server.rdma is not None:
                 self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
-            if self.server.metrics is not None:
-                self.server.metrics.saved(self.ns, "tcp")
+            self.engine.count(self.ns, "saves_tcp")
         return [msg.enc_manifest_result(missing)]
 
     def on_commit(self, payload: memoryview) -> list:
@@ -152,8 +151,7 @@ class Handlers:
         data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
-        if self.server.metrics is not None:
-            self.server.metrics.restored(self.ns, "rdma" if want else "tcp", tier)
+        self.engine.count(self.ns, f"lookups_{'rdma' if want else 'tcp'}_{tier}")
         return msg.enc_manifest_reply(data, loc, tier)
 
     def on_pin(self, payload: memoryview) -> list:

@@ -31,6 +31,8 @@ COUNTERS = (
     "bytes_received", "bytes_sent", "chunks_received", "chunks_stored", "chunks_deduped", "chunks_referenced",
     "manifests_committed", "restores", "memory_hits", "disk_hits", "promotions", "promoted_chunks",
     "demotions", "evictions", "expirations", "deletes", "orphans_dropped",
+    # by transport (seen by the request path; a one-sided RDMA lookup never reaches the server)
+    "saves_tcp", "saves_rdma", "lookups_tcp_memory", "lookups_tcp_disk", "lookups_rdma_memory", "lookups_rdma_disk",
 )  # fmt: skip
 
 

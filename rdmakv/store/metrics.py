@@ -3,8 +3,7 @@ official ``prometheus_client``.
 
 Two kinds. What the store already counts and measures (namespace counters, usage, the log) is
 read at scrape time by a collector, so the hot path pays nothing for it. What only the request
-path sees (saves and restores by transport and tier, service times, errors by code, fsync
-times) is recorded as it happens. Labels are only ``namespace`` (at most
+path sees (service times, errors by code, fsync times) is recorded as it happens. Labels are only ``namespace`` (at most
 MAX_METRIC_NAMESPACES of them, then ``_other``), ``transport``, ``tier``, ``op`` and ``code``:
 never a session name. A restore whose lookup was one-sided (an RDMA READ of the published
 index) never reaches the server, so it is not counted here; the client's report has it.
@@ -46,6 +45,8 @@ NS_COUNTERS = {
     "expirations": ("rdmakv_expirations", "Sessions whose TTL ran out"),
     "deletes": ("rdmakv_deletes", "Sessions deleted by clients"),
 }
+BY_TRANSPORT = ("saves_tcp", "saves_rdma", "lookups_tcp_memory", "lookups_tcp_disk", "lookups_rdma_memory",
+                "lookups_rdma_disk")  # fmt: skip
 # namespace figure -> (metric name, help)
 NS_GAUGES = {
     "used_bytes": ("rdmakv_used_bytes", "Memory tier bytes charged to the namespace"),
@@ -66,11 +67,6 @@ class ServerMetrics:
         self._namespaces: set[str] = set()
         self._lock = threading.Lock()
         r = self.registry
-        self.saves = Counter("rdmakv_saves", "Sessions committed, by how their chunks came",
-                             ["namespace", "transport"], registry=r)  # fmt: skip
-        self.restores = Counter("rdmakv_restores", "Session lookups served, by the transport the client reads "
-                                "with and the tier the session was in", ["namespace", "transport", "tier"],
-                                registry=r)  # fmt: skip
         self.errors = Counter("rdmakv_errors", "Requests that failed, by error code", ["namespace", "code"],
                               registry=r)  # fmt: skip
         self.save_seconds = Histogram("rdmakv_save_seconds", "Service time of save requests",
@@ -102,12 +98,6 @@ class ServerMetrics:
 
     def error(self, ns: str, code: int) -> None:
         self.errors.labels(self.label(ns), str(code)).inc()
-
-    def saved(self, ns: str, transport: str) -> None:
-        self.saves.labels(self.label(ns), transport).inc()
-
-    def restored(self, ns: str, transport: str, tier: str) -> None:
-        self.restores.labels(self.label(ns), transport, tier).inc()
 
     # --- serving ------------------------------------------------------------------------------
     def listen(self, addr: str) -> tuple[str, int]:
@@ -142,10 +132,16 @@ class _StoreCollector:
         t0 = time.perf_counter()
         counters = {k: CounterMetricFamily(n, h, labels=["namespace"]) for k, (n, h) in NS_COUNTERS.items()}
         gauges = {k: GaugeMetricFamily(n, h, labels=["namespace"]) for k, (n, h) in NS_GAUGES.items()}
+        saves = CounterMetricFamily("rdmakv_saves", "Sessions committed, by how their missing chunks came",
+                                    labels=["namespace", "transport"])  # fmt: skip
+        restores = CounterMetricFamily("rdmakv_restores", "Session lookups served, by the transport the client "
+                                       "then reads with and the tier the session was in (one-sided RDMA lookups "
+                                       "never reach the server)",
+                                       labels=["namespace", "transport", "tier"])  # fmt: skip
         per: dict[str, dict] = {}
         for ns in sorted(engine.namespaces):
             s = engine.stats(ns)
-            row = per.setdefault(self.m.label(ns), dict.fromkeys([*NS_COUNTERS, *NS_GAUGES], 0))
+            row = per.setdefault(self.m.label(ns), dict.fromkeys([*NS_COUNTERS, *NS_GAUGES, *BY_TRANSPORT], 0))
             for k in row:
                 row[k] += int(s.get(k) or 0)
         for label, row in per.items():
@@ -153,8 +149,14 @@ class _StoreCollector:
                 fam.add_metric([label], row[k])
             for k, fam in gauges.items():
                 fam.add_metric([label], row[k])
+            for t in ("tcp", "rdma"):
+                saves.add_metric([label, t], row[f"saves_{t}"])
+                for tier in ("memory", "disk"):
+                    restores.add_metric([label, t, tier], row[f"lookups_{t}_{tier}"])
         yield from counters.values()
         yield from gauges.values()
+        yield saves
+        yield restores
         st = engine.store_stats()
         for name, value, help_ in (
             ("rdmakv_capacity_bytes", st["capacity_bytes"], "Memory tier capacity (--capacity)"),

@@ -92,8 +92,7 @@ class WritePath:
         missing = h.engine.commit_manifest(h.ns, name, bytes(data), h.holder, pin=opts.pin, ttl=opts.ttl)
         if not len(missing):
             h.engine.publish(h.ns, name)
-            if h.server.metrics is not None:
-                h.server.metrics.saved(h.ns, "rdma")
+            h.engine.count(h.ns, "saves_rdma")
         return [msg.enc_manifest_result(missing)]
 
     def expire(self, now: float) -> None:
