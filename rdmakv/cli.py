@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("slotfile", "inspect, import and export llama.cpp slot files; see rdmakv slotfile --help"),
         ("llama-proxy", "proxy in front of llama-server that keeps slot saves in rdmakv"),
         ("kvstore-lib", "build or locate libkv_store_rdmakv.so, the kv_store_v1 backend for llama-server"),
-        ("cluster", "cluster membership (etcd): rdmakv cluster status --cluster etcd://HOST:PORT/NAME"),
+        ("cluster", "a cluster of nodes (etcd): rdmakv cluster status|repair --cluster etcd://HOST:PORT/NAME"),
+        ("top", "a live view of one store: rdmakv top rdmakv://HOST:PORT/NAMESPACE"),
     ):
         sub.add_parser(name, help=helptext, add_help=False)
     return p
@@ -302,6 +303,7 @@ DELEGATED = {
     "llama-proxy": "rdmakv.llama.proxy",
     "kvstore-lib": "rdmakv.llama.kvstore_lib",
     "cluster": "rdmakv.cluster.cli",
+    "top": "rdmakv.top",
 }
 
 

@@ -200,3 +200,28 @@ def test_json_log_of_a_whole_session_has_no_chunk_bytes_tokens_or_keys(tmp_path)
         assert w.hex() not in log and repr(w)[2:-1] not in log
     toks = ",".join(str(t) for t in tokens[:6].tolist())
     assert toks not in log.replace(" ", "")
+
+
+def test_top_shows_usage_hit_rates_and_rates_by_transport(tmp_path):
+    srv = ServerProcess(str(tmp_path / "d"), "64MiB", "--transport", "tcp").start()
+    try:
+        kv = kvgen.generate(kvgen.token_stream(2, 64), kvgen.QWEN25_05B)
+        with rdmakv.connect(srv.url("alpha"), key=KEY_HEX, transport="tcp", window=32) as st:
+            st.save("a", kv)
+            proc = subprocess.Popen([sys.executable, "-m", "rdmakv", "top", srv.url("alpha"), "--once", "--interval",
+                                     "1"], stdout=subprocess.PIPE, text=True,
+                                    env={**os.environ, "RDMAKV_AUTH_KEY": KEY_HEX})  # fmt: skip
+            for _ in range(10):  # during top's two samples: 10 restores in about a second
+                st.restore("a")
+                time.sleep(0.05)
+            out = proc.communicate(timeout=30)[0]
+        with rdmakv.connect(srv.url("beta"), key=KEY_HEX, transport="tcp") as st:
+            st.put_blob("b", b"y" * 10)
+    finally:
+        srv.stop()
+    assert proc.returncode == 0
+    row = next(line for line in out.splitlines() if line.startswith("alpha"))
+    cols = row.split()
+    assert cols[3] == "1" and cols[6] == "100"  # sessions, memory hit rate %
+    assert float(cols[9]) > 1.0  # lookups per second over TCP, from the two samples
+    assert "memory" in out.splitlines()[1]  # the store-wide line (single-key mode is admin)

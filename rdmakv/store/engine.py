@@ -441,6 +441,12 @@ class Engine(Tiering, Reads, Writes, Publishing):
         with self.lock:
             return namespace_stats(self, self.namespace(ns_name))
 
+    def all_stats(self, limit: int) -> list[dict]:
+        """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""
+        with self.lock:
+            spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
+            return [namespace_stats(self, ns) for ns in spaces]
+
     def count(self, ns_name: str, counter: str) -> None:
         """One more of a per-namespace event the request path sees (saves and lookups by transport)."""
         with self.lock:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
 ADMIN_OPS = {Op.COMPACT}  # store-wide: only an admin key
+STATS_NAMESPACES = 64  # an admin's STATS lists this many namespaces (the largest), to stay one small frame
 
 
 class Reply:
@@ -192,6 +193,7 @@ class Handlers:
             stats["cluster"] = self.server.cluster.stats()
         if self.admin:  # only an operator sees the whole store
             srv = self.server
+            stats["namespaces"] = self.engine.all_stats(STATS_NAMESPACES)
             stats["store"] = self.engine.store_stats() | {
                 "connections": srv.connections, "auth_failures": srv.auth_failures, "refused": srv.refused,
                 "internal_errors": srv.internal_errors,
