@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP = ("rdmakv", "slab", "fallback_tcp", "bench")
 
 # Modules that import nothing of the project above them: usable from every layer.
-LEAVES = ("rdmakv.errors", "rdmakv.hashing", "rdmakv.units", "rdmakv.kvstate", "rdmakv.bufpool", "rdmakv.url")
+LEAVES = ("rdmakv.errors", "rdmakv.hashing", "rdmakv.units", "rdmakv.kvstate", "rdmakv.bufpool", "rdmakv.url",
+          "rdmakv.progress")  # fmt: skip
 WIRE = ("rdmakv.wire", *LEAVES)
 CLIENT = ("rdmakv.client", "rdmakv.calls", "rdmakv.wire", "fallback_tcp", "rdmakv.rdma", "slab", *LEAVES)
 
@@ -30,6 +31,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("rdmakv.url", ()),
     ("rdmakv.kvstate", ()),
     ("rdmakv.bufpool", ()),
+    ("rdmakv.progress", ()),
     ("rdmakv.wire", WIRE),
     ("slab", ("slab",)),
     ("fallback_tcp", ("fallback_tcp", "rdmakv.wire", "rdmakv.errors")),
@@ -40,7 +42,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("rdmakv.store", ("rdmakv.store", "rdmakv", *CLIENT)),
     ("rdmakv.llama", ("rdmakv.llama", *CLIENT)),
     ("rdmakv.cluster", ("rdmakv.cluster", *CLIENT)),
-    ("rdmakv.guest", ("rdmakv.guest",)),
+    ("rdmakv.guest", ("rdmakv.guest", "rdmakv.progress")),
     ("rdmakv.kvgen", LEAVES),
 ]
 # the public API (root __init__), entry points and benchmarks may import anything below them

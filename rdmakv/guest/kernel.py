@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
+import sys
 import time
 
+from ..progress import stages as progress_stages
 from .host import GUEST_DIR, GuestError, _builder_lock, _log, _writable_dir, cache_root, ensure_packages
 
 KERNEL_INPUTS = ("uml.config", "build-uml.sh", "uml-xstate.patch")  # order matters for the cache key
@@ -51,6 +54,42 @@ def cached_kernel() -> pathlib.Path | None:
     return None
 
 
+# (how the traced command begins, the stage it starts), in build-uml.sh's order
+BUILD_STAGES = (
+    ("tar ", "extract the source"),
+    ("patch ", "patch"),
+    ("make -s ARCH=um x86_64_defconfig", "configure"),
+    ("make -s ARCH=um -j", "compile (~4 min)"),
+    ("install ", "install"),
+)
+_TRACE = re.compile(r"^\++rdmakv-trace (.*)$")
+
+
+def build_stage(line: str) -> str | None:
+    """The stage a line of build-uml.sh's xtrace starts, if any."""
+    m = _TRACE.match(line.rstrip("\n"))
+    if not m:
+        return None
+    return next((name for prefix, name in BUILD_STAGES if m.group(1).startswith(prefix)), None)
+
+
+def _run_build(out: pathlib.Path) -> int:
+    """build-uml.sh under xtrace: its stages drive a progress line (rdmakv.progress); everything
+    it prints besides the trace goes to stderr as it comes."""
+    env = {**os.environ, "PS4": "+rdmakv-trace "}
+    proc = subprocess.Popen(["bash", "-x", str(GUEST_DIR / "build-uml.sh"), str(out)], stdin=subprocess.DEVNULL,
+                            stdout=2, stderr=subprocess.PIPE, text=True, errors="replace", env=env)  # fmt: skip
+    assert proc.stderr is not None
+    with progress_stages("rdmakv rxe-vm: building the UML kernel", [n for _, n in BUILD_STAGES]) as enter:
+        for line in proc.stderr:
+            stage = build_stage(line)
+            if stage is not None:
+                enter(stage)
+            elif not _TRACE.match(line):
+                sys.stderr.write(line)
+    return proc.wait()
+
+
 def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
     """Return the cached UML kernel, building it (~5 min on 2 cores) when missing or stale.
 
@@ -76,12 +115,8 @@ def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
         _log(f"building the UML guest kernel (rxe) into {out}; takes ~5 min on 2 cores")
         t0 = time.monotonic()
         # build-uml.sh replaces the kernel atomically (install + mv): a failed rebuild keeps the old one.
-        r = subprocess.run(
-            ["bash", str(GUEST_DIR / "build-uml.sh"), str(out)],
-            stdin=subprocess.DEVNULL,
-            stdout=2,  # build chatter to stderr; our stdout stays the command's
-        )
-        if r.returncode != 0 or not kernel.is_file():
-            raise GuestError(f"UML kernel build failed (build-uml.sh status {r.returncode})")
+        rc = _run_build(out)
+        if rc != 0 or not kernel.is_file():
+            raise GuestError(f"UML kernel build failed (build-uml.sh status {rc})")
         _log(f"UML kernel built in {time.monotonic() - t0:.0f} s: {kernel}")
         return kernel

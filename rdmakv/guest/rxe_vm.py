@@ -176,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
         "backed lazily by host memory in /dev/shm or $TMPDIR)",
     )
     p.add_argument(
+        "--quiet", action="store_true",
+        help="no progress line while the kernel builds (there is none anyway when stdout is not a terminal)",
+    )
+    p.add_argument(
         "--rebuild",
         action="store_true",
         help="rebuild the cached UML kernel first even if one matching the current "
@@ -236,6 +240,8 @@ def cli(argv: list[str]) -> int:
     with contextlib.suppress(ValueError):  # ValueError: not in the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.quiet:
+            os.environ["RDMAKV_QUIET"] = "1"
         if args.rebuild and args.guest == "qemu":
             ensure_qemu_guest(rebuild=True)
         elif args.rebuild:
