@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+from rdmakv import progress
 from rdmakv.store.spawn import ServerProcess
 
 from . import envinfo, report, saves, suites, tcp_limit
@@ -104,19 +105,9 @@ def run(args: argparse.Namespace) -> dict:
                 ctx, result["walls"].get("restore_rdma", {}).get("median_ms"), result["walls"]["kv_bytes"],
                 params["limit_runs"])))
         t_all = time.perf_counter()
-        for name, fn in steps:
-            t0 = time.perf_counter()
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            try:
-                result[name] = fn()
-            except Exception as e:  # noqa: BLE001 - one failed suite must not lose the others
-                alive = server.proc is not None and server.proc.poll() is None
-                result[name] = {"error": f"{type(e).__name__}: {e}", "server_alive": alive,
-                                "server_log_tail": "".join(server.log[-10:])}
-                print(f"bench: {name} failed: {e}", file=sys.stderr, flush=True)
-                if not alive:  # e.g. the OOM killer in a small guest: carry on with a fresh server
-                    server.start()
-            result.setdefault("suite_seconds", {})[name] = round(time.perf_counter() - t0, 2)
+        with progress.stages(f"rdmakv bench{' --quick' if args.quick else ''}", [n for n, _ in steps],
+                             quiet=args.quiet, status=lambda: f"{ctx.runs()} timed runs") as enter:  # fmt: skip
+            _run_steps(steps, result, server, enter)
         result["total_seconds"] = round(time.perf_counter() - t_all, 2)
         result["op_transports"] = ctx.ops  # what each timed operation's report said it ran over
         result["targets"] = report.targets(result)
@@ -124,6 +115,24 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _run_steps(steps: list, result: dict, server: ServerProcess, enter) -> None:
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        enter(name)
+        if not progress.enabled():
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed suite must not lose the others
+            alive = server.proc is not None and server.proc.poll() is None
+            result[name] = {"error": f"{type(e).__name__}: {e}", "server_alive": alive,
+                            "server_log_tail": "".join(server.log[-10:])}
+            print(f"bench: {name} failed: {e}", file=sys.stderr, flush=True)
+            if not alive:  # e.g. the OOM killer in a small guest: carry on with a fresh server
+                server.start()
+        result.setdefault("suite_seconds", {})[name] = round(time.perf_counter() - t0, 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server log fsync policy; v1 files are fsync'd too unless 'never' (default never)")
     p.add_argument("--capacity", default="2GiB", help="server capacity (default 2GiB)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress line (none either when stdout is no terminal)")
     return p
 
 

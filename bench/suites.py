@@ -33,6 +33,10 @@ class Ctx:
     # label -> {"expected": transport, "seen": {transport the report gave: count}}, for every timed op
     ops: dict = field(default_factory=dict)
 
+    def runs(self) -> int:
+        """Timed operations so far (the progress line shows them)."""
+        return sum(n for e in self.ops.values() for n in e["seen"].values())
+
     def record(self, label: str, expected: str, actual: str, n: int = 1) -> None:
         e = self.ops.setdefault(label, {"expected": expected, "seen": {}})
         e["seen"][actual] = e["seen"].get(actual, 0) + n

@@ -134,7 +134,10 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    from .progress import stages
+
+    with _open(args) as store, stages("rdmakv compact", ["compacting"], quiet=args.quiet) as enter:
+        enter("compacting")  # one request: the line shows the time it has taken so far
         out = store.compact()
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("name", help="the session (manifest) name")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
+        if name == "compact":
+            c.add_argument("--quiet", action="store_true", help="no progress line (none either when not a terminal)")
         if name == "ls":
             c.add_argument("--prefix", default="", help="only names starting with this prefix")
         c.set_defaults(func=func)

@@ -78,24 +78,30 @@ def track(items: Iterable, desc: str, total: int | None = None, unit: str = "it"
 
 
 @contextmanager
-def stages(title: str, names: list[str], quiet: bool = False):
+def stages(title: str, names: list[str], quiet: bool = False, status=None):
     """Named stages of one job, with the elapsed time redrawn every second even while a stage
-    runs silently (a kernel compile): yields ``enter(name)`` to call as each stage begins."""
+    runs silently (a kernel compile): yields ``enter(name)`` to call as each stage begins.
+    ``status()``, if given, is a short text shown after the stage (e.g. runs done so far)."""
     b = bar(len(names), title, unit="stage", quiet=quiet,
             bar_format="{desc}: {n_fmt}/{total_fmt} stages {postfix}, {elapsed} elapsed")  # fmt: skip
     stop = threading.Event()
     t0 = time.monotonic()
-    state = {"n": 0}
+    state = {"n": 0, "name": ""}
+
+    def show() -> None:
+        b.set_postfix_str(f"[{state['name']}]" + (f" {status()}" if status is not None else ""))
 
     def enter(name: str) -> None:
         i = names.index(name) if name in names else state["n"]
         if i > state["n"]:
             b.update(i - state["n"])
             state["n"] = i
-        b.set_postfix_str(f"[{name}]")
+        state["name"] = name
+        show()
 
     def tick() -> None:
         while not stop.wait(1.0):
+            show()
             b.refresh()
 
     t = threading.Thread(target=tick, daemon=True)
@@ -108,3 +114,33 @@ def stages(title: str, names: list[str], quiet: bool = False):
         b.close()
         if enabled(quiet):
             print(f"{title}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
+READ_PIECE = 8 << 20  # bytes per read while counting a big file in
+
+
+def read_file(path: str, desc: str, quiet: bool = False) -> bytes:
+    """A whole file, with a byte counter on the bar while it is read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        b = bar(size, desc, unit="B", quiet=quiet, unit_scale=True, unit_divisor=1024)
+        out = bytearray()
+        try:
+            while piece := f.read(READ_PIECE):
+                out += piece
+                b.update(len(piece))
+        finally:
+            b.close()
+    return bytes(out)
+
+
+def write_all(f, data: bytes | memoryview, desc: str, quiet: bool = False) -> None:
+    """Write ``data`` to an open file, with a byte counter on the bar."""
+    view = memoryview(data)
+    b = bar(len(view), desc, unit="B", quiet=quiet, unit_scale=True, unit_divisor=1024)
+    try:
+        for i in range(0, len(view), READ_PIECE):
+            f.write(view[i : i + READ_PIECE])
+            b.update(min(READ_PIECE, len(view) - i))
+    finally:
+        b.close()

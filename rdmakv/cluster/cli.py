@@ -39,13 +39,14 @@ def cli(argv: list[str]) -> int:
     rp.add_argument("--cluster", required=True, metavar="etcd://HOST:PORT/NAME")
     rp.add_argument("--namespace", required=True)
     rp.add_argument("--replicas", type=int, default=2)
+    rp.add_argument("--quiet", action="store_true", help="no progress line (none either when not a terminal)")
     args = p.parse_args(argv)
     import os
 
     key = os.environ.get("RDMAKV_AUTH_KEY") or None
     if args.cmd == "repair":
         with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas) as st:
-            print(json.dumps(repair(st), indent=2))
+            print(json.dumps(repair(st, quiet=args.quiet), indent=2))
         return 0
     rows = {addr: {**info, **node_usage(addr, key)} for addr, info in sorted(members(args.cluster).items())}
     replication = None

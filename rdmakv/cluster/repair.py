@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..errors import NotFoundError, RdmakvError
+from ..progress import track
 from ..wire import manifest as mf
 from .client import NODE_FAILURES, ClusterReport, ClusterStore
 from .placement import keys64, place
@@ -50,15 +51,16 @@ def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]
             "parts_dropped": dropped}  # fmt: skip
 
 
-def repair(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
-    """Repair ``names`` (default: every session any live member holds a part of)."""
+def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = True) -> dict:
+    """Repair ``names`` (default: every session any live member holds a part of); ``quiet=False``
+    shows a progress line on a terminal (`rdmakv cluster repair`)."""
     t0 = time.monotonic()
     cs.refresh()
     names = sorted(cs.list() if names is None else names)
     live = cs.live()
     out = {"members": live, "sessions": 0, "under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0,
            "parts_dropped": 0, "lost": [], "failed": [], "still_under_replicated": 0}  # fmt: skip
-    for name in names:
+    for name in track(names, f"repairing over {len(live)} members", unit="session", quiet=quiet):
         try:
             whole, _ = cs.whole_manifest(name)
         except NotFoundError:

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import asdict
 
+from ..progress import read_file, stages, write_all
 from ..wire.auth import KEY_ENV
 from . import slotfile
 
@@ -40,9 +41,12 @@ def _connect(args: argparse.Namespace):
 def _put(args: argparse.Namespace) -> int:
     from .slotstore import put_slotfile
 
-    data = open(args.file, "rb").read()
-    with _connect(args) as store:
-        report, error = put_slotfile(store, args.name, data)
+    with stages(f"rdmakv slotfile put {args.name}", ["read", "save"], quiet=args.quiet) as enter:
+        enter("read")
+        data = read_file(args.file, f"reading {args.file}", quiet=args.quiet)
+        enter("save")
+        with _connect(args) as store:
+            report, error = put_slotfile(store, args.name, data)
     if error:
         print(f"rdmakv slotfile put: stored {args.file} whole (opaque): {error}", file=sys.stderr)
     print(json.dumps({"name": args.name, "file_bytes": len(data), "chunked": not error, **asdict(report)}, indent=2))
@@ -54,12 +58,22 @@ def _get(args: argparse.Namespace) -> int:
     from .slotstore import get_slotfile
 
     rep = RestoreReport()
-    with _connect(args) as store:
-        data = get_slotfile(store, args.name, rep)
+    with stages(f"rdmakv slotfile get {args.name}", ["restore", "write"], quiet=args.quiet) as enter:
+        enter("restore")
+        with _connect(args) as store:
+            data = get_slotfile(store, args.name, rep)
+        enter("write")
+        _write_aside(args, data)
+    # "file_bytes", as in `put`: the RestoreReport's own "bytes" (bytes on the wire) must not hide it
+    print(json.dumps({"name": args.name, "out": args.out, "file_bytes": len(data), **asdict(rep)}, indent=2))
+    return 0
+
+
+def _write_aside(args: argparse.Namespace, data: bytes) -> None:
     tmp = f"{args.out}.rdmakv-tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # write aside, then rename: never a half-written slot file
-            f.write(data)
+            write_all(f, data, f"writing {args.out}", quiet=args.quiet)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, args.out)
@@ -67,9 +81,6 @@ def _get(args: argparse.Namespace) -> int:
         if os.path.exists(tmp):  # e.g. disk full: leave no partial file behind
             os.unlink(tmp)
         raise
-    # "file_bytes", as in `put`: the RestoreReport's own "bytes" (bytes on the wire) must not hide it
-    print(json.dumps({"name": args.name, "out": args.out, "file_bytes": len(data), **asdict(rep)}, indent=2))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("out", help="file to write (written aside, then renamed)")
         c.add_argument("--window", type=int, default=256, help="W: positions per chunk (default 256)")
+        c.add_argument("--quiet", action="store_true", help="no progress line (none either when stdout is no terminal)")
         c.add_argument("--transport", choices=("auto", "rdma", "tcp"), default="auto",
                        help="how to fetch chunks (saves always use TCP)")
         c.set_defaults(func=func)
