@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +23,8 @@ from rdmakv.cluster.etcd_server import free_port
 from rdmakv.errors import AuthError, NotFoundError
 
 from .conftest import KEY_HEX, OTHER_KEY_HEX, ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -68,6 +72,10 @@ def test_metrics_after_real_saves_and_restores(tmp_path):
         assert value(m, "rdmakv_fsync_seconds_count") >= 2  # --fsync manifest: one per commit
         labels = {v for (_, lab) in m for _, v in lab}
         assert not any("secret-session-name" in v for v in labels)  # names never become labels
+        dashboard = (ROOT / "contrib" / "grafana-dashboard.json").read_text()
+        used = set(re.findall(r"\brdmakv_[a-z_]+", dashboard))
+        served = {name for name, _ in m}
+        assert used and used <= served, sorted(used - served)  # the dashboard is built on real metric names
     finally:
         srv.stop()
 
@@ -225,3 +233,21 @@ def test_top_shows_usage_hit_rates_and_rates_by_transport(tmp_path):
     assert cols[3] == "1" and cols[6] == "100"  # sessions, memory hit rate %
     assert float(cols[9]) > 1.0  # lookups per second over TCP, from the two samples
     assert "memory" in out.splitlines()[1]  # the store-wide line (single-key mode is admin)
+
+
+def test_the_systemd_unit_verifies_and_the_example_config_loads(tmp_path):
+    import shutil
+
+    unit = (ROOT / "contrib" / "rdmakv.service").read_text()
+    settings = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in unit.splitlines() if "=" in line
+                and not line.startswith("#")}  # fmt: skip
+    assert settings["Type"] == "notify" and settings["LimitMEMLOCK"] == "infinity"
+    assert settings["StateDirectory"] == "rdmakv" and "PrivateDevices" not in settings  # verbs need /dev/infiniband
+    if shutil.which("systemd-analyze"):
+        exe = shutil.which("rdmakv") or sys.executable
+        local = tmp_path / "rdmakv.service"
+        local.write_text(unit.replace("/usr/local/bin/rdmakv", exe))
+        out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(local)], capture_output=True, text=True)
+        assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    out = _serve("--config", str(ROOT / "contrib" / "rdmakv.toml"), "--print-config")
+    assert out.returncode == 0 and 'data_dir = "/var/lib/rdmakv"' in out.stdout, out.stderr
