@@ -453,7 +453,7 @@ class SegmentWriter:
         return at
 
     def finish(self) -> None:
-        self._fsync(self._fd)
+        os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
 
