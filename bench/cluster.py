@@ -28,6 +28,7 @@ from rdmakv.cluster.repair import check, repair
 from rdmakv.store.spawn import ServerProcess
 
 from .envinfo import collect
+from .plots import pyplot
 from .stats import summary
 
 KEY = "5a" * 32
@@ -190,10 +191,7 @@ def report(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ops = ("cold_save", "warm_save", "restore")
     fig, ax = plt.subplots(figsize=(6, 3.5))

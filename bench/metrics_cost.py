@@ -20,6 +20,7 @@ from rdmakv.cluster.etcd_server import free_port
 from rdmakv.store.spawn import ServerProcess
 
 from .envinfo import collect
+from .plots import pyplot
 from .stats import summary
 
 KEY = "6b" * 32
@@ -90,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {n} | {s['median_ms']:.2f} | {s['bytes']:,} |" for n, s in scrape.items()]
     (out / "metrics_cost.md").write_text("\n".join(lines) + "\n")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.bar([0, 1, 3, 4], [r["warm_save"]["off"]["median_ms"], r["warm_save"]["on"]["median_ms"],

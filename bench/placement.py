@@ -25,6 +25,7 @@ import numpy as np
 from rdmakv.cluster.placement import mix64, place, seeds
 
 from .envinfo import collect
+from .plots import pyplot
 
 BLOCK = 1 << 16  # chunks per pass: the score matrix of a step is BLOCK x NODE_STEP x 8 B (32 MiB)
 NODE_STEP = 64  # members per step of the running top-R
@@ -155,10 +156,7 @@ def report(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [s["nodes"] for s in r["sims"]]

@@ -84,6 +84,16 @@ def fresh_server(tmp_path):
 
 
 @pytest.fixture
+def etcd(tmp_path):
+    """A real etcd (Debian's etcd-server) on loopback, for the cluster tests."""
+    from rdmakv.cluster.etcd_server import Etcd
+
+    e = Etcd(tmp_path / "etcd").start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
 def key() -> str:
     return KEY_HEX
 

@@ -23,13 +23,6 @@ from .conftest import KEY_HEX, ServerProcess
 pytest.importorskip("etcd3gw")
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path / "etcd").start()
-    yield e
-    e.stop()
-
-
 def node(tmp_path, etcd: Etcd, i: int, *extra: str, ttl: int = 2, port: int | None = None) -> ServerProcess:
     port = port or free_port()
     return ServerProcess(str(tmp_path / f"n{i}"), "64MiB", "--fsync", "never", "--transport", "tcp",

@@ -16,7 +16,6 @@ import pytest
 
 import rdmakv
 from rdmakv.cluster.client import ClusterStore, parse_connect_url
-from rdmakv.cluster.etcd_server import Etcd
 from rdmakv.cluster.membership import members
 from rdmakv.errors import StaleMembersError
 from rdmakv.wire import chunking
@@ -29,10 +28,14 @@ pytest.importorskip("etcd3gw")
 
 
 @pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path / "etcd").start()
-    yield e
-    e.stop()
+def three(tmp_path, etcd):
+    """(cluster URL, 3 registered nodes); every node in the list at the end is stopped."""
+    url = f"etcd://{etcd.url}/c1"
+    nodes = [node(tmp_path, etcd, i) for i in range(3)]
+    wait_for(lambda: len(members(url)) == 3, 10)
+    yield url, nodes
+    for n in nodes:
+        n.stop()
 
 
 def addr(n) -> str:
@@ -62,107 +65,89 @@ def test_connect_url_reads_and_watches_the_member_list(tmp_path, etcd):
             parse_connect_url(bad)
 
 
-def test_a_node_refuses_a_save_placed_by_a_stale_member_list_and_the_client_refreshes(tmp_path, etcd):
-    url = f"etcd://{etcd.url}/c1"
-    nodes = [node(tmp_path, etcd, i) for i in range(3)]
-    try:
-        wait_for(lambda: len(members(url)) == 3, 10)
-        st = ClusterStore(url, "tenant", key=KEY_HEX)
-        kv = session(3, 128)
-        m, chunks = chunking.split(kv, st.window)
-        st.members = [addr(n) for n in nodes[:2]]  # a list from before the third node joined
-        with pytest.raises(StaleMembersError, match="stale member list") as e:
-            st.save_placed("s", m, chunks)
-        assert sorted(e.value.members) == sorted(addr(n) for n in nodes)  # the node's own list: a redirect
-        st.members = [addr(n) for n in nodes[:2]]
-        rep = st.save("s", kv)  # refused, refreshed, placed again
-        assert rep.stale_retries == 1 and rep.nodes == 3
-        assert st.restore("s").equals(kv)
-        stats = [rdmakv.connect(n.url("tenant"), key=KEY_HEX, transport="tcp").stats()["cluster"] for n in nodes]
-        assert sum(s["stale_refused"] for s in stats) >= 2 and all(s["members"] == 3 for s in stats)
-        st.close()
-    finally:
-        for n in nodes:
-            n.stop()
+def test_a_node_refuses_a_save_placed_by_a_stale_member_list_and_the_client_refreshes(tmp_path, etcd, three):
+    url, nodes = three
+    st = ClusterStore(url, "tenant", key=KEY_HEX)
+    kv = session(3, 128)
+    m, chunks = chunking.split(kv, st.window)
+    st.members = [addr(n) for n in nodes[:2]]  # a list from before the third node joined
+    with pytest.raises(StaleMembersError, match="stale member list") as e:
+        st.save_placed("s", m, chunks)
+    assert sorted(e.value.members) == sorted(addr(n) for n in nodes)  # the node's own list: a redirect
+    st.members = [addr(n) for n in nodes[:2]]
+    rep = st.save("s", kv)  # refused, refreshed, placed again
+    assert rep.stale_retries == 1 and rep.nodes == 3
+    assert st.restore("s").equals(kv)
+    stats = [rdmakv.connect(n.url("tenant"), key=KEY_HEX, transport="tcp").stats()["cluster"] for n in nodes]
+    assert sum(s["stale_refused"] for s in stats) >= 2 and all(s["members"] == 3 for s in stats)
+    st.close()
 
 
-def test_an_etcd_outage_keeps_saves_and_restores_going_on_the_last_member_list(tmp_path, etcd):
-    url = f"etcd://{etcd.url}/c1"
-    nodes = [node(tmp_path, etcd, i) for i in range(3)]
-    try:
-        wait_for(lambda: len(members(url)) == 3, 10)
-        st = ClusterStore(url, "tenant", key=KEY_HEX)
-        etcd.stop()
-        t0, n = time.monotonic(), 0
-        while time.monotonic() - t0 < 3:  # past the lease TTL: keepalives fail meanwhile
-            kv = session(200 + n, 64)
-            st.save(f"o{n}", kv)
-            assert st.restore(f"o{n}").equals(kv)
-            n += 1
-        assert not st.view.etcd_ok and len(st.members) == 3 and n > 3
-        etcd.start()
-        wait_for(lambda: st.view.etcd_ok and len(st.members) == 3, 15)
-        st.close()
-    finally:
-        for n in nodes:
-            n.stop()
+def test_an_etcd_outage_keeps_saves_and_restores_going_on_the_last_member_list(tmp_path, etcd, three):
+    url, nodes = three
+    st = ClusterStore(url, "tenant", key=KEY_HEX)
+    etcd.stop()
+    t0, n = time.monotonic(), 0
+    while time.monotonic() - t0 < 3:  # past the lease TTL: keepalives fail meanwhile
+        kv = session(200 + n, 64)
+        st.save(f"o{n}", kv)
+        assert st.restore(f"o{n}").equals(kv)
+        n += 1
+    assert not st.view.etcd_ok and len(st.members) == 3 and n > 3
+    etcd.start()
+    wait_for(lambda: st.view.etcd_ok and len(st.members) == 3, 15)
+    st.close()
 
 
-def test_kill_9_during_saves_loses_nothing_and_repair_is_automatic_then_the_node_rejoins(tmp_path, etcd):
-    url = f"etcd://{etcd.url}/c1"
-    nodes = [node(tmp_path, etcd, i) for i in range(3)]
-    try:
-        wait_for(lambda: len(members(url)) == 3, 10)
-        st = ClusterStore(url, "tenant", key=KEY_HEX)
-        acked: dict[str, int] = {}
-        victim = nodes[1]
-        killer = threading.Timer(1.0, lambda: os.kill(victim.pid(), signal.SIGKILL))
-        killer.start()
-        t0, i = time.monotonic(), 0
-        while time.monotonic() - t0 < 4:  # saves before, during and after the kill
-            try:
-                st.save(f"k{i}", session(300 + i, 64))
-                acked[f"k{i}"] = 300 + i
-            except rdmakv.RdmakvError as e:
-                print(f"[cluster] save k{i} not acknowledged: {e}")
-            i += 1
-        killer.join()
-        live = [addr(n) for n in nodes if n is not victim]
-        t_kill = time.monotonic()
-        for name, seed in acked.items():  # every acknowledged session, bit-exact, from the replicas
-            assert st.restore(name).equals(session(seed, 64)), name
+def test_kill_9_during_saves_loses_nothing_and_repair_is_automatic_then_the_node_rejoins(tmp_path, etcd, three):
+    url, nodes = three
+    st = ClusterStore(url, "tenant", key=KEY_HEX)
+    acked: dict[str, int] = {}
+    victim = nodes[1]
+    killer = threading.Timer(1.0, lambda: os.kill(victim.pid(), signal.SIGKILL))
+    killer.start()
+    t0, i = time.monotonic(), 0
+    while time.monotonic() - t0 < 4:  # saves before, during and after the kill
+        try:
+            st.save(f"k{i}", session(300 + i, 64))
+            acked[f"k{i}"] = 300 + i
+        except rdmakv.RdmakvError as e:
+            print(f"[cluster] save k{i} not acknowledged: {e}")
+        i += 1
+    killer.join()
+    live = [addr(n) for n in nodes if n is not victim]
+    t_kill = time.monotonic()
+    for name, seed in acked.items():  # every acknowledged session, bit-exact, from the replicas
+        assert st.restore(name).equals(session(seed, 64)), name
 
-        def back_to_r() -> bool:
-            return all(set(_copies(url, live, name).values()) == {2} for name in acked)
+    def back_to_r() -> bool:
+        return all(set(_copies(url, live, name).values()) == {2} for name in acked)
 
-        took = wait_for(back_to_r, 30)  # nobody called repair: the nodes did, on the change
-        print(f"[cluster] {len(acked)} acknowledged sessions ({i} attempted); automatic repair back to R=2 "
-              f"within {took:.1f} s after the kill was noticed")
-        def status() -> dict:
-            out = subprocess.run([sys.executable, "-m", "rdmakv", "cluster", "status", "--cluster", url,
-                                  "--namespace", "tenant", "--json"], capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "RDMAKV_AUTH_KEY": KEY_HEX})  # fmt: skip
-            return json.loads(out.stdout)
+    took = wait_for(back_to_r, 30)  # nobody called repair: the nodes did, on the change
+    print(f"[cluster] {len(acked)} acknowledged sessions ({i} attempted); automatic repair back to R=2 "
+          f"within {took:.1f} s after the kill was noticed")
+    def status() -> dict:
+        out = subprocess.run([sys.executable, "-m", "rdmakv", "cluster", "status", "--cluster", url,
+                              "--namespace", "tenant", "--json"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "RDMAKV_AUTH_KEY": KEY_HEX})  # fmt: skip
+        return json.loads(out.stdout)
 
+    rows = status()
+    while any(r.get("cluster", {}).get("repairing") for r in rows["members"].values()):
+        time.sleep(0.5)  # a pass adds to the totals when it ends
         rows = status()
-        while any(r.get("cluster", {}).get("repairing") for r in rows["members"].values()):
-            time.sleep(0.5)  # a pass adds to the totals when it ends
-            rows = status()
-        assert rows["replication"]["under_replicated_sessions"] == 0 and not rows["replication"]["lost"]
-        repaired = [r["cluster"]["repaired_total"] for r in rows["members"].values() if r.get("cluster")]
-        assert sum(r.get("under_replicated", 0) for r in repaired) > 0, repaired
+    assert rows["replication"]["under_replicated_sessions"] == 0 and not rows["replication"]["lost"]
+    repaired = [r["cluster"]["repaired_total"] for r in rows["members"].values() if r.get("cluster")]
+    assert sum(r.get("under_replicated", 0) for r in repaired) > 0, repaired
 
-        nodes[1] = node(tmp_path, etcd, 1, port=victim.port)  # the node restarts, same data dir and address
-        wait_for(lambda: len(st.members) == 3, 10)
-        everyone = [addr(n) for n in nodes]
-        wait_for(lambda: all(set(_copies(url, everyone, name).values()) == {2} for name in acked), 30)
-        for name, seed in acked.items():
-            assert st.restore(name).equals(session(seed, 64)), name
-        print(f"[cluster] rejoin: back to exactly R=2 over 3 nodes {time.monotonic() - t_kill:.1f} s after the kill")
-        st.close()
-    finally:
-        for n in nodes:
-            n.stop()
+    nodes[1] = node(tmp_path, etcd, 1, port=victim.port)  # the node restarts, same data dir and address
+    wait_for(lambda: len(st.members) == 3, 10)
+    everyone = [addr(n) for n in nodes]
+    wait_for(lambda: all(set(_copies(url, everyone, name).values()) == {2} for name in acked), 30)
+    for name, seed in acked.items():
+        assert st.restore(name).equals(session(seed, 64)), name
+    print(f"[cluster] rejoin: back to exactly R=2 over 3 nodes {time.monotonic() - t_kill:.1f} s after the kill")
+    st.close()
 
 
 def test_with_one_copy_a_killed_node_does_lose_sessions(tmp_path, etcd):
