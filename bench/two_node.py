@@ -108,6 +108,7 @@ def run(runs: int, out_json: Path, timeout: float = 600) -> dict:
     from rdmakv.guest import rxe_vm
 
     repo = Path(__file__).resolve().parents[1]
+    out_json.parent.mkdir(parents=True, exist_ok=True)  # bench/out/ is not in a fresh clone
     out_json.unlink(missing_ok=True)
     rc = rxe_vm.run([sys.executable, "-m", "bench.two_node", "--guest-side", "--runs", str(runs), "--json",
                      str(out_json)], nodes=2, cwd=str(repo), timeout=timeout, mem="2G",
