@@ -118,6 +118,13 @@ class StaleMembersError(RdmakvError):
         return [a for a in tail.strip().split(",") if a] if sep else []
 
 
+class SessionChangedError(RdmakvError):
+    """A cluster repair's commit met a part of another version of the session: it was saved
+    (or its part replaced) while the repair ran, and the newer version stands."""
+
+    code = 17
+
+
 ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
     cls.code: cls
     for cls in (
@@ -137,5 +144,6 @@ ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
         StorageError,
         BusyError,
         StaleMembersError,
+        SessionChangedError,
     )
 }

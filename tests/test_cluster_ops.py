@@ -171,3 +171,28 @@ def test_with_one_copy_a_killed_node_does_lose_sessions(tmp_path, etcd):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_a_repair_never_puts_back_an_older_version_of_a_session_saved_meanwhile(tmp_path, etcd, three):
+    from rdmakv.cluster.repair import repair_session
+    from rdmakv.errors import SessionChangedError
+    from rdmakv.wire import manifest as mf
+    from rdmakv.wire.cluster_part import dec_part_body, session_version
+
+    url, nodes = three
+    with ClusterStore(url, "tenant", key=KEY_HEX) as st:
+        old, new = session(500, 128), session(501, 128)
+        st.save("s", old)
+        whole_old, _ = st.whole_manifest("s")  # what a repair read ...
+        st.save("s", new)  # ... before the session was saved again
+        whole_new, _ = st.whole_manifest("s")
+        with pytest.raises(SessionChangedError, match="saved again while it was being repaired"):
+            repair_session(st, "s", whole_old, st.live())
+        for n in nodes:  # every part still belongs to the new version: its chunks stay referenced
+            with rdmakv.connect(n.url("tenant"), key=KEY_HEX, transport="tcp") as s:
+                part = s.get_manifest("s")
+            assert part.kind == mf.KIND_PART and dec_part_body(part.body).version == session_version(whole_new)
+        assert st.restore("s").equals(new)
+        refused = sum(rdmakv.connect(n.url("tenant"), key=KEY_HEX, transport="tcp").stats()["cluster"]
+                      ["repairs_of_old_versions_refused"] for n in nodes)  # fmt: skip
+        assert refused >= 1

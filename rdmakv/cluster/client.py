@@ -26,7 +26,7 @@ from ..errors import ConnectionLost, MissingChunksError, NotFoundError, RdmakvEr
 from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
-from ..wire.cluster_part import dec_part_body, enc_part_body, members_digest
+from ..wire.cluster_part import FLAG_REPAIR, dec_part_body, enc_part_body, members_digest, session_version
 from .membership import ClusterError, MemberWatch, parse_cluster_url
 from .placement import keys64, owners, place
 
@@ -147,11 +147,14 @@ class ClusterStore:
     def save_placed(self, name: str, m: mf.Manifest, chunks: list, members: list[str] | None = None,
                     fill=None) -> ClusterReport:  # fmt: skip
         """One placement of a save over ``members`` (default: the live list). ``chunks[i]`` may be
-        None for a chunk the caller does not hold (a repair): a node that lacks it gets it from
-        ``fill(indices) -> {index: bytes}``."""
+        None for a chunk the caller does not hold: that is a repair, whose commits a node refuses
+        (SessionChangedError) when it holds a part of another version of the session; a node that
+        lacks such a chunk gets it from ``fill(indices) -> {index: bytes}``."""
         members = members if members is not None else self.live()
         digest = members_digest(members)
         whole = m.encode()
+        version = session_version(whole)
+        flags = FLAG_REPAIR if fill is not None else 0
         keys = m.keys.tolist()
         where = place(keys64(m.keys), members, self.replicas)
         placed = {members[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
@@ -163,7 +166,7 @@ class ClusterStore:
         def commit(node: str, extra: dict | None = None) -> tuple[str, list[int]]:
             """(node, the indices it lacks that nobody here holds the bytes of)."""
             idx = list(dict.fromkeys(placed[node]))
-            body = enc_part_body(digest, whole if node in name_nodes else b"")
+            body = enc_part_body(digest, version, whole if node in name_nodes else b"", flags)
             part = mf.Manifest(mf.KIND_PART, body, m.keys[idx], m.lengths[idx], np.arange(len(idx), dtype=np.uint64),
                                m.hash_alg)  # fmt: skip
             data = [chunks[i] for i in idx] if not extra else [extra.get(i, chunks[i]) for i in idx]
@@ -211,7 +214,7 @@ class ClusterStore:
                     self._drop(node)
                     rep.failovers += 1
                     continue
-                whole = dec_part_body(part.body)[1] if part.kind == mf.KIND_PART else b""
+                whole = dec_part_body(part.body).whole if part.kind == mf.KIND_PART else b""
                 if whole:
                     return whole, node
             if attempt == 0:

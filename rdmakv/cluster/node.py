@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import CodecError, RdmakvError, StaleMembersError
+from ..errors import CodecError, NotFoundError, RdmakvError, SessionChangedError, StaleMembersError
 from ..wire import manifest as mf
 from ..wire.cluster_part import UNKNOWN, dec_part_body
 from .membership import DEFAULT_LEASE_TTL, ClusterError, MemberWatch, Registration
@@ -41,6 +41,7 @@ class NodeAgent:
         self.repairing = False
         self.last_repair: dict = {}
         self.stale_refused = 0
+        self.changed_refused = 0
         self.repaired = {"under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0, "parts_dropped": 0,
                          "work_seconds": 0.0}  # over all passes  # fmt: skip
 
@@ -62,32 +63,48 @@ class NodeAgent:
         if self._thread is not None:
             self._thread.join(10)
 
-    # --- the stale-list check -------------------------------------------------------------
-    def check_put(self, data: bytes) -> None:
+    # --- checks on every part this node is asked to commit --------------------------------
+    def check_put(self, ns: str, name: str, data: bytes) -> None:
         """Refuse a part placed by a member list other than this node's (after re-reading it
-        once, in case this node is the one behind). Non-part manifests pass."""
+        once, in case this node is the one behind), and a repair's part when this node holds a
+        part of another version of the session (it was saved again while the repair ran: the
+        newer version stands). Non-part manifests pass."""
         try:
             m = mf.decode(data)
+            part = dec_part_body(m.body) if m.kind == mf.KIND_PART else None
         except CodecError:
             return  # the commit itself reports what is wrong with it
-        if m.kind != mf.KIND_PART or not self.view.known:
+        if part is None:
             return
-        digest, _ = dec_part_body(m.body)
-        if digest in (UNKNOWN, self.view.digest):
+        if part.repair:
+            self._check_version(ns, name, part.version)
+        if not self.view.known or part.members in (UNKNOWN, self.view.digest):
             return
         try:
             self.view.reload()
         except ClusterError:
             pass  # etcd is down: the last list read stands
-        if digest != self.view.digest:
+        if part.members != self.view.digest:
             self.stale_refused += 1
             raise StaleMembersError(f"stale member list: the save was placed by another member list than this "
                                     f"node's ({len(self.view.members)} members); re-read it from etcd and save "
                                     f"again. members={','.join(self.view.members)}")  # fmt: skip
 
+    def _check_version(self, ns: str, name: str, version: int) -> None:
+        try:
+            held = mf.decode(self.server.engine.get_manifest(ns, name)[0])
+            have = dec_part_body(held.body).version if held.kind == mf.KIND_PART else None
+        except (NotFoundError, CodecError):
+            return  # nothing of it here (a new owner): the repair's part is the one
+        if have != version:
+            self.changed_refused += 1
+            raise SessionChangedError(f"session {name!r} was saved again while it was being repaired; this node "
+                                      "keeps the newer version's part")  # fmt: skip
+
     def stats(self) -> dict:
         return {"members": len(self.view.members), "etcd_reachable": self.view.etcd_ok,
                 "member_changes": self.view.changes, "stale_refused": self.stale_refused,
+                "repairs_of_old_versions_refused": self.changed_refused,
                 "repairs": self.repairs, "repairing": self.repairing, "last_repair": self.last_repair,
                 "repaired_total": dict(self.repaired)}  # fmt: skip
 
@@ -175,7 +192,7 @@ class NodeAgent:
             try:
                 data = engine.get_manifest(ns, row["name"])[0]
                 m = mf.decode(data)
-                if m.kind != mf.KIND_PART or not dec_part_body(m.body)[1]:
+                if m.kind != mf.KIND_PART or not dec_part_body(m.body).whole:
                     continue
             except RdmakvError:
                 continue  # deleted or evicted since the listing

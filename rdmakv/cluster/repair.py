@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..errors import NotFoundError, RdmakvError
+from ..errors import NotFoundError, RdmakvError, SessionChangedError
 from ..progress import track
 from ..wire import manifest as mf
 from .client import NODE_FAILURES, ClusterReport, ClusterStore
@@ -59,7 +59,7 @@ def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = T
     names = sorted(cs.list() if names is None else names)
     live = cs.live()
     out = {"members": live, "sessions": 0, "under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0,
-           "parts_dropped": 0, "lost": [], "failed": [], "still_under_replicated": 0}  # fmt: skip
+           "parts_dropped": 0, "changed": 0, "lost": [], "failed": [], "still_under_replicated": 0}  # fmt: skip
     for name in track(names, f"repairing over {len(live)} members", unit="session", quiet=quiet):
         try:
             whole, _ = cs.whole_manifest(name)
@@ -68,6 +68,9 @@ def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = T
             continue
         try:
             r = repair_session(cs, name, whole, live)
+        except SessionChangedError:
+            out["changed"] += 1  # saved again meanwhile: that save placed it over the live list itself
+            continue
         except (RdmakvError, *NODE_FAILURES) as e:
             out["failed"].append(f"{name}: {type(e).__name__}: {e}")
             continue

@@ -131,7 +131,7 @@ class Handlers:
         self.writes.cancel()  # a new save replaces what this connection had reserved
         data = bytes(data)
         if self.server.cluster is not None:
-            self.server.cluster.check_put(data)  # a save placed by a stale member list is refused
+            self.server.cluster.check_put(self.ns, name, data)  # stale member lists, repairs of old versions
         missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
         if opts.reserve and len(missing):
             reply = self.writes.reserve(data, missing)

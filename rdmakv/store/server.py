@@ -77,7 +77,7 @@ class Server:
             self.limits.max_frame = max_frame
         engine.max_missing = max(1, (self.limits.max_frame - 64) // 32)
         self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
-        # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(manifest bytes)
+        # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(ns, name, manifest)
         # refuses a save placed by a stale member list; stats() goes into STATS
         self.cluster = None
         self.say = log or logs.say

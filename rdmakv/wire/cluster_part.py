@@ -2,22 +2,39 @@
 
 A part is what one node holds of a cluster session: its chunk table lists the chunks placed on
 that node. Its body says which member list the client placed the save by (a digest, so a node
-whose own list differs can refuse the save as stale) and, on the name's nodes only, carries the
-session's whole manifest.
+whose own list differs can refuse the save as stale), which version of the session it belongs to
+(the xxh3-64 of the session's whole manifest), whether it comes from a repair (then a node keeps
+a part of another version rather than replace it: the session was saved again meanwhile) and, on
+the name's nodes only, the session's whole manifest.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import xxhash
 
 from ..errors import CodecError
 
-MAGIC = b"RKP1"
-HEADER = struct.Struct("<4sQ")  # magic, digest of the member list the save was placed by
+MAGIC = b"RKP2"
+HEADER = struct.Struct("<4sQQB")  # magic, member-list digest, session version, flags
 UNKNOWN = 0  # "placed without a member list" (no check)
+FLAG_REPAIR = 0x1  # a repair's commit: never replaces a part of another version
+_FLAGS = FLAG_REPAIR
+
+
+@dataclass(frozen=True)
+class PartBody:
+    members: int  # digest of the member list the save was placed by (UNKNOWN: none)
+    version: int  # xxh3-64 of the session's whole manifest
+    flags: int
+    whole: bytes  # the whole manifest on the name's nodes, else b""
+
+    @property
+    def repair(self) -> bool:
+        return bool(self.flags & FLAG_REPAIR)
 
 
 def members_digest(addrs: Iterable[str]) -> int:
@@ -26,13 +43,20 @@ def members_digest(addrs: Iterable[str]) -> int:
     return d or 1
 
 
-def enc_part_body(digest: int, whole: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, digest) + whole
+def session_version(whole: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(whole)
 
 
-def dec_part_body(body: bytes | memoryview) -> tuple[int, bytes]:
-    """(member-list digest, whole manifest or b"")."""
+def enc_part_body(members: int, version: int, whole: bytes = b"", flags: int = 0) -> bytes:
+    if flags & ~_FLAGS:
+        raise ValueError(f"unknown part flags {flags:#x}")
+    return HEADER.pack(MAGIC, members, version, flags) + whole
+
+
+def dec_part_body(body: bytes | memoryview) -> PartBody:
     if len(body) < HEADER.size or bytes(body[:4]) != MAGIC:
         raise CodecError(f"part body of {len(body)} B does not start with {MAGIC!r}")
-    _, digest = HEADER.unpack_from(body)
-    return digest, bytes(body[HEADER.size :])
+    _, members, version, flags = HEADER.unpack_from(body)
+    if flags & ~_FLAGS:
+        raise CodecError(f"part body has unknown flags {flags:#x}")
+    return PartBody(members, version, flags, bytes(body[HEADER.size :]))
