@@ -14,12 +14,13 @@ from .membership import members
 from .repair import check, repair
 
 
-def node_usage(addr: str, key: str | None) -> dict:
-    """STATS of one member (any namespace: the store-wide part needs an admin key)."""
+def node_usage(addr: str, key: str | None, namespace: str | None = None) -> dict:
+    """STATS of one member, asked in ``namespace`` (else ``_status``, which the node then lists,
+    empty); the store-wide part needs an admin key."""
     from ..client import connect
 
     try:
-        with connect(f"rdmakv://{addr}/_status", key=key, transport="tcp", timeout=3) as st:
+        with connect(f"rdmakv://{addr}/{namespace or '_status'}", key=key, transport="tcp", timeout=3) as st:
             s = st.stats()
         return {"reachable": True, **{k: s[k] for k in ("store", "cluster") if k in s}}
     except (RdmakvError, OSError) as e:
@@ -48,7 +49,8 @@ def cli(argv: list[str]) -> int:
         with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas) as st:
             print(json.dumps(repair(st, quiet=args.quiet), indent=2))
         return 0
-    rows = {addr: {**info, **node_usage(addr, key)} for addr, info in sorted(members(args.cluster).items())}
+    rows = {addr: {**info, **node_usage(addr, key, args.namespace)}
+            for addr, info in sorted(members(args.cluster).items())}  # fmt: skip
     replication = None
     if args.namespace:
         with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
