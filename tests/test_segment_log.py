@@ -239,3 +239,26 @@ def test_a_format_1_log_is_read_and_rewritten(tmp_path):
     e2 = _open(tmp_path)
     assert _restore(e2, "ns", "old").equals(kv)
     e2.close()
+
+
+def test_peek_manifest_reads_a_demoted_session_without_promoting_counting_or_reordering(tmp_path):
+    e = _open(tmp_path)
+    try:
+        _save(e, "ns", "a", _kv(1))
+        _save(e, "ns", "b", _kv(2))
+        want, _, _ = e.get_manifest("ns", "a")
+        with e.lock:
+            ns = e.namespaces["ns"]
+            e._demote(ns, ns.sessions["a"])  # now only in the log
+            lru = list(e.mem_lru)
+            holds = ns.sessions["a"].holds  # the get_manifest above keeps its own until its next lookup
+        before = e.stats("ns")
+        assert e.peek_manifest("ns", "a") == want  # read back from the log record
+        assert e.peek_manifest("ns", "b") is not None
+        after = e.stats("ns")
+        for k in ("restores", "memory_hits", "disk_hits", "promotions", "resident_sessions"):
+            assert after[k] == before[k], k
+        assert not ns.sessions["a"].resident and ns.sessions["a"].holds == holds  # peek kept none
+        assert list(e.mem_lru) == lru
+    finally:
+        e.close()

@@ -92,7 +92,7 @@ class NodeAgent:
 
     def _check_version(self, ns: str, name: str, version: int) -> None:
         try:
-            held = mf.decode(self.server.engine.get_manifest(ns, name)[0])
+            held = mf.decode(self.server.engine.peek_manifest(ns, name))
             have = dec_part_body(held.body).version if held.kind == mf.KIND_PART else None
         except (NotFoundError, CodecError):
             return  # nothing of it here (a new owner): the repair's part is the one
@@ -190,7 +190,7 @@ class NodeAgent:
         first, rest = [], []
         for row in engine.list(ns):
             try:
-                data = engine.get_manifest(ns, row["name"])[0]
+                data = engine.peek_manifest(ns, row["name"])
                 m = mf.decode(data)
                 if m.kind != mf.KIND_PART or not dec_part_body(m.body).whole:
                     continue

@@ -112,6 +112,22 @@ class Reads:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
 
+    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:
+        """A session's manifest without touching the session as a restore does: no promotion,
+        no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster
+        repair), which must not warm up, reorder or count what they only read."""
+        with self.lock:
+            ns = self.namespace(ns_name)
+            s = self._lookup(ns, name)
+            if s.data is not None:
+                return s.data
+            s.holds += 1  # its log record must outlive the read
+        try:
+            return self.read_manifest(s)
+        finally:
+            with self.lock:
+                self._unhold_session(ns, s)
+
     def read_chunks_into(
         self: Engine, ns_name: str, keys: Sequence[int], out: bytearray
     ) -> tuple[bytearray, list[memoryview | None]]:
