@@ -28,7 +28,7 @@ from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.cluster_part import FLAG_REPAIR, dec_part_body, enc_part_body, members_digest, session_version
 from .membership import ClusterError, MemberWatch, parse_cluster_url
-from .placement import keys64, owners, place
+from .placement import by_member, keys64, owners, place
 
 DEFAULT_REPLICAS = 2
 SAVE_RETRY_S = 15.0  # a save placed around a dead node waits at most this for etcd to drop it
@@ -156,8 +156,7 @@ class ClusterStore:
         version = session_version(whole)
         flags = FLAG_REPAIR if fill is not None else 0
         keys = m.keys.tolist()
-        where = place(keys64(m.keys), members, self.replicas)
-        placed = {members[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
+        placed = by_member(m.keys, members, self.replicas)
         name_nodes = owners(name, members, self.replicas)
         for node in name_nodes:
             placed.setdefault(node, [])
@@ -165,7 +164,7 @@ class ClusterStore:
 
         def commit(node: str, extra: dict | None = None) -> tuple[str, list[int]]:
             """(node, the indices it lacks that nobody here holds the bytes of)."""
-            idx = list(dict.fromkeys(placed[node]))
+            idx = placed[node]
             body = enc_part_body(digest, version, whole if node in name_nodes else b"", flags)
             part = mf.Manifest(mf.KIND_PART, body, m.keys[idx], m.lengths[idx], np.arange(len(idx), dtype=np.uint64),
                                m.hash_alg)  # fmt: skip
@@ -265,7 +264,7 @@ class ClusterStore:
 
             def fetch(node: str, idx: list[int]) -> list[int]:
                 try:
-                    missing, transport = self._fetch_node(node, name, m, idx, offsets, buf)
+                    missing, transport = self._fetch_node(node, name, m, keys, idx, offsets, buf)
                 except NODE_FAILURES:
                     self._drop(node)
                     rep.failovers += 1
@@ -291,16 +290,15 @@ class ClusterStore:
         rows = place(keys64(m.keys[idx]), live, ranks).tolist()
         return {i: [live[j] for j in row] for i, row in zip(idx, rows)}
 
-    def _fetch_node(self, node: str, name: str, m: mf.Manifest, idx: list[int], offsets: np.ndarray,
+    def _fetch_node(self, node: str, name: str, m: mf.Manifest, keys: list, idx: list[int], offsets: np.ndarray,
                     buf: np.ndarray) -> tuple[list[int], str]:  # fmt: skip
-        """One node's share: READs at the locations its part lists (RDMA), else one batched GET.
-        Returns (chunks it lacked, transport)."""
+        """One node's share (``keys``: ``m.keys`` as a list): READs at the locations its part
+        lists (RDMA), else one batched GET. Returns (chunks it lacked, transport)."""
         st = self._store(node)
         if st.rdma is not None and st.rdma.usable:
             data, loc, _ = st.channel.get_manifest(name, want_locations=True)
             part = mf.decode(data)
             pos = {k: j for j, k in enumerate(part.keys.tolist())}
-            keys = m.keys.tolist()
             have = [i for i in idx if keys[i] in pos]
             pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
             r = RestoreReport()
@@ -310,7 +308,6 @@ class ClusterStore:
                 d = int(offsets[i])
                 buf[d : d + n] = src[o : o + n]
             return [i for i in idx if keys[i] not in pos], r.transport
-        keys = m.keys.tolist()
         got = st.get_chunks([keys[i] for i in idx])
         missing = []
         for i, data in zip(idx, got):

@@ -64,6 +64,13 @@ def place(keys: np.ndarray, members: Sequence[str], replicas: int) -> np.ndarray
     return np.take_along_axis(top, order, axis=1)
 
 
+def by_member(keys: np.ndarray, members: Sequence[str], replicas: int) -> dict[str, list[int]]:
+    """Member -> the indices of the chunk-table ``keys`` it holds (each index once, in order),
+    for the members that hold any."""
+    where = place(keys64(keys), members, replicas)
+    return {members[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
+
+
 def owners(key: int | bytes | str, members: Sequence[str], replicas: int) -> list[str]:
     """The ``replicas`` members that hold ``key`` (a chunk key or a session name), best first."""
     if not members:

@@ -18,7 +18,7 @@ from ..errors import NotFoundError, RdmakvError, SessionChangedError
 from ..progress import track
 from ..wire import manifest as mf
 from .client import NODE_FAILURES, ClusterReport, ClusterStore
-from .placement import keys64, place
+from .placement import by_member
 
 
 def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]) -> dict:
@@ -87,7 +87,8 @@ def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = T
 
 def check(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
     """Count what is under-replicated without changing anything: for each session, the chunks
-    with fewer than R copies on the live members, and whether its name nodes hold it."""
+    with fewer than R copies on the live members. (Whether each of its name nodes holds the
+    whole manifest is not counted: a session counts as found when one of them has it.)"""
     cs.refresh()
     live = cs.live()
     names = sorted(cs.list() if names is None else names)
@@ -103,8 +104,7 @@ def check(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
         keys = m.keys.tolist()
         copies = np.zeros(len(keys), dtype=np.int64)
         want = min(cs.replicas, len(live))
-        where = place(keys64(m.keys), live, cs.replicas)
-        by_node = {live[j]: np.nonzero((where == j).any(axis=1))[0].tolist() for j in np.unique(where).tolist()}
+        by_node = by_member(m.keys, live, cs.replicas)
         for node, idx in by_node.items():
             try:
                 have = cs._store(node).exists([keys[i] for i in idx])

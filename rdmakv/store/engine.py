@@ -48,6 +48,9 @@ RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
 REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
 
 
+SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
+
+
 class Engine(Tiering, Reads, Writes, Publishing):
     def __init__(
         self,
@@ -331,8 +334,11 @@ class Engine(Tiering, Reads, Writes, Publishing):
         *,
         pin: bool = False,
         ttl: float = 0.0,
+        transport: str = "tcp",
     ) -> np.ndarray:
-        """Commit if every chunk is present; else return the missing keys (nothing changes)."""
+        """Commit if every chunk is present; else return the missing keys (nothing changes).
+        ``transport``: how the save's missing chunks came ("rdma": WRITTEN), for the counters."""
+        saved_by = SAVES_BY_TRANSPORT[transport]
         holder = holder or self.local
         m = mf.decode(data)  # raises ManifestError
         unique = list(dict.fromkeys(m.keys.tolist()))
@@ -379,6 +385,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
                 if (ns_name, k) in holder.pending:
                     self._drop_pending(holder, ns_name, k)
             ns.counters["manifests_committed"] += 1
+            ns.counters[saved_by] += 1
             ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
         return np.zeros(0, dtype=np.uint64)
 
@@ -447,10 +454,6 @@ class Engine(Tiering, Reads, Writes, Publishing):
             spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
             return [namespace_stats(self, ns) for ns in spaces]
 
-    def count(self, ns_name: str, counter: str) -> None:
-        """One more of a per-namespace event the request path sees (saves and lookups by transport)."""
-        with self.lock:
-            self.namespace(ns_name).counters[counter] += 1
 
     def compact(self) -> dict:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""

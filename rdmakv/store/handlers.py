@@ -137,10 +137,8 @@ class Handlers:
             reply = self.writes.reserve(data, missing)
             if reply is not None:
                 return [reply]
-        if not len(missing):
-            if self.server.rdma is not None:
-                self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
-            self.engine.count(self.ns, "saves_tcp")
+        if not len(missing) and self.server.rdma is not None:
+            self.engine.publish(self.ns, name)  # one-sided lookups find this version from now on
         return [msg.enc_manifest_result(missing)]
 
     def on_commit(self, payload: memoryview) -> list:
@@ -152,7 +150,6 @@ class Handlers:
         data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
-        self.engine.count(self.ns, f"lookups_{'rdma' if want else 'tcp'}_{tier}")
         return msg.enc_manifest_reply(data, loc, tier)
 
     def on_pin(self, payload: memoryview) -> list:

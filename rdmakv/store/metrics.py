@@ -164,7 +164,7 @@ class _StoreCollector:
             ("rdmakv_disk_capacity_bytes", st["disk_capacity_bytes"] or 0, "Disk tier capacity (--disk-capacity)"),
             ("rdmakv_disk_used_bytes", st["disk_bytes"], "Bytes of the log on disk"),
             ("rdmakv_connections", srv.connections, "Client connections open now"),
-            ("rdmakv_rdma_qps", srv.rdma_qps(), "RDMA queue pairs connected to clients now"),
+            ("rdmakv_rdma_qps", srv.qps, "RDMA queue pairs connected to clients now"),
         ):
             yield GaugeMetricFamily(name, help_, value=value)
         for name, value, help_ in (

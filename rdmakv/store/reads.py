@@ -95,6 +95,8 @@ class Reads:
             hit = s.complete
             ns.counters["restores"] += 1
             ns.counters["memory_hits" if hit else "disk_hits"] += 1
+            # by the transport the client then reads with (locations: it READs them)
+            ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
         if not hit:
             self._promote(ns, s)
         with self.lock:

@@ -120,9 +120,6 @@ class Server:
                 per = self._requests.setdefault(namespace, Counter())
             per[name] += 1
 
-    def rdma_qps(self) -> int:
-        return self.qps
-
     def count_qp(self, delta: int) -> None:
         with self._requests_lock:
             self.qps += delta

@@ -89,10 +89,10 @@ class WritePath:
         self._close_windows(res)  # first: from here the client can change nothing
         h = self.h
         h.engine.install_written(h.ns, res.keys, res.slots, h.holder)  # frees the slots if any lies
-        missing = h.engine.commit_manifest(h.ns, name, bytes(data), h.holder, pin=opts.pin, ttl=opts.ttl)
+        missing = h.engine.commit_manifest(h.ns, name, bytes(data), h.holder, pin=opts.pin, ttl=opts.ttl,
+                                           transport="rdma")  # fmt: skip
         if not len(missing):
             h.engine.publish(h.ns, name)
-            h.engine.count(h.ns, "saves_rdma")
         return [msg.enc_manifest_result(missing)]
 
     def expire(self, now: float) -> None:
