@@ -119,19 +119,24 @@ def stages(title: str, names: list[str], quiet: bool = False, status=None):
 READ_PIECE = 8 << 20  # bytes per read while counting a big file in
 
 
-def read_file(path: str, desc: str, quiet: bool = False) -> bytes:
-    """A whole file, with a byte counter on the bar while it is read."""
+def read_file(path: str, desc: str, quiet: bool = False) -> bytearray:
+    """A whole file, read into one buffer of its size, with a byte counter on the bar."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        out = bytearray(size)
+        view = memoryview(out)
         b = bar(size, desc, unit="B", quiet=quiet, unit_scale=True, unit_divisor=1024)
-        out = bytearray()
+        done = 0
         try:
-            while piece := f.read(READ_PIECE):
-                out += piece
-                b.update(len(piece))
+            while done < size:
+                n = f.readinto(view[done : done + READ_PIECE])
+                if not n:
+                    raise OSError(f"{path} shrank while it was read ({done} of {size} B)")
+                done += n
+                b.update(n)
         finally:
             b.close()
-    return bytes(out)
+    return out
 
 
 def write_all(f, data: bytes | memoryview, desc: str, quiet: bool = False) -> None:
