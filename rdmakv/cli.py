@@ -328,7 +328,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
             print(serve_config.render(args, serve), end="")
             raise SystemExit(0)
         if not args.data_dir:
-            parser.serve_parser.error("--data-dir (or data_dir in --config) is required")
+            serve.error("--data-dir (or data_dir in --config) is required")
         return args
     return parser.parse_args(argv)
 

@@ -46,7 +46,7 @@ def cli(argv: list[str]) -> int:
 
     key = os.environ.get("RDMAKV_AUTH_KEY") or None
     if args.cmd == "repair":
-        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas) as st:
+        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
             print(json.dumps(repair(st, quiet=args.quiet), indent=2))
         return 0
     rows = {addr: {**info, **node_usage(addr, key, args.namespace)}
