@@ -339,6 +339,16 @@ class TcpChannel:
             loc = msg.Locations(loc.regions.copy(), loc.slots.copy())
         return bytes(data), loc, tier
 
+    def has_manifests(self, names: Sequence[str]) -> np.ndarray:
+        """Which of ``names`` are committed sessions: one round trip per 65,536 names."""
+        out = [np.zeros(0, dtype=bool)]
+        for i in range(0, len(names), msg.MAX_NAMES):
+            part = names[i : i + msg.MAX_NAMES]
+            out.append(msg.dec_bitmap(self.request(Op.HAS_MANIFESTS, [msg.enc_names(part)])))
+            if len(out[-1]) != len(part):
+                raise ProtocolError(f"HAS_MANIFESTS answered {len(out[-1])} names of {len(part)}")
+        return np.concatenate(out)
+
     def pin(self, name: str, pinned: bool) -> None:
         self.request(Op.PIN, [msg.enc_pin(name, pinned)])
 

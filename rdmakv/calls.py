@@ -94,6 +94,11 @@ class LowLevel:
     def get_manifest(self: Store, name: str) -> mf.Manifest:
         return mf.decode(self.channel.get_manifest(name)[0])
 
+    def has_manifests(self: Store, names: Sequence[str]) -> np.ndarray:
+        """Which of ``names`` are committed sessions (a bool per name), in one round trip; the
+        sessions are not touched (no promotion, no LRU move, not counted as restores)."""
+        return self.channel.has_manifests(list(names))
+
     def delete_manifest(self: Store, name: str) -> None:
         self.channel.delete_manifest(name)
 

@@ -147,3 +147,26 @@ def test_stats_count_the_bytes_each_namespace_received_and_sent(server, ns, key)
         s1 = st.stats()
     assert s1["bytes_received"] - s0["bytes_received"] >= kv.nbytes  # the chunks came in once
     assert s1["bytes_sent"] - s0["bytes_sent"] >= kv.nbytes  # and went out once
+
+
+def test_has_manifests_answers_many_names_in_one_request_and_touches_nothing(server, ns, key):
+    from rdmakv.errors import CodecError
+
+    from .conftest import request_counts
+
+    with _store(server, ns, key) as st:
+        for i in range(0, 64, 3):
+            st.put_blob(f"n{i}", b"x" * (i + 1))
+        before = request_counts(server.url(ns))
+        got = st.has_manifests([f"n{i}" for i in range(64)])
+        after = request_counts(server.url(ns))
+        assert got.tolist() == [i % 3 == 0 for i in range(64)]
+        assert after["HAS_MANIFESTS"] - before.get("HAS_MANIFESTS", 0) == 1
+        assert after.get("GET_MANIFEST", 0) == before.get("GET_MANIFEST", 0)
+        assert st.stats()["restores"] == 0  # a probe is not a restore
+        st.delete_manifest("n0")
+        assert st.has_manifests(["n0", "n3"]).tolist() == [False, True]
+        assert st.has_manifests([]).tolist() == []
+        with pytest.raises(CodecError):
+            st.has_manifests(["bad\nname"])
+        assert st.has_manifests(["n3"]).tolist() == [True]  # the connection is still in step

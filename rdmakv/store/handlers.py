@@ -61,6 +61,7 @@ class Handlers:
             Op.PIN: self.on_pin,
             Op.COMPACT: self.on_compact,
             Op.COMMIT: self.on_commit,
+            Op.HAS_MANIFESTS: self.on_has_manifests,
         }
 
     def info(self) -> dict:
@@ -151,6 +152,9 @@ class Handlers:
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
         return msg.enc_manifest_reply(data, loc, tier)
+
+    def on_has_manifests(self, payload: memoryview) -> list:
+        return [msg.enc_bitmap(self.engine.has_manifests(self.ns, msg.dec_names(payload)))]
 
     def on_pin(self, payload: memoryview) -> list:
         name, pinned = msg.dec_pin(payload)

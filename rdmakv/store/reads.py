@@ -114,6 +114,16 @@ class Reads:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
 
+    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:
+        """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
+        promotion, no move in the LRU, no hit counters, no hold)."""
+        now = time.time()
+        with self.lock:
+            sessions = self.namespace(ns_name).sessions
+            return np.fromiter(
+                ((s := sessions.get(n)) is not None and not s.expired(now) for n in names), dtype=bool, count=len(names)
+            )
+
     def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:
         """A session's manifest without touching the session as a restore does: no promotion,
         no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster

@@ -392,6 +392,26 @@ def dec_name_only(data: bytes | memoryview) -> str:
     return name
 
 
+# -- HAS_MANIFESTS: u32 n | n x (u8 len | name) -> bitmap ------------------------------
+MAX_NAMES = 1 << 16  # names in one HAS_MANIFESTS (a 64 KiB-name request stays well inside a frame)
+
+
+def enc_names(names: Sequence[str]) -> bytes:
+    if len(names) > MAX_NAMES:
+        raise CodecError(f"{len(names)} names in one request exceeds {MAX_NAMES}")
+    return _U32.pack(len(names)) + b"".join(enc_name(n) for n in names)
+
+
+def dec_names(data: bytes | memoryview, max_names: int = MAX_NAMES) -> list[str]:
+    r = Reader(data)
+    n = r.u32()
+    if n > max_names:
+        raise CodecError(f"{n} names in one request exceeds {max_names}")
+    names = [_name(r) for _ in range(n)]
+    r.end()
+    return names
+
+
 # -- LIST: u8 prefix_len | prefix | u8 after_len | after (the last name of the previous page) ---
 LIST_PAGE = 1000
 

@@ -58,6 +58,7 @@ class Op(IntEnum):
     PIN = 13
     COMPACT = 14
     COMMIT = 15  # a save whose missing chunks were written by RDMA into its reservation
+    HAS_MANIFESTS = 16  # which of these names are committed sessions (one round trip for many)
     ERROR = 127
 
 
