@@ -125,6 +125,7 @@ def test_connection_caps_refuse_with_a_clear_error(fresh_server):
 def test_a_thousand_idle_and_two_hundred_stalled_sockets_cost_no_threads(fresh_server, capsys):
     _raise_nofile(4096)
     srv = fresh_server("64MiB", "--handshake-timeout", "60", "--max-connections-per-source", "4096")
+    _save_restore_s(srv)  # the worker pool starts its threads on demand: let it, before counting
     rss0, threads0 = _rss_mib(srv), _status(srv.pid(), "Threads")
     idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(1000)]
     stalled = []
