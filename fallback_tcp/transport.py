@@ -240,15 +240,16 @@ class TcpChannel:
             head = memoryview(bytearray(9))
             fs.recv_exact(head)
             alg, n, m = head[0], *msg.struct_u32x2(head[1:9])
-            klen = msg.KEY_BYTES.get(alg)
-            table_len = (n * (klen + 4) + m * klen) if klen else h.length
-            if klen is None or 9 + table_len > h.length:
+            if alg not in msg.KEY_BYTES or n > msg.MAX_KEYS or m > msg.MAX_KEYS:
+                raise ProtocolError("GET_CHUNKS reply's table is out of range")
+            table_len = msg.chunk_table_size(alg, n, m)
+            if 9 + table_len > h.length:
                 raise ProtocolError("GET_CHUNKS reply's table does not fit it")
             table = memoryview(bytearray(table_len))
             fs.recv_exact(table)
             served, absent = msg.dec_chunk_table(alg, n, m, table)
             idx = []
-            for k, ln in served:
+            for k, ln, _ in served:
                 i = index.get(k)
                 if i is None or lengths[i] != ln:
                     raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
@@ -259,14 +260,14 @@ class TcpChannel:
             fs.recv_verified(h, [head, table], runs)
         except OSError as e:
             raise ConnectionLost(f"connection to the server lost: {e}") from e
-        except ProtocolError as e:  # the byte stream is out of step now: nothing more can be read
+        except (ProtocolError, msg.CodecError) as e:  # the byte stream is out of step now: nothing more can be read
             self.fs.close()
             raise ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}") from e
         if absent:
             raise msg_missing(absent[0])
         got = set()
-        for (k, _), i in zip(served, idx):
-            msg.verify_chunk(k, dests[i])
+        for (k, _, check), i in zip(served, idx):
+            msg.verify_chunk(k, dests[i], check=check)
             got.add(i)
         return got
 
@@ -286,11 +287,11 @@ class TcpChannel:
         if absent:
             raise msg_missing(absent[0])
         got = set()
-        for k, data in served:
+        for k, data, check in served:
             i = index.get(k)
             if i is None:
                 raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
-            msg.verify_chunk(k, data, lengths[i])
+            msg.verify_chunk(k, data, lengths[i], check)
             dests[i][:] = data
             got.add(i)
         return got
@@ -302,8 +303,8 @@ class TcpChannel:
         while todo:
             part, todo = todo[:256], todo[256:]
             served, absent = msg.dec_chunks(self.request(Op.GET_CHUNKS, [msg.enc_keys(part)]))
-            for k, data in served:
-                msg.verify_chunk(k, data)
+            for k, data, check in served:
+                msg.verify_chunk(k, data, check=check)
                 found[k] = bytes(data)
             for k in absent:
                 found[k] = None
@@ -335,9 +336,7 @@ class TcpChannel:
         """(manifest, chunk locations when asked and the server exports RDMA, tier)."""
         flags = msg.GET_WANT_LOCATIONS if want_locations else 0
         data, loc, tier = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
-        if loc is not None:
-            loc = msg.Locations(loc.regions.copy(), loc.slots.copy())
-        return bytes(data), loc, tier
+        return bytes(data), None if loc is None else loc.copy(), tier
 
     def has_manifests(self, names: Sequence[str]) -> np.ndarray:
         """Which of ``names`` are committed sessions: one round trip per 65,536 names."""
@@ -357,8 +356,7 @@ class TcpChannel:
         return out if isinstance(out, dict) else {}
 
     def locate(self, keys: np.ndarray) -> msg.Locations:
-        loc = msg.dec_locations(self.request(Op.LOCATE, [msg.enc_keys(keys)]))
-        return msg.Locations(loc.regions.copy(), loc.slots.copy())
+        return msg.dec_locations(self.request(Op.LOCATE, [msg.enc_keys(keys)])).copy()
 
     def delete_manifest(self, name: str) -> None:
         self.request(Op.DELETE_MANIFEST, [msg.enc_name_only(name)])

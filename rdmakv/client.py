@@ -304,8 +304,7 @@ class Store(LowLevel):
         total = int(lengths.sum(dtype=np.uint64))
         mark = self.channel.mark()
         if loc is not None and self.rdma is not None and self.rdma.usable:
-            sub = Locations(loc.regions, loc.slots[idx])
-            buf = self.rdma.read_located(keys, lengths, offsets, total, sub, rep, mark)
+            buf = self.rdma.read_located(keys, lengths, offsets, total, loc.subset(idx), rep, mark)
             if buf is not None:
                 return buf, offsets
         buf = self._restore_buffer(total)

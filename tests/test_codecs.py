@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdmakv import kvgen
 from rdmakv.errors import AuthError, CodecError, ManifestError, ProtocolError, TooLargeError
-from rdmakv.hashing import HASH_BLAKE3_256, HASH_XXH3_64
+from rdmakv.hashing import (
+    HASH_BLAKE3_256,
+    HASH_XXH3_64,
+    KEY_OPAQUE_BLAKE3,
+    KEY_OPAQUE_XXH3,
+    check_of,
+    engine_key,
+    key_alg,
+    key_hex,
+    keys_array,
+    opaque_key,
+)
 from rdmakv.kvstate import KVState
+from rdmakv.store import records as rec
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 from rdmakv.wire import messages as msg
@@ -181,13 +194,83 @@ def test_header_limits():
 @settings(max_examples=100, deadline=None)
 @given(chunks=st.lists(st.binary(min_size=1, max_size=50), max_size=10))
 def test_put_and_get_chunk_payloads_round_trip(chunks):
-    for alg, key in ((HASH_XXH3_64, lambda i: i), (HASH_BLAKE3_256, lambda i: bytes([i]) * 32)):
+    for alg, key in ((HASH_XXH3_64, lambda i: i), (HASH_BLAKE3_256, lambda i: bytes([i]) * 32),
+                     (KEY_OPAQUE_XXH3, lambda i: opaque_key(bytes([i]) * (1 + i % 64))),
+                     (KEY_OPAQUE_BLAKE3, lambda i: opaque_key(b"k%d" % i, KEY_OPAQUE_BLAKE3))):  # fmt: skip
         keys = [key(i) for i in range(len(chunks))]
         payload = b"".join(bytes(p) for p in msg.enc_put_chunks(keys, chunks))
         assert [(k, bytes(v)) for k, v in msg.dec_put_chunks(payload)] == list(zip(keys, chunks))
         absent = [key(200), key(201)]
-        served, gone = msg.dec_chunks(b"".join(bytes(p) for p in msg.enc_chunks(list(zip(keys, chunks)), absent, alg)))
-        assert [(k, bytes(v)) for k, v in served] == list(zip(keys, chunks)) and gone == absent
+        checks = [check_of(k, c) for k, c in zip(keys, chunks)]
+        reply = msg.enc_chunks(list(zip(keys, chunks)), absent, alg, checks=checks)
+        served, gone = msg.dec_chunks(b"".join(bytes(p) for p in reply))
+        assert [(k, bytes(v), c) for k, v, c in served] == list(zip(keys, chunks, checks)) and gone == absent
+        for k, v, c in served:
+            if c is not None:  # an opaque key's chunk verifies against the store's check
+                msg.verify_chunk(k, v, check=c)
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.binary(min_size=1, max_size=64), blake=st.booleans())
+def test_opaque_keys_round_trip_and_never_meet_content_keys(key, blake):
+    alg = KEY_OPAQUE_BLAKE3 if blake else KEY_OPAQUE_XXH3
+    k = opaque_key(key, alg)
+    assert len(k) == 65 and engine_key(k) == key and key_alg(k) == alg and key_hex(k) == key.hex()
+    arr = keys_array([k], alg)
+    assert msg.dec_keys(msg.enc_keys(arr)).tolist() == [k]
+    assert msg.alg_of(arr) == alg and msg.alg_of([k]) == alg
+    assert k != opaque_key(key, KEY_OPAQUE_XXH3 if blake else KEY_OPAQUE_BLAKE3)  # the check kind is identity
+
+
+def test_malformed_opaque_keys_and_lengths_are_refused():
+    for bad in (b"", b"x" * 65):
+        with pytest.raises(ValueError, match="1..64"):
+            opaque_key(bad)
+    good = opaque_key(b"abc")
+    for raw in (bytes([0]) + good[1:], bytes([65]) + good[1:], good[:10] + b"\x01" + good[11:],
+                bytes([3 | 0x80]) + good[1:]):  # fmt: skip
+        payload = bytes([KEY_OPAQUE_XXH3]) + (1).to_bytes(4, "little") + raw
+        with pytest.raises(CodecError, match="malformed opaque key"):
+            msg.dec_keys(payload)
+    m = mf.Manifest(mf.KIND_ENGINE, b"", keys_array([good], KEY_OPAQUE_XXH3), [4], [0], KEY_OPAQUE_XXH3)
+    data = bytearray(m.encode())
+    assert mf.decode(bytes(data)).keys.tolist() == [good]
+    data[mf._HEADER.size + 5] = 1  # a nonzero byte in the key's padding (checksum fixed up below)
+    data[-8:] = xxhash.xxh3_64_intdigest(bytes(data[:-8])).to_bytes(8, "little")
+    with pytest.raises(ManifestError, match="malformed opaque key"):
+        mf.decode(bytes(data))
+    with pytest.raises(CodecError, match="needs the store's check"):
+        msg.enc_chunks([(good, b"data")], [], KEY_OPAQUE_XXH3, checks=[None])
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 20), blake=st.booleans(), with_checks=st.booleans())
+def test_locations_round_trip_with_and_without_checks(n, blake, with_checks):
+    alg = KEY_OPAQUE_BLAKE3 if blake else KEY_OPAQUE_XXH3
+    regions = msg.make_regions([(1, 4096, 1 << 20, 7)])
+    slots = np.zeros(n, dtype=msg.LOCATION_DTYPE)
+    slots["region"], slots["offset"] = 1, np.arange(n) * 64
+    checks = None
+    if with_checks:
+        checks = (np.arange(n, dtype=np.uint64) if not blake else
+                  np.frombuffer(b"".join(bytes([i]) * 32 for i in range(n)), "V32"))  # fmt: skip
+    loc = msg.Locations(regions, slots, checks, alg if with_checks else 0)
+    got = msg.dec_locations(loc.encode())
+    assert got.slots.tobytes() == slots.tobytes() and got.check_alg == loc.check_alg
+    assert got.check_list() == loc.check_list()
+    assert got.subset(np.arange(n)[::2]).check_list() == loc.check_list()[::2]
+
+
+def test_opaque_chunk_records_round_trip_with_their_check():
+    for alg in (KEY_OPAQUE_XXH3, KEY_OPAQUE_BLAKE3):
+        k = opaque_key(b"\x00chain", alg)
+        data = b"some kv bytes"
+        parts = rec.chunk_parts("ns", k, data, check_of(k, data))
+        payload = memoryview(b"".join(bytes(p) for p in parts))
+        r = rec.decode_payload(rec.Header(rec.REC_CHUNK, len(payload), 0, 24), payload)
+        assert r.key == k and r.check == check_of(k, data) and bytes(r.body) == data
+        with pytest.raises(CodecError, match="needs its check"):
+            rec.chunk_parts("ns", k, data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -195,7 +278,8 @@ def test_put_and_get_chunk_payloads_round_trip(chunks):
 def test_payload_decoders_raise_codec_errors_only(data):
     for dec in (msg.dec_keys, msg.dec_put_chunks, msg.dec_chunks, msg.dec_bitmap, msg.dec_manifest_reply,
                 msg.dec_get_manifest, msg.dec_name_only, msg.dec_put_manifest, msg.dec_locations, msg.dec_hello,
-                msg.dec_list, msg.dec_pin, msg.dec_error, msg.dec_manifest_result, msg.dec_put_result):
+                msg.dec_list, msg.dec_pin, msg.dec_error, msg.dec_manifest_result, msg.dec_put_result,
+                msg.dec_names):
         try:
             dec(data)
         except CodecError:

@@ -37,16 +37,19 @@ def key64(key: int | bytes | str) -> int:
     if isinstance(key, str):
         return xxhash.xxh3_64_intdigest(b"name\0" + key.encode())
     if isinstance(key, bytes):
-        return int.from_bytes(key[:8], "little")
+        if len(key) == 32:  # a BLAKE3 key: already uniform
+            return int.from_bytes(key[:8], "little")
+        return xxhash.xxh3_64_intdigest(key)  # an engine's opaque key: any bytes, so hashed
     return int(key) & 0xFFFFFFFFFFFFFFFF
 
 
 def keys64(keys: np.ndarray) -> np.ndarray:
-    """A chunk table's keys as uint64 (xxh3 keys as they are; 32-byte keys by their first 8)."""
+    """A chunk table's keys as uint64 (xxh3 keys as they are; 32-byte keys by their first 8;
+    an engine's opaque keys by their xxh3)."""
     a = np.asarray(keys)
     if a.dtype == np.uint64:
         return a
-    if a.dtype.kind == "V":  # 32-byte BLAKE3 keys
+    if a.dtype.kind == "V" and a.dtype.itemsize == 32:  # BLAKE3 keys
         head = np.ascontiguousarray(a).view(np.uint8).reshape(len(a), -1)[:, :8].copy()
         return head.view("<u8").ravel().astype(np.uint64)
     return np.array([key64(k) for k in a.tolist()], dtype=np.uint64)

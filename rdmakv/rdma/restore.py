@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bufpool import BufferPool
 from ..errors import RdmakvError
-from ..hashing import matches
+from ..hashing import verified
 from ..kvstate import RestoreReport
 from ..wire.messages import NO_REGION, Locations, dec_locations
 from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
@@ -156,18 +156,18 @@ class RdmaRestorer:
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         ulen = lengths[first].astype(np.int64)
         udest = offsets[first].astype(np.int64)
-        slots = loc.slots[first]
+        sub = loc.subset(first)
         view = memoryview(buf)
-        bad = self._read(uniq, ulen, udest, slots, loc, view, laddr, lkey, rep)
+        bad = self._read(uniq, ulen, udest, sub, view, laddr, lkey, rep)
         if len(bad) and strict:  # a one-sided lookup's version holds nothing: start over by TCP
             raise _Moved()
         if len(bad):
             rep.retried_chunks += len(bad)
             fresh = self.store.channel.locate(uniq[bad])
-            sub = fresh.slots
-            present = sub["region"] != NO_REGION
+            present = fresh.slots["region"] != NO_REGION
             idx = bad[present]
-            still = idx[self._read(uniq[idx], ulen[idx], udest[idx], sub[present], fresh, view, laddr, lkey, rep)]
+            again = fresh.subset(np.flatnonzero(present))
+            still = idx[self._read(uniq[idx], ulen[idx], udest[idx], again, view, laddr, lkey, rep)]
             gone = bad[~present]
             tcp = np.concatenate([still, gone])
             if len(tcp):
@@ -180,23 +180,26 @@ class RdmaRestorer:
                 buf[int(offsets[i]) : int(offsets[i]) + n] = buf[src : src + n]
 
     def _read(
-        self, keys, lens, dests, slots, loc: Locations, view: memoryview, laddr: int, lkey: int, rep: RestoreReport
+        self, keys, lens, dests, loc: Locations, view: memoryview, laddr: int, lkey: int, rep: RestoreReport
     ) -> np.ndarray:
-        """READ chunks into place; returns indices (into ``keys``) that failed verification."""
-        plan, missing, checks = self._prepare(keys, lens, dests, slots, loc, laddr, lkey)
+        """READ chunks into place (``loc`` holds one location per key); returns indices (into
+        ``keys``) that failed verification against their key, or the store's check of an opaque one."""
+        plan, missing, checks = self._prepare(keys, lens, dests, loc, laddr, lkey)
         assert self.requester is not None
         rep.reads_posted += self.requester.read(plan.reads)
         rep.bytes += plan.bytes_read
-        failed = [i for i, k, d, n in checks if not matches(k, view[d : d + n])]
+        failed = [i for i, k, d, n, c in checks if not verified(k, view[d : d + n], c)]
         if not failed:
             return missing
         return np.concatenate([missing, np.array(failed, dtype=np.int64)])
 
-    def _prepare(self, keys, lens, dests, slots, loc: Locations, laddr: int, lkey: int):
+    def _prepare(self, keys, lens, dests, loc: Locations, laddr: int, lkey: int):
         """The READ plan and the verification list, memoised: restoring the same session into
         the same pool extent (the common repeat) reuses the prebuilt WR list."""
+        slots = loc.slots
+        checks_raw = b"" if loc.checks is None else loc.checks.tobytes()
         ident = (keys.tobytes(), lens.tobytes(), dests.tobytes(), slots.tobytes(), loc.regions.tobytes(), laddr,
-                 self.merge, self.max_read_bytes)
+                 self.merge, self.max_read_bytes, checks_raw)
         hit = self._plans.get(ident)
         if hit is not None:
             self._plans.move_to_end(ident)
@@ -213,7 +216,9 @@ class RdmaRestorer:
             max_sge=self.max_sge, max_read_bytes=self.max_read_bytes, merge=self.merge,
         )  # fmt: skip
         plan.reads = [ReadOp(a, k, [Sge(*sg) for sg in sges]) for a, k, sges in plan.reads]
-        checks = list(zip(idx.tolist(), keys[idx].tolist(), dests[idx].tolist(), lens[idx].tolist()))
+        values = loc.check_list()
+        checks = list(zip(idx.tolist(), keys[idx].tolist(), dests[idx].tolist(), lens[idx].tolist(),
+                          [values[i] for i in idx.tolist()]))  # fmt: skip
         out = (plan, missing, checks)
         self._plans[ident] = out
         if len(self._plans) > PLAN_CACHE:

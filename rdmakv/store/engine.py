@@ -23,7 +23,7 @@ import numpy as np
 from slab import CapacityBudget, Region, Slab
 
 from ..errors import DiskFullError, IntegrityError, ManifestError
-from ..hashing import key_hex, keys_array, matches
+from ..hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, keys_array, matches
 from ..wire import manifest as mf
 from . import logs
 from . import records as rec
@@ -31,6 +31,7 @@ from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
 from .index import Chunk, Holder, Namespace, Session, Tombstone
 from .maintenance import Maintenance
+from .orphans import Orphans
 from .publishing import Publishing
 from .reads import Reads
 from .replay import replay
@@ -96,6 +97,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
         self.namespaces: dict[str, Namespace] = {}
         self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.orphans = Orphans()  # chunks no session names, kept as cache: least recently used first
         self.seg_live: Counter[int] = Counter()
         self.disk_live = 0
         self.fs_free = 1 << 62
@@ -258,8 +260,11 @@ class Engine(Tiering, Reads, Writes, Publishing):
         """Store chunks (each checked against its key) and hold them for this caller's next
         commit; returns (stored, already present)."""
         holder = holder or self.local
+        checks: dict[Key, Check] = {}  # opaque keys: the store's own check of the bytes, kept beside the key
         for key, data in items:
-            if not matches(key, data):
+            if is_opaque(key_alg(key)):
+                checks[key] = check_of(key, data)  # type: ignore[assignment]
+            elif not matches(key, data):
                 raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
         now = time.monotonic()
         with self.lock:
@@ -286,7 +291,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
             self._make_disk_room(sum(lengths) + 64 * len(lengths))
             for (key, data), view in zip(new.items(), views):
                 view[:] = data
-                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data))
+                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data, checks.get(key)))
                 placed.append((key, loc))
         except BaseException:
             with self.lock:  # records already appended were never live: garbage for the compactor
@@ -295,11 +300,12 @@ class Engine(Tiering, Reads, Writes, Publishing):
             raise
         finally:
             views.clear()
-        return self._adopt_placed(ns, placed, slots, holder, existed, now)
+        return self._adopt_placed(ns, placed, slots, holder, existed, now, checks)
 
     def _adopt_placed(
-        self, ns: Namespace, placed: list[tuple[int, Location]], slots: list, holder: Holder, existed: int, now: float
-    ) -> tuple[int, int]:
+        self, ns: Namespace, placed: list[tuple[Key, Location]], slots: list, holder: Holder, existed: int,
+        now: float, checks: dict[Key, Check] | None = None,
+    ) -> tuple[int, int]:  # fmt: skip
         """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
         for this caller's commit; returns (stored, already present)."""
         stored = 0
@@ -310,7 +316,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
                     existed += 1
                     self._hold_pending(holder, ns, ns.chunks[key], now)
                     continue
-                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot)
+                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot, check=checks.get(key) if checks else None)
                 self._live(ns, loc)
                 self._hold_pending(holder, ns, c, now)
                 stored += 1
@@ -401,13 +407,18 @@ class Engine(Tiering, Reads, Writes, Publishing):
         if tomb is not None:
             self._dead(ns, tomb.loc)  # a newer manifest outranks it on replay
         for k in s.unique:
-            ns.chunks[k].refs += 1
+            c = ns.chunks[k]
+            c.refs += 1
+            if c.orphan:
+                self._unorphan(ns, c)
+                ns.counters["orphans_reused"] += 1
         if data is not None:
             self._charge_manifest(ns, s, data)
             self._claim(ns, s)
             s.complete = all(ns.chunks[k].slot is not None for k in s.unique)
         self._list(s)
         if old is not None:
+            old.replaced = True  # its chunks that no other session names stay, as cache
             self._retire(ns, old)
 
     def delete_manifest(self, ns_name: str, name: str) -> None:
@@ -417,6 +428,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
             lsn = self._tombstone(ns, name)
             del ns.sessions[name]
             self._retire(ns, s)
+            self._free_orphans_of(ns, name)
             ns.counters["deletes"] += 1
         self.log.sync_to(lsn)
         self.compactor.wake()

@@ -121,7 +121,7 @@ class Handlers:
         alg = msg.alg_of(keys)
         got = self.engine.chunk_views(self.ns, keys.tolist(), self.server.limits.max_frame - 4096)
         try:
-            parts = msg.enc_chunks(got.served, got.absent, alg, got.payload)
+            parts = msg.enc_chunks(got.served, got.absent, alg, got.payload, got.checks)
         except BaseException:
             got.release()
             raise

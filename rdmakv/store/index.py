@@ -3,7 +3,12 @@
 Counts that decide when bytes may go (DESIGN §8):
 
 - ``Chunk.refs``: committed sessions naming the chunk. At 0 (and no holds) the chunk is gone:
-  its slot is freed (zeroed) and its log record becomes garbage for the compactor.
+  its slot is freed (zeroed) and its log record becomes garbage for the compactor. Unless it is
+  an *orphan*: a chunk whose last session was replaced by a newer version of its name (not
+  deleted, evicted or expired) stays stored and readable by key, as evictable cache: the first
+  thing to go under memory pressure (its slot) and disk pressure (its record). A delete of that
+  name frees them too ("delete" means every version is gone). Orphans do not survive a restart
+  (replay cannot tell them from a deleted session's chunks).
 - ``Chunk.rrefs``: *resident* sessions naming it. At 0 (and no holds) its slot is freed but
   it stays on disk: the memory tier let it go, the disk tier still has it.
 - ``Chunk.holds``: in-flight work that needs the bytes where they are: a save that put the
@@ -31,6 +36,7 @@ COUNTERS = (
     "bytes_received", "bytes_sent", "chunks_received", "chunks_stored", "chunks_deduped", "chunks_referenced",
     "manifests_committed", "restores", "memory_hits", "disk_hits", "promotions", "promoted_chunks",
     "demotions", "evictions", "expirations", "deletes", "orphans_dropped",
+    "orphans_kept", "orphans_shed", "orphans_evicted", "orphans_reused",
     # by transport (seen by the request path; a one-sided RDMA lookup never reaches the server)
     "saves_tcp", "saves_rdma", "lookups_tcp_memory", "lookups_tcp_disk", "lookups_rdma_memory", "lookups_rdma_disk",
 )  # fmt: skip
@@ -38,7 +44,7 @@ COUNTERS = (
 
 @dataclass(slots=True, eq=False)
 class Chunk:
-    key: int
+    key: int | bytes
     length: int
     loc: Location  # its log record
     slot: Slot | None = None  # resident in the slab
@@ -46,6 +52,9 @@ class Chunk:
     refs: int = 0
     rrefs: int = 0
     holds: int = 0
+    check: int | bytes | None = None  # an opaque key's checksum of the bytes (content keys are their own)
+    orphan: bool = False  # no session names it, kept as evictable cache (Engine.orphans)
+    orphan_of: str = ""  # the session name whose replacement left it (a delete of that name frees it)
 
 
 @dataclass(eq=False)
@@ -69,6 +78,7 @@ class Session:
     complete: bool = False  # resident and every chunk's slot filled: a restore is a memory hit
     holds: int = 0
     dead: bool = False  # deleted or replaced while held (a zombie)
+    replaced: bool = False  # retired by a newer version of its name: its chunks become orphans, not garbage
     encoded_locations: tuple[int, bytes] | None = None  # (region version, Locations bytes)
 
     def expired(self, now: float) -> bool:
@@ -95,6 +105,9 @@ class Namespace:
     rkeys: dict[int, int] = field(default_factory=dict)  # region id -> rkey
     region_version: int = 0  # bumped when a region comes or goes (cached location tables)
     manifest_bytes: int = 0  # resident manifest bytes (charged to the memory budget)
+    orphan_chunks: int = 0  # chunks kept as cache with no session naming them
+    orphan_bytes: int = 0
+    orphans_by_name: dict[str, set] = field(default_factory=dict)  # session name -> keys of the orphans it left
     disk_live: int = 0  # live log bytes of this namespace
     counters: Counter = field(default_factory=Counter)
 

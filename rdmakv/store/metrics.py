@@ -44,6 +44,8 @@ NS_COUNTERS = {
     "promotions": ("rdmakv_promotions", "Sessions promoted from disk to memory"),
     "expirations": ("rdmakv_expirations", "Sessions whose TTL ran out"),
     "deletes": ("rdmakv_deletes", "Sessions deleted by clients"),
+    "orphans_kept": ("rdmakv_orphans_kept", "Chunks kept as cache when the last session naming them was replaced"),
+    "orphans_evicted": ("rdmakv_orphans_evicted", "Orphan chunks dropped for disk room (the first to go)"),
 }
 BY_TRANSPORT = ("saves_tcp", "saves_rdma", "lookups_tcp_memory", "lookups_tcp_disk", "lookups_rdma_memory",
                 "lookups_rdma_disk")  # fmt: skip
@@ -55,6 +57,7 @@ NS_GAUGES = {
     "disk_bytes": ("rdmakv_disk_live_bytes", "Live log bytes of the namespace"),
     "manifests": ("rdmakv_sessions", "Sessions stored"),
     "resident_sessions": ("rdmakv_resident_sessions", "Sessions resident in memory"),
+    "orphan_bytes": ("rdmakv_orphan_bytes", "Bytes of chunks no session names, kept as evictable cache"),
 }
 
 

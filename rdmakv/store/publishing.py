@@ -9,7 +9,6 @@ import xxhash
 from slab import SlabFullError
 
 from ..wire.lookup_index import INDEX_ENTRIES, enc_blob
-from ..wire.messages import Locations
 from .published import PublishedIndex
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ class Publishing:
             current = idx.slots.get(name)
             if current is not None and current[2] is s:
                 return True  # the entry names this version already (a restore's TCP lookup asks again)
-            loc = Locations(self._region_table(ns), self._locations(ns, s.keys.tolist())).encode()
+            loc = self._located(ns, s.keys.tolist()).encode()
             blob = enc_blob(name, s.data, loc)
             try:
                 slot = ns.slab.alloc(len(blob))

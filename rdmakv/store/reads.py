@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NotFoundError
-from ..hashing import Key
+from ..hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
 from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
@@ -27,6 +27,7 @@ class ChunkViews:
         self.ns: Namespace | None = None
         self.served: list[tuple[Key, memoryview | None]] = []
         self.absent: list[Key] = []
+        self.checks: list[Check | None] = []  # per served chunk: the store's check (opaque keys)
         self.held: list[Chunk] = []
         self.segments: list[Segment] = []
         self.slots: list = []
@@ -34,6 +35,7 @@ class ChunkViews:
 
     def release(self) -> None:
         self.served = []
+        self.checks = []
         self.payload = []
         with self.engine.lock:
             for c in self.held:
@@ -108,7 +110,7 @@ class Reads:
         with self.lock:
             version = ns.region_version
             if s.encoded_locations is None or s.encoded_locations[0] != version or not s.complete:
-                enc = Locations(self._region_table(ns), self._locations(ns, s.keys.tolist())).encode()
+                enc = self._located(ns, s.keys.tolist()).encode()
                 s.encoded_locations = (version, enc) if s.complete else None
             else:
                 enc = s.encoded_locations[1]
@@ -205,6 +207,9 @@ class Reads:
                     break
                 c.holds += 1
                 out.held.append(c)
+                out.checks.append(c.check)
+                if c.orphan:
+                    self.orphans.touch(ns.name, c)
                 total += c.length
                 if c.slot is not None and c.ready:
                     out.served.append((k, ns.slab.view(c.slot)))
@@ -231,17 +236,33 @@ class Reads:
     def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
         with self.lock:
             ns = self.namespace(ns_name)
-            return Locations(self._region_table(ns), self._locations(ns, keys.tolist()))
+            return self._located(ns, keys.tolist(), with_lengths=True)
 
-    def _locations(self: Engine, ns: Namespace, keys: list[int]) -> np.ndarray:
+    def _located(self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False) -> Locations:
+        """The region table and where each key's chunk lies in the slab (NO_REGION: not in memory),
+        with the store's check of each chunk when the keys are opaque, and with ``with_lengths``
+        each chunk's length (0: not stored) for a caller that knows no manifest naming them."""
         out = np.zeros(len(keys), dtype=LOCATION_DTYPE)
         out["region"] = NO_REGION
+        lengths = np.zeros(len(keys), dtype=np.uint32) if with_lengths else None
+        alg = key_alg(keys[0]) if keys else 0
+        checks: list[Check] | None = [] if is_opaque(alg) else None
+        blank: Check = 0 if alg == KEY_OPAQUE_XXH3 else bytes(32)
         for i, k in enumerate(keys):
             c = ns.chunks.get(k)
             if c is not None and c.slot is not None and c.ready:
                 s = c.slot
                 out[i] = (s.region, s.offset, s.gen, s.size)
-        return out
+                if lengths is not None:
+                    lengths[i] = c.length
+                if c.orphan:
+                    self.orphans.touch(ns.name, c)  # located by key: the engine is about to read it
+            if checks is not None:
+                checks.append(c.check if c is not None and c.check is not None else blank)
+        if checks is None:
+            return Locations(self._region_table(ns), out, lengths=lengths)
+        arr = np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(checks), "V32")
+        return Locations(self._region_table(ns), out, arr, alg, lengths)
 
     def _region_table(self: Engine, ns: Namespace) -> np.ndarray:
         return make_regions(

@@ -13,7 +13,7 @@ the compactor can move them freely.
 
 Payloads (little-endian; ns and name are u16-length-prefixed UTF-8):
 
-- CHUNK     ns | u8 hash_alg | key (8 or 32 bytes) | chunk bytes
+- CHUNK     ns | u8 hash_alg | key (8, 32 or 65 bytes) | [check (8 or 32 bytes): opaque keys] | chunk bytes
 - MANIFEST  ns | name | u64 seq | u8 flags (1 = pinned) | u64 expires_at_ms (0 = never)
             | u64 committed_at_ms | manifest bytes
 - DELETE    ns | name | u64 seq                       (a tombstone)
@@ -31,7 +31,15 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import CodecError
-from ..hashing import HASH_BLAKE3_256, HASH_XXH3_64
+from ..hashing import (
+    HASH_BLAKE3_256,
+    HASH_XXH3_64,
+    KEY_OPAQUE_BLAKE3,
+    KEY_OPAQUE_XXH3,
+    OPAQUE_WIDTH,
+    key_alg,
+    opaque_valid,
+)
 
 REC_CHUNK = 1
 REC_MANIFEST = 2
@@ -106,16 +114,25 @@ def _str(s: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def _key(key: int | bytes) -> bytes:
-    if isinstance(key, bytes):
-        if len(key) != 32:
-            raise CodecError("a BLAKE3-256 chunk key is 32 bytes")
+def _key(key: int | bytes, check: int | bytes | None) -> bytes:
+    if not isinstance(key, bytes):
+        return bytes((HASH_XXH3_64,)) + _U64.pack(key)
+    if len(key) == 32:
         return bytes((HASH_BLAKE3_256,)) + key
-    return bytes((HASH_XXH3_64,)) + _U64.pack(key)
+    if len(key) != OPAQUE_WIDTH or not opaque_valid(key):
+        raise CodecError("a chunk key is 8, 32 or 65 (opaque) bytes")
+    alg = key_alg(key)
+    if alg == KEY_OPAQUE_XXH3 and isinstance(check, int):
+        return bytes((alg,)) + key + _U64.pack(check)
+    if alg == KEY_OPAQUE_BLAKE3 and isinstance(check, bytes) and len(check) == 32:
+        return bytes((alg,)) + key + check
+    raise CodecError("an opaque key's chunk record needs its check (xxh3-64 or BLAKE3-256 of the bytes)")
 
 
-def chunk_parts(ns: str, key: int | bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
-    return [_str(ns) + _key(key), data]
+def chunk_parts(
+    ns: str, key: int | bytes, data: bytes | memoryview, check: int | bytes | None = None
+) -> list[bytes | memoryview]:
+    return [_str(ns) + _key(key, check), data]
 
 
 def manifest_parts(
@@ -140,6 +157,7 @@ class Record:
     rtype: int
     ns: str
     key: int | bytes = 0  # chunks
+    check: int | bytes | None = None  # chunks with an opaque key: the check of their bytes
     name: str = ""  # manifests, tombstones, pins
     seq: int = 0  # manifests, tombstones, pins (0 in format 1: numbered by replay)
     pinned: bool = False
@@ -185,6 +203,12 @@ def decode_payload(h: Header, payload: memoryview) -> Record:
                 key = _U64.unpack(c.take(8))[0]
             elif alg == HASH_BLAKE3_256:
                 key = bytes(c.take(32))
+            elif alg in (KEY_OPAQUE_XXH3, KEY_OPAQUE_BLAKE3):
+                key = bytes(c.take(OPAQUE_WIDTH))
+                if not opaque_valid(key) or key_alg(key) != alg:
+                    raise CodecError("chunk record with a malformed opaque key")
+                check = _U64.unpack(c.take(8))[0] if alg == KEY_OPAQUE_XXH3 else bytes(c.take(32))
+                return Record(REC_CHUNK, ns, key=key, check=check, body=payload[c.pos :], body_offset=c.pos)
             else:
                 raise CodecError(f"chunk record with unknown hash_alg {alg}")
         return Record(REC_CHUNK, ns, key=key, body=payload[c.pos :], body_offset=c.pos)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from slab import class_size
 
 from ..errors import ManifestError, StoreFullError
-from ..hashing import key_hex, matches
+from ..hashing import key_hex, verified
 from ..wire import manifest as mf
 from . import records as rec
 from .index import Chunk, Session, Tombstone
@@ -39,14 +39,14 @@ class _Latest:
 def replay(engine: Engine) -> None:
     t0 = time.perf_counter()
     latest: dict[tuple[str, str], _Latest] = {}
-    chunk_at: dict[tuple[str, int], tuple[Location, int]] = {}
+    chunk_at: dict[tuple[str, int | bytes], tuple[Location, int | bytes | None]] = {}
     pins: dict[tuple[str, str], tuple[int, int, bool, Location]] = {}
     disk_records: dict[tuple[str, str], int] = {}
     v1_seq = 0
     v1 = False
     for r, loc in engine.log.replay():
         if r.rtype == rec.REC_CHUNK:
-            chunk_at.setdefault((r.ns, r.key), (loc, len(r.body)))
+            chunk_at.setdefault((r.ns, r.key), (loc, r.check))
             continue
         ident = (r.ns, r.name)
         seq = r.seq
@@ -102,8 +102,8 @@ def replay(engine: Engine) -> None:
         for k in unique:
             c = ns.chunks.get(k)
             if c is None:
-                loc, _ = chunk_at[(ns_name, k)]
-                c = ns.chunks[k] = Chunk(k, lengths[k], loc)
+                loc, check = chunk_at[(ns_name, k)]
+                c = ns.chunks[k] = Chunk(k, lengths[k], loc, check=check)
                 engine._live(ns, loc)
         s = Session(ns_name, name, e.seq, e.loc, m.keys, unique, m.total_bytes, e.loc.size - e.loc.body_offset,
                     r.committed_ms / 1000, expires, r.pinned)  # fmt: skip
@@ -144,7 +144,7 @@ def _load_resident(engine: Engine, sessions: list[Session]) -> int:
             c.slot = slot
             view = ns.slab.view(slot)
             engine.log.read_into(c.loc, view)
-            if not matches(c.key, view):
+            if not verified(c.key, view, c.check):
                 ok = False
         if not ok:
             engine.say(f"rdmakv: session {s.name!r} ({s.ns}): a chunk in the log does not match its key")
@@ -167,7 +167,7 @@ def migrate_v1(engine: Engine) -> None:
             data = bytearray(c.length)
             engine.log.read_into(c.loc, memoryview(data))
             engine._dead(ns, c.loc)
-            c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, data))
+            c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, data, c.check))
             engine._live(ns, c.loc)
         for s in ns.sessions.values():
             data = engine.read_manifest(s)

@@ -34,7 +34,9 @@ def namespace_stats(engine: Engine, ns: Namespace) -> dict:
         "slab_used_bytes": slab["used_bytes"],
         "slab_mapped_bytes": slab["mapped_bytes"],
         "slab_regions": slab["regions"],
-        "orphan_chunks": sum(1 for c in ns.chunks.values() if c.refs == 0),
+        "orphan_chunks": ns.orphan_chunks,  # no session names them: kept as cache, the first to go
+        "orphan_bytes": ns.orphan_bytes,
+        "uncommitted_chunks": sum(1 for c in ns.chunks.values() if c.refs == 0 and not c.orphan),
         "quota_bytes": ns.quota,
     }
     out.update({k: int(ns.counters[k]) for k in COUNTERS})

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from slab import SlabFullError, Slot, class_size
 
 from ..errors import DiskFullError, StorageError, StoreFullError
-from ..hashing import key_hex, matches
+from ..hashing import key_hex, verified
 from ..units import fmt_bytes
 from .datadir import fs_free_bytes
 from .index import Chunk, Namespace, Session
@@ -44,8 +44,8 @@ class Tiering:
         self._settle(ns, c)
 
     def _settle(self: Engine, ns: Namespace, c: Chunk) -> None:
-        """Free what nothing needs any more: the slot, or the whole chunk."""
-        if c.holds:
+        """Free what nothing needs any more: the slot, or the whole chunk (an orphan stays, as cache)."""
+        if c.holds or c.orphan:
             return
         if c.refs == 0:
             self._drop_slot(ns, c)
@@ -107,8 +107,93 @@ class Tiering:
             c.refs -= 1
             if was_resident:
                 c.rrefs -= 1
+            if c.refs == 0 and s.replaced:  # replaced, not deleted: the chunk stays, as cache
+                self._orphan(ns, c, s.name)
             self._settle(ns, c)
         self._uncharge_manifest(ns, s)
+
+    # -- the orphan cache ----------------------------------------------------------------
+    def _orphan(self: Engine, ns: Namespace, c: Chunk, name: str) -> None:
+        if c.orphan:
+            return
+        c.orphan = True
+        c.orphan_of = name
+        ns.orphans_by_name.setdefault(name, set()).add(c.key)
+        self.orphans.add(ns.name, c)
+        ns.orphan_chunks += 1
+        ns.orphan_bytes += c.length
+        ns.counters["orphans_kept"] += 1
+
+    def _unorphan(self: Engine, ns: Namespace, c: Chunk) -> None:
+        """A session names ``c`` again (or it goes): it leaves the orphan cache."""
+        if not c.orphan:
+            return
+        c.orphan = False
+        keys = ns.orphans_by_name.get(c.orphan_of)
+        if keys is not None:
+            keys.discard(c.key)
+            if not keys:
+                del ns.orphans_by_name[c.orphan_of]
+        c.orphan_of = ""
+        self.orphans.discard(ns.name, c)
+        ns.orphan_chunks -= 1
+        ns.orphan_bytes -= c.length
+
+    def _shed_orphans(self: Engine, amount: int, requester: Namespace, only: Namespace | None = None) -> int:
+        """Memory pressure: free the slots of the least recently used orphans (they stay on disk)
+        until ``amount`` bytes are freed; returns the bytes freed."""
+        freed = 0
+        for ns_name, c in self.orphans.resident():
+            if freed >= amount:
+                break
+            ns = self.namespaces[ns_name]
+            if (only is not None and ns is not only) or c.holds or c.slot is None:
+                continue
+            if only is None and self._within_quota(ns, requester):
+                continue
+            freed += c.slot.size
+            self._drop_slot(ns, c)
+            self.orphans.left_memory(ns_name, c)
+            ns.counters["orphans_shed"] += 1
+        return freed
+
+    def _evict_orphans(self: Engine, nbytes: int, limit: int, requester: Namespace) -> None:
+        """Disk pressure: drop the least recently used orphans (disk-only ones first) until
+        ``nbytes`` more live log bytes fit under ``limit``."""
+        for ns_name, c in self.orphans.all():
+            if self.disk_live + nbytes <= limit:
+                return
+            ns = self.namespaces[ns_name]
+            if c.holds or self._within_disk_quota(ns, requester):
+                continue
+            self._drop_orphan(ns, c)
+
+    def _within_quota(self: Engine, owner: Namespace, requester: Namespace) -> bool:
+        """Another tenant's memory pressure does not push ``owner`` below its quota."""
+        return bool(self.quotas) and owner is not requester and owner.quota is not None and owner.used <= owner.quota
+
+    def _within_disk_quota(self: Engine, owner: Namespace, requester: Namespace) -> bool:
+        """The same for the disk tier: a quota's share of it is the quota's share of memory."""
+        return bool(self.quotas) and owner is not requester and owner.quota is not None \
+            and owner.disk_live * self.capacity <= owner.quota * self.disk_capacity
+
+    def _drop_orphan(self: Engine, ns: Namespace, c: Chunk) -> None:
+        self._unorphan(ns, c)
+        self._drop_slot(ns, c)
+        if ns.chunks.get(c.key) is c:
+            del ns.chunks[c.key]
+            self._dead(ns, c.loc)
+        ns.counters["orphans_evicted"] += 1
+
+    def _free_orphans_of(self: Engine, ns: Namespace, name: str) -> None:
+        """``name`` was deleted: the chunks its earlier versions left as cache go too (zeroed; a
+        read in progress lets go of its chunk first)."""
+        for key in list(ns.orphans_by_name.get(name, ())):
+            c = ns.chunks.get(key)
+            if c is None:
+                continue
+            self._unorphan(ns, c)
+            self._settle(ns, c)  # refs 0 and no longer an orphan: gone now, or when its holds end
 
     def _unlist(self: Engine, s: Session) -> None:
         ident = (s.ns, s.name)
@@ -169,7 +254,9 @@ class Tiering:
     def _demote_until(
         self: Engine, amount: int, requester: Namespace, protect: Session | None, only: Namespace | None = None
     ) -> int:
-        freed = 0
+        """Free ``amount`` bytes of memory: orphans' slots first, then demote sessions, least
+        recently used first; returns the bytes freed."""
+        freed = self._shed_orphans(amount, requester, only)
         for s in list(self.mem_lru.values()):
             if freed >= amount:
                 break
@@ -178,8 +265,7 @@ class Tiering:
             owner = self.namespaces[s.ns]
             if only is not None and owner is not only:
                 continue
-            if only is None and self.quotas and owner is not requester and owner.quota is not None \
-                    and owner.used <= owner.quota:
+            if only is None and self._within_quota(owner, requester):
                 continue  # within its quota: another tenant's pressure does not push it out
             freed += self._demote(owner, s)
         if freed:
@@ -246,7 +332,7 @@ class Tiering:
             try:
                 for c, view, seg, offset in reads:
                     seg.pread_into(offset, view)
-                    if not matches(c.key, view):
+                    if not verified(c.key, view, c.check):
                         failed.append(c)
                 if need_manifest:
                     data = self.read_manifest(s)
@@ -312,14 +398,14 @@ class Tiering:
         limit = self.disk_limit()
         if self.disk_live + nbytes <= limit:
             return
+        self._evict_orphans(nbytes, limit, ns)
         for s in list(self.disk_lru.values()):
             if self.disk_live + nbytes <= limit:
                 break
             if s.holds:
                 continue
             owner = self.namespaces[s.ns]
-            if self.quotas and owner is not ns and owner.quota is not None \
-                    and owner.disk_live * self.capacity <= owner.quota * self.disk_capacity:
+            if self._within_disk_quota(owner, ns):
                 continue  # within its quota's share of the disk tier
             self._evict(owner, s)
         self.compactor.wake()

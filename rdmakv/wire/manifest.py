@@ -12,7 +12,9 @@ Layout, little-endian, no padding::
     u32 body_len | u32 n_chunks | body | n_chunks x (key, u32 length, u64 tag)
     u64 xxh3-64 of everything before it
 
-A key is 8 bytes (xxh3-64, little-endian) or 32 (BLAKE3-256), as ``hash_alg`` says.
+A key is 8 bytes (xxh3-64, little-endian), 32 (BLAKE3-256), or 65 for an engine's opaque key (a
+length byte and up to 64 bytes, zero-padded; ``rdmakv.hashing``), as ``hash_alg`` says. A body may
+be empty.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from ..errors import ManifestError
+from ..errors import CodecError, ManifestError
 from ..hashing import HASH_NAMES, HASH_XXH3_64, key_dtype, keys_array
+from .chunk_messages import check_opaque
 
 MAGIC = b"RKVM"
 VERSION = 1
@@ -136,6 +139,10 @@ def decode(data: bytes | memoryview) -> Manifest:
     body = data[_HEADER.size : _HEADER.size + body_len]
     table = np.frombuffer(data, dtype=dtype, count=n_chunks, offset=_HEADER.size + body_len)
     lengths = table["length"].copy()
+    try:
+        check_opaque(table["key"], hash_alg)
+    except CodecError as e:
+        raise ManifestError(f"manifest chunk table: {e}") from None
     if n_chunks and int(lengths.min()) == 0:
         raise ManifestError("manifest has a zero-length chunk")
     m = Manifest(kind, body, table["key"].copy(), lengths, table["tag"].copy(), hash_alg)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CodecError
-from .messages import MAX_KEYS, Reader, _keys, enc_keys
+from .chunk_messages import MAX_KEYS, enc_keys, read_keys
+from .codec import Reader
 
 MAX_WINDOWS = 8
 STATUS_RESERVED = 2
@@ -60,7 +61,7 @@ def dec_put_result(data: bytes | memoryview) -> tuple[np.ndarray, Reservation | 
     status = r.u8()
     if status not in (0, 1, STATUS_RESERVED):
         raise CodecError(f"unknown PUT_MANIFEST result status {status}")
-    missing = _keys(r, MAX_KEYS)
+    missing = read_keys(r, MAX_KEYS)
     if (status == 0) != (len(missing) == 0):
         raise CodecError("PUT_MANIFEST result status disagrees with its missing list")
     if status != STATUS_RESERVED:
