@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,36 +86,4 @@ def slot_throughput(lf, binary: Path, model: Path, work: Path, store, key: str, 
 
 def kvstore_abi_walls(work: Path, store, key: str, runs: int) -> dict:
     """C consumer through the library vs the Python API: cold save, warm save, restore medians."""
-    import rdmakv
-    from rdmakv import kvgen
-    from rdmakv.llama import kvstore_lib
-
-    lib = kvstore_lib.build(work / "kvlib").parent
-    consumer = ka.compile_consumer(work / "consumer")
-    n = runs + 1
-    sessions = ka.write_sessions(work / "sessions.bin", [ka.session_chunks(100 + i) for i in range(n)])
-    c = ka.bench(consumer, lib, store.url("abi-c"), sessions, n, env={"RDMAKV_AUTH_KEY": key})
-    t: dict[str, list[float]] = {"cold_save": [], "warm_save": [], "restore": []}
-    with rdmakv.connect(store.url("abi-py"), key=key, transport="tcp", window=64) as st:
-        for i in range(n):
-            kv = kvgen.generate(kvgen.token_stream(100 + i, 256), kvgen.QWEN25_05B)
-            t0 = time.perf_counter()
-            st.save(f"s{i}", kv)
-            t1 = time.perf_counter()
-            st.save(f"s{i}", kv)
-            t2 = time.perf_counter()
-            st.restore(f"s{i}")
-            t3 = time.perf_counter()
-            if i:  # the first warms up
-                t["cold_save"].append(t1 - t0)
-                t["warm_save"].append(t2 - t1)
-                t["restore"].append(t3 - t2)
-    py = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in t.items()}
-    return {
-        "session": "256 tokens, W=64, Qwen2.5-0.5B shape (kvgen): 192 chunks, 3 MiB",
-        "transport": "tcp (loopback)",
-        "c_consumer_via_library": c,
-        "python_api": {"runs": n - 1, **py},
-        "library / python (medians)": {k: c[f"{k}_ms"] / py[f"{k}_ms"] for k in ("cold_save", "warm_save", "restore")}
-        if c.get("ok") else None,
-    }
+    return ka.walls(work, store, key, runs)

@@ -5,7 +5,9 @@
  * loader) and calls kv_store_get_vtable(). Negative returns are errors; *out buffers are
  * malloc()ed by the backend and free()d by the caller. Puts may be buffered until the next
  * put_manifest; a visible manifest implies its chunks are visible; there is no chunk-level
- * exists or delete (chunks are collected by manifest refcount).
+ * exists or delete. rdmakv: a chunk's key is whatever the engine passes (1..64 bytes, compared as
+ * bytes; hash_len is its length); a chunk no manifest names any more stays readable by key as
+ * evictable cache; delete_manifest frees what only that manifest named.
  */
 #ifndef KV_STORE_ABI_H
 #define KV_STORE_ABI_H

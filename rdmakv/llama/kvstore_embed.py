@@ -1,30 +1,51 @@
-"""The C entry points of ``libkv_store_rdmakv.so``, in Python (cffi embedding mode).
+"""The Python half of ``libkv_store_rdmakv.so`` (cffi embedding mode): the ``rdmakv_py_*`` calls the
+C side (``kvstore_shim.c``) makes for everything that needs the store.
 
 The library's init code imports this module inside the embedded interpreter and calls
-``install(ffi, lib)``, which defines every ``rdmakv_kvs_*`` function the vtable points at.
-Each one converts C arguments (checking NULLs and lengths first), runs the call on its
-handle's backend and converts the result; nothing raises into C. A handle is a 1-byte
-``malloc`` whose address keys the backend here, so a stale or double-closed handle is an
-unknown key (``KV_STORE_INVALID``), never a dereference.
+``install(ffi, lib)``, which defines every ``rdmakv_py_*`` function. Each converts C arguments
+(checking NULLs and lengths first), runs the call on its handle's backend and converts the result;
+nothing raises into C. The C side validates handles (a stale or closed one never gets here) and
+holds the handle's lock across each call. Prefetched chunks stay in buffers held here, which the C
+side points into until they are dropped (``rdmakv_c_cache_drop``) or the handle closes.
+
+Which prefetched chunks stay: those of the prefetch in progress, and of earlier ones only where the
+new one asks for them again (the next turn of a conversation restores its earlier windows from
+here, with no round trip). An earlier buffer none of whose chunks is asked for again is let go
+before the new one is fetched, so its memory is what the new one lands in (fresh memory costs a
+page fault per page), and everything is bounded by ``RDMAKV_KVSTORE_CACHE_BYTES``.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
-from .kvstore_backend import KV_INVALID, KV_NO_MEMORY, KV_OK, KVStoreBackend, say
+import numpy as np
 
-MAX_NAME = 4096
+from ..hashing import OPAQUE_WIDTH
+from .kvstore_backend import KV_INVALID, KV_NO_MEMORY, KV_OK, Fetched, KVStoreBackend, Pending, say
+
+MAX_NAME = 255  # the store's names are at most 255 bytes: an unterminated name is never read further
+MAX_PREFETCH = 1 << 20  # keys in one prefetch_chunks
+
+
+class _Handle:
+    """A backend and the prefetch buffers the C side serves get_chunk from (oldest first)."""
+
+    def __init__(self, backend: KVStoreBackend) -> None:
+        self.backend = backend
+        self.buffers: OrderedDict[int, Fetched] = OrderedDict()
+        self.where: dict[bytes, int] = {}  # key (store form) -> the buffer (gen) the C side serves it from
+        self.cached_bytes = 0
+        self.gen = 0
 
 
 def install(ffi: Any, lib: Any) -> None:
-    handles: dict[int, KVStoreBackend] = {}
+    handles: dict[int, _Handle] = {}
     table_lock = threading.Lock()
 
-    def backend(h) -> KVStoreBackend | None:
-        if h == ffi.NULL:
-            return None
+    def handle_of(h) -> _Handle | None:
         with table_lock:
             return handles.get(int(ffi.cast("uintptr_t", h)))
 
@@ -33,7 +54,7 @@ def install(ffi: Any, lib: Any) -> None:
             raise ValueError("NULL name")
         raw = ffi.string(p, MAX_NAME + 1)
         if len(raw) > MAX_NAME:
-            raise ValueError(f"name longer than {MAX_NAME} bytes")
+            raise ValueError(f"name longer than {MAX_NAME} bytes (or not NUL-terminated)")
         return raw.decode("utf-8")
 
     def data_of(p, n: int) -> memoryview:
@@ -43,12 +64,10 @@ def install(ffi: Any, lib: Any) -> None:
             raise ValueError("NULL data with a nonzero length")
         return memoryview(ffi.buffer(p, n))
 
-    def outs(out, out_len) -> None:
-        if out == ffi.NULL or out_len == ffi.NULL:
-            raise ValueError("NULL out pointer")
-
     def give(out, out_len, data) -> int:
         """Hand ``data`` to C in a fresh malloc (the caller frees it)."""
+        if out == ffi.NULL or out_len == ffi.NULL:
+            raise ValueError("NULL out pointer")
         n = len(data)
         p = lib.malloc(max(n, 1))
         if p == ffi.NULL:
@@ -59,76 +78,159 @@ def install(ffi: Any, lib: Any) -> None:
         out_len[0] = n
         return KV_OK
 
+    def pending_of(h, backend: KVStoreBackend) -> Pending:
+        keys, lens, offs, data = (ffi.new(t) for t in ("uint8_t **", "uint32_t **", "uint64_t **", "uint8_t **"))
+        n = lib.rdmakv_c_pending(h, keys, lens, offs, data)
+        if n == 0:
+            return Pending(np.zeros(0, f"V{OPAQUE_WIDTH}"), np.zeros(0, np.uint32), np.zeros(0, np.uint64),
+                           memoryview(b""))  # fmt: skip
+        arena = max((int(o) + int(ln) for o, ln in zip(ffi.unpack(offs[0], n), ffi.unpack(lens[0], n))
+                     if o != (1 << 64) - 1), default=0)  # fmt: skip
+        return Pending(
+            np.frombuffer(ffi.buffer(keys[0], n * OPAQUE_WIDTH), dtype=f"V{OPAQUE_WIDTH}"),
+            np.frombuffer(ffi.buffer(lens[0], 4 * n), dtype=np.uint32),
+            np.frombuffer(ffi.buffer(offs[0], 8 * n), dtype=np.uint64),
+            memoryview(ffi.buffer(data[0], arena)) if arena else memoryview(b""),
+        )
+
+    def drop(h, hd: _Handle, gen: int) -> None:
+        old = hd.buffers.pop(gen)
+        lib.rdmakv_c_cache_drop(h, gen)
+        hd.cached_bytes -= old.nbytes
+        for i in range(len(old.lengths)):
+            k = old.keys[i * OPAQUE_WIDTH : (i + 1) * OPAQUE_WIDTH]
+            if hd.where.get(k) == gen:
+                del hd.where[k]
+
+    def prefetch(h, hd: _Handle, keys: np.ndarray) -> None:
+        """Fetch what is not cached; let go first of buffers holding none of ``keys``."""
+        asked = keys.tolist()
+        keep = {hd.where[k] for k in asked if k in hd.where}
+        for gen in [g for g in hd.buffers if g not in keep]:
+            drop(h, hd, gen)
+        missing = [k for k in asked if k not in hd.where]
+        if missing:
+            cache(h, hd, hd.backend.prefetch(keys if len(missing) == len(asked) else np.array(missing, keys.dtype)))
+
+    def cache(h, hd: _Handle, fetched: list[Fetched]) -> None:
+        """Point the C side's table at freshly fetched buffers; drop the oldest past the limit."""
+        for f in fetched:
+            hd.gen = (hd.gen + 1) & 0xFFFFFFFF
+            n = len(f.lengths)
+            base = ffi.cast("uint8_t *", f.buffer.ctypes.data)
+            offs = np.ascontiguousarray(f.offsets, dtype=np.uint64)
+            lens = np.ascontiguousarray(f.lengths, dtype=np.uint32)
+            if lib.rdmakv_c_cache_add(h, hd.gen, ffi.from_buffer(f.keys), base, ffi.from_buffer("uint64_t[]", offs),
+                                      ffi.from_buffer("uint32_t[]", lens), n) < 0:  # fmt: skip
+                raise MemoryError("no memory for the prefetch table")
+            hd.buffers[hd.gen] = f
+            hd.cached_bytes += f.nbytes
+            for i in range(n):
+                hd.where[f.keys[i * OPAQUE_WIDTH : (i + 1) * OPAQUE_WIDTH]] = hd.gen
+        limit = hd.backend.opts.cache_bytes
+        while hd.cached_bytes > limit and len(hd.buffers) > 1:
+            drop(h, hd, next(iter(hd.buffers)))
+
+    def entry(name: str, h, fn) -> int:
+        hd = handle_of(h)
+        if hd is None:
+            say(f"{name}: not an open handle")
+            return KV_INVALID
+        return hd.backend.call(name, lambda: fn(hd))
+
     def on_error(exc, value, tb) -> None:  # only reached by a bug in the glue itself
         say(f"internal error in the C glue: {exc.__name__}: {value}")
 
     @ffi.def_extern(onerror=on_error)
-    def rdmakv_kvs_open(uri):
+    def rdmakv_py_say(what):
+        say(ffi.string(what).decode(errors="replace"))
+
+    @ffi.def_extern(onerror=on_error)
+    def rdmakv_py_bad_key(what, hash_len, has_hash):
+        where = ffi.string(what).decode()
+        say(f"{where}: a key is 1..64 bytes, got {hash_len}" if has_hash else f"{where}: NULL key")
+
+    @ffi.def_extern(onerror=on_error)
+    def rdmakv_py_bad_chunk(what, n, has_data):
+        where = ffi.string(what).decode()
+        say(f"{where}: NULL data with a nonzero length" if not has_data and n else
+            f"{where}: chunk of {n} bytes (1 .. 2^31)")  # fmt: skip
+
+    @ffi.def_extern(error=-1, onerror=on_error)
+    def rdmakv_py_open(h, uri):
+        """The handle's options for the C side (bit 0: BLAKE3 checks; the rest: the pending
+        limit), or -1 with the reason on stderr."""
         try:
             b = KVStoreBackend(text(uri))
         except BaseException as e:  # noqa: BLE001 - NULL, with the reason, is the ABI's answer
-            say(f"open {ffi.string(uri).decode(errors='replace') if uri != ffi.NULL else 'NULL'}: "
-                f"{type(e).__name__}: {e}")  # fmt: skip
-            return ffi.NULL
-        token = lib.malloc(1)
-        if token == ffi.NULL:
-            b.close()
-            return ffi.NULL
+            shown = ffi.string(uri, MAX_NAME * 16).decode(errors="replace") if uri != ffi.NULL else "NULL"
+            say(f"open {shown}: {type(e).__name__}: {e}")
+            return -1
         with table_lock:
-            handles[int(ffi.cast("uintptr_t", token))] = b
-        return ffi.cast("kv_store_v1 *", token)
+            handles[int(ffi.cast("uintptr_t", h))] = _Handle(b)
+        return (b.opts.pending_bytes << 1) | (1 if b.opts.alg == 4 else 0)
 
     @ffi.def_extern(onerror=on_error)
-    def rdmakv_kvs_close(h):
-        if h == ffi.NULL:
-            return
+    def rdmakv_py_close(h):
         with table_lock:
-            b = handles.pop(int(ffi.cast("uintptr_t", h)), None)
-        if b is not None:
-            b.close()
-            lib.free(ffi.cast("void *", h))
-
-    def entry(name: str, h, fn) -> int:
-        b = backend(h)
-        if b is None:
-            say(f"{name}: not an open handle")
-            return KV_INVALID
-        return b.call(name, lambda: fn(b))
+            hd = handles.pop(int(ffi.cast("uintptr_t", h)), None)
+        if hd is not None:
+            lib.rdmakv_c_cache_clear(h)
+            hd.buffers.clear()
+            hd.where.clear()
+            hd.backend.close()
 
     @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_put_chunk(h, hash_, hash_len, data, n):
-        return entry("put_chunk", h, lambda b: b.put_chunk(bytes(data_of(hash_, hash_len)), data_of(data, n)))
+    def rdmakv_py_send_ahead(h):
+        def run(hd: _Handle) -> int:
+            rc = hd.backend.send_ahead(pending_of(h, hd.backend))
+            lib.rdmakv_c_pending_sent(h)
+            return rc
+
+        return entry("put_chunk", h, run)
 
     @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_get_chunk(h, hash_, hash_len, out, out_len):
-        def run(b: KVStoreBackend) -> int:
-            outs(out, out_len)
-            return give(out, out_len, b.get_chunk(bytes(data_of(hash_, hash_len))))
+    def rdmakv_py_put_manifest(h, name, data, n):
+        def run(hd: _Handle) -> int:
+            body, what = bytes(data_of(data, n)), text(name)
+            pending = pending_of(h, hd.backend)
+            try:
+                return hd.backend.put_manifest(what, body, pending)
+            finally:  # a failed save does not leak its chunks into the next one
+                del pending
+                lib.rdmakv_c_pending_clear(h)
 
-        return entry("get_chunk", h, run)
+        return entry("put_manifest", h, run)
 
     @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_put_manifest(h, name, data, n):
-        return entry("put_manifest", h, lambda b: b.put_manifest(text(name), bytes(data_of(data, n))))
-
-    @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_get_manifest(h, name, out, out_len):
-        def run(b: KVStoreBackend) -> int:
-            outs(out, out_len)
-            return give(out, out_len, b.get_manifest(text(name)))
+    def rdmakv_py_get_manifest(h, name, out, out_len):
+        def run(hd: _Handle) -> int:
+            if out == ffi.NULL or out_len == ffi.NULL:
+                raise ValueError("NULL out pointer")
+            return give(out, out_len, hd.backend.get_manifest(text(name)))
 
         return entry("get_manifest", h, run)
 
     @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_delete_manifest(h, name):
-        return entry("delete_manifest", h, lambda b: b.delete_manifest(text(name)))
+    def rdmakv_py_get_chunk(h, key, out, out_len):
+        def run(hd: _Handle) -> int:
+            return give(out, out_len, hd.backend.get_chunk(bytes(ffi.buffer(key, OPAQUE_WIDTH))))
+
+        return entry("get_chunk", h, run)
 
     @ffi.def_extern(error=-1, onerror=on_error)
-    def rdmakv_kvs_prefetch_chunks(h, hashes, count, hash_len):
-        def run(b: KVStoreBackend) -> int:
-            if count > (1 << 20) or hash_len > 64:
-                raise ValueError(f"prefetch of {count} hashes of {hash_len} bytes is out of range")
-            b.prefetch_chunks(bytes(data_of(hashes, count * hash_len)), count, hash_len)
+    def rdmakv_py_delete_manifest(h, name):
+        return entry("delete_manifest", h, lambda hd: hd.backend.delete_manifest(text(name)))
+
+    @ffi.def_extern(error=-1, onerror=on_error)
+    def rdmakv_py_prefetch_chunks(h, hashes, count, hash_len):
+        def run(hd: _Handle) -> int:
+            if count > MAX_PREFETCH or not 0 < hash_len <= 64:
+                raise ValueError(f"prefetch of {count} keys of {hash_len} bytes (at most {MAX_PREFETCH} keys of "
+                                 "1..64 bytes)")  # fmt: skip
+            keys = hd.backend.store_keys(data_of(hashes, count * hash_len), count, hash_len)
+            if count:
+                prefetch(h, hd, keys)
             return KV_OK  # 0 as for every other call (how many were cached is the backend's business)
 
         return entry("prefetch_chunks", h, run)
