@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
         max_frame=parse_size(args.max_frame), workers=args.workers,
         reservation_timeout=args.reservation_timeout, index_entries=args.index_entries,
-        max_reserved_bytes=parse_size(args.max_write_reservation),
+        max_reserved_bytes=parse_size(args.max_write_reservation), admission_wait=args.admission_wait,
     )  # fmt: skip
     run_server(
         args.listen,
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close connections idle for S seconds (default 300)")
     s.add_argument("--workers", type=int, default=8, help="threads that run requests (default 8)")
+    s.add_argument("--admission-wait", type=float, default=30.0, metavar="S",
+                   help="a save that finds the memory tier held by other saves in flight waits up to S seconds for "
+                        "room, then gets BUSY with the reason (default 30)")
     s.add_argument("--reservation-timeout", type=float, default=10.0, metavar="S",
                    help="a save by RDMA WRITE must commit within S seconds, else its slots are freed (default 10)")
     s.add_argument("--max-write-reservation", default="1GiB", metavar="SIZE",

@@ -24,11 +24,23 @@ from ..wire.auth import NONCE_BYTES, derive_session_keys
 from ..wire.frames import FrameReader, MessageAssembler
 from ..wire.iovec import IOV_MAX, advance, byte_views
 from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
+from .admission import SaveMustWait
 from .handlers import Handlers
 
 if TYPE_CHECKING:
     from .server import Server
 
+
+
+class Parked:
+    """A request the engine cannot admit yet (SaveMustWait): kept, unanswered, with the connection
+    unread, until the server retries it as room frees or its wait is over."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: Header, payload: memoryview) -> None:
+        self.header = header
+        self.payload = payload
 
 
 def log_safe(text: str) -> str:
@@ -52,6 +64,7 @@ class Connection:
         self.handlers: Handlers | None = None
         self.ns = ""
         self.busy = False
+        self.wait_until = 0.0  # a parked save's deadline (monotonic): then it is answered BUSY
         self.close_requested = False
         now = time.monotonic()
         self.deadline = now + server.limits.handshake_timeout
@@ -231,9 +244,10 @@ class Connection:
         self.send(Op.AUTH, h.req_id, [msg.enc_json(self.handlers.info())], timeout=5.0)
 
     # -- requests (worker thread) -------------------------------------------------------------
-    def serve(self, h: Header, payload: memoryview) -> bool:
+    def serve(self, h: Header, payload: memoryview) -> bool | Parked:
         """Run one request (or take one more frame of a continued one) and reply; then any
-        request already buffered. False when the connection must close."""
+        request already buffered. False when the connection must close; Parked when a request
+        must wait for room (nothing more is read until it has run)."""
         assert self.handlers is not None
         while True:
             self.counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
@@ -243,27 +257,51 @@ class Connection:
                 self.send_error(e, h.req_id)
                 return False
             if whole is not None:
-                if not self._run(*whole):
-                    return False
-            try:
-                frame = self.reader.next_frame()
-            except RdmakvError as e:
-                self.server.say(f"rdmakv: {self.peer} ns={log_safe(self.ns)}: closing: {e}")
-                self.send_error(e)
-                return False
-            if frame is None:
-                return True
-            h, payload = frame.header, frame.payload
+                ran = self._run(*whole)
+                if ran is not True:
+                    return ran
+            nxt = self._next()
+            if not isinstance(nxt, tuple):
+                return nxt
+            h, payload = nxt
 
-    def _run(self, h: Header, payload: memoryview) -> bool:
+    def resume(self, parked: Parked) -> bool | Parked:
+        """Run a parked request again; then go on as ``serve`` does."""
+        ran = self._run(parked.header, parked.payload)
+        if ran is not True:
+            return ran
+        nxt = self._next()
+        return self.serve(*nxt) if isinstance(nxt, tuple) else nxt
+
+    def _next(self) -> tuple[Header, memoryview] | bool:
+        try:
+            frame = self.reader.next_frame()
+        except RdmakvError as e:
+            self.server.say(f"rdmakv: {self.peer} ns={log_safe(self.ns)}: closing: {e}")
+            self.send_error(e)
+            return False
+        return True if frame is None else (frame.header, frame.payload)
+
+    def _run(self, h: Header, payload: memoryview) -> bool | Parked:
         assert self.handlers is not None
         reply = None
         try:
             reply = self.handlers.dispatch(h.op, payload)
             op, parts = h.op, reply.parts
+            self.wait_until = 0.0
+        except SaveMustWait as e:
+            now = time.monotonic()
+            if not self.wait_until:
+                self.wait_until = now + self.server.limits.admission_wait
+            if now < self.wait_until:
+                return Parked(h, payload)  # retried as room frees; the client waits for its reply
+            self.wait_until = 0.0
+            waited = self.server.limits.admission_wait
+            op, parts = Op.ERROR, [msg.enc_error(e.code, f"{e} (waited {waited:g} s for room)")]
         except (CodecError, ProtocolError) as e:
             op, parts = Op.ERROR, [msg.enc_error(e.code, str(e))]
         except RdmakvError as e:
+            self.wait_until = 0.0
             op, parts = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
         except Exception as e:  # noqa: BLE001 - a bug must not end the server; it is counted and logged
             self.server.internal_errors += 1
@@ -305,4 +343,4 @@ def refuse(sock: socket.socket, reason: str) -> None:
         pass
 
 
-__all__ = ["AuthError", "Connection", "refuse"]
+__all__ = ["AuthError", "Connection", "Parked", "refuse"]

@@ -27,6 +27,7 @@ from ..hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, keys_ar
 from ..wire import manifest as mf
 from . import logs
 from . import records as rec
+from .admission import Admission
 from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
 from .index import Chunk, Holder, Namespace, Session, Tombstone
@@ -41,6 +42,18 @@ from .tiering import Tiering
 from .writes import Writes
 
 RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
+
+
+def _distinct(m: mf.Manifest) -> tuple[np.ndarray, list[int]]:
+    """A manifest's distinct keys in first-appearance order and each one's length; ManifestError
+    when one key appears with two lengths. Vectorised: a manifest may name 2^20 chunks."""
+    if m.n_chunks == 0:
+        return m.keys, []
+    _, first, inverse = np.unique(m.keys, return_index=True, return_inverse=True)
+    if not np.array_equal(m.lengths, m.lengths[first][inverse.ravel()]):
+        raise ManifestError("manifest names one chunk key with two different lengths")
+    order = np.sort(first)
+    return np.ascontiguousarray(m.keys[order]), m.lengths[order].tolist()
 ReleaseHook = Callable[[str, Region], None]
 
 DEFAULT_HIGH_WATERMARK = 0.9
@@ -52,7 +65,7 @@ REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it empti
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
 
 
-class Engine(Tiering, Reads, Writes, Publishing):
+class Engine(Tiering, Admission, Reads, Writes, Publishing):
     def __init__(
         self,
         data_dir: str | Path,
@@ -105,6 +118,8 @@ class Engine(Tiering, Reads, Writes, Publishing):
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
         self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
+        self.inflight = 0  # slab bytes reserved by saves in flight (admission), not yet allocated
+        self.on_room: Callable[[], None] | None = None  # memory may have come free: parked saves retry
         self.published: dict = {}  # namespace -> PublishedIndex, once a client connects by RDMA
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
@@ -198,7 +213,9 @@ class Engine(Tiering, Reads, Writes, Publishing):
             self._drop_restore_hold(h)
             for (ns_name, key) in list(h.pending):
                 self._drop_pending(h, ns_name, key)
+            self._end_reservation(h)
             self.holders.discard(h)
+            self._room_freed()
 
     def _drop_restore_hold(self, h: Holder) -> None:
         if h.restore is not None:
@@ -284,7 +301,8 @@ class Engine(Tiering, Reads, Writes, Publishing):
                 return 0, existed
             lengths = [memoryview(d).nbytes for d in new.values()]
             self._disk_room(ns, sum(lengths) + 64 * len(lengths))
-            slots = self._alloc_run(ns, lengths)
+            slots = self._alloc_run(ns, lengths, holder=holder)
+            self._consume_reservation(holder, sum(s.size for s in slots))
             views = [ns.slab.view(s) for s in slots]
         placed: list[tuple[int, Location]] = []
         try:
@@ -347,23 +365,25 @@ class Engine(Tiering, Reads, Writes, Publishing):
         saved_by = SAVES_BY_TRANSPORT[transport]
         holder = holder or self.local
         m = mf.decode(data)  # raises ManifestError
-        unique = list(dict.fromkeys(m.keys.tolist()))
+        unique_arr, unique_lengths = _distinct(m)
+        unique = unique_arr.tolist()
         data = bytes(data)
         now = time.time()
         with self.lock:
             ns = self.namespace(ns_name)
             chunks = ns.chunks
-            missing = [k for k in unique if k not in chunks]
+            missing = [(k, n) for k, n in zip(unique, unique_lengths) if k not in chunks]
             if missing:
-                return keys_array(missing[: self.max_missing], m.hash_alg)
-            for k, length in zip(m.keys.tolist(), m.lengths.tolist()):
+                self._admit(ns, holder, [n for _, n in missing])  # room for all of them, or wait
+                return keys_array([k for k, _ in missing[: self.max_missing]], m.hash_alg)
+            for k, length in zip(unique, unique_lengths):
                 if chunks[k].length != length:
                     raise ManifestError(
                         f"manifest says chunk {key_hex(k)} has {length} bytes; the stored chunk has "
                         f"{chunks[k].length}"
                     )
             self._disk_room(ns, len(data) + 128)
-            self._make_room(ns, len(data), hard=True)
+            self._make_room(ns, len(data), hard=True, holder=holder)
             for k in unique:
                 chunks[k].holds += 1  # nothing may free them before the install below
             self.seq += 1
@@ -384,7 +404,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
             raise
         with self.lock:
             ns.disk_records[name] += 1
-            s = Session(ns_name, name, seq, loc, m.keys, unique, m.total_bytes, len(data), now, expires, pin)
+            s = Session(ns_name, name, seq, loc, m.n_chunks, unique_arr, m.total_bytes, len(data), now, expires, pin)
             self._install(ns, s, data)
             for k in unique:
                 self._unhold(ns, chunks[k])
@@ -393,6 +413,8 @@ class Engine(Tiering, Reads, Writes, Publishing):
             ns.counters["manifests_committed"] += 1
             ns.counters[saved_by] += 1
             ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
+            self._end_reservation(holder)
+            self._room_freed()  # its chunks are a committed session now: demotable
         return np.zeros(0, dtype=np.uint64)
 
     def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
@@ -406,7 +428,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
         tomb = ns.tombstones.pop(s.name, None)
         if tomb is not None:
             self._dead(ns, tomb.loc)  # a newer manifest outranks it on replay
-        for k in s.unique:
+        for k in s.unique_keys():
             c = ns.chunks[k]
             c.refs += 1
             if c.orphan:
@@ -415,7 +437,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
         if data is not None:
             self._charge_manifest(ns, s, data)
             self._claim(ns, s)
-            s.complete = all(ns.chunks[k].slot is not None for k in s.unique)
+            s.complete = all(ns.chunks[k].slot is not None for k in s.unique_keys())
         self._list(s)
         if old is not None:
             old.replaced = True  # its chunks that no other session names stay, as cache
@@ -430,6 +452,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
             self._retire(ns, s)
             self._free_orphans_of(ns, name)
             ns.counters["deletes"] += 1
+            self._room_freed()
         self.log.sync_to(lsn)
         self.compactor.wake()
 

@@ -82,6 +82,7 @@ class Handlers:
         if not self.data_access and op not in MANAGEMENT_OPS:
             raise AuthError(f"an admin key manages namespace {self.ns!r}; it does not read or write its sessions")
         self.server.count_request(self.ns, op)
+        self.holder.active_at = time.monotonic()  # a save of a connection that stalls loses its room
         metrics = self.server.metrics
         if metrics is None:
             out = handler(payload)

@@ -65,8 +65,8 @@ class Session:
     name: str
     seq: int
     loc: Location
-    keys: np.ndarray  # per chunk, manifest order
-    unique: list[int]  # distinct keys, first-appearance order (a save's slab order)
+    n_chunks: int  # entries of its chunk table (the keys themselves are read from ``data`` when resident)
+    unique: np.ndarray  # distinct keys, first-appearance order (a save's slab order): 8, 32 or 65 bytes each
     total_bytes: int
     manifest_len: int
     committed_at: float
@@ -79,7 +79,11 @@ class Session:
     holds: int = 0
     dead: bool = False  # deleted or replaced while held (a zombie)
     replaced: bool = False  # retired by a newer version of its name: its chunks become orphans, not garbage
-    encoded_locations: tuple[int, bytes] | None = None  # (region version, Locations bytes)
+    encoded_locations: tuple[int, bytes] | None = None  # (region version, Locations bytes), charged as memory
+
+    def unique_keys(self) -> list:
+        """The distinct keys as Python values (ints or bytes), for the chunk index."""
+        return self.unique.tolist()
 
     def expired(self, now: float) -> bool:
         return bool(self.expires_at) and self.expires_at <= now
@@ -122,9 +126,11 @@ class Holder:
     committed yet, and the session its last restore looked up."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[str, int], float] = {}  # (ns, key) -> monotonic time of the put
+        self.pending: dict[tuple[str, int | bytes], float] = {}  # (ns, key) -> monotonic time of the put
         self.restore: tuple[Namespace, Session] | None = None
         self.restore_at = 0.0
+        self.reserved = 0  # slab bytes promised to its save in flight (Engine admission)
+        self.active_at = time.monotonic()  # its connection's last request: a stalled save loses its room
 
     def touch(self) -> float:
         return time.monotonic()

@@ -52,6 +52,7 @@ class Maintenance:
             pass
         with e.lock:
             e._expire_due()
+            e.expire_stalled_saves(now)
             for h in list(e.holders):
                 if h.restore is not None and now - h.restore_at > RESTORE_HOLD_S:
                     e._drop_restore_hold(h)

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..wire.keyring import KeyRing
 from ..wire.protocol import DEFAULT_MAX_FRAME, Header, Op
 from . import logs
-from .connection import Connection, refuse
+from .connection import Connection, Parked, refuse
 from .engine import Engine
 from .sd_notify import Notifier
 
@@ -50,6 +50,8 @@ class ServerLimits:
     max_message: int = (1 << 31) + (1 << 20)  # a chunk as large as a manifest can name, framed
     workers: int = 8
     reservation_timeout: float = 10.0  # a save by RDMA WRITE must COMMIT within this
+    admission_wait: float = 30.0  # a save waits this long for room other saves in flight hold, then BUSY
+    parked_retry_s: float = 0.2  # parked saves are retried at least this often (and whenever room frees)
     max_reserved_bytes: int = 1 << 30  # larger saves send their chunks over TCP
     index_entries: int = 4096  # names per namespace a client can look up by READ (more: over TCP)
 
@@ -108,6 +110,11 @@ class Server:
         self.internal_errors = 0
         self._requests: dict[str, Counter[str]] = {}  # namespace -> op name -> requests served
         self._requests_lock = threading.Lock()
+        # saves waiting for room (admission): retried when the engine says room came free, or on a timer
+        self._parked: list[tuple[Connection, Parked]] = []
+        self._room_freed = False
+        self._parked_retry_at = 0.0
+        engine.on_room = self._on_room
 
     def count_request(self, namespace: str, op: int) -> None:
         """One request served for ``namespace`` (STATS shows a namespace its own counts)."""
@@ -157,6 +164,7 @@ class Server:
                         self._readable(key.data)
                 self._rearm()
                 now = self.loop_turned = time.monotonic()
+                self._retry_parked(now)
                 if self._accept_paused_until and now >= self._accept_paused_until:
                     self._accept_paused_until = 0.0
                     self._sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -241,12 +249,16 @@ class Server:
         self._sel.unregister(conn.sock)
         self._pool.submit(self._work, conn, h, payload)
 
-    def _work(self, conn: Connection, h: Header, payload: memoryview) -> None:
+    def _work(self, conn: Connection, h: Header, payload: memoryview, parked: Parked | None = None) -> None:
         try:
-            keep = conn.serve(h, payload)
+            keep = conn.resume(parked) if parked is not None else conn.serve(h, payload)
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
             self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
             keep = False
+        if isinstance(keep, Parked):  # stays busy and unread until it runs again
+            with self._ready_lock:
+                self._parked.append((conn, keep))
+            return
         conn.busy = False
         conn.last_active = time.monotonic()
         if not keep:
@@ -257,6 +269,30 @@ class Server:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the loop is awake already
+
+    def _on_room(self) -> None:
+        """(any thread, engine lock held) Memory may have come free: parked saves try again."""
+        if self._parked and not self._room_freed:
+            self._room_freed = True
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def _retry_parked(self, now: float) -> None:
+        """(loop thread) Hand parked saves back to the workers, oldest first."""
+        if not self._parked or (not self._room_freed and now < self._parked_retry_at):
+            return
+        with self._ready_lock:
+            parked, self._parked = self._parked, []
+            self._room_freed = False
+        self._parked_retry_at = now + self.limits.parked_retry_s
+        for conn, p in parked:
+            if self._stopping.is_set():
+                conn.busy = False
+                conn.close_requested = True
+                continue
+            self._pool.submit(self._work, conn, p.header, p.payload, p)
 
     def _drain_wake(self) -> None:
         try:
@@ -316,6 +352,10 @@ class Server:
             self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
         elif threading.current_thread() is not threading.main_thread():
             self._stopped.wait(max(0.1, deadline - time.monotonic()))
+        with self._ready_lock:  # saves still waiting for room are not answered: their clients see the close
+            parked, self._parked = self._parked, []
+        for conn, _ in parked:
+            conn.busy = False
         while any(c.busy for c in list(self._conns.values())) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -362,6 +402,24 @@ def raise_fd_limit(want: int) -> int:
     return soft
 
 
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_large_allocations() -> None:
+    """Make glibc map every allocation of 1 MiB or more on its own, so that freeing it gives the
+    memory back. By default glibc raises that threshold (up to 32 MiB) each time such a block is
+    freed, and then serves the next ones from its heap, which only grows: a few commits of large
+    manifests (a decoded copy or two of each, gone a moment later) would leave the process
+    holding hundreds of MiB that the store's accounting rightly says it does not use."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: fixed, no more dynamic raising
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_server(
     listen: str,
     data_dir: str | Path,
@@ -381,6 +439,7 @@ def run_server(
     metrics_listen: str | None = None,
 ) -> None:
     """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
+    return_large_allocations()
     tls = server_tls(tls_cert, tls_key)
     host, _, port = listen.rpartition(":")
     limits = limits or ServerLimits()

@@ -24,7 +24,7 @@ from ..errors import DiskFullError, StorageError, StoreFullError
 from ..hashing import key_hex, verified
 from ..units import fmt_bytes
 from .datadir import fs_free_bytes
-from .index import Chunk, Namespace, Session
+from .index import Chunk, Holder, Namespace, Session
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -61,7 +61,7 @@ class Tiering:
         if s.resident:
             return
         s.resident = True
-        for k in s.unique:
+        for k in s.unique_keys():
             ns.chunks[k].rrefs += 1
         if not s.pinned and not s.dead:
             self.mem_lru[(s.ns, s.name)] = s
@@ -71,11 +71,11 @@ class Tiering:
         """Let ``s`` go from memory; returns the bytes freed."""
         before = ns.used
         s.resident = s.complete = False
-        s.encoded_locations = None
+        self._cache_locations(ns, s, None)
         self._unpublish(ns, s)
         if self.mem_lru.get((s.ns, s.name)) is s:
             del self.mem_lru[(s.ns, s.name)]
-        for k in s.unique:
+        for k in s.unique_keys():
             c = ns.chunks[k]
             c.rrefs -= 1
             self._settle(ns, c)
@@ -102,7 +102,7 @@ class Tiering:
         ns.zombies.discard(s)
         was_resident = s.resident
         s.resident = s.complete = False
-        for k in s.unique:
+        for k in s.unique_keys():
             c = ns.chunks[k]
             c.refs -= 1
             if was_resident:
@@ -222,7 +222,21 @@ class Tiering:
         ns.manifest_bytes += len(data)
         self.budget.reserved += len(data)
 
+    def _cache_locations(self: Engine, ns: Namespace, s: Session, value: tuple[int, bytes] | None) -> None:
+        """Keep (or drop) a session's encoded location table, charged to the memory budget as its
+        manifest is: it is as large as the manifest's chunk table. Not kept when there is no room."""
+        old = s.encoded_locations
+        if old is not None:
+            ns.manifest_bytes -= len(old[1])
+            self.budget.release(len(old[1]))
+            s.encoded_locations = None
+        if value is not None and self.budget.room >= len(value[1]):
+            s.encoded_locations = value
+            ns.manifest_bytes += len(value[1])
+            self.budget.reserved += len(value[1])
+
     def _uncharge_manifest(self: Engine, ns: Namespace, s: Session) -> None:
+        self._cache_locations(ns, s, None)
         if s.data is not None:
             ns.manifest_bytes -= len(s.data)
             self.budget.release(len(s.data))
@@ -232,50 +246,64 @@ class Tiering:
         return sum(ns.used for ns in self.namespaces.values())
 
     def _make_room(
-        self: Engine, ns: Namespace, need: int, protect: Session | None = None, *, hard: bool = False
-    ) -> None:
-        """Demote until ``need`` more bytes fit under ns's quota and the high watermark; with
-        ``hard``, also until the budget itself has room (bytes charged outside the slab).
-        Raises StoreFullError when what is left is pinned or in use."""
+        self: Engine, ns: Namespace, need: int, protect: Session | None = None, *, hard: bool = False,
+        holder: Holder | None = None,
+    ) -> None:  # fmt: skip
+        """Demote until ``need`` more bytes fit under ns's quota and the high watermark, counting
+        what other saves in flight have reserved as used (``holder``'s own reservation is what it
+        is spending); with ``hard``, also until the budget itself has room (bytes charged outside
+        the slab). SaveMustWait when other saves in flight hold the rest, StoreFullError when what
+        is left is pinned or held by restores."""
         if ns.quota is not None and ns.used + need > ns.quota:
             self._demote_until(ns.used + need - ns.quota, ns, protect, only=ns)
             if ns.used + need > ns.quota:
-                raise self._full(ns, need, f"namespace {ns.name!r} quota of {fmt_bytes(ns.quota)}")
+                raise self._no_room(ns, need, holder, f"namespace {ns.name!r} quota of {fmt_bytes(ns.quota)}")
         limit = int(self.high_watermark * self.capacity)
-        if self.budget.reserved + need > limit:
+        others = self._others_reserved(holder)
+        if self.budget.reserved + others + need > limit:
             self._release_regions(None)
-            used = self.mem_used()
+            used = self.mem_used() + others
             if used + need > limit:
                 self._demote_until(used + need - limit, ns, protect)
-        while hard and self.budget.room < need:
+        while hard and self.budget.room - others < need:
             if not self._release_regions(None) and not self._demote_until(1, ns, protect):
-                raise self._full(ns, need, f"memory capacity of {fmt_bytes(self.capacity)}")
+                raise self._no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
     def _demote_until(
         self: Engine, amount: int, requester: Namespace, protect: Session | None, only: Namespace | None = None
     ) -> int:
         """Free ``amount`` bytes of memory: orphans' slots first, then demote sessions, least
-        recently used first; returns the bytes freed."""
+        recently used first, and only when that is not enough sessions a restore looked up.
+
+        A restore's hold keeps its version from being freed, not in memory: a held session that
+        is demoted stays on disk, and a restore still reading it gets every chunk right (a READ
+        that finds its slot gone fails its check and goes over TCP, a TCP fetch reads the log).
+        Holds last until the connection's next lookup, so without this, clients that each hold
+        their last restore would hold the memory the next save needs."""
         freed = self._shed_orphans(amount, requester, only)
-        for s in list(self.mem_lru.values()):
-            if freed >= amount:
-                break
-            if s is protect or s.holds or not s.resident:
-                continue
-            owner = self.namespaces[s.ns]
-            if only is not None and owner is not only:
-                continue
-            if only is None and self._within_quota(owner, requester):
-                continue  # within its quota: another tenant's pressure does not push it out
-            freed += self._demote(owner, s)
+        for held in (False, True):
+            for s in list(self.mem_lru.values()):
+                if freed >= amount:
+                    break
+                if s is protect or bool(s.holds) != held or not s.resident:
+                    continue
+                owner = self.namespaces[s.ns]
+                if only is not None and owner is not only:
+                    continue
+                if only is None and self._within_quota(owner, requester):
+                    continue  # within its quota: another tenant's pressure does not push it out
+                freed += self._demote(owner, s)
         if freed:
             self._release_regions(None)
         return freed
 
-    def _alloc_run(self: Engine, ns: Namespace, lengths: list[int], protect: Session | None = None) -> list[Slot]:
-        """Slots for a run of chunks, demoting what it takes; StoreFullError when nothing can go."""
+    def _alloc_run(
+        self: Engine, ns: Namespace, lengths: list[int], protect: Session | None = None, holder: Holder | None = None
+    ) -> list[Slot]:
+        """Slots for a run of chunks, demoting what it takes (``holder``: the save they are for,
+        whose reservation they may use); SaveMustWait or StoreFullError when nothing can go."""
         need = sum(class_size(n) for n in lengths)
-        self._make_room(ns, need, protect)
+        self._make_room(ns, need, protect, holder=holder)
         released = False
         while True:
             try:
@@ -288,7 +316,7 @@ class Tiering:
                 continue
             # every round from here demotes a session or gives up, so this ends
             if not self._demote_until(need, ns, protect):
-                raise self._full(ns, need, f"memory capacity of {fmt_bytes(self.capacity)}")
+                raise self._no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
     def _release_regions(self: Engine, older_than: float | None) -> int:
         return sum(n.slab.release_empty(older_than) for n in self.namespaces.values())
@@ -314,7 +342,7 @@ class Tiering:
                 if s.dead or s.complete:
                     return s.complete
                 self._claim(ns, s)
-                todo = [ns.chunks[k] for k in s.unique if ns.chunks[k].slot is None]
+                todo = [ns.chunks[k] for k in s.unique_keys() if ns.chunks[k].slot is None]
                 need_manifest = s.manifest_len if s.data is None else 0
                 try:
                     if need_manifest:
@@ -351,9 +379,9 @@ class Tiering:
                     ns.counters["promotions"] += 1
                     ns.counters["promoted_chunks"] += len(todo)
                     s.complete = not failed and s.resident and not s.dead and all(
-                        ns.chunks[k].slot is not None for k in s.unique
+                        ns.chunks[k].slot is not None for k in s.unique_keys()
                     )
-                    s.encoded_locations = None
+                    self._cache_locations(ns, s, None)
             if failed:
                 raise StorageError(
                     f"session {s.name!r}: {len(failed)} chunks read back from the log do not match their "

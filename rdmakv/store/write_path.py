@@ -57,7 +57,7 @@ class WritePath:
         if sum(lengths) > limits.max_reserved_bytes:
             self.refused = f"save of {sum(lengths)} missing bytes exceeds max_reserved_bytes"
             return None
-        slots, addrs = h.engine.reserve_run(h.ns, lengths)
+        slots, addrs = h.engine.reserve_run(h.ns, lengths, h.holder)
         res = WriteReservation(next(_ids), keys, slots, time.monotonic() + limits.reservation_timeout)
         try:
             runs = _runs(slots, addrs)

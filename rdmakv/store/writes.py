@@ -18,13 +18,16 @@ if TYPE_CHECKING:
 
 
 class Writes:
-    def reserve_run(self: Engine, ns_name: str, lengths: list[int]) -> tuple[list[Slot], list[int]]:
+    def reserve_run(self: Engine, ns_name: str, lengths: list[int], holder=None) -> tuple[list[Slot], list[int]]:
         """Slots for chunks a client will WRITE, laid out as a run in this order (contiguous
-        where the slab can); returns (slots, each slot's address). StoreFullError as for puts."""
+        where the slab can); returns (slots, each slot's address). StoreFullError as for puts;
+        the slots come out of ``holder``'s admission."""
         with self.lock:
             ns = self.namespace(ns_name)
             self._disk_room(ns, sum(lengths) + 64 * len(lengths))
-            slots = self._alloc_run(ns, lengths)
+            slots = self._alloc_run(ns, lengths, holder=holder)
+            if holder is not None:
+                self._consume_reservation(holder, sum(s.size for s in slots))
             addrs = [ns.slab.regions[s.region].address + s.offset for s in slots]
             self.reserved_slots += len(slots)
         return slots, addrs
