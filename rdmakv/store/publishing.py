@@ -8,6 +8,7 @@ import xxhash
 
 from slab import SlabFullError
 
+from ..wire import manifest as mf
 from ..wire.lookup_index import INDEX_ENTRIES, enc_blob
 from .published import PublishedIndex
 
@@ -36,7 +37,7 @@ class Publishing:
             current = idx.slots.get(name)
             if current is not None and current[2] is s:
                 return True  # the entry names this version already (a restore's TCP lookup asks again)
-            loc = self._located(ns, s.keys.tolist()).encode()
+            loc = self._located(ns, mf.keys_view(s.data).tolist()).encode()
             blob = enc_blob(name, s.data, loc)
             try:
                 slot = ns.slab.alloc(len(blob))

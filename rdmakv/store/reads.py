@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import NotFoundError
 from ..hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
+from ..wire import manifest as mf
 from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
@@ -110,8 +111,8 @@ class Reads:
         with self.lock:
             version = ns.region_version
             if s.encoded_locations is None or s.encoded_locations[0] != version or not s.complete:
-                enc = self._located(ns, s.keys.tolist()).encode()
-                s.encoded_locations = (version, enc) if s.complete else None
+                enc = self._located(ns, mf.keys_view(data).tolist()).encode()
+                self._cache_locations(ns, s, (version, enc) if s.complete else None)
             else:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"

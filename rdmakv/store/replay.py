@@ -90,7 +90,8 @@ def replay(engine: Engine) -> None:
         expires = r.expires_ms / 1000
         if expires and expires <= now:
             continue
-        unique = list(dict.fromkeys(m.keys.tolist()))
+        unique_arr = mf.unique_in_order(m.keys)
+        unique = unique_arr.tolist()
         absent = [k for k in unique if (ns_name, k) not in chunk_at]
         if absent:
             engine.say(
@@ -105,7 +106,7 @@ def replay(engine: Engine) -> None:
                 loc, check = chunk_at[(ns_name, k)]
                 c = ns.chunks[k] = Chunk(k, lengths[k], loc, check=check)
                 engine._live(ns, loc)
-        s = Session(ns_name, name, e.seq, e.loc, m.keys, unique, m.total_bytes, e.loc.size - e.loc.body_offset,
+        s = Session(ns_name, name, e.seq, e.loc, m.n_chunks, unique_arr, m.total_bytes, e.loc.size - e.loc.body_offset,
                     r.committed_ms / 1000, expires, r.pinned)  # fmt: skip
         pin = pins.get((ns_name, name))
         if pin is not None and pin[1] == e.seq:
@@ -129,7 +130,7 @@ def _load_resident(engine: Engine, sessions: list[Session]) -> int:
     loaded = 0
     for s in order:
         ns = engine.namespaces[s.ns]
-        todo = [ns.chunks[k] for k in s.unique if ns.chunks[k].slot is None]
+        todo = [ns.chunks[k] for k in s.unique_keys() if ns.chunks[k].slot is None]
         need = sum(class_size(c.length) for c in todo) + s.manifest_len
         if engine.mem_used() + need > limit or (ns.quota is not None and ns.used + need > ns.quota):
             if s.pinned:

@@ -53,7 +53,7 @@ def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int 
         {
             "name": n,
             "manifest_bytes": s.manifest_len,
-            "chunks": len(s.keys),
+            "chunks": s.n_chunks,
             "kv_bytes": s.total_bytes,
             "committed_at": s.committed_at,
             "pinned": s.pinned,

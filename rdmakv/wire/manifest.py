@@ -150,6 +150,22 @@ def decode(data: bytes | memoryview) -> Manifest:
     return m
 
 
+def keys_view(data: bytes | memoryview) -> np.ndarray:
+    """The chunk table's keys of an encoded manifest, as a view of ``data`` (no copy): for bytes
+    that were decoded once already (a committed manifest the store keeps)."""
+    _, _, _, hash_alg, _, body_len, n_chunks = _HEADER.unpack_from(data)
+    table = np.frombuffer(data, dtype=chunk_dtype(hash_alg), count=n_chunks, offset=_HEADER.size + body_len)
+    return table["key"]
+
+
+def unique_in_order(keys: np.ndarray) -> np.ndarray:
+    """The distinct keys, in the order each first appears (a save's slab order)."""
+    if len(keys) < 2:
+        return np.ascontiguousarray(keys)
+    _, first = np.unique(keys, return_index=True)
+    return np.ascontiguousarray(keys[np.sort(first)])
+
+
 def _check_header_fields(kind: int, hash_alg: int, body_len: int, n_chunks: int) -> None:
     if kind not in KIND_NAMES:
         raise ManifestError(f"unknown manifest kind {kind}")
