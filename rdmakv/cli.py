@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frame=parse_size(args.max_frame), workers=args.workers,
         reservation_timeout=args.reservation_timeout, index_entries=args.index_entries,
         max_reserved_bytes=parse_size(args.max_write_reservation),
+        max_inflight=parse_size(args.max_inflight) if args.max_inflight else None,
+        min_frame_rate=args.min_frame_rate,
     )  # fmt: skip
     run_server(
         args.listen,
@@ -76,6 +78,11 @@ def _parse_quota(text: str) -> tuple[str, int]:
     if not sep or not ns:
         raise ValueError(f"--quota wants NAMESPACE=SIZE (e.g. tenant-a=512MiB), got {text!r}")
     return ns, parse_size(size)
+
+
+def _rate(text: str) -> int:
+    """Bytes per second: a size (1MiB), or 0 for none."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _watermark(text: str) -> float:
@@ -213,8 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
         "only its namespace. Make entries with `rdmakv keys new NAMESPACE`",
     )
     s.add_argument("--max-connections", type=int, default=10_000, help="connections at once (default 10000)")
-    s.add_argument("--max-connections-per-source", type=int, default=1024,
-                   help="connections at once from one address (default 1024)")
+    s.add_argument("--max-connections-per-source", type=int, default=None, metavar="N",
+                   help="connections at once from one address (default: a quarter of the connection cap in force, "
+                   "which RLIMIT_NOFILE may lower)")
+    s.add_argument("--max-inflight", metavar="SIZE",
+                   help="bytes of requests in flight over all connections (continued messages included); a request "
+                   "that does not fit is answered BUSY (default: 96MiB, or 1.5x --max-frame if larger)")
+    s.add_argument("--min-frame-rate", type=_rate, default=1 << 20, metavar="SIZE",
+                   help="bytes per second a request must arrive at once it has taken 2 s; a slower one closes its "
+                   "connection (default 1MiB; 0 turns the floor off)")
     s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="S",
                    help="a connection must authenticate within S seconds (default 5)")
     s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",

@@ -225,6 +225,8 @@ def test_claims_allocate_nothing_and_huge_manifests_are_refused(fresh_server):
         liars.append(fs)
     time.sleep(1.0)
     assert _rss_mib(srv) - rss0 < 30  # not 20 x 60 MB
+    for fs in liars:  # under the byte-rate floor: each is closed once the grace is over
+        assert _closed_within(fs.sock, 6)
     import xxhash
 
     from rdmakv.wire import manifest as mf

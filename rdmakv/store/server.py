@@ -28,30 +28,45 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ProtocolError
+from ..wire.frames import Frame
 from ..wire.keyring import KeyRing
-from ..wire.protocol import DEFAULT_MAX_FRAME, Header, Op
+from ..wire.protocol import DEFAULT_MAX_FRAME, Op
 from . import logs
 from .connection import Connection, refuse
 from .engine import Engine
+from .inflight import InflightBudget, default_inflight
 from .sd_notify import Notifier
 
 MAX_COUNTED_NAMESPACES = 4096  # request counters kept per namespace, then pooled
 LOOP_STALL_S = 5.0  # the event loop wakes at least every 0.5 s; this long without a turn is a hang
+PER_SOURCE_SHARE = 4  # by default one source address may hold a quarter of the connection cap
 
 
 @dataclass
 class ServerLimits:
     max_connections: int = 10_000
-    max_per_source: int = 1024
+    max_per_source: int | None = None  # None: max_connections // PER_SOURCE_SHARE (the cap in force)
     handshake_timeout: float = 5.0
     idle_timeout: float = 300.0
     send_timeout: float = 30.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_message: int = (1 << 31) + (1 << 20)  # a chunk as large as a manifest can name, framed
+    max_inflight: int | None = None  # bytes of requests in flight, all connections (None: inflight.default_inflight)
+    min_frame_rate: int = 1 << 20  # bytes/s a request must arrive at, after frame_grace (0: no floor)
+    frame_grace: float = 2.0  # seconds a request may take before the floor applies
     workers: int = 8
     reservation_timeout: float = 10.0  # a save by RDMA WRITE must COMMIT within this
     max_reserved_bytes: int = 1 << 30  # larger saves send their chunks over TCP
     index_entries: int = 4096  # names per namespace a client can look up by READ (more: over TCP)
+
+    @property
+    def per_source(self) -> int:
+        """The per-source cap in force: as set, else a share of the connection cap (so one
+        address never holds every slot, however far RLIMIT_NOFILE lowered the cap)."""
+        if self.max_per_source is not None:
+            return self.max_per_source
+        return max(1, self.max_connections // PER_SOURCE_SHARE)
 
 
 class Server:
@@ -76,6 +91,7 @@ class Server:
         if max_frame is not None:
             self.limits.max_frame = max_frame
         engine.max_missing = max(1, (self.limits.max_frame - 64) // 32)
+        self.inflight = InflightBudget(self.limits.max_inflight or default_inflight(self.limits.max_frame))
         self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
         # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(ns, name, manifest)
         # refuses a save placed by a stale member list; stats() goes into STATS
@@ -105,6 +121,7 @@ class Server:
         self.loop_turned = time.monotonic()
         self.auth_failures = 0
         self.refused = 0
+        self.slow_closed = 0  # connections closed for sending a request under the byte-rate floor
         self.internal_errors = 0
         self._requests: dict[str, Counter[str]] = {}  # namespace -> op name -> requests served
         self._requests_lock = threading.Lock()
@@ -216,10 +233,10 @@ class Server:
             self.refused += 1
             refuse(sock, f"server busy: {len(self._conns)} connections open (limit {lim.max_connections})")
             return
-        if self._per_source[source] >= lim.max_per_source:
+        if self._per_source[source] >= lim.per_source:
             self.refused += 1
             refuse(sock, f"server busy: {self._per_source[source]} connections from {source} (limit "
-                         f"{lim.max_per_source} per source address)")  # fmt: skip
+                         f"{lim.per_source} per source address)")  # fmt: skip
             return
         sock.setblocking(False)
         try:
@@ -235,15 +252,15 @@ class Server:
         if not conn.on_readable():
             self._close(conn)
 
-    def submit(self, conn: Connection, h: Header, payload: memoryview) -> None:
+    def submit(self, conn: Connection, frame: Frame) -> None:
         """(loop thread) A whole request: a worker has the connection until it hands it back,
         and the loop does not read it meanwhile."""
         self._sel.unregister(conn.sock)
-        self._pool.submit(self._work, conn, h, payload)
+        self._pool.submit(self._work, conn, frame)
 
-    def _work(self, conn: Connection, h: Header, payload: memoryview) -> None:
+    def _work(self, conn: Connection, frame: Frame) -> None:
         try:
-            keep = conn.serve(h, payload)
+            keep = conn.serve(frame)
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
             self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
             keep = False
@@ -286,8 +303,27 @@ class Server:
                 self._close(conn)
             elif now - conn.last_active > lim.idle_timeout:
                 self._close(conn)
+            elif self._too_slow(conn, now):
+                self._close(conn)
             elif conn.handlers is not None:
                 conn.handlers.writes.expire(now)  # not busy: no request of its own is running
+
+    def _too_slow(self, conn: Connection, now: float) -> bool:
+        """A request whose bytes arrive slower than min_frame_rate (once frame_grace is over): a
+        slow drip holds a buffer and a budget share while idle-timeouts never fire."""
+        lim = self.limits
+        since = conn.message_since
+        if not lim.min_frame_rate or since is None or now - since <= lim.frame_grace:
+            return False
+        got = conn.received_so_far()
+        if got >= lim.min_frame_rate * (now - since - lim.frame_grace):
+            return False
+        why = (f"request bytes arrive too slowly ({got} bytes in {now - since:.1f} s; the floor is "
+               f"{lim.min_frame_rate} bytes/s after {lim.frame_grace:g} s): connection closed")  # fmt: skip
+        self.say(f"rdmakv: {conn.peer}: {why}")
+        self.slow_closed += 1
+        conn.send_error(ProtocolError(why), timeout=0.0)
+        return True
 
     def _close(self, conn: Connection) -> None:
         if self._conns.pop(conn.fd, None) is None:
@@ -387,8 +423,8 @@ def run_server(
     fds = raise_fd_limit(limits.max_connections + 256)
     if fds < limits.max_connections + 64:
         limits.max_connections = max(16, fds - 64)
-        logs.say(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections "
-                 "(raise ulimit -n for more)")  # fmt: skip
+        logs.say(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections, "
+                 f"{limits.per_source} per source address (raise ulimit -n for more)")  # fmt: skip
     engine = Engine(
         data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
         high_watermark=high_watermark, quotas=quotas,
