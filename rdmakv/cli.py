@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         ready=agent.start if agent is not None else None,
         metrics_listen=args.metrics_listen,
+        max_namespaces=args.max_namespaces,
     )
     if agent is not None:
         agent.close()  # leave the member list now, not when the lease runs out
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections-per-source", type=int, default=None, metavar="N",
                    help="connections at once from one address (default: a quarter of the connection cap in force, "
                    "which RLIMIT_NOFILE may lower)")
+    s.add_argument("--max-namespaces", type=int, default=65_536, metavar="N",
+                   help="namespaces that hold data at once (a namespace is made by its first write; reading one "
+                   "makes nothing; namespaces left empty are forgotten when the limit is reached; default 65536)")
     s.add_argument("--max-inflight", metavar="SIZE",
                    help="bytes of requests in flight over all connections (continued messages included); a request "
                    "that does not fit is answered BUSY (default: 96MiB, or 1.5x --max-frame if larger)")

@@ -59,6 +59,7 @@ class Connection:
         self.refusing: tuple[int, int, RdmakvError] | None = None  # (op, request id, why): a message being dropped
         self.message_since: float | None = None  # when the first byte of the request being received came
         self.message_done = 0  # bytes of the frames of a continued request received whole so far
+        self.uncounted_in = 0  # bytes of frames received, not yet counted in the namespace's figures
         self.auth: FrameAuth | None = None
         self.handlers: Handlers | None = None
         self.ns = ""
@@ -276,9 +277,6 @@ class Connection:
         if h.op != Op.AUTH or h.plain:
             raise ProtocolError(f"expected AUTH, got opcode {h.op}")
         self.handlers = Handlers(self.server, self.ns, self._entry, self.server.single_key)
-        engine = self.server.engine
-        with engine.lock:  # the namespace may not exist yet: made under the lock, like everywhere
-            self.counters = engine.namespace(self.ns).counters
         self.state = self.OPEN
         self.reader.max_frame = self.server.limits.max_frame
         self.send(Op.AUTH, h.req_id, [msg.enc_json(self.handlers.info())], timeout=5.0)
@@ -290,7 +288,7 @@ class Connection:
         assert self.handlers is not None
         while True:
             h = frame.header
-            self.counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
+            self.uncounted_in += HEADER.size + h.length  # the frame as it came (tag included)
             self.message_done = self.message_done + HEADER.size + h.length if h.flags & FLAG_MORE else 0
             if frame.refused is not None:
                 self._refuse(h, frame.refused)
@@ -329,6 +327,13 @@ class Connection:
             self._release_frame()
             self._release_message()
 
+    def _count(self, counter: str, n: int) -> None:
+        """Traffic is counted in the namespace once it holds something (a namespace is not made
+        for the traffic of one that is only read)."""
+        ns = self.server.engine.namespaces.get(self.ns)
+        if ns is not None:
+            ns.counters[counter] += n
+
     def _refuse(self, h: Header, why: RdmakvError) -> None:
         """A frame the in-flight budget refused (read and dropped): the request is answered BUSY
         (or too large) at once, and the rest of its message is dropped as it comes."""
@@ -359,7 +364,9 @@ class Connection:
         except (OSError, RdmakvError):
             return False
         else:
-            self.counters["bytes_sent"] += sent
+            self._count("bytes_sent", sent)
+            self._count("bytes_received", self.uncounted_in)  # (after the request: its first write makes it)
+            self.uncounted_in = 0
         finally:
             if reply is not None and reply.after is not None:
                 reply.after()

@@ -22,7 +22,7 @@ import numpy as np
 
 from slab import CapacityBudget, Region, Slab
 
-from ..errors import DiskFullError, IntegrityError, ManifestError
+from ..errors import DiskFullError, IntegrityError, ManifestError, StoreFullError
 from ..hashing import key_hex, keys_array, matches
 from ..wire import manifest as mf
 from . import logs
@@ -46,6 +46,7 @@ DEFAULT_HIGH_WATERMARK = 0.9
 SAVE_HOLD_S = 60.0  # chunks of an uncommitted save stay this long after its last put
 RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
 REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
+MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is only read is never made)
 
 
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
@@ -68,6 +69,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
         region_hook: RegionHook | None = None,
         release_hook: ReleaseHook | None = None,
         log: Callable[[str], None] | None = None,
+        max_namespaces: int = MAX_NAMESPACES,
     ) -> None:
         if not 0.1 <= high_watermark <= 1.0:
             raise ValueError("high watermark must be between 0.1 and 1.0")
@@ -94,6 +96,8 @@ class Engine(Tiering, Reads, Writes, Publishing):
         self.reserve = Reserve(self.dir, self.log.segment_bytes)
         self.dir_lock = DataDirLock(self.dir)
         self.namespaces: dict[str, Namespace] = {}
+        self.max_namespaces = max_namespaces
+        self._no_slab = Slab(CapacityBudget(1), region_bytes=region_bytes, span_bytes=span_bytes)  # never allocates
         self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.seg_live: Counter[int] = Counter()
@@ -161,9 +165,20 @@ class Engine(Tiering, Reads, Writes, Publishing):
                     ns.rkeys[region.id] = hook(ns.name, region)
                 ns.region_version += 1
 
-    def namespace(self, name: str) -> Namespace:
+    def existing(self, name: str) -> Namespace:
+        """The namespace to read: as stored or, when it holds nothing yet, an empty stand-in that
+        is not kept (a namespace that is only read, listed or asked for STATS costs nothing)."""
+        ns = self.namespaces.get(name)
+        return ns if ns is not None else Namespace(name, self._no_slab, self.quotas.get(name))
+
+    def namespace(self, name: str, *, replaying: bool = False) -> Namespace:
+        """The namespace to write to, made on its first write; at most ``max_namespaces`` (namespaces
+        left empty are forgotten first). Under the engine lock."""
         ns = self.namespaces.get(name)
         if ns is None:
+            if len(self.namespaces) >= self.max_namespaces and not replaying and not self._forget_empty_namespaces():
+                raise StoreFullError(f"namespace {name!r} cannot be made: the store holds {len(self.namespaces)} "
+                                     f"namespaces (limit {self.max_namespaces}, --max-namespaces)")  # fmt: skip
             ns = Namespace(name, None, self.quotas.get(name))  # type: ignore[arg-type]
             ns.slab = Slab(
                 self.budget, region_bytes=self.region_bytes, span_bytes=self.span_bytes,
@@ -172,6 +187,16 @@ class Engine(Tiering, Reads, Writes, Publishing):
             )  # fmt: skip
             self.namespaces[name] = ns
         return ns
+
+    def _forget_empty_namespaces(self) -> int:
+        """Drop namespaces that hold nothing any more (no chunk, session, tombstone, manifest
+        record on disk, slab region or published index); how many went."""
+        gone = [name for name, ns in self.namespaces.items()
+                if not (ns.chunks or ns.sessions or ns.zombies or ns.tombstones or ns.disk_records or ns.disk_live
+                        or ns.slab.regions or name in self.published)]  # fmt: skip
+        for name in gone:
+            del self.namespaces[name]
+        return len(gone)
 
     def _new_region(self, ns: Namespace, region: Region) -> None:
         if self.region_hook is not None:
@@ -249,7 +274,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
     # -- chunks ----------------------------------------------------------------------------
     def exists(self, ns_name: str, keys: np.ndarray) -> np.ndarray:
         with self.lock:
-            chunks = self.namespace(ns_name).chunks
+            chunks = self.existing(ns_name).chunks
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
 
     def put_chunks(
@@ -412,7 +437,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
 
     def delete_manifest(self, ns_name: str, name: str) -> None:
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             lsn = self._tombstone(ns, name)
             del ns.sessions[name]
@@ -423,7 +448,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
 
     def set_pin(self, ns_name: str, name: str, pinned: bool) -> None:
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             self.seq += 1
             loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
@@ -438,7 +463,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
 
     def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
         with self.lock:
-            return namespace_list(self.namespace(ns_name), prefix, after, limit)
+            return namespace_list(self.existing(ns_name), prefix, after, limit)
 
     def store_stats(self) -> dict:
         with self.lock:
@@ -446,7 +471,7 @@ class Engine(Tiering, Reads, Writes, Publishing):
 
     def stats(self, ns_name: str) -> dict:
         with self.lock:
-            return namespace_stats(self, self.namespace(ns_name))
+            return namespace_stats(self, self.existing(ns_name))
 
     def all_stats(self, limit: int) -> list[dict]:
         """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""

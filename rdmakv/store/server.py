@@ -127,12 +127,15 @@ class Server:
         self._requests_lock = threading.Lock()
 
     def count_request(self, namespace: str, op: int) -> None:
-        """One request served for ``namespace`` (STATS shows a namespace its own counts)."""
+        """One request served for ``namespace`` (STATS shows a namespace its own counts). A
+        namespace that holds nothing is not given counters: its requests are pooled."""
         name = Op(op).name if op in Op._value2member_map_ else "UNKNOWN"
         with self._requests_lock:
             per = self._requests.get(namespace)
             if per is None:
-                if len(self._requests) >= MAX_COUNTED_NAMESPACES:
+                if namespace not in self.engine.namespaces:
+                    namespace = "(namespaces without data)"
+                elif len(self._requests) >= MAX_COUNTED_NAMESPACES:
                     namespace = "(other namespaces)"
                 per = self._requests.setdefault(namespace, Counter())
             per[name] += 1
@@ -415,6 +418,7 @@ def run_server(
     tls_key: str | None = None,
     ready: Callable[[Server], None] | None = None,
     metrics_listen: str | None = None,
+    max_namespaces: int | None = None,
 ) -> None:
     """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
     tls = server_tls(tls_cert, tls_key)
@@ -427,7 +431,7 @@ def run_server(
                  f"{limits.per_source} per source address (raise ulimit -n for more)")  # fmt: skip
     engine = Engine(
         data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
-        high_watermark=high_watermark, quotas=quotas,
+        high_watermark=high_watermark, quotas=quotas, **({"max_namespaces": max_namespaces} if max_namespaces else {}),
     )  # fmt: skip
     engine.open()
     try:
