@@ -161,7 +161,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .wire.keyring import new_entry
 
-    print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after), end="")
+    if sum(map(bool, (args.namespace, args.admin, args.node))) != 1:
+        raise SystemExit("rdmakv keys new: give a NAMESPACE, or --admin, or --node (exactly one)")
+    print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after, node=args.node), end="")
     return 0
 
 
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     kn = ksub.add_parser("new", help="print a new [[key]] entry")
     kn.add_argument("namespace", nargs="?", help="the namespace the key opens (omit with --admin for any)")
     kn.add_argument("--admin", action="store_true", help="an operator key: STATS, LIST, COMPACT, PIN anywhere")
+    kn.add_argument("--node", action="store_true", help="a cluster's node key (the same in every node's keys file): "
+                    "repair between nodes in every namespace, never reading or writing sessions")
     kn.add_argument("--not-after", metavar="YYYY-MM-DD", help="the last day the key is accepted (UTC)")
     kn.set_defaults(func=cmd_keys)
 
