@@ -136,7 +136,6 @@ class Registration:
 
 
 WATCH_CHECK_S = 10.0  # the longest between two checks of the watch against etcd (the lease TTL if shorter)
-FULL_RESYNC_EVERY = 10  # a check is a member count and newest revision (a few bytes); every 10th re-reads the list
 REWATCH_PAUSE_S = 0.2  # at least this between two watches replaced because their stream ended
 
 
@@ -160,9 +159,10 @@ class MemberWatch:
     in milliseconds, each applied as it comes: a change costs one event per watcher, not a
     re-read of the list), checked against etcd every lease TTL (the members register theirs) or
     WATCH_CHECK_S: etcd's member count and newest member revision must be what the watch has
-    applied. A watch whose stream ended (etcd restarted) is replaced at once; one that is stuck
-    (open, silent) is found by the check, within one check period of the change it missed; either
-    way the list is re-read first. During an etcd outage the last list read stays in force:
+    applied (a few bytes, whatever the cluster's size: every change moves one of the two). A
+    watch whose stream ended (etcd restarted) is replaced at once; one that is stuck (open,
+    silent) is found by the check, within one check period of the change it missed; either way
+    the list is re-read first. During an etcd outage the last list read stays in force:
     saves and restores go on against it, and membership simply stops changing."""
 
     def __init__(self, url: str, on_change=None, resync_s: float = WATCH_CHECK_S) -> None:
@@ -275,19 +275,17 @@ class MemberWatch:
             return int(reply.get("count", 0)) != len(self.members) or newest != ours
 
     def _run(self) -> None:
-        checks = 0
         while not self._stop.is_set():
             try:
                 if self._stream is None:  # none yet, or its stream ended: re-read, then watch again
                     self.reload()
                     self._watch()
-                elif checks % FULL_RESYNC_EVERY == 0 or self.behind():
-                    if self.reload() or checks % FULL_RESYNC_EVERY:
-                        self.rewatches += 1  # it missed something: a stuck stream, replaced
-                        self._end_watch()
-                        self._watch()
+                elif self.behind():  # it missed a change (any join or re-registration raises the newest
+                    self.reload()  # revision, any leave lowers the count): a stalled stream, replaced
+                    self.rewatches += 1
+                    self._end_watch()
+                    self._watch()
                 self.etcd_ok = True
-                checks += 1
             except ClusterError:
                 self._end_watch()  # etcd is gone: the stream with it; start a new one when it is back
             except Exception:  # noqa: BLE001 - etcd3gw raises many kinds; the next check retries
