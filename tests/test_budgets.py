@@ -87,6 +87,9 @@ def test_unfinished_continued_messages_are_bounded_by_the_in_flight_budget(fresh
     assert len(answers) == 2 and all(isinstance(a, BusyError | TooLargeError) for a in answers), answers
     assert peak[0] - rss0 <= 128 and hwm - rss0 <= 128  # while they held on, and at the peak
     _save_restore(srv.url("normal"))
+    with rdmakv.connect(srv.url("normal"), key=KEY_HEX, transport="tcp") as st:
+        store = st.stats()["store"]  # (the shared key is an admin key: the store's figures)
+    assert store["inflight_refused"] >= 2 and store["inflight_bytes"] == 0  # all given back
 
 
 def test_one_address_cannot_take_every_connection_slot(tmp_path):

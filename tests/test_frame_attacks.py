@@ -155,6 +155,7 @@ def test_a_request_trickled_in_is_dropped_with_its_connection(fresh_server, ns):
     assert _log_has(srv, "request bytes arrive too slowly")
     with rdmakv.connect(srv.url(ns), key=KEY_HEX, transport="tcp") as st:  # the server serves on
         st.save("fast", _kv(4))
+        assert st.stats()["store"]["slow_requests_closed"] == 1
 
 
 def test_a_reply_that_answers_another_request_is_never_acted_on(ns):

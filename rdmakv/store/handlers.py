@@ -213,9 +213,9 @@ class Handlers:
         if self.admin:  # only an operator sees the whole store
             srv = self.server
             stats["namespaces"] = self.engine.all_stats(STATS_NAMESPACES)
-            stats["store"] = self.engine.store_stats() | {
+            stats["store"] = self.engine.store_stats() | srv.inflight.stats() | {
                 "connections": srv.connections, "auth_failures": srv.auth_failures, "refused": srv.refused,
-                "internal_errors": srv.internal_errors,
+                "internal_errors": srv.internal_errors, "slow_requests_closed": srv.slow_closed,
             }  # fmt: skip
         return [msg.enc_json(stats)]
 
