@@ -133,8 +133,9 @@ def test_a_thousand_idle_and_two_hundred_stalled_sockets_cost_no_threads(fresh_s
         s.sendall(encode_header(Op.HELLO, 2, 0, 300)[:10])
         stalled.append(s)
     time.sleep(1.0)
+    threads1 = _status(srv.pid(), "Threads")  # (before the save: its requests start pool workers, up to --workers)
     wall = _save_restore_s(srv)
-    rss1, threads1 = _rss_mib(srv), _status(srv.pid(), "Threads")
+    rss1 = _rss_mib(srv)
     with capsys.disabled():
         print(f"\n[limits] 1,200 idle/stalled sockets: server RSS {rss0:.1f} -> {rss1:.1f} MiB "
               f"({(rss1 - rss0) * 1024 / 1200:.1f} KiB each), threads {threads0} -> {threads1}, "
