@@ -368,11 +368,12 @@ class ClusterStore:
         return n
 
     def list(self) -> list[str]:
-        """Every session name any live member holds a part of."""
+        """Every session name any live member holds a part of (a deletion marker, a part with no
+        chunks and a TTL, which cluster saves never have, is not one)."""
         names: set[str] = set()
         for node in self.live():
             try:
-                names.update(r["name"] for r in self._store(node).list())
+                names.update(r["name"] for r in self._store(node).list() if r["chunks"] or r["expires_in"] is None)
             except NODE_FAILURES:
                 self._drop(node)
         return sorted(names)

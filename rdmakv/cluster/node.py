@@ -29,7 +29,7 @@ from .placement import owners
 REPAIR_SETTLE_S = 2.0  # membership must be quiet this long before a repair pass starts
 REPAIR_RETRY_S = 5.0  # a pass that could not finish everything runs again after this
 RETRIES_KEPT = 3  # repair failures kept for STATS (each one line)
-GUARDS = 64  # locks that make a name's checks and its commit (or delete) one step, striped by name
+GUARDS = 1024  # locks that make a name's checks and its commit (or delete) one step, striped by name
 
 
 class NodeAgent:
