@@ -77,6 +77,20 @@ def test_the_size_limit_is_checked_on_the_header_and_the_buffer_shrinks_back():
     assert r.next_frame() is None and r.capacity == SMALL_BUFFER and r.partial() is None
 
 
+def test_bytes_after_a_large_frame_wait_for_it_to_be_taken_out():
+    """What arrives after a large frame is whole (TLS hands over all it decrypted at once) goes to
+    the shared buffer: the reader always has room, and the frames come out in order."""
+    tx, rx = _pair(MAC_BLAKE3)
+    r = FrameReader(8 << 20, rx)
+    stream = b"".join(bytes(p) for i, n in enumerate((2 << 20, 10, 3 << 20, 5))
+                      for p in tx.seal(Op.PUT_CHUNKS, 0, i, [bytes([i]) * n]))  # fmt: skip
+    r.feed(stream[:100])
+    assert r.next_frame() is None  # the first frame's header is in: it gets its own buffer
+    r.feed(stream[100:])  # the rest at once, without taking anything out in between
+    got = [(f.header.req_id, bytes(f.payload)) for f in r.frames()]
+    assert got == [(i, bytes([i]) * n) for i, n in enumerate((2 << 20, 10, 3 << 20, 5))]
+
+
 def test_a_refused_frame_is_read_and_dropped_with_its_mac_checked():
     from rdmakv.errors import BusyError
 

@@ -264,6 +264,9 @@ def test_tls_for_untrusted_networks(tmp_path):
             kv = _kv(10, 300)
             st.save("s", kv)
             assert st.restore("s").equals(kv)
+            big = np.random.default_rng(2).bytes(3 << 20)  # a frame of its own buffer size (>= 1 MiB)
+            (k,) = st.put_chunks([big])
+            assert st.get_chunks([k]) == [big]
         with pytest.raises(AuthError, match="TLS"):
             rdmakv.connect(url, key=KEY_HEX, transport="tcp")  # the system CAs do not know this server
         with pytest.raises(RdmakvError):

@@ -103,8 +103,10 @@ class FrameReader:
         """Bytes to ask the socket for now: the rest of the current frame (a step of it at a time),
         plus a little read-ahead for small frames. A refused frame is dropped as it comes, a
         read-ahead's worth at a time."""
-        if self._big is not None:
+        if self._filling_big():
             return min(len(self._big) - self._big_got, READ_STEP)
+        if self._big is not None:  # whole, not yet taken out: what comes next is the next frame's
+            return HEADER.size + SMALL_BUFFER
         need = max(1, self._frame_size() - self.buffered)
         if self._refused is not None:
             return min(need, READ_AHEAD)
@@ -115,7 +117,7 @@ class FrameReader:
     def buffer(self) -> memoryview:
         """A writable view to receive into (``recv_into``), at least ``wanted()`` bytes long."""
         want = self.wanted()
-        if self._big is not None:
+        if self._filling_big():
             return memoryview(self._big)[self._big_got : self._big_got + want]
         if len(self._buf) - self._end < want:
             self._compact(want)
@@ -123,10 +125,13 @@ class FrameReader:
 
     def received(self, n: int) -> None:
         """``n`` bytes were written into the view ``buffer()`` returned."""
-        if self._big is not None:
+        if self._filling_big():
             self._big_got += n
         else:
             self._end += n
+
+    def _filling_big(self) -> bool:
+        return self._big is not None and self._big_got < len(self._big)
 
     def feed(self, data: bytes | memoryview) -> None:
         data = memoryview(data).cast("B")
