@@ -163,6 +163,20 @@ class Connection:
         p = self.reader.partial()
         return self.message_done + (p[0] if p is not None else 0)
 
+    def too_slow(self, now: float) -> str | None:
+        """Why the request under way must end its connection, if its bytes arrive slower than
+        min_frame_rate once frame_grace is over (a slow drip holds a buffer and a share of the
+        in-flight budget, and idle timeouts never fire for it); else None."""
+        lim = self.server.limits
+        since = self.message_since
+        if not lim.min_frame_rate or since is None or now - since <= lim.frame_grace:
+            return None
+        got = self.received_so_far()
+        if got >= lim.min_frame_rate * (now - since - lim.frame_grace):
+            return None
+        return (f"request bytes arrive too slowly ({got} bytes in {now - since:.1f} s; the floor is "
+                f"{lim.min_frame_rate} bytes/s after {lim.frame_grace:g} s): connection closed")  # fmt: skip
+
     def _note_progress(self) -> None:
         """(owner thread, between frames) Start the request clock when a request's first bytes are
         in, stop it when no request is under way."""

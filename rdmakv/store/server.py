@@ -312,17 +312,9 @@ class Server:
                 conn.handlers.writes.expire(now)  # not busy: no request of its own is running
 
     def _too_slow(self, conn: Connection, now: float) -> bool:
-        """A request whose bytes arrive slower than min_frame_rate (once frame_grace is over): a
-        slow drip holds a buffer and a budget share while idle-timeouts never fire."""
-        lim = self.limits
-        since = conn.message_since
-        if not lim.min_frame_rate or since is None or now - since <= lim.frame_grace:
+        why = conn.too_slow(now)
+        if why is None:
             return False
-        got = conn.received_so_far()
-        if got >= lim.min_frame_rate * (now - since - lim.frame_grace):
-            return False
-        why = (f"request bytes arrive too slowly ({got} bytes in {now - since:.1f} s; the floor is "
-               f"{lim.min_frame_rate} bytes/s after {lim.frame_grace:g} s): connection closed")  # fmt: skip
         self.say(f"rdmakv: {conn.peer}: {why}")
         self.slow_closed += 1
         conn.send_error(ProtocolError(why), timeout=0.0)
