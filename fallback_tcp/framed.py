@@ -227,6 +227,9 @@ def client_handshake(fs: FramedSocket, key: bytes, namespace: str, mac: int = MA
     server_nonce, ns, _, chosen = msg.dec_hello(payload)
     if ns != namespace or chosen not in MAC_NAMES:
         raise ProtocolError("the server's HELLO does not answer ours")
+    if chosen != mac:  # a HELLO rewritten on the way (a downgrade): both ends would agree on it
+        raise AuthError(f"the server chose the {MAC_NAMES[chosen]} frame MAC, not the {MAC_NAMES.get(mac, mac)} "
+                        "this client asked for (a HELLO altered on the way?); refused")  # fmt: skip
     c2s, s2c = derive_session_keys(key, nonce, server_nonce, namespace, chosen)
     fs.auth = FrameAuth(c2s, s2c, chosen)
     fs.send(Op.AUTH, 0, 0, [])

@@ -63,6 +63,7 @@ class TcpChannel:
                 raise AuthError(f"TLS with {host}:{port} failed: {getattr(e, 'reason', None) or e}") from e
         self.fs = FramedSocket(sock, max_frame)
         self._req = 0
+        self._closed_by: RdmakvError | None = None  # why the connection was closed, once it was
         self.round_trips = 0
         try:
             self.server_info = client_handshake(self.fs, key, namespace, mac)
@@ -92,6 +93,8 @@ class TcpChannel:
 
     # -- request machinery -----------------------------------------------------------------
     def _send(self, op: int, parts: Sequence[bytes | memoryview]) -> int:
+        if self._closed_by is not None:
+            raise self._closed_by
         self._req += 1
         try:
             self.fs.send(op, 0, self._req, parts)
@@ -100,15 +103,36 @@ class TcpChannel:
         return self._req
 
     def _recv(self, req_id: int) -> memoryview:
+        if self._closed_by is not None:
+            raise self._closed_by
         try:
             header, payload = self.fs.recv()
         except OSError as e:
             raise ConnectionLost(f"connection to the server lost: {e}") from e
-        if header.op == Op.ERROR:
-            raise_error_frame(payload)
-        if not header.flags & FLAG_RESPONSE or header.req_id != req_id:
-            raise ProtocolError(f"response {header.req_id} does not answer request {req_id}")
-        return payload
+        return self._answer(header, payload, req_id)
+
+    def _answer(self, header, payload: memoryview, req_id: int) -> memoryview:
+        """The reply to request ``req_id``, its id checked before anything in it is believed (an
+        error included). An authenticated error with id 0 is the server's word on the whole
+        connection (a limit, a bad frame): it closes it, and so does this side. Any other id
+        means the stream is out of step: the connection is closed, never read further."""
+        if header.flags & FLAG_RESPONSE and header.req_id == req_id:
+            if header.op == Op.ERROR:
+                raise_error_frame(payload)
+            return payload
+        if header.flags & FLAG_RESPONSE and header.req_id == 0 and header.op == Op.ERROR:
+            try:
+                raise_error_frame(payload)
+            except RdmakvError as e:
+                self._close_with(e)
+                raise
+        self._close_with(ProtocolError(f"response {header.req_id} (opcode {header.op}) does not answer request "
+                                       f"{req_id}; the connection is out of step and was closed"))  # fmt: skip
+        raise self._closed_by  # type: ignore[misc]
+
+    def _close_with(self, error: RdmakvError) -> None:
+        self._closed_by = error
+        self.fs.close()
 
     def request(self, op: int, parts: Sequence[bytes | memoryview]) -> memoryview:
         """One round trip; the reply view is valid until the next receive."""
@@ -229,6 +253,8 @@ class TcpChannel:
         """Receive one GET_CHUNKS reply with its chunk bytes landing in ``dests`` (the MAC is
         checked over them as they lie); a continued or unusual reply takes the general path."""
         fs = self.fs
+        if self._closed_by is not None:
+            raise self._closed_by
         try:
             h = fs.recv_header()
             if h.plain or h.flags & FLAG_MORE or h.op != Op.GET_CHUNKS:
@@ -261,8 +287,8 @@ class TcpChannel:
         except OSError as e:
             raise ConnectionLost(f"connection to the server lost: {e}") from e
         except (ProtocolError, msg.CodecError) as e:  # the byte stream is out of step now: nothing more can be read
-            self.fs.close()
-            raise ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}") from e
+            self._close_with(ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}"))
+            raise self._closed_by from e
         if absent:
             raise msg_missing(absent[0])
         got = set()
@@ -279,11 +305,7 @@ class TcpChannel:
             h2 = fs.recv_header()
             whole = fs.assemble(h2, fs.finish_frame(h2))
         header, payload = whole
-        if header.op == Op.ERROR:
-            raise_error_frame(payload)
-        if not header.flags & FLAG_RESPONSE or header.req_id != req_id:
-            raise ProtocolError(f"response {header.req_id} does not answer request {req_id}")
-        served, absent = msg.dec_chunks(payload)
+        served, absent = msg.dec_chunks(self._answer(header, payload, req_id))
         if absent:
             raise msg_missing(absent[0])
         got = set()

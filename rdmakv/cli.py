@@ -29,7 +29,8 @@ def _key_for_serve(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .store import logs
-    from .store.server import ServerLimits, run_server
+    from .store.process import run_server
+    from .store.server import ServerLimits
 
     logs.configure(args.log_format, args.log_level)
 
@@ -48,6 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frame=parse_size(args.max_frame), workers=args.workers,
         reservation_timeout=args.reservation_timeout, index_entries=args.index_entries,
         max_reserved_bytes=parse_size(args.max_write_reservation), admission_wait=args.admission_wait,
+        max_inflight=parse_size(args.max_inflight) if args.max_inflight else None,
+        min_frame_rate=args.min_frame_rate,
     )  # fmt: skip
     run_server(
         args.listen,
@@ -65,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         ready=agent.start if agent is not None else None,
         metrics_listen=args.metrics_listen,
+        max_namespaces=args.max_namespaces,
     )
     if agent is not None:
         agent.close()  # leave the member list now, not when the lease runs out
@@ -76,6 +80,11 @@ def _parse_quota(text: str) -> tuple[str, int]:
     if not sep or not ns:
         raise ValueError(f"--quota wants NAMESPACE=SIZE (e.g. tenant-a=512MiB), got {text!r}")
     return ns, parse_size(size)
+
+
+def _rate(text: str) -> int:
+    """Bytes per second: a size (1MiB), or 0 for none."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _watermark(text: str) -> float:
@@ -153,7 +162,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .wire.keyring import new_entry
 
-    print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after), end="")
+    if sum(map(bool, (args.namespace, args.admin, args.node))) != 1:
+        raise SystemExit("rdmakv keys new: give a NAMESPACE, or --admin, or --node (exactly one)")
+    print(new_entry(args.namespace, admin=args.admin, not_after=args.not_after, node=args.node), end="")
     return 0
 
 
@@ -213,8 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
         "only its namespace. Make entries with `rdmakv keys new NAMESPACE`",
     )
     s.add_argument("--max-connections", type=int, default=10_000, help="connections at once (default 10000)")
-    s.add_argument("--max-connections-per-source", type=int, default=1024,
-                   help="connections at once from one address (default 1024)")
+    s.add_argument("--max-connections-per-source", type=int, default=None, metavar="N",
+                   help="connections at once from one address (default: a quarter of the connection cap in force, "
+                   "which RLIMIT_NOFILE may lower)")
+    s.add_argument("--max-namespaces", type=int, default=65_536, metavar="N",
+                   help="namespaces that hold data at once (a namespace is made by its first write; reading one "
+                   "makes nothing; namespaces left empty are forgotten when the limit is reached; default 65536)")
+    s.add_argument("--max-inflight", metavar="SIZE",
+                   help="bytes of requests in flight over all connections (continued messages included); a request "
+                   "that does not fit is answered BUSY (default: 96MiB, or 1.5x --max-frame if larger)")
+    s.add_argument("--min-frame-rate", type=_rate, default=1 << 20, metavar="SIZE",
+                   help="bytes per second a request must arrive at once it has taken 2 s; a slower one closes its "
+                   "connection (default 1MiB; 0 turns the floor off)")
     s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="S",
                    help="a connection must authenticate within S seconds (default 5)")
     s.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
@@ -286,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     kn = ksub.add_parser("new", help="print a new [[key]] entry")
     kn.add_argument("namespace", nargs="?", help="the namespace the key opens (omit with --admin for any)")
     kn.add_argument("--admin", action="store_true", help="an operator key: STATS, LIST, COMPACT, PIN anywhere")
+    kn.add_argument("--node", action="store_true", help="a cluster's node key (the same in every node's keys file): "
+                    "repair between nodes in every namespace, never reading or writing sessions")
     kn.add_argument("--not-after", metavar="YYYY-MM-DD", help="the last day the key is accepted (UTC)")
     kn.set_defaults(func=cmd_keys)
 

@@ -16,7 +16,7 @@ from .errors import RdmakvError
 from .units import parse_size
 
 NOT_IN_FILE = {"help", "config", "print_config", "func", "command"}
-SIZE_OPTIONS = {"capacity", "disk_capacity", "region_size", "max_frame", "max_write_reservation"}
+SIZE_OPTIONS = {"capacity", "disk_capacity", "region_size", "max_frame", "max_write_reservation", "max_inflight"}
 MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not one
 
 

@@ -54,9 +54,10 @@ def _hammer(srv, clients: int, seconds: float) -> dict:
                     with lock:
                         counts["store_full"] += 1
                     continue
-                except BusyError:
+                except BusyError as e:
                     with lock:
                         counts["busy"] += 1
+                        counts.setdefault("busy_reasons", []).append(str(e)[:300])
                     continue
                 except rdmakv.errors.NotFoundError:  # evicted between its save and its restore: allowed
                     with lock:
@@ -89,6 +90,7 @@ def test_concurrent_saves_into_a_small_store_evict_instead_of_refusing(fresh_ser
           f"{counts['store_full']} STORE_FULL, {counts['busy']} BUSY, {counts['wrong']} wrong, "
           f"{stats['demotions']} demotions, {stats['evictions']} evictions, used {stats['used_bytes'] >> 20} MiB")
     assert not counts["errors"], counts["errors"][:3]
+    assert not counts.get("busy_reasons") or counts["busy"] <= counts["saves"] // 20, counts["busy_reasons"][:3]
     assert counts["store_full"] == 0 and counts["wrong"] == 0
     assert counts["busy"] <= counts["saves"] // 20  # waiting, not refusing: BUSY only past the bounded wait
     assert counts["saves"] > 4 * clients and stats["demotions"] + stats["evictions"] > 0

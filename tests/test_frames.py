@@ -67,11 +67,69 @@ def test_the_size_limit_is_checked_on_the_header_and_the_buffer_shrinks_back():
     with pytest.raises(TooLargeError):
         r.next_frame()
     r = FrameReader(8 << 20, rx)
-    r.feed(b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, 1, [b"y" * (4 << 20)])))
-    assert len(r.next_frame().payload) == 4 << 20 and r.capacity > 4 << 20
+    big = b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, 1, [b"y" * (4 << 20)]))
+    r.feed(big[:100])
+    assert r.next_frame() is None and r.partial() == (100, len(big))  # moved to a buffer of its own size
+    r.feed(big[100:])
+    assert bytes(r.next_frame().payload) == b"y" * (4 << 20) and r.capacity == SMALL_BUFFER
     r.feed(b"".join(bytes(p) for p in tx.seal(Op.STATS, 0, 2, [])))
     assert r.next_frame().header.req_id == 2
-    assert r.next_frame() is None and r.capacity == SMALL_BUFFER
+    assert r.next_frame() is None and r.capacity == SMALL_BUFFER and r.partial() is None
+
+
+def test_bytes_after_a_large_frame_wait_for_it_to_be_taken_out():
+    """What arrives after a large frame is whole (TLS hands over all it decrypted at once) goes to
+    the shared buffer: the reader always has room, and the frames come out in order."""
+    tx, rx = _pair(MAC_BLAKE3)
+    r = FrameReader(8 << 20, rx)
+    stream = b"".join(bytes(p) for i, n in enumerate((2 << 20, 10, 3 << 20, 5))
+                      for p in tx.seal(Op.PUT_CHUNKS, 0, i, [bytes([i]) * n]))  # fmt: skip
+    r.feed(stream[:100])
+    assert r.next_frame() is None  # the first frame's header is in: it gets its own buffer
+    r.feed(stream[100:])  # the rest at once, without taking anything out in between
+    got = [(f.header.req_id, bytes(f.payload)) for f in r.frames()]
+    assert got == [(i, bytes([i]) * n) for i, n in enumerate((2 << 20, 10, 3 << 20, 5))]
+
+
+def test_a_refused_frame_is_read_and_dropped_with_its_mac_checked():
+    from rdmakv.errors import BusyError
+
+    tx, rx = _pair(MAC_BLAKE3)
+
+    def admit(h):
+        if h.req_id == 1:
+            raise BusyError("server busy")
+
+    r = FrameReader(8 << 20, rx, admit=admit)
+    big = b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, 1, [b"z" * (2 << 20)]))
+    for i in range(0, len(big), 50_000):
+        r.feed(big[i : i + 50_000])
+        f = r.next_frame()
+        assert r.capacity <= SMALL_BUFFER + 128 << 10  # never buffered whole
+    assert f is not None and isinstance(f.refused, BusyError) and f.payload.nbytes == 0
+    r.feed(b"".join(bytes(p) for p in tx.seal(Op.STATS, 0, 2, [b"ok"])))  # the stream stays in step
+    assert bytes(r.next_frame().payload) == b"ok"
+    bad = bytearray(b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, 1, [b"z" * 100_000])))
+    bad[5000] ^= 1  # a refused frame's MAC is still checked
+    r.feed(bad)
+    with pytest.raises(AuthError):
+        r.next_frame()
+
+
+def test_a_large_first_part_is_handed_to_the_message_not_copied():
+    tx, rx = _pair(MAC_BLAKE3)
+    r = FrameReader(4 << 20, rx)
+    a = MessageAssembler(16 << 20)
+    parts = [bytes([i]) * (3 << 20) for i in range(3)]
+    for i, p in enumerate(parts):
+        r.feed(b"".join(bytes(x) for x in tx.seal(Op.PUT_CHUNKS, FLAG_MORE if i < 2 else 0, 9, [p])))
+        f = r.next_frame()
+        owned = r.detach(f) if i == 0 else None
+        assert (owned is not None) == (i == 0)
+        whole = a.add(f.header, f.payload, owned)
+        assert (whole is None) == (i < 2) and a.size == (0 if i == 2 else (i + 1) * (3 << 20))
+    h, body = whole
+    assert h.req_id == 9 and h.length == 9 << 20 and bytes(body) == b"".join(parts)
 
 
 def test_continued_messages_are_joined_up_to_their_limit():

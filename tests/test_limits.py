@@ -134,8 +134,9 @@ def test_a_thousand_idle_and_two_hundred_stalled_sockets_cost_no_threads(fresh_s
         s.sendall(encode_header(Op.HELLO, 2, 0, 300)[:10])
         stalled.append(s)
     time.sleep(1.0)
+    threads1 = _status(srv.pid(), "Threads")  # (before the save: its requests start pool workers, up to --workers)
     wall = _save_restore_s(srv)
-    rss1, threads1 = _rss_mib(srv), _status(srv.pid(), "Threads")
+    rss1 = _rss_mib(srv)
     with capsys.disabled():
         print(f"\n[limits] 1,200 idle/stalled sockets: server RSS {rss0:.1f} -> {rss1:.1f} MiB "
               f"({(rss1 - rss0) * 1024 / 1200:.1f} KiB each), threads {threads0} -> {threads1}, "
@@ -226,6 +227,8 @@ def test_claims_allocate_nothing_and_huge_manifests_are_refused(fresh_server):
         liars.append(fs)
     time.sleep(1.0)
     assert _rss_mib(srv) - rss0 < 30  # not 20 x 60 MB
+    for fs in liars:  # under the byte-rate floor: each is closed once the grace is over
+        assert _closed_within(fs.sock, 6)
     import xxhash
 
     from rdmakv.wire import manifest as mf

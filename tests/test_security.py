@@ -264,9 +264,34 @@ def test_tls_for_untrusted_networks(tmp_path):
             kv = _kv(10, 300)
             st.save("s", kv)
             assert st.restore("s").equals(kv)
+            big = np.random.default_rng(2).bytes(3 << 20)  # a frame of its own buffer size (>= 1 MiB)
+            (k,) = st.put_chunks([big])
+            assert st.get_chunks([k]) == [big]
         with pytest.raises(AuthError, match="TLS"):
             rdmakv.connect(url, key=KEY_HEX, transport="tcp")  # the system CAs do not know this server
         with pytest.raises(RdmakvError):
             rdmakv.connect(srv.url("tls"), key=KEY_HEX, transport="tcp", timeout=5)  # plain TCP to a TLS port
     finally:
         srv.stop()
+
+
+def test_node_keys_in_a_keys_file(tmp_path):
+    from rdmakv.wire.keyring import KeyRing, KeysFileError
+
+    out = subprocess.run([sys.executable, "-m", "rdmakv", "keys", "new", "--node"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert "node = true" in out and "namespace" not in out
+    ring = KeyRing.parse(out, tmp_path / "k.toml")
+    assert ring.node_key() == ring.entries[0].key
+    entry = ring.select(rdmakv.wire.auth.fingerprint(ring.entries[0].key), "any-namespace")
+    assert entry.node and not entry.admin
+    for bad, why in ((f'[[key]]\nkey = "{A_KEY}"\nnode = true\nnamespace = "x"\n', "has no namespace"),
+                     (f'[[key]]\nkey = "{A_KEY}"\nnode = true\nadmin = true\n', "not an admin key"),
+                     (f'[[key]]\nkey = "{A_KEY}"\nnode = "yes"\n', "node must be true or false")):  # fmt: skip
+        with pytest.raises(KeysFileError, match=why):
+            KeyRing.parse(bad, tmp_path / "k.toml")
+    with pytest.raises(KeysFileError, match="no valid"):
+        KeyRing.parse(f'[[key]]\nnamespace = "x"\nkey = "{A_KEY}"\n', tmp_path / "k.toml").node_key()
+    bad_cli = subprocess.run([sys.executable, "-m", "rdmakv", "keys", "new", "x", "--node"], capture_output=True,
+                             text=True)  # fmt: skip
+    assert bad_cli.returncode != 0 and "exactly one" in bad_cli.stderr

@@ -10,6 +10,10 @@ commits the parts on every other node first, the name's nodes last, so a session
 the manifest from the first of the name's nodes that answers, then fetches each node's share
 at once: one READ plan per node over that node's QP (RDMA), or one batched GET per node (TCP),
 all in parallel. A node that fails is replaced by the next replica for its chunks.
+
+A delete commits a deletion marker on every live node (a part with no chunks that names the
+deleted version, kept DELETE_MARK_TTL_S), which replaces the session's part there and stops a
+repair that read the session before the delete from putting it back.
 """
 
 from __future__ import annotations
@@ -22,11 +26,27 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..client import Store, connect
-from ..errors import ConnectionLost, MissingChunksError, NotFoundError, RdmakvError, StaleMembersError
+from ..errors import (
+    ConnectionLost,
+    MissingChunksError,
+    NotFoundError,
+    RdmakvError,
+    SessionChangedError,
+    StaleMembersError,
+)
 from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
-from ..wire.cluster_part import FLAG_REPAIR, dec_part_body, enc_part_body, members_digest, session_version
+from ..wire.cluster_part import (
+    ANY_VERSION,
+    FLAG_DELETED,
+    FLAG_REPAIR,
+    UNKNOWN,
+    dec_part_body,
+    enc_part_body,
+    members_digest,
+    session_version,
+)
 from .membership import ClusterError, MemberWatch, parse_cluster_url
 from .placement import by_member, keys64, owners, place
 
@@ -34,6 +54,7 @@ DEFAULT_REPLICAS = 2
 SAVE_RETRY_S = 15.0  # a save placed around a dead node waits at most this for etcd to drop it
 NODE_TIMEOUT_S = 10.0  # every request to one node gives up after this
 NODE_FAILURES = (ConnectionLost, OSError, TimeoutError)
+DELETE_MARK_TTL_S = 600.0  # a deletion marker stays this long; a repair gives a session up after half of it
 
 
 @dataclass
@@ -145,11 +166,13 @@ class ClusterStore:
         return rep
 
     def save_placed(self, name: str, m: mf.Manifest, chunks: list, members: list[str] | None = None,
-                    fill=None) -> ClusterReport:  # fmt: skip
+                    fill=None, not_after: float | None = None) -> ClusterReport:  # fmt: skip
         """One placement of a save over ``members`` (default: the live list). ``chunks[i]`` may be
         None for a chunk the caller does not hold: that is a repair, whose commits a node refuses
-        (SessionChangedError) when it holds a part of another version of the session; a node that
-        lacks such a chunk gets it from ``fill(indices) -> {index: bytes}``."""
+        (SessionChangedError) when it holds a part of another version of the session, or a
+        deletion marker of this one; a node that lacks such a chunk gets it from ``fill(indices)
+        -> {index: bytes}``. ``not_after`` (monotonic): no commit is sent after it (a repair that
+        read the session longer ago than a deletion marker is sure to be kept gives up)."""
         members = members if members is not None else self.live()
         digest = members_digest(members)
         whole = m.encode()
@@ -165,6 +188,8 @@ class ClusterStore:
         def commit(node: str, extra: dict | None = None) -> tuple[str, list[int]]:
             """(node, the indices it lacks that nobody here holds the bytes of)."""
             idx = placed[node]
+            if not_after is not None and time.monotonic() > not_after:
+                raise SessionChangedError(f"repair of {name!r} took too long since it read the session; given up")
             body = enc_part_body(digest, version, whole if node in name_nodes else b"", flags)
             part = mf.Manifest(mf.KIND_PART, body, m.keys[idx], m.lengths[idx], np.arange(len(idx), dtype=np.uint64),
                                m.hash_alg)  # fmt: skip
@@ -203,6 +228,7 @@ class ClusterStore:
     def whole_manifest(self, name: str, rep: ClusterReport | None = None) -> tuple[bytes, str]:
         """(the session's manifest, the node it came from), from the first name node that has it."""
         rep = rep if rep is not None else ClusterReport()
+        deleted = False
         for attempt in range(2):
             for node in owners(name, self.live(), self.replicas):
                 try:
@@ -213,12 +239,16 @@ class ClusterStore:
                     self._drop(node)
                     rep.failovers += 1
                     continue
-                whole = dec_part_body(part.body).whole if part.kind == mf.KIND_PART else b""
-                if whole:
-                    return whole, node
+                body = dec_part_body(part.body) if part.kind == mf.KIND_PART else None
+                if body is not None and body.whole:
+                    return body.whole, node
+                deleted = deleted or (body is not None and body.deleted)
             if attempt == 0:
                 self.refresh()  # the name's nodes may have changed since the list was read
-        raise NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}")
+        e = NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}"
+                          + (" (deleted)" if deleted else ""))  # fmt: skip
+        e.deleted = deleted  # type: ignore[attr-defined]
+        raise e
 
     def restore(self, name: str, report: bool = False):
         t0 = time.perf_counter()
@@ -320,24 +350,30 @@ class ClusterStore:
 
     # --- the rest of the store API ----------------------------------------------------------
     def delete(self, name: str) -> int:
-        """Delete a session's parts on every live member; returns how many held one."""
+        """Delete a session: a deletion marker of the version read now (ANY_VERSION when none can
+        be read) replaces its part on every live member; returns how many took it."""
+        try:
+            version = session_version(self.whole_manifest(name)[0])
+        except NotFoundError:
+            version = ANY_VERSION
+        marker = mf.Manifest(mf.KIND_PART, enc_part_body(UNKNOWN, version, b"", FLAG_DELETED),
+                             np.zeros(0, np.uint64), np.zeros(0, np.uint32), np.zeros(0, np.uint64))  # fmt: skip
         n = 0
         for node in self.live():
             try:
-                self._store(node).delete_manifest(name)
+                self._store(node).save_manifest(name, marker, [], ttl=DELETE_MARK_TTL_S)
                 n += 1
-            except NotFoundError:
-                pass
             except NODE_FAILURES:
                 self._drop(node)
         return n
 
     def list(self) -> list[str]:
-        """Every session name any live member holds a part of."""
+        """Every session name any live member holds a part of (a deletion marker, a part with no
+        chunks and a TTL, which cluster saves never have, is not one)."""
         names: set[str] = set()
         for node in self.live():
             try:
-                names.update(r["name"] for r in self._store(node).list())
+                names.update(r["name"] for r in self._store(node).list() if r["chunks"] or r["expires_in"] is None)
             except NODE_FAILURES:
                 self._drop(node)
         return sorted(names)

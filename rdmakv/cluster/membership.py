@@ -10,6 +10,7 @@ when etcd is back.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class Registration:
             raise ValueError("the lease TTL must be at least 2 seconds")
         self.c = parse_cluster_url(url)
         self.key = self.c.prefix + advertise
-        self.value = json.dumps({"addr": advertise, **info})
+        self.value = json.dumps({"addr": advertise, "ttl": ttl, **info})  # watchers check as often as the TTL
         self.ttl = ttl
         self.say = say
         self.lease = None
@@ -134,30 +135,52 @@ class Registration:
                 pass
 
 
-WATCH_RESYNC_S = 10.0  # how often the watch is checked against etcd: a stream that died says nothing
-FULL_RESYNC_EVERY = 10  # checks are a member count (O(1) bytes); every 10th re-reads the whole list
+WATCH_CHECK_S = 10.0  # the longest between two checks of the watch against etcd (the lease TTL if shorter)
+REWATCH_PAUSE_S = 0.2  # at least this between two watches replaced because their stream ended
+
+
+def _hang_up(stream) -> None:
+    """End a watch's HTTP stream now, from another thread than the one reading it: the socket is
+    shut down first (closing it alone does not wake a blocked read), as etcd3gw's own watcher does."""
+    try:
+        s = socket.fromfd(stream.raw._fp.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+    except Exception:  # noqa: BLE001 - closed already, or not a plain socket
+        pass
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class MemberWatch:
     """The live member list, kept current by an etcd watch on the members prefix (changes arrive
     in milliseconds, each applied as it comes: a change costs one event per watcher, not a
-    re-read of the list) plus a re-read every WATCH_RESYNC_S (which also notices etcd going
-    away and coming back). During an etcd outage the last list read stays in force: saves and
-    restores go on against it, and membership simply stops changing."""
+    re-read of the list), checked against etcd every lease TTL (the members register theirs) or
+    WATCH_CHECK_S: etcd's member count and newest member revision must be what the watch has
+    applied (a few bytes, whatever the cluster's size: every change moves one of the two). A
+    watch whose stream ended (etcd restarted) is replaced at once; one that is stuck (open,
+    silent) is found by the check, within one check period of the change it missed; either way
+    the list is re-read first. During an etcd outage the last list read stays in force:
+    saves and restores go on against it, and membership simply stops changing."""
 
-    def __init__(self, url: str, on_change=None, resync_s: float = WATCH_RESYNC_S) -> None:
+    def __init__(self, url: str, on_change=None, resync_s: float = WATCH_CHECK_S) -> None:
         self.url = url
         self.c = parse_cluster_url(url)
         self.on_change = on_change
         self.resync_s = resync_s
         self.members: list[str] = []
         self.info: dict[str, dict] = {}
+        self.revisions: dict[str, int] = {}  # member -> the etcd revision its key was last written at
         self.known = False  # a list has been read at least once
         self.etcd_ok = False
         self.changes = 0
+        self.rewatches = 0  # watches replaced: their stream ended, or a check found them behind
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._cancel = None
+        self._wake = threading.Event()
+        self._stream = None  # the watch's HTTP response (closing it ends the stream)
         self._thread: threading.Thread | None = None
 
     @property
@@ -165,6 +188,12 @@ class MemberWatch:
         from ..wire.cluster_part import UNKNOWN, members_digest
 
         return members_digest(self.members) if self.known else UNKNOWN
+
+    @property
+    def check_s(self) -> float:
+        """Seconds between checks: the shortest lease TTL the members registered, at most resync_s."""
+        ttls = [i["ttl"] for i in self.info.values() if isinstance(i.get("ttl"), int | float) and i["ttl"] > 0]
+        return min([self.resync_s, *ttls])
 
     def start(self, required: bool = False) -> MemberWatch:
         """Read the list now (``required``: fail if etcd cannot be read), then keep it current."""
@@ -179,19 +208,28 @@ class MemberWatch:
 
     def reload(self) -> bool:
         """Read the list from etcd; True when it changed."""
+        c = self.c
         try:
-            info = members(self.url)
-        except ClusterError:
+            rows = _client(c).get_prefix(c.prefix)
+        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
             self.etcd_ok = False
-            raise
+            raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
         self.etcd_ok = True
-        return self._install(info)
+        info, revs = {}, {}
+        for value, meta in rows:
+            key = meta["key"].decode() if isinstance(meta["key"], bytes) else meta["key"]
+            try:
+                info[key[len(c.prefix) :]] = json.loads(value)
+            except ValueError:
+                continue  # not ours
+            revs[key[len(c.prefix) :]] = int(meta.get("mod_revision", 0))
+        return self._install(info, revs)
 
-    def _install(self, info: dict[str, dict]) -> bool:
+    def _install(self, info: dict[str, dict], revs: dict[str, int]) -> bool:
         with self._lock:
             new = sorted(info)
             changed = not self.known or new != self.members
-            self.members, self.info, self.known = new, info, True
+            self.members, self.info, self.revisions, self.known = new, info, revs, True
             if changed:
                 self.changes += 1
         if changed and self.on_change is not None:
@@ -206,67 +244,102 @@ class MemberWatch:
         if not key.startswith(self.c.prefix):
             return False
         addr = key[len(self.c.prefix) :]
-        info = dict(self.info)
+        info, revs = dict(self.info), dict(self.revisions)
         if event.get("type") == "DELETE":
             info.pop(addr, None)
+            revs.pop(addr, None)
         else:
             try:
                 info[addr] = json.loads(kv.get("value", b""))
             except ValueError:
                 return False
-        return self._install(info)
+            revs[addr] = int(kv.get("mod_revision", 0))
+        return self._install(info, revs)
 
-    def count(self) -> int:
-        """How many members etcd lists (a count-only range: a few bytes whatever the size)."""
+    def behind(self) -> bool:
+        """Whether etcd's member list moved past what this view holds: its member count and the
+        newest revision among them (one small range request, whatever the cluster's size)."""
         from etcd3gw.utils import _encode, _increment_last_byte
 
         try:
             client = _client(self.c)
             reply = client.post(client.get_url("/kv/range"), json={
                 "key": _encode(self.c.prefix), "range_end": _encode(_increment_last_byte(self.c.prefix)),
-                "count_only": True})  # fmt: skip
-            return int(reply.get("count", 0))
+                "sort_order": "DESCEND", "sort_target": "MOD", "limit": 1, "keys_only": True})  # fmt: skip
         except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
             self.etcd_ok = False
             raise ClusterError(f"etcd at {self.c.host}:{self.c.port} unreachable: {e}") from e
+        newest = max((int(kv.get("mod_revision", 0)) for kv in reply.get("kvs", [])), default=0)
+        with self._lock:
+            ours = max(self.revisions.values(), default=0)
+            return int(reply.get("count", 0)) != len(self.members) or newest != ours
 
     def _run(self) -> None:
-        checks = 0
         while not self._stop.is_set():
             try:
-                if self._cancel is None or checks % FULL_RESYNC_EVERY == 0 or self.count() != len(self.members):
+                if self._stream is None:  # none yet, or its stream ended: re-read, then watch again
                     self.reload()
-                self.etcd_ok = True
-                checks += 1
-                if self._cancel is None:
                     self._watch()
+                elif self.behind():  # it missed a change (any join or re-registration raises the newest
+                    self.reload()  # revision, any leave lowers the count): a stalled stream, replaced
+                    self.rewatches += 1
+                    self._end_watch()
+                    self._watch()
+                self.etcd_ok = True
             except ClusterError:
                 self._end_watch()  # etcd is gone: the stream with it; start a new one when it is back
-            except Exception:  # noqa: BLE001 - etcd3gw raises many kinds; the resync retries
+            except Exception:  # noqa: BLE001 - etcd3gw raises many kinds; the next check retries
                 self._end_watch()
-            self._stop.wait(self.resync_s)
+            woke = self._wake.wait(self.check_s)
+            self._wake.clear()
+            if woke:  # a stream ended: replaced now, but never in a tight loop
+                self._stop.wait(REWATCH_PAUSE_S)
 
     def _watch(self) -> None:
-        events, self._cancel = _client(self.c).watch_prefix(self.c.prefix)
+        """A watch on the members prefix, its events applied by a thread that, when the stream
+        ends, wakes the checker to replace it. (A change between the re-read before it and the
+        watch's start shows at the next check.)"""
+        from etcd3gw.utils import _decode, _encode, _increment_last_byte
+
+        client = _client(self.c)
+        create = {"key": _encode(self.c.prefix), "range_end": _encode(_increment_last_byte(self.c.prefix))}
+        try:
+            stream = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
+                                         timeout=(ETCD_TIMEOUT_S, None))  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            raise ClusterError(f"etcd at {self.c.host}:{self.c.port}: cannot watch: {e}") from e
+        self._stream = stream
 
         def consume() -> None:
-            for event in events:
-                if self._stop.is_set():
-                    return
-                self.apply(event)
+            try:
+                for line in stream.iter_lines(chunk_size=None):  # (as it arrives: a fixed size would wait)
+                    if self._stop.is_set() or self._stream is not stream:
+                        return
+                    if not line.strip():
+                        continue
+                    for event in json.loads(line).get("result", {}).get("events", []):
+                        kv = event.get("kv", {})
+                        kv["key"] = _decode(kv.get("key", ""))
+                        if "value" in kv:
+                            kv["value"] = _decode(kv["value"])
+                        self.apply(event)
+            except Exception:  # noqa: BLE001 - the stream broke: replaced below
+                pass
+            if self._stream is stream and not self._stop.is_set():
+                self._stream = None  # ended: the checker re-reads and watches again now
+                self.rewatches += 1
+                self._wake.set()
 
         threading.Thread(target=consume, daemon=True, name="rdmakv-member-events").start()
 
     def _end_watch(self) -> None:
-        cancel, self._cancel = self._cancel, None
-        if cancel is not None:
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001 - it is broken already
-                pass
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            _hang_up(stream)
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._end_watch()
         if self._thread is not None:
             self._thread.join(self.resync_s + ETCD_TIMEOUT_S + 1)

@@ -5,24 +5,31 @@ A session is committed again over the live list with no chunk bytes in hand. A n
 everything its part lists answers in one round trip and nothing moves; a node that lacks chunks
 (a replacement owner after a loss, a new member after a join) names them, and only those are
 fetched from a node that has them and sent. So a repair moves what placement moved, and no more.
+
+A repair never brings back a session deleted after it read it: every node it commits to checks,
+in the same step as the commit, that it holds no deletion marker of that version (see
+``rdmakv.wire.cluster_part``), and a repair gives a session up once it read it longer ago than
+half a marker's lifetime.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from ..errors import NotFoundError, RdmakvError, SessionChangedError
 from ..progress import track
 from ..wire import manifest as mf
-from .client import NODE_FAILURES, ClusterReport, ClusterStore
+from .client import DELETE_MARK_TTL_S, NODE_FAILURES, ClusterReport, ClusterStore
 from .placement import by_member
 
 
-def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]) -> dict:
-    """Commit ``name`` (its whole manifest ``whole``) again over ``members``; returns what moved."""
+def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str], read_at: float | None = None) -> dict:
+    """Commit ``name`` (its whole manifest ``whole``, read at ``read_at``, monotonic) again over
+    ``members``; returns what moved."""
+    read_at = time.monotonic() if read_at is None else read_at
     m = mf.decode(whole)
     lengths = m.lengths.tolist()
     moved = {"bytes": 0}
@@ -38,7 +45,7 @@ def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]
         view = memoryview(buf)
         return {i: view[int(o) : int(o) + n] for i, o, n in zip(idx, pos.tolist(), sizes)}
 
-    rep = cs.save_placed(name, m, [None] * m.n_chunks, members, fill=fill)
+    rep = cs.save_placed(name, m, [None] * m.n_chunks, members, fill=fill, not_after=read_at + DELETE_MARK_TTL_S / 2)
     dropped = 0
     for node in members:
         if node not in rep.per_node:
@@ -51,23 +58,32 @@ def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]
             "parts_dropped": dropped}  # fmt: skip
 
 
-def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = True) -> dict:
+def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = True,
+           whole_of: Callable[[str], bytes] | None = None) -> dict:  # fmt: skip
     """Repair ``names`` (default: every session any live member holds a part of); ``quiet=False``
-    shows a progress line on a terminal (`rdmakv cluster repair`)."""
+    shows a progress line on a terminal (`rdmakv cluster repair`). ``whole_of(name)``: the
+    session's whole manifest (default: read from its name nodes; a node repairing passes its own,
+    read locally, so its node key never reads a session through the client API)."""
     t0 = time.monotonic()
     cs.refresh()
     names = sorted(cs.list() if names is None else names)
     live = cs.live()
+    whole_of = whole_of or (lambda n: cs.whole_manifest(n)[0])
     out = {"members": live, "sessions": 0, "under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0,
-           "parts_dropped": 0, "changed": 0, "lost": [], "failed": [], "still_under_replicated": 0}  # fmt: skip
+           "parts_dropped": 0, "changed": 0, "deleted": 0, "lost": [], "failed": [],
+           "still_under_replicated": 0}  # fmt: skip
     for name in track(names, f"repairing over {len(live)} members", unit="session", quiet=quiet):
         try:
-            whole, _ = cs.whole_manifest(name)
-        except NotFoundError:
-            out["lost"].append(name)  # no live node holds its whole manifest
+            read_at = time.monotonic()
+            whole = whole_of(name)
+        except NotFoundError as e:
+            if getattr(e, "deleted", False):
+                out["deleted"] += 1  # deleted meanwhile: nothing to repair
+            else:
+                out["lost"].append(name)  # no live node holds its whole manifest
             continue
         try:
-            r = repair_session(cs, name, whole, live)
+            r = repair_session(cs, name, whole, live, read_at)
         except SessionChangedError:
             out["changed"] += 1  # saved again meanwhile: that save placed it over the live list itself
             continue
@@ -97,8 +113,9 @@ def check(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
     for name in names:
         try:
             whole, _ = cs.whole_manifest(name)
-        except NotFoundError:
-            out["lost"].append(name)
+        except NotFoundError as e:
+            if not getattr(e, "deleted", False):
+                out["lost"].append(name)
             continue
         m = mf.decode(whole)
         keys = m.keys.tolist()

@@ -6,6 +6,11 @@ itself, and hands each request to a worker thread, which runs it and sends the r
 request runs the loop does not read the connection, so requests are served in order and a
 client that floods is simply not read. Sends are non-blocking with a deadline: a client that
 stops reading is dropped instead of holding a worker.
+
+Every request's bytes are charged to the server's in-flight budget (``inflight``) from its
+header on; one that does not fit is read and dropped and answered BUSY. A request whose bytes
+arrive slower than ``min_frame_rate`` (after ``frame_grace``) ends its connection: the server's
+sweep checks ``message_since`` against what has arrived.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from typing import TYPE_CHECKING
 from ..errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolError, RdmakvError, ServerError
 from ..wire import messages as msg
 from ..wire.auth import NONCE_BYTES, derive_session_keys
-from ..wire.frames import FrameReader, MessageAssembler
+from ..wire.frames import Frame, FrameReader, MessageAssembler
 from ..wire.iovec import IOV_MAX, advance, byte_views
 from ..wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
 from .admission import SaveMustWait
 from .handlers import Handlers
+from .inflight import SMALL_FRAME
 
 if TYPE_CHECKING:
     from .server import Server
@@ -58,8 +64,14 @@ class Connection:
         self.peer = f"{peer[0]}:{peer[1]}"
         self.source = peer[0]
         self.state = self.HELLO
-        self.reader = FrameReader(HELLO_MAX)
+        self.reader = FrameReader(HELLO_MAX, admit=self._admit)
         self.assembler = MessageAssembler(server.limits.max_message)
+        self.frame_charge = 0  # in-flight bytes charged for the frame being received or served
+        self.message_charge = 0  # ... and for the parts of a continued message joined so far
+        self.refusing: tuple[int, int, RdmakvError] | None = None  # (op, request id, why): a message being dropped
+        self.message_since: float | None = None  # when the first byte of the request being received came
+        self.message_done = 0  # bytes of the frames of a continued request received whole so far
+        self.uncounted_in = 0  # bytes of frames received, not yet counted in the namespace's figures
         self.auth: FrameAuth | None = None
         self.handlers: Handlers | None = None
         self.ns = ""
@@ -125,16 +137,68 @@ class Connection:
             n += self._send_all(self.auth.seal(op, FLAG_RESPONSE | more, req_id, fparts), timeout)
         return n
 
-    def send_error(self, e: RdmakvError, req_id: int = 0) -> None:
-        """Tell the client why; sealed once keys exist (after that nothing plain is believed)."""
+    def send_error(self, e: RdmakvError, req_id: int = 0, timeout: float = 1.0) -> None:
+        """Tell the client why; sealed once keys exist (after that nothing plain is believed).
+        Request id 0 says the error is about the whole connection, which then closes."""
         body = msg.enc_error(e.code, str(e), getattr(e, "missing", None))
         try:
             if self.auth is not None and self.state != self.AUTH:
-                self.send(Op.ERROR, req_id, [body], timeout=1.0)
+                self.send(Op.ERROR, req_id, [body], timeout=timeout)
             else:
-                self._send_all([plain_frame(Op.ERROR, FLAG_RESPONSE, req_id, body)], 1.0)
+                self._send_all([plain_frame(Op.ERROR, FLAG_RESPONSE, req_id, body)], timeout)
         except (OSError, RdmakvError):
             pass
+
+    # -- the in-flight budget and the byte-rate floor -------------------------------------------
+    def _admit(self, h: Header) -> None:
+        """(FrameReader, on each authenticated header) Charge the frame to the in-flight budget
+        before its payload is buffered; BusyError or TooLargeError refuse it (it is dropped)."""
+        if self.refusing is not None and (h.op, h.req_id) == self.refusing[:2]:
+            raise self.refusing[2]  # the rest of a refused continued message is dropped too
+        continued = bool(h.flags & FLAG_MORE) or self.assembler.pending
+        if self.state != self.OPEN or h.length <= SMALL_FRAME and not continued:
+            return
+        self.server.inflight.take(h.length, self.message_charge if continued else 0)
+        self.frame_charge = h.length
+
+    def _release_frame(self) -> None:
+        self.server.inflight.give(self.frame_charge)
+        self.frame_charge = 0
+
+    def _release_message(self) -> None:
+        self.assembler.drop()
+        self.server.inflight.give(self.message_charge)
+        self.message_charge = 0
+
+    def received_so_far(self) -> int:
+        """Bytes of the request being received: the parts of a continued message and the frame
+        under way (for the byte-rate floor)."""
+        p = self.reader.partial()
+        return self.message_done + (p[0] if p is not None else 0)
+
+    def too_slow(self, now: float) -> str | None:
+        """Why the request under way must end its connection, if its bytes arrive slower than
+        min_frame_rate once frame_grace is over (a slow drip holds a buffer and a share of the
+        in-flight budget, and idle timeouts never fire for it); else None."""
+        lim = self.server.limits
+        since = self.message_since
+        if not lim.min_frame_rate or since is None or now - since <= lim.frame_grace:
+            return None
+        got = self.received_so_far()
+        if got >= lim.min_frame_rate * (now - since - lim.frame_grace):
+            return None
+        return (f"request bytes arrive too slowly ({got} bytes in {now - since:.1f} s; the floor is "
+                f"{lim.min_frame_rate} bytes/s after {lim.frame_grace:g} s): connection closed")  # fmt: skip
+
+    def _note_progress(self) -> None:
+        """(owner thread, between frames) Start the request clock when a request's first bytes are
+        in, stop it when no request is under way."""
+        if self.state != self.OPEN:
+            return
+        if self.reader.partial() is None and not self.message_done:
+            self.message_since = None
+        elif self.message_since is None:
+            self.message_since = time.monotonic()
 
     # -- reading (event loop thread) ----------------------------------------------------------
     def on_readable(self) -> bool:
@@ -203,10 +267,11 @@ class Connection:
                 self.send_error(e)
                 return False
             if frame is None:
+                self._note_progress()
                 return True
             if self.state == self.OPEN:
                 self.busy = True
-                self.server.submit(self, frame.header, frame.payload)
+                self.server.submit(self, frame)
                 return True
             try:
                 self._handshake(frame.header, frame.payload)
@@ -221,8 +286,11 @@ class Connection:
             if h.op != Op.HELLO or not h.plain:
                 raise ProtocolError(f"expected HELLO, got opcode {h.op}")
             client_nonce, ns, fp, mac = msg.dec_hello(payload)
+            if mac not in MAC_NAMES:
+                raise ProtocolError(f"unknown frame MAC algorithm id {mac} (this server knows "
+                                    f"{', '.join(f'{k} {v}' for k, v in MAC_NAMES.items())})")  # fmt: skip
             entry = self.server.keyring.select(fp, ns)
-            chosen = mac if mac in MAC_NAMES else 1
+            chosen = mac
             nonce = os.urandom(NONCE_BYTES)
             hello = msg.enc_hello(nonce, ns, bytes(16), chosen)
             self._send_all([plain_frame(Op.HELLO, FLAG_RESPONSE, h.req_id, hello)], 1.0)
@@ -236,51 +304,102 @@ class Connection:
         if h.op != Op.AUTH or h.plain:
             raise ProtocolError(f"expected AUTH, got opcode {h.op}")
         self.handlers = Handlers(self.server, self.ns, self._entry, self.server.single_key)
-        engine = self.server.engine
-        with engine.lock:  # the namespace may not exist yet: made under the lock, like everywhere
-            self.counters = engine.namespace(self.ns).counters
         self.state = self.OPEN
         self.reader.max_frame = self.server.limits.max_frame
         self.send(Op.AUTH, h.req_id, [msg.enc_json(self.handlers.info())], timeout=5.0)
 
     # -- requests (worker thread) -------------------------------------------------------------
-    def serve(self, h: Header, payload: memoryview) -> bool | Parked:
+    def serve(self, frame: Frame) -> bool | Parked:
         """Run one request (or take one more frame of a continued one) and reply; then any
         request already buffered. False when the connection must close; Parked when a request
         must wait for room (nothing more is read until it has run)."""
         assert self.handlers is not None
         while True:
-            self.counters["bytes_received"] += HEADER.size + h.length  # the frame as it came (tag included)
-            try:
-                whole = self.assembler.add(h, payload)
-            except RdmakvError as e:
-                self.send_error(e, h.req_id)
-                return False
-            if whole is not None:
-                ran = self._run(*whole)
-                if ran is not True:
-                    return ran
+            h = frame.header
+            self.uncounted_in += HEADER.size + h.length  # the frame as it came (tag included)
+            self.message_done = self.message_done + HEADER.size + h.length if h.flags & FLAG_MORE else 0
+            if frame.refused is not None:
+                self._refuse(h, frame.refused)
+            else:
+                took = self._take(frame)
+                if took is not True:
+                    return took
             nxt = self._next()
-            if not isinstance(nxt, tuple):
+            if not isinstance(nxt, Frame):
                 return nxt
-            h, payload = nxt
+            frame = nxt
 
     def resume(self, parked: Parked) -> bool | Parked:
         """Run a parked request again; then go on as ``serve`` does."""
-        ran = self._run(parked.header, parked.payload)
+        ran = self._finish(parked.header, parked.payload)
         if ran is not True:
             return ran
         nxt = self._next()
-        return self.serve(*nxt) if isinstance(nxt, tuple) else nxt
+        return self.serve(nxt) if isinstance(nxt, Frame) else nxt
 
-    def _next(self) -> tuple[Header, memoryview] | bool:
+    def _next(self) -> Frame | bool:
+        """The next buffered frame, True when there is none (the loop reads on), False to close."""
         try:
             frame = self.reader.next_frame()
         except RdmakvError as e:
             self.server.say(f"rdmakv: {self.peer} ns={log_safe(self.ns)}: closing: {e}")
             self.send_error(e)
             return False
-        return True if frame is None else (frame.header, frame.payload)
+        if frame is None:
+            self._note_progress()
+            return True
+        return frame
+
+    def _take(self, frame: Frame) -> bool | Parked:
+        """One frame in: joined to its message, and the message run once whole."""
+        h = frame.header
+        # a large frame that starts a message keeps its buffer: the message's first part is not copied
+        owned = self.reader.detach(frame) if h.flags & FLAG_MORE and not self.assembler.pending else None
+        payload = frame.payload
+        try:
+            whole = self.assembler.add(h, payload, owned)
+        except RdmakvError as e:
+            self.send_error(e, h.req_id)
+            return False
+        if whole is None or whole[1] is not payload:  # copied into the message: its charge moves there
+            self.message_charge += self.frame_charge
+            self.frame_charge = 0
+        if whole is None:
+            return True
+        self.message_since = None
+        return self._finish(*whole)
+
+    def _finish(self, h: Header, payload: memoryview) -> bool | Parked:
+        """Run a whole message; its buffers (and their in-flight charge) go once it has run. A
+        parked one keeps them: its payload is the request it will run again."""
+        try:
+            ran = self._run(h, payload)
+        except BaseException:
+            self._release_frame()
+            self._release_message()
+            raise
+        if not isinstance(ran, Parked):
+            self._release_frame()
+            self._release_message()
+        return ran
+
+    def _count(self, counter: str, n: int) -> None:
+        """Traffic is counted in the namespace once it holds something (a namespace is not made
+        for the traffic of one that is only read)."""
+        ns = self.server.engine.namespaces.get(self.ns)
+        if ns is not None:
+            ns.counters[counter] += n
+
+    def _refuse(self, h: Header, why: RdmakvError) -> None:
+        """A frame the in-flight budget refused (read and dropped): the request is answered BUSY
+        (or too large) at once, and the rest of its message is dropped as it comes."""
+        first = self.refusing is None or self.refusing[:2] != (h.op, h.req_id)
+        self._release_message()
+        self.refusing = (h.op, h.req_id, why) if h.flags & FLAG_MORE else None
+        if not self.refusing:
+            self.message_since = None
+        if first:
+            self.send_error(why, h.req_id)
 
     def _run(self, h: Header, payload: memoryview) -> bool | Parked:
         assert self.handlers is not None
@@ -312,7 +431,9 @@ class Connection:
         except (OSError, RdmakvError):
             return False
         else:
-            self.counters["bytes_sent"] += sent
+            self._count("bytes_sent", sent)
+            self._count("bytes_received", self.uncounted_in)  # (after the request: its first write makes it)
+            self.uncounted_in = 0
         finally:
             if reply is not None and reply.after is not None:
                 reply.after()
@@ -322,6 +443,8 @@ class Connection:
         if self.state == self.CLOSED:
             return
         self.state = self.CLOSED
+        self._release_frame()
+        self._release_message()
         if self.handlers is not None:
             self.handlers.close()
         try:

@@ -32,6 +32,7 @@ from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
 from .index import Chunk, Holder, Namespace, Session, Tombstone
 from .maintenance import Maintenance
+from .namespaces import Namespaces
 from .orphans import Orphans
 from .publishing import Publishing
 from .reads import Reads
@@ -44,28 +45,19 @@ from .writes import Writes
 RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
 
 
-def _distinct(m: mf.Manifest) -> tuple[np.ndarray, list[int]]:
-    """A manifest's distinct keys in first-appearance order and each one's length; ManifestError
-    when one key appears with two lengths. Vectorised: a manifest may name 2^20 chunks."""
-    if m.n_chunks == 0:
-        return m.keys, []
-    _, first, inverse = np.unique(m.keys, return_index=True, return_inverse=True)
-    if not np.array_equal(m.lengths, m.lengths[first][inverse.ravel()]):
-        raise ManifestError("manifest names one chunk key with two different lengths")
-    order = np.sort(first)
-    return np.ascontiguousarray(m.keys[order]), m.lengths[order].tolist()
 ReleaseHook = Callable[[str, Region], None]
 
 DEFAULT_HIGH_WATERMARK = 0.9
 SAVE_HOLD_S = 60.0  # chunks of an uncommitted save stay this long after its last put
 RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
 REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
+MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is only read is never made)
 
 
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
 
 
-class Engine(Tiering, Admission, Reads, Writes, Publishing):
+class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
     def __init__(
         self,
         data_dir: str | Path,
@@ -82,6 +74,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
         region_hook: RegionHook | None = None,
         release_hook: ReleaseHook | None = None,
         log: Callable[[str], None] | None = None,
+        max_namespaces: int = MAX_NAMESPACES,
     ) -> None:
         if not 0.1 <= high_watermark <= 1.0:
             raise ValueError("high watermark must be between 0.1 and 1.0")
@@ -108,6 +101,8 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
         self.reserve = Reserve(self.dir, self.log.segment_bytes)
         self.dir_lock = DataDirLock(self.dir)
         self.namespaces: dict[str, Namespace] = {}
+        self.max_namespaces = max_namespaces
+        self._no_slab = Slab(CapacityBudget(1), region_bytes=region_bytes, span_bytes=span_bytes)  # never allocates
         self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.orphans = Orphans()  # chunks no session names, kept as cache: least recently used first
@@ -165,41 +160,6 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
     def _on_damage(self, d: Damage) -> None:
         self.damage.append(d)
         self.say(f"rdmakv: log damage: {d}")
-
-    def set_region_hook(self, hook: RegionHook | None, release: ReleaseHook | None = None) -> None:
-        """Install the RDMA registration hooks and register regions that already exist."""
-        with self.lock:
-            self.region_hook = hook
-            self.release_hook = release
-            if hook is None:
-                return
-            for ns in self.namespaces.values():
-                for region in ns.slab.regions.values():
-                    ns.rkeys[region.id] = hook(ns.name, region)
-                ns.region_version += 1
-
-    def namespace(self, name: str) -> Namespace:
-        ns = self.namespaces.get(name)
-        if ns is None:
-            ns = Namespace(name, None, self.quotas.get(name))  # type: ignore[arg-type]
-            ns.slab = Slab(
-                self.budget, region_bytes=self.region_bytes, span_bytes=self.span_bytes,
-                on_new_region=lambda region, ns=ns: self._new_region(ns, region),
-                on_release_region=lambda region, ns=ns: self._release_region(ns, region),
-            )  # fmt: skip
-            self.namespaces[name] = ns
-        return ns
-
-    def _new_region(self, ns: Namespace, region: Region) -> None:
-        if self.region_hook is not None:
-            ns.rkeys[region.id] = self.region_hook(ns.name, region)
-        ns.region_version += 1
-
-    def _release_region(self, ns: Namespace, region: Region) -> None:
-        if self.release_hook is not None and region.id in ns.rkeys:
-            self.release_hook(ns.name, region)
-        ns.rkeys.pop(region.id, None)
-        ns.region_version += 1
 
     def new_holder(self) -> Holder:
         h = Holder()
@@ -268,7 +228,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
     # -- chunks ----------------------------------------------------------------------------
     def exists(self, ns_name: str, keys: np.ndarray) -> np.ndarray:
         with self.lock:
-            chunks = self.namespace(ns_name).chunks
+            chunks = self.existing(ns_name).chunks
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
 
     def put_chunks(
@@ -365,7 +325,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
         saved_by = SAVES_BY_TRANSPORT[transport]
         holder = holder or self.local
         m = mf.decode(data)  # raises ManifestError
-        unique_arr, unique_lengths = _distinct(m)
+        unique_arr, unique_lengths = mf.distinct_keys(m)
         unique = unique_arr.tolist()
         data = bytes(data)
         now = time.time()
@@ -445,7 +405,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
 
     def delete_manifest(self, ns_name: str, name: str) -> None:
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             lsn = self._tombstone(ns, name)
             del ns.sessions[name]
@@ -458,7 +418,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
 
     def set_pin(self, ns_name: str, name: str, pinned: bool) -> None:
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             self.seq += 1
             loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
@@ -473,7 +433,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
 
     def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
         with self.lock:
-            return namespace_list(self.namespace(ns_name), prefix, after, limit)
+            return namespace_list(self.existing(ns_name), prefix, after, limit)
 
     def store_stats(self) -> dict:
         with self.lock:
@@ -481,7 +441,7 @@ class Engine(Tiering, Admission, Reads, Writes, Publishing):
 
     def stats(self, ns_name: str) -> dict:
         with self.lock:
-            return namespace_stats(self, self.namespace(ns_name))
+            return namespace_stats(self, self.existing(ns_name))
 
     def all_stats(self, limit: int) -> list[dict]:
         """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""

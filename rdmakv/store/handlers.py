@@ -1,10 +1,13 @@
 """One authenticated connection's operations: decode the request, call the engine, encode the
 reply. Every reply fits the frame limit (GET_CHUNKS and LIST are paged; a chunk larger than a
 frame is the one exception, and travels in continuation frames). An admin key may manage any
-namespace (STATS, LIST, COMPACT, PIN) but never reads or writes its sessions."""
+namespace (STATS, LIST, COMPACT, PIN) but never reads or writes its sessions. A cluster's node
+key moves chunks and repair parts between nodes (NODE_OPS; the node agent checks each part)
+and never saves, restores or lists sessions."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,6 +18,7 @@ from .. import __version__
 from ..errors import AuthError, NotFoundError, ProtocolError, RdmakvError
 from ..wire import messages as msg
 from ..wire.protocol import Op
+from .admission import SaveMustWait
 from .write_path import WritePath
 
 if TYPE_CHECKING:
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 
 MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
 ADMIN_OPS = {Op.COMPACT}  # store-wide: only an admin key
+NODE_OPS = {Op.EXISTS, Op.PUT_CHUNKS, Op.GET_CHUNKS, Op.PUT_MANIFEST, Op.DELETE_MANIFEST}  # a node key: repair
 STATS_NAMESPACES = 64  # an admin's STATS lists this many namespaces (the largest), to stay one small frame
 
 
@@ -43,6 +48,7 @@ class Handlers:
         self.ns = ns
         self.entry = entry
         self.admin = entry.admin
+        self.node_key = entry.node and not single_key  # moves chunks and parts between cluster nodes
         self.data_access = single_key or entry.namespace == ns  # a file's admin entry only manages
         self.holder = self.engine.new_holder()
         self.rdma_session: object | None = None
@@ -79,21 +85,34 @@ class Handlers:
             raise ProtocolError(f"unknown opcode {op}")
         if op in ADMIN_OPS and not self.admin:
             raise AuthError("this operation needs an admin key")
-        if not self.data_access and op not in MANAGEMENT_OPS:
+        if self.node_key:
+            if op not in NODE_OPS or self.server.cluster is None:
+                raise AuthError("a node key moves chunks and parts between cluster nodes; it does not read, write "
+                                "or list sessions")  # fmt: skip
+        elif not self.data_access and op not in MANAGEMENT_OPS:
             raise AuthError(f"an admin key manages namespace {self.ns!r}; it does not read or write its sessions")
-        self.server.count_request(self.ns, op)
         self.holder.active_at = time.monotonic()  # a save of a connection that stalls loses its room
         metrics = self.server.metrics
-        if metrics is None:
-            out = handler(payload)
-        else:
-            t0 = time.perf_counter()
-            try:
+        parked = False
+        try:
+            if metrics is None:
                 out = handler(payload)
-            except RdmakvError as e:
-                metrics.error(self.ns, e.code)
-                raise
-            metrics.request(self.ns, op, time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                try:
+                    out = handler(payload)
+                except SaveMustWait:
+                    raise
+                except RdmakvError as e:
+                    metrics.error(self.ns, e.code)
+                    raise
+                metrics.request(self.ns, op, time.perf_counter() - t0)
+        except SaveMustWait:
+            parked = True  # it runs again later: counted once, when it is answered
+            raise
+        finally:  # after it ran: a namespace's first write counts in its own figures
+            if not parked:
+                self.server.count_request(self.ns, op)
         return out if isinstance(out, Reply) else Reply(out)
 
     def close(self) -> None:
@@ -132,9 +151,11 @@ class Handlers:
         name, data, opts = msg.dec_put_manifest(payload)
         self.writes.cancel()  # a new save replaces what this connection had reserved
         data = bytes(data)
-        if self.server.cluster is not None:
-            self.server.cluster.check_put(self.ns, name, data)  # stale member lists, repairs of old versions
-        missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
+        cluster = self.server.cluster
+        with cluster.guard(self.ns, name) if cluster is not None else contextlib.nullcontext():
+            if cluster is not None:  # stale member lists, repairs of old or deleted versions: checked and
+                cluster.check_put(self.ns, name, data, self.node_key)  # committed in one step
+            missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
         if opts.reserve and len(missing):
             reply = self.writes.reserve(data, missing)
             if reply is not None:
@@ -172,7 +193,12 @@ class Handlers:
         return [self.engine.locate(self.ns, keys).encode()]
 
     def on_delete_manifest(self, payload: memoryview) -> list:
-        self.engine.delete_manifest(self.ns, msg.dec_name_only(payload))
+        name = msg.dec_name_only(payload)
+        cluster = self.server.cluster
+        with cluster.guard(self.ns, name) if cluster is not None else contextlib.nullcontext():
+            if cluster is not None:
+                cluster.check_delete(self.ns, name, self.node_key)
+            self.engine.delete_manifest(self.ns, name)
         return []
 
     def on_list(self, payload: memoryview) -> list:
@@ -196,9 +222,9 @@ class Handlers:
         if self.admin:  # only an operator sees the whole store
             srv = self.server
             stats["namespaces"] = self.engine.all_stats(STATS_NAMESPACES)
-            stats["store"] = self.engine.store_stats() | {
+            stats["store"] = self.engine.store_stats() | srv.inflight.stats() | {
                 "connections": srv.connections, "auth_failures": srv.auth_failures, "refused": srv.refused,
-                "internal_errors": srv.internal_errors,
+                "internal_errors": srv.internal_errors, "slow_requests_closed": srv.slow_closed,
             }  # fmt: skip
         return [msg.enc_json(stats)]
 

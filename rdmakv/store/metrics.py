@@ -168,12 +168,16 @@ class _StoreCollector:
             ("rdmakv_disk_used_bytes", st["disk_bytes"], "Bytes of the log on disk"),
             ("rdmakv_connections", srv.connections, "Client connections open now"),
             ("rdmakv_rdma_qps", srv.qps, "RDMA queue pairs connected to clients now"),
+            ("rdmakv_inflight_bytes", srv.inflight.used, "Bytes of requests in flight now (--max-inflight)"),
         ):
             yield GaugeMetricFamily(name, help_, value=value)
         for name, value, help_ in (
             ("rdmakv_auth_failures", srv.auth_failures, "Handshakes refused: unknown key, wrong namespace, expired"),
             ("rdmakv_connections_refused", srv.refused, "Connections refused at a limit or out of descriptors"),
             ("rdmakv_internal_errors", srv.internal_errors, "Requests that hit a bug (the catch-all)"),
+            ("rdmakv_inflight_refused", srv.inflight.refused, "Requests refused BUSY by the in-flight budget"),
+            ("rdmakv_slow_requests_closed", srv.slow_closed, "Connections closed for a request under "
+             "--min-frame-rate"),
             ("rdmakv_fsyncs", st["fsyncs"], "fsyncs of the log"),
             ("rdmakv_damaged_records", st["damaged_records"], "Log records found damaged (skipped) at replay"),
         ):

@@ -89,7 +89,7 @@ class Reads:
         while it fetches them. A demoted session is promoted first (one extra log read)."""
         holder = holder or self.local
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             self._drop_restore_hold(holder)
             s.holds += 1
@@ -122,7 +122,7 @@ class Reads:
         promotion, no move in the LRU, no hit counters, no hold)."""
         now = time.time()
         with self.lock:
-            sessions = self.namespace(ns_name).sessions
+            sessions = self.existing(ns_name).sessions
             return np.fromiter(
                 ((s := sessions.get(n)) is not None and not s.expired(now) for n in names), dtype=bool, count=len(names)
             )
@@ -132,7 +132,7 @@ class Reads:
         no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster
         repair), which must not warm up, reorder or count what they only read."""
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             s = self._lookup(ns, name)
             if s.data is not None:
                 return s.data
@@ -150,7 +150,7 @@ class Reads:
         chunk not in memory is read from the log. Bytes are copied without the engine lock."""
         plan: list[tuple[Chunk, Segment | None, int] | None] = []
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             for k in keys:
                 c = ns.chunks.get(k)
                 if c is None:
@@ -197,7 +197,7 @@ class Reads:
         out = ChunkViews(self, ns_name)
         disk: list[tuple[Chunk, Segment, int]] = []
         with self.lock:
-            ns = out.ns = self.namespace(ns_name)
+            ns = out.ns = self.existing(ns_name)
             total = 0
             for k in dict.fromkeys(keys):
                 c = ns.chunks.get(k)
@@ -236,7 +236,7 @@ class Reads:
 
     def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.existing(ns_name)
             return self._located(ns, keys.tolist(), with_lengths=True)
 
     def _located(self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False) -> Locations:

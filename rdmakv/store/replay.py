@@ -77,7 +77,7 @@ def replay(engine: Engine) -> None:
     now = time.time()
     sessions: list[Session] = []
     for (ns_name, name), e in sorted(latest.items(), key=lambda kv: kv[1].seq):
-        ns = engine.namespace(ns_name)
+        ns = engine.namespace(ns_name, replaying=True)
         ns.disk_records[name] = disk_records.get((ns_name, name), 0)
         if e.kind == rec.REC_DELETE:
             ns.last_seq[name] = e.seq

@@ -13,11 +13,8 @@ refused (a spare descriptor is kept for saying so), and the server goes on.
 from __future__ import annotations
 
 import errno
-import faulthandler
 import os
-import resource
 import selectors
-import signal
 import socket
 import ssl
 import threading
@@ -26,34 +23,47 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..errors import ProtocolError
+from ..wire.frames import Frame
 from ..wire.keyring import KeyRing
-from ..wire.protocol import DEFAULT_MAX_FRAME, Header, Op
+from ..wire.protocol import DEFAULT_MAX_FRAME, Op
 from . import logs
 from .connection import Connection, Parked, refuse
 from .engine import Engine
-from .sd_notify import Notifier
+from .inflight import InflightBudget, default_inflight
 
 MAX_COUNTED_NAMESPACES = 4096  # request counters kept per namespace, then pooled
 LOOP_STALL_S = 5.0  # the event loop wakes at least every 0.5 s; this long without a turn is a hang
+PER_SOURCE_SHARE = 4  # by default one source address may hold a quarter of the connection cap
 
 
 @dataclass
 class ServerLimits:
     max_connections: int = 10_000
-    max_per_source: int = 1024
+    max_per_source: int | None = None  # None: max_connections // PER_SOURCE_SHARE (the cap in force)
     handshake_timeout: float = 5.0
     idle_timeout: float = 300.0
     send_timeout: float = 30.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_message: int = (1 << 31) + (1 << 20)  # a chunk as large as a manifest can name, framed
+    max_inflight: int | None = None  # bytes of requests in flight, all connections (None: inflight.default_inflight)
+    min_frame_rate: int = 1 << 20  # bytes/s a request must arrive at, after frame_grace (0: no floor)
+    frame_grace: float = 2.0  # seconds a request may take before the floor applies
     workers: int = 8
     reservation_timeout: float = 10.0  # a save by RDMA WRITE must COMMIT within this
     admission_wait: float = 30.0  # a save waits this long for room other saves in flight hold, then BUSY
     parked_retry_s: float = 0.2  # parked saves are retried at least this often (and whenever room frees)
     max_reserved_bytes: int = 1 << 30  # larger saves send their chunks over TCP
     index_entries: int = 4096  # names per namespace a client can look up by READ (more: over TCP)
+
+    @property
+    def per_source(self) -> int:
+        """The per-source cap in force: as set, else a share of the connection cap (so one
+        address never holds every slot, however far RLIMIT_NOFILE lowered the cap)."""
+        if self.max_per_source is not None:
+            return self.max_per_source
+        return max(1, self.max_connections // PER_SOURCE_SHARE)
 
 
 class Server:
@@ -78,6 +88,7 @@ class Server:
         if max_frame is not None:
             self.limits.max_frame = max_frame
         engine.max_missing = max(1, (self.limits.max_frame - 64) // 32)
+        self.inflight = InflightBudget(self.limits.max_inflight or default_inflight(self.limits.max_frame))
         self.rdma = rdma  # rdmakv.rdma.exporter.RdmaExporter when RDMA is enabled
         # rdmakv.cluster.node.NodeAgent when the node is in a cluster: check_put(ns, name, manifest)
         # refuses a save placed by a stale member list; stats() goes into STATS
@@ -107,6 +118,7 @@ class Server:
         self.loop_turned = time.monotonic()
         self.auth_failures = 0
         self.refused = 0
+        self.slow_closed = 0  # connections closed for sending a request under the byte-rate floor
         self.internal_errors = 0
         self._requests: dict[str, Counter[str]] = {}  # namespace -> op name -> requests served
         self._requests_lock = threading.Lock()
@@ -117,12 +129,15 @@ class Server:
         engine.on_room = self._on_room
 
     def count_request(self, namespace: str, op: int) -> None:
-        """One request served for ``namespace`` (STATS shows a namespace its own counts)."""
+        """One request served for ``namespace`` (STATS shows a namespace its own counts). A
+        namespace that holds nothing is not given counters: its requests are pooled."""
         name = Op(op).name if op in Op._value2member_map_ else "UNKNOWN"
         with self._requests_lock:
             per = self._requests.get(namespace)
             if per is None:
-                if len(self._requests) >= MAX_COUNTED_NAMESPACES:
+                if namespace not in self.engine.namespaces:
+                    namespace = "(namespaces without data)"
+                elif len(self._requests) >= MAX_COUNTED_NAMESPACES:
                     namespace = "(other namespaces)"
                 per = self._requests.setdefault(namespace, Counter())
             per[name] += 1
@@ -224,10 +239,10 @@ class Server:
             self.refused += 1
             refuse(sock, f"server busy: {len(self._conns)} connections open (limit {lim.max_connections})")
             return
-        if self._per_source[source] >= lim.max_per_source:
+        if self._per_source[source] >= lim.per_source:
             self.refused += 1
             refuse(sock, f"server busy: {self._per_source[source]} connections from {source} (limit "
-                         f"{lim.max_per_source} per source address)")  # fmt: skip
+                         f"{lim.per_source} per source address)")  # fmt: skip
             return
         sock.setblocking(False)
         try:
@@ -243,15 +258,15 @@ class Server:
         if not conn.on_readable():
             self._close(conn)
 
-    def submit(self, conn: Connection, h: Header, payload: memoryview) -> None:
+    def submit(self, conn: Connection, frame: Frame) -> None:
         """(loop thread) A whole request: a worker has the connection until it hands it back,
         and the loop does not read it meanwhile."""
         self._sel.unregister(conn.sock)
-        self._pool.submit(self._work, conn, h, payload)
+        self._pool.submit(self._work, conn, frame)
 
-    def _work(self, conn: Connection, h: Header, payload: memoryview, parked: Parked | None = None) -> None:
+    def _work(self, conn: Connection, frame: Frame | None, parked: Parked | None = None) -> None:
         try:
-            keep = conn.resume(parked) if parked is not None else conn.serve(h, payload)
+            keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
             self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
             keep = False
@@ -292,7 +307,7 @@ class Server:
                 conn.busy = False
                 conn.close_requested = True
                 continue
-            self._pool.submit(self._work, conn, p.header, p.payload, p)
+            self._pool.submit(self._work, conn, None, p)
 
     def _drain_wake(self) -> None:
         try:
@@ -322,8 +337,19 @@ class Server:
                 self._close(conn)
             elif now - conn.last_active > lim.idle_timeout:
                 self._close(conn)
+            elif self._too_slow(conn, now):
+                self._close(conn)
             elif conn.handlers is not None:
                 conn.handlers.writes.expire(now)  # not busy: no request of its own is running
+
+    def _too_slow(self, conn: Connection, now: float) -> bool:
+        why = conn.too_slow(now)
+        if why is None:
+            return False
+        self.say(f"rdmakv: {conn.peer}: {why}")
+        self.slow_closed += 1
+        conn.send_error(ProtocolError(why), timeout=0.0)
+        return True
 
     def _close(self, conn: Connection) -> None:
         if self._conns.pop(conn.fd, None) is None:
@@ -339,6 +365,15 @@ class Server:
         conn.close()
 
     # -- stopping -----------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """(any thread, a signal handler included) Ask the loop to stop: it stops accepting, and
+        ``serve_forever`` returns once it has noticed."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let requests in progress finish (for up to ``timeout`` seconds), then
         hang up on every connection."""
@@ -372,148 +407,3 @@ class Server:
                 except OSError:
                     pass
         self._spare_fd = None
-
-
-def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    """A TLS context for --tls-cert/--tls-key (both or neither)."""
-    if not cert and not key:
-        return None
-    if not (cert and key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"cannot load the TLS certificate {cert} / key {key}: {e}") from e
-    return ctx
-
-
-def raise_fd_limit(want: int) -> int:
-    """Raise RLIMIT_NOFILE's soft limit towards ``want`` (up to the hard limit); returns it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-MMAP_THRESHOLD = 1 << 20
-
-
-def return_large_allocations() -> None:
-    """Make glibc map every allocation of 1 MiB or more on its own, so that freeing it gives the
-    memory back. By default glibc raises that threshold (up to 32 MiB) each time such a block is
-    freed, and then serves the next ones from its heap, which only grows: a few commits of large
-    manifests (a decoded copy or two of each, gone a moment later) would leave the process
-    holding hundreds of MiB that the store's accounting rightly says it does not use."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: fixed, no more dynamic raising
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
-def run_server(
-    listen: str,
-    data_dir: str | Path,
-    capacity: int,
-    key: bytes | KeyRing,
-    *,
-    fsync: str = "manifest",
-    transport: str = "auto",
-    region_bytes: int = 64 << 20,
-    limits: ServerLimits | None = None,
-    disk_capacity: int | None = None,
-    high_watermark: float = 0.9,
-    quotas: dict[str, int] | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    ready: Callable[[Server], None] | None = None,
-    metrics_listen: str | None = None,
-) -> None:
-    """`rdmakv serve`: open the data dir, listen, serve until SIGTERM or SIGINT, stop cleanly."""
-    return_large_allocations()
-    tls = server_tls(tls_cert, tls_key)
-    host, _, port = listen.rpartition(":")
-    limits = limits or ServerLimits()
-    fds = raise_fd_limit(limits.max_connections + 256)
-    if fds < limits.max_connections + 64:
-        limits.max_connections = max(16, fds - 64)
-        logs.say(f"rdmakv serve: RLIMIT_NOFILE is {fds}: at most {limits.max_connections} connections "
-                 "(raise ulimit -n for more)")  # fmt: skip
-    engine = Engine(
-        data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
-        high_watermark=high_watermark, quotas=quotas,
-    )  # fmt: skip
-    engine.open()
-    try:
-        exporter = None
-        if transport in ("auto", "rdma"):
-            from ..rdma.exporter import make_exporter
-
-            exporter, why = make_exporter(engine)
-            if exporter is None and transport == "rdma":
-                raise SystemExit(f"rdmakv serve: --transport rdma but RDMA is unavailable: {why}")
-            if exporter is None:
-                logs.say(f"rdmakv serve: RDMA off ({why}); serving TCP only")
-        server = Server(
-            engine, key, host.strip("[]") or "127.0.0.1", int(port), limits=limits, rdma=exporter, tls=tls
-        )
-    except BaseException:
-        engine.close()
-        raise
-    notifier = Notifier()
-    if metrics_listen:
-        from .metrics import ServerMetrics
-
-        server.metrics = ServerMetrics(server)
-        maddr = server.metrics.listen(metrics_listen)
-        logs.say(f"rdmakv serve: metrics on http://{maddr[0]}:{maddr[1]}/metrics")
-    stats = engine.replay_stats
-    keys = "one shared key" if server.single_key else f"{len(server.keyring.entries)} keys from {server.keyring.source}"
-    logs.say(
-        f"rdmakv serve: listening on {server.url_base} data-dir={data_dir} capacity={capacity} "
-        f"disk-capacity={engine.disk_capacity} fsync={fsync} rdma={'on' if exporter else 'off'} auth={keys} "
-        f"tls={'on' if tls else 'off'} "
-        f"(replayed {int(stats.get('manifests', 0))} manifests, {int(stats.get('chunks', 0))} chunks, "
-        f"{int(stats.get('resident', 0))} resident, in {stats.get('replay_s', 0):.3f}s)", "info"
-    )
-
-    def on_signal(signum: int, _frame: object) -> None:
-        server.say(f"rdmakv serve: {signal.Signals(signum).name}: finishing requests in progress, then stopping")
-        notifier.stopping()
-        server._stopping.set()
-        try:
-            os.write(server._wake_w, b"x")
-        except OSError:
-            pass
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an EFBIG, not a crash
-        faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack to the log
-    if ready is not None:
-        ready(server)
-    notifier.ready(f"serving {server.url_base}, {int(stats.get('manifests', 0))} sessions replayed")
-    notifier.start_watchdog(server.alive)
-    try:
-        server.serve_forever()
-    finally:
-        notifier.stopping()
-        notifier.close()
-        if server.metrics is not None:
-            server.metrics.close()
-        server.stop()
-        engine.close()
-        logs.say("rdmakv serve: stopped (log synced and closed)")
-
-
-__all__ = ["Server", "ServerLimits", "run_server"]

@@ -71,6 +71,8 @@ def store_stats(engine: Engine) -> dict:
         "capacity_bytes": engine.capacity,
         "memory_used_bytes": engine.mem_used(),
         "memory_reserved_bytes": engine.budget.reserved,
+        "saves_in_flight_reserved_bytes": engine.inflight,
+        "saves_in_flight_uncommitted_chunks": engine.pending_chunks(),
         "disk_capacity_bytes": engine.disk_capacity,
         "disk_live_bytes": engine.disk_live,
         "disk_bytes": engine.log.disk_bytes(),

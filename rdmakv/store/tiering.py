@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from slab import SlabFullError, Slot, class_size
 
-from ..errors import DiskFullError, StorageError, StoreFullError
+from ..errors import BusyError, DiskFullError, StorageError, StoreFullError
 from ..hashing import key_hex, verified
 from ..units import fmt_bytes
 from .datadir import fs_free_bytes
@@ -265,8 +265,10 @@ class Tiering:
             used = self.mem_used() + others
             if used + need > limit:
                 self._demote_until(used + need - limit, ns, protect)
-        while hard and self.budget.room - others < need:
-            if not self._release_regions(None) and not self._demote_until(1, ns, protect):
+        # what is charged outside the slab (a manifest) needs room in what is *used*: slab regions
+        # mapped but not full are room the slab can still use, and mapping holds up to capacity
+        while hard and self.capacity - self.mem_used() - others < need:
+            if not self._demote_until(need, ns, protect):
                 raise self._no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
     def _demote_until(
@@ -348,7 +350,7 @@ class Tiering:
                     if need_manifest:
                         self._make_room(ns, need_manifest, protect=s)
                     slots = self._alloc_run(ns, [c.length for c in todo], protect=s) if todo else []
-                except StoreFullError:
+                except (StoreFullError, BusyError):  # no room now (pinned, or saves in flight hold it)
                     return False
                 for c, slot in zip(todo, slots):
                     c.slot, c.ready = slot, False

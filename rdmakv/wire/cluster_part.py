@@ -6,6 +6,12 @@ whose own list differs can refuse the save as stale), which version of the sessi
 (the xxh3-64 of the session's whole manifest), whether it comes from a repair (then a node keeps
 a part of another version rather than replace it: the session was saved again meanwhile) and, on
 the name's nodes only, the session's whole manifest.
+
+A *deletion marker* is a part with no chunks and FLAG_DELETED, naming the version that was
+deleted (ANY_VERSION when the deleting client could not read it): a cluster delete commits one on
+every live node, replacing whatever part was there, with a TTL. While it lives, a node refuses a
+repair's part of that version: a repair that read the session before the delete cannot bring it
+back.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ MAGIC = b"RKP2"
 HEADER = struct.Struct("<4sQQB")  # magic, member-list digest, session version, flags
 UNKNOWN = 0  # "placed without a member list" (no check)
 FLAG_REPAIR = 0x1  # a repair's commit: never replaces a part of another version
-_FLAGS = FLAG_REPAIR
+FLAG_DELETED = 0x2  # a deletion marker: the session (of ``version``) was deleted here
+_FLAGS = FLAG_REPAIR | FLAG_DELETED
+ANY_VERSION = 0  # a marker's version when the deleted one is not known: it stops every repair of the name
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,14 @@ class PartBody:
     @property
     def repair(self) -> bool:
         return bool(self.flags & FLAG_REPAIR)
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.flags & FLAG_DELETED)
+
+    def stops_repair_of(self, version: int) -> bool:
+        """A deletion marker that a repair's part of ``version`` must not replace."""
+        return self.deleted and self.version in (version, ANY_VERSION)
 
 
 def members_digest(addrs: Iterable[str]) -> int:

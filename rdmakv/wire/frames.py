@@ -6,6 +6,11 @@ of its payload is buffered, verifies the MAC once the frame is whole, and never 
 than one frame plus a small read-ahead. After a large frame its buffer shrinks back, so an
 idle connection costs a few KiB however big its last request was.
 
+A frame the caller's ``admit`` hook refuses (the server's budget for bytes in flight is spent)
+is not buffered: its payload is read and dropped as it arrives, its MAC checked over it on the
+way, and it comes out as a ``Frame`` with an empty payload and ``refused`` set, so the server can
+answer that request BUSY and keep the connection.
+
 A message larger than one frame travels as several frames with ``FLAG_MORE`` on all but the
 last (same op and request id); ``MessageAssembler`` joins them up to a limit checked before
 each part is copied.
@@ -13,31 +18,57 @@ each part is copied.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import mmap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..errors import AuthError, ProtocolError, TooLargeError
-from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, Op, decode_header
+from ..errors import AuthError, BusyError, ProtocolError, RdmakvError, TooLargeError
+from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, decode_header
 
 SMALL_BUFFER = 4 << 10  # what an idle connection keeps
 READ_AHEAD = 64 << 10  # bytes asked of the socket beyond the current frame, at most
 READ_STEP = 1 << 20  # a large frame's buffer grows by what arrives, at most this per read
+BIG_FRAME = 1 << 20  # a frame this large is received into a buffer of its own (see FrameReader)
+
+
+def anonymous(size: int) -> mmap.mmap:
+    """Private anonymous memory: pages backed only once written, grown in place by ``resize``
+    (a shared anonymous mapping, mmap's default, cannot grow: its pages past the old end fault)."""
+    return mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 @dataclass(slots=True)
 class Frame:
     header: Header
     payload: memoryview  # valid until the reader is fed again
+    refused: RdmakvError | None = None  # read and dropped (payload empty): answer the request with this
 
 
 class FrameReader:
-    def __init__(self, max_frame: int, auth: FrameAuth | None = None) -> None:
+    """``admit``, when set, sees every authenticated header once it is checked and before a
+    byte of its payload is buffered; raising BusyError or TooLargeError refuses the frame (it is
+    read and dropped), any other error ends the connection.
+
+    A frame of BIG_FRAME bytes or more is received into a buffer of its own, an anonymous
+    mapping of its size: pages are only backed as bytes arrive (a header's claim alone costs
+    nothing), it never grows by copying, and it goes back to the system when the last view of
+    its payload is gone. Smaller frames share one buffer that grows and shrinks back."""
+
+    def __init__(self, max_frame: int, auth: FrameAuth | None = None,
+                 admit: Callable[[Header], None] | None = None) -> None:  # fmt: skip
         self.max_frame = max_frame
         self.auth = auth
+        self.admit = admit
         self._buf = bytearray(SMALL_BUFFER)
         self._start = 0  # first unconsumed byte
         self._end = 0  # end of valid data
         self._header: Header | None = None
+        self._big: mmap.mmap | None = None  # the current large frame's own buffer (header, payload, tag)
+        self._big_got = 0  # bytes of it received
+        self._handed: tuple[Frame, mmap.mmap] | None = None  # the last large frame returned, and its buffer
+        self._refused: RdmakvError | None = None  # the current frame is being read and dropped
+        self._skip_mac = None  # its MAC, fed the dropped payload as it arrives
+        self._skipped = 0  # payload bytes of it dropped so far
 
     @property
     def buffered(self) -> int:
@@ -47,15 +78,38 @@ class FrameReader:
     def capacity(self) -> int:
         return len(self._buf)
 
+    def partial(self) -> tuple[int, int] | None:
+        """(bytes of the frame being received, its whole size, or the header's size while the
+        header itself is incomplete); None when no byte of a next frame is buffered."""
+        if self._big is not None:
+            return self._big_got, len(self._big)
+        if self._header is None and not self.buffered:
+            return None
+        if self._refused is not None:
+            assert self._header is not None
+            size = HEADER.size + self._header.length + TAG_LEN
+            return min(HEADER.size + self._skipped + self.buffered, size), size
+        size = self._frame_size()
+        return min(self.buffered, size), size
+
     def _frame_size(self) -> int:
         if self._header is None:
             return HEADER.size
+        if self._refused is not None:  # what is still buffered of it: the rest of its payload and its tag
+            return self._header.length - self._skipped + TAG_LEN
         return HEADER.size + self._header.length + (0 if self._header.plain else TAG_LEN)
 
     def wanted(self) -> int:
-        """Bytes to ask the socket for now: the rest of the current frame (a step of it at a time,
-        so a header's claim alone allocates nothing), plus a little read-ahead for small frames."""
+        """Bytes to ask the socket for now: the rest of the current frame (a step of it at a time),
+        plus a little read-ahead for small frames. A refused frame is dropped as it comes, a
+        read-ahead's worth at a time."""
+        if self._filling_big():
+            return min(len(self._big) - self._big_got, READ_STEP)
+        if self._big is not None:  # whole, not yet taken out: what comes next is the next frame's
+            return HEADER.size + SMALL_BUFFER
         need = max(1, self._frame_size() - self.buffered)
+        if self._refused is not None:
+            return min(need, READ_AHEAD)
         if need >= READ_AHEAD:
             return min(need, READ_STEP)
         return need + min(READ_AHEAD, SMALL_BUFFER)
@@ -63,13 +117,21 @@ class FrameReader:
     def buffer(self) -> memoryview:
         """A writable view to receive into (``recv_into``), at least ``wanted()`` bytes long."""
         want = self.wanted()
+        if self._filling_big():
+            return memoryview(self._big)[self._big_got : self._big_got + want]
         if len(self._buf) - self._end < want:
             self._compact(want)
         return memoryview(self._buf)[self._end : self._end + want]
 
     def received(self, n: int) -> None:
         """``n`` bytes were written into the view ``buffer()`` returned."""
-        self._end += n
+        if self._filling_big():
+            self._big_got += n
+        else:
+            self._end += n
+
+    def _filling_big(self) -> bool:
+        return self._big is not None and self._big_got < len(self._big)
 
     def feed(self, data: bytes | memoryview) -> None:
         data = memoryview(data).cast("B")
@@ -77,6 +139,7 @@ class FrameReader:
             view = self.buffer()
             n = min(view.nbytes, data.nbytes)
             view[:n] = data[:n]
+            view.release()
             self.received(n)
             data = data[n:]
 
@@ -88,35 +151,105 @@ class FrameReader:
             size = max(live + want, min(2 * size, self._frame_size() + SMALL_BUFFER), SMALL_BUFFER)
         if size != len(self._buf) or self._start:
             new = bytearray(size)
-            new[:live] = self._buf[self._start : self._end]
+            new[:live] = memoryview(self._buf)[self._start : self._end]  # (a slice of the bytearray would copy)
             self._buf = new
             self._start, self._end = 0, live
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive. Raises ProtocolError,
         TooLargeError or AuthError for a frame that must end the connection."""
+        self._handed = None
         if self._header is None:
             if self.buffered < HEADER.size:
                 self._maybe_shrink()
                 return None
-            self._header = decode_header(memoryview(self._buf)[self._start : self._start + HEADER.size], self.max_frame)
+            self._begin()
         h = self._header
+        assert h is not None
+        if self._big is not None:
+            return self._big_frame(h)
+        if self._refused is not None:
+            return self._drop(h)
         size = self._frame_size()
         if self.buffered < size:
             return None
         base = self._start
         view = memoryview(self._buf)
         payload = view[base + HEADER.size : base + HEADER.size + h.length]
-        if h.plain:
-            if self.auth is not None and h.op != Op.ERROR:
-                raise AuthError("unauthenticated frame after the handshake")
-        else:
-            if self.auth is None:
-                raise ProtocolError("authenticated frame before the handshake")
+        if not h.plain:  # (which kind of frame may come was checked on the header)
             self.auth.verify(view[base : base + HEADER.size], payload, view[base + size - TAG_LEN : base + size])
         self._start += size
         self._header = None
         return Frame(h, payload)
+
+    def _begin(self) -> None:
+        """Check the next frame's header (buffered whole), admit or refuse it; a large admitted
+        frame moves to a buffer of its own size (backed only as it fills)."""
+        h = decode_header(memoryview(self._buf)[self._start : self._start + HEADER.size], self.max_frame)
+        if h.plain and self.auth is not None:  # a peer that has keys never sends plaintext: injected
+            raise AuthError(f"unauthenticated frame (opcode {h.op}) after the handshake: refused, connection "
+                            "closed")  # fmt: skip
+        if not h.plain and self.auth is None:
+            raise ProtocolError("authenticated frame before the handshake")
+        if self.admit is not None and self.auth is not None:
+            try:
+                self.admit(h)
+            except (BusyError, TooLargeError) as e:  # refused: drop its bytes, check its MAC over them
+                self._refused, self._skipped = e, 0
+                self._skip_mac = self.auth.verifier(memoryview(self._buf)[self._start : self._start + HEADER.size])
+                self._start += HEADER.size
+        self._header = h
+        size = self._frame_size()
+        if self._refused is None and size >= BIG_FRAME:
+            self._big = anonymous(size)
+            n = min(self.buffered, size)
+            self._big[:n] = memoryview(self._buf)[self._start : self._start + n]
+            self._start += n
+            self._big_got = n
+            self._maybe_shrink()
+
+    def _big_frame(self, h: Header) -> Frame | None:
+        big = self._big
+        assert big is not None
+        if self._big_got < len(big):
+            return None
+        view = memoryview(big)
+        payload = view[HEADER.size : HEADER.size + h.length]
+        self.auth.verify(view[: HEADER.size], payload, view[len(big) - TAG_LEN :])
+        view.release()
+        self._big, self._header = None, None
+        frame = Frame(h, payload)
+        self._handed = (frame, big)
+        return frame
+
+    def _drop(self, h: Header) -> Frame | None:
+        """Consume what arrived of a refused frame; the frame (payload empty) once its tag is in
+        and checked."""
+        view = memoryview(self._buf)
+        take = min(self.buffered, h.length - self._skipped)
+        if take:
+            self._skip_mac.update(view[self._start : self._start + take])
+            self._start += take
+            self._skipped += take
+        if self._skipped < h.length or self.buffered < TAG_LEN:
+            view.release()
+            self._maybe_shrink()
+            return None
+        assert self.auth is not None
+        self.auth.check(self._skip_mac, view[self._start : self._start + TAG_LEN])
+        self._start += TAG_LEN
+        refused, self._refused, self._skip_mac, self._header = self._refused, None, None, None
+        return Frame(h, memoryview(b""), refused)
+
+    def detach(self, frame: Frame) -> tuple[mmap.mmap, int] | None:
+        """Hand over the buffer of ``frame`` (the large frame just returned) instead of letting
+        the caller copy its payload out: (buffer, offset of the payload in it). None for a frame
+        that shares the reader's buffer: copy that one."""
+        if self._handed is None or self._handed[0] is not frame:
+            return None
+        big = self._handed[1]
+        self._handed = None
+        return big, HEADER.size
 
     def _maybe_shrink(self) -> None:
         """Called between frames: give back a large buffer once nothing big is pending."""
@@ -132,33 +265,60 @@ class FrameReader:
 
 
 class MessageAssembler:
-    """Joins FLAG_MORE frames into one message of at most ``max_message`` bytes."""
+    """Joins FLAG_MORE frames into one message of at most ``max_message`` bytes, in an anonymous
+    mapping that grows in place (mremap: nothing is copied as it grows, and it goes back to the
+    system once the message is done). A message may start in the buffer of its first frame,
+    handed over by the reader (``FrameReader.detach``), so that its first part is not copied."""
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
-        self._parts: bytearray | None = None
+        self._parts: mmap.mmap | None = None
+        self._skip = 0  # bytes at the front of _parts that are not the message (a detached frame's header)
+        self._size = 0  # bytes of the message in _parts
         self._first: Header | None = None
 
     @property
     def pending(self) -> bool:
         return self._first is not None
 
-    def add(self, h: Header, payload: memoryview) -> tuple[Header, memoryview] | None:
-        """The whole message once its last frame arrived; None while parts are pending."""
+    @property
+    def size(self) -> int:
+        """Bytes of the continued message joined so far."""
+        return self._size if self._first is not None else 0
+
+    def drop(self) -> None:
+        """Forget the message being joined (it was refused, or its connection is going)."""
+        self._first, self._parts, self._size = None, None, 0
+
+    def add(
+        self, h: Header, payload: memoryview, owned: tuple[mmap.mmap, int] | None = None
+    ) -> tuple[Header, memoryview] | None:
+        """The whole message once its last frame arrived; None while parts are pending.
+        ``owned``: (a buffer holding the payload from an offset on, that offset), taken over
+        instead of copied when the frame starts a message."""
         if self._first is None:
             if not h.flags & FLAG_MORE:
                 return h, payload  # the common case: one frame, no copy
+            if h.length > self.max_message:
+                raise TooLargeError(f"continued message exceeds the limit of {self.max_message} bytes")
             self._first = h
-            self._parts = bytearray()
+            if owned is not None:
+                (self._parts, self._skip), self._size = owned, h.length
+                return None
+            self._parts, self._skip, self._size = anonymous(h.length), 0, 0
         elif h.op != self._first.op or h.req_id != self._first.req_id:
             raise ProtocolError(f"frame of request {h.req_id} (op {h.op}) inside a continued message of "
                                 f"request {self._first.req_id}")  # fmt: skip
         assert self._parts is not None
-        if len(self._parts) + h.length > self.max_message:
+        if self._size + h.length > self.max_message:
             raise TooLargeError(f"continued message exceeds the limit of {self.max_message} bytes")
-        self._parts += payload
+        at = self._skip + self._size
+        if len(self._parts) < at + h.length:
+            self._parts.resize(at + h.length)
+        self._parts[at : at + h.length] = payload
+        self._size += h.length
         if h.flags & FLAG_MORE:
             return None
-        first, parts = self._first, self._parts
-        self._first, self._parts = None, None
-        return Header(first.op, first.flags & ~FLAG_MORE, first.req_id, len(parts)), memoryview(parts)
+        first, parts, skip, size = self._first, self._parts, self._skip, self._size
+        self.drop()
+        return Header(first.op, first.flags & ~FLAG_MORE, first.req_id, size), memoryview(parts)[skip : skip + size]

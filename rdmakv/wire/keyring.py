@@ -12,11 +12,18 @@ The file is TOML, a list of ``[[key]]`` tables::
     key = "<64 hex characters>"
     admin = true                  # an operator key: STATS, LIST, COMPACT and PIN on any namespace
 
+    [[key]]
+    key = "<64 hex characters>"
+    node = true                   # a cluster's node key: repair between nodes, in every namespace
+
 A client's HELLO carries a fingerprint of its key; the server derives the session keys only
 from an entry listed for that namespace (or an admin entry), so a tenant-A key can never open
 tenant B, and so can never reach B's protection domain or rkeys. Two entries may be valid for
-one namespace at once (rotation). Without a keys file the server runs in single-key mode
-(``RDMAKV_AUTH_KEY``): that one key opens every namespace, admin included (development).
+one namespace at once (rotation). A node key (the same on every node of a cluster) opens every
+namespace for repair only: it moves chunks and repair parts, and never reads, writes or lists
+sessions, so no node needs a tenant's key to repair that tenant's sessions. Without a keys file
+the server runs in single-key mode (``RDMAKV_AUTH_KEY``): that one key opens every namespace,
+admin and node included (development).
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ class KeysFileError(RdmakvError):
 @dataclass(frozen=True)
 class KeyEntry:
     key: bytes
-    namespace: str | None  # None for an admin key valid everywhere
+    namespace: str | None  # None for an admin or node key valid everywhere
     admin: bool
     not_after: dt.date | None
     index: int  # position in the file, for messages
+    node: bool = False  # a cluster's node key (repair between nodes)
 
     def valid_on(self, today: dt.date) -> bool:
         return self.not_after is None or today <= self.not_after
@@ -96,7 +104,7 @@ class KeyRing:
         cands = self._by_fp.get(bytes(fp), [])
         if not cands:
             raise AuthError("authentication failed: the client's key is not one this server knows")
-        fits = [e for e in cands if e.admin and e.namespace is None or e.namespace == namespace]
+        fits = [e for e in cands if (e.admin or e.node) and e.namespace is None or e.namespace == namespace]
         if not fits:
             raise AuthError(f"authentication failed: this key does not open namespace {namespace!r}")
         valid = [e for e in fits if e.valid_on(today)]
@@ -113,6 +121,14 @@ class KeyRing:
             raise KeysFileError(f"{self.source}: no valid [[key]] for namespace {namespace!r}")
         return max(fits, key=lambda e: e.not_after or dt.date.max).key
 
+    def node_key(self, today: dt.date | None = None) -> bytes:
+        """The cluster's node key: the node entry valid today that lasts longest."""
+        today = today or dt.datetime.now(dt.UTC).date()
+        fits = [e for e in self.entries if e.node and e.valid_on(today)]
+        if not fits:
+            raise KeysFileError(f"{self.source}: no valid [[key]] with node = true")
+        return max(fits, key=lambda e: e.not_after or dt.date.max).key
+
     def namespaces(self) -> list[str]:
         return sorted({e.namespace for e in self.entries if e.namespace})
 
@@ -121,9 +137,10 @@ def _entry(path: Path, i: int, t: object) -> KeyEntry:
     where = f"{path}: [[key]] #{i}"
     if not isinstance(t, dict):
         raise KeysFileError(f"{where}: not a table")
-    unknown = set(t) - {"namespace", "key", "not_after", "admin"}
+    unknown = set(t) - {"namespace", "key", "not_after", "admin", "node"}
     if unknown:
-        raise KeysFileError(f"{where}: unknown field(s) {sorted(unknown)} (fields: namespace, key, not_after, admin)")
+        raise KeysFileError(f"{where}: unknown field(s) {sorted(unknown)} (fields: namespace, key, not_after, admin, "
+                            "node)")  # fmt: skip
     if "key" not in t:
         raise KeysFileError(f"{where}: no key")
     try:
@@ -133,9 +150,14 @@ def _entry(path: Path, i: int, t: object) -> KeyEntry:
     admin = t.get("admin", False)
     if not isinstance(admin, bool):
         raise KeysFileError(f"{where}: admin must be true or false")
+    node = t.get("node", False)
+    if not isinstance(node, bool):
+        raise KeysFileError(f"{where}: node must be true or false")
     ns = t.get("namespace")
-    if ns is None and not admin:
-        raise KeysFileError(f"{where}: a tenant key needs a namespace (or admin = true)")
+    if node and (admin or ns is not None):
+        raise KeysFileError(f"{where}: a node key (node = true) has no namespace and is not an admin key")
+    if ns is None and not admin and not node:
+        raise KeysFileError(f"{where}: a tenant key needs a namespace (or admin = true, or node = true)")
     if ns is not None:
         if not isinstance(ns, str):
             raise KeysFileError(f"{where}: namespace must be a string")
@@ -148,10 +170,10 @@ def _entry(path: Path, i: int, t: object) -> KeyEntry:
         raise KeysFileError(f"{where}: not_after must be a TOML date such as 2027-06-30")
     if isinstance(na, dt.datetime):
         na = na.date()
-    return KeyEntry(key, ns, admin, na, i)
+    return KeyEntry(key, ns, admin, na, i, node)
 
 
-def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | None = None) -> str:
+def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | None = None, node: bool = False) -> str:
     """A fresh ``[[key]]`` table to paste into a keys file (``rdmakv keys new``)."""
     lines = ["[[key]]"]
     if namespace:
@@ -163,4 +185,6 @@ def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | No
         lines.append(f"not_after = {not_after}")
     if admin:
         lines.append("admin = true")
+    if node:
+        lines.append("node = true")
     return "\n".join(lines) + "\n"

@@ -158,11 +158,20 @@ class FrameAuth:
         self, header: bytes | memoryview, parts: Sequence[bytes | memoryview], tag: bytes | memoryview
     ) -> None:
         """Check a frame whose payload was received in pieces (straight into their places)."""
+        mac = self.verifier(header)
+        for p in parts:
+            mac.update(p)
+        self.check(mac, tag)
+
+    def verifier(self, header: bytes | memoryview):
+        """A MAC over the next received frame, fed its payload as it arrives (``update``); then
+        ``check``. For a frame that is read and dropped rather than kept."""
         mac = self._recv.copy()
         mac.update(_SEQ.pack(self.recv_seq))
         mac.update(header)
-        for p in parts:
-            mac.update(p)
+        return mac
+
+    def check(self, mac, tag: bytes | memoryview) -> None:
         if not hmac.compare_digest(mac.digest(), bytes(tag)):
             raise AuthError(
                 "frame authentication failed (wrong key, tampered, replayed or reordered frame)"
