@@ -206,6 +206,19 @@ def test_four_concurrent_conversations_each_get_their_own_prefix(stack_factory, 
             assert res["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_slot_changed_behind_the_proxy_is_not_trusted(stack_factory, server) -> None:
+    st = stack_factory(server.url("auto-behind"), "-np", "1")
+    history = text(90, 700)
+    post(st.proxy.port, "/completion", {"prompt": history, "n_predict": 4})
+    st.wait_saves(1)
+    res, _ = post(st.proxy.port, "/completion", {"prompt": history + "a", "n_predict": 4})
+    assert res["rdmakv"]["prefix_source"] == "slot" and res["timings"]["cache_n"] >= 700  # held: reused
+    st.wait_saves(2)
+    assert st.llama.request("POST", "/slots/0?action=erase")[0] == 200  # behind the proxy's back
+    res, _ = post(st.proxy.port, "/completion", {"prompt": history + "b", "n_predict": 4})
+    assert res["rdmakv"]["prefix_source"] == "store" and res["timings"]["cache_n"] >= 700, res["rdmakv"]
+
+
 # --------------------------------------------------------------------------- exactness
 
 
@@ -228,9 +241,10 @@ def test_restored_kv_is_the_stored_chunks_and_the_answer_is_well_formed(stack_fa
         "tokens"], np.int32)  # fmt: skip
     h0 = _seed(st)
     with rdmakv.connect(st.store_url, KEY_HEX) as store:
-        found = ps.longest_prefix(store, h0, tokens, W)
+        n = restored["rdmakv"]["tokens_restored"]
+        found = ps.longest_prefix(store, h0, tokens[:n], W)  # the entry the proxy restored
         entry, chunks = ps.fetch_entry(store, found.name)
-        assert found.length == entry.n_tokens == restored["rdmakv"]["tokens_restored"]
+        assert found.length == entry.n_tokens == n
         n_win = len(pe.window_counts(entry.n_tokens, W))
         kv = [bytes(c) for c in chunks[n_win:]]
     held = pe.cut(after, W).entry(entry.n_tokens)[1][n_win:]

@@ -18,6 +18,7 @@ from rdmakv.llama import prefix_names as pn
 from rdmakv.llama import prefix_store as ps
 from rdmakv.llama import slotfile
 from rdmakv.llama.slot_table import Choice, SlotsBusyError, SlotTable, common_prefix
+from rdmakv.llama.slotstore import get_slotfile
 
 from .conftest import KEY_HEX
 from .slot_writer import Block, Cell, Layer, prompt_cells, write_slot
@@ -264,10 +265,10 @@ def test_longest_prefix_in_a_store_any_session_any_length(server) -> None:
     first = pe.cut(slotfile.parse(plain_file("v4", LONG[:43])), w)
     second = pe.cut(slotfile.parse(plain_file("v4", LONG[:20] + list(range(300, 330)))), w)
     with rdmakv.connect(server.url("prefix-index"), KEY_HEX, transport="tcp") as store:
-        rep = ps.register(store, first, H0)
-        assert (rep.wanted, rep.committed, rep.stored) == (6, 6, 0)  # 5 windows + the exact 43
-        again = ps.register(store, first, H0)
-        assert (again.committed, again.stored, again.round_trips) == (0, 6, 1)
+        rep = ps.register(store, first, H0, also=(30,))
+        assert (rep.wanted, rep.committed, rep.stored) == (7, 7, 0)  # 5 windows, the exact 43, the prompt's 30
+        again = ps.register(store, first, H0, also=(30,))
+        assert (again.committed, again.stored, again.round_trips) == (0, 7, 1)
         rep2 = ps.register(store, second, H0)
         assert rep2.stored == 2 and rep2.committed == 5  # shares 2 whole windows
         sent_once = store.stats()
@@ -277,6 +278,7 @@ def test_longest_prefix_in_a_store_any_session_any_length(server) -> None:
 
         assert longest(LONG[:43] + [1, 2, 3]) == 43  # the exact state of the first
         assert longest(LONG[:42]) == 40  # ends before it: its last whole window
+        assert longest(LONG[:30] + [5, 5]) == 30  # where its prompt ended (a regenerated answer)
         assert longest(LONG[:20] + list(range(300, 340))) == 50  # the second, exactly
         assert longest(LONG[:20] + [9] * 30) == 16  # shared by both
         assert longest([9] * 30) == 0
@@ -284,6 +286,9 @@ def test_longest_prefix_in_a_store_any_session_any_length(server) -> None:
         entry, chunks = ps.fetch_entry(store, found.name)
         assert entry.n_tokens == 43 and pe.entry_tokens(entry, chunks).tolist() == LONG[:43]
         assert found.round_trips == 2
+        # an operator can export an entry as the slot file it restores
+        exported = slotfile.parse(get_slotfile(store, found.name))
+        assert exported.tokens.tolist() == LONG[:43] and exported.blocks[0].streams[0].cell_count == 43
         # a slot file name of the same store is not an entry
         store.put_blob("not-an-entry", b"x")
         with pytest.raises(pe.PrefixEntryError):

@@ -372,7 +372,7 @@ class AutoCache:
         finally:
             await self.slots.release(slot)
         if saved is not None:
-            await self._register(saved, h0)
+            await self._register(saved, h0, len(tokens))
 
     def _worth_saving(self, n_now: int | None, stored: int) -> bool:
         if self.closing or not self.health.usable():
@@ -402,12 +402,12 @@ class AutoCache:
             await asyncio.to_thread(remove, scratch)
             return None
 
-    async def _register(self, saved, h0: bytes) -> None:
+    async def _register(self, saved, h0: bytes, prompt_len: int) -> None:
         if self._registering is None:
             self._registering = asyncio.Semaphore(MAX_REGISTERING)
         try:
             async with self._registering:
-                rep = await asyncio.to_thread(self._ingest, saved, h0)
+                rep = await asyncio.to_thread(self._ingest, saved, h0, prompt_len)
             self.health.ok()
             self.metrics.entries.inc(rep.committed)
             self.metrics.saves.labels("ok").inc()
@@ -422,14 +422,14 @@ class AutoCache:
         finally:
             self.pending_saves -= 1
 
-    def _ingest(self, saved, h0: bytes) -> ps.Registered:
+    def _ingest(self, saved, h0: bytes, prompt_len: int) -> ps.Registered:
         """Cut the saved file and register its prefixes, then let the file go (a worker thread)."""
         scratch, parsed, m = saved
         saved = None
         try:
             cut = pe.cut(parsed, self.window)
             self.shape = cut.shape
-            return self.proxy.store.run(ps.register, cut, h0, lambda: self.closing)
+            return self.proxy.store.run(ps.register, cut, h0, (prompt_len,), lambda: self.closing)
         finally:
             cut = parsed = None  # the chunks are views of the map: drop them before unmapping it
             _close(m)

@@ -116,23 +116,27 @@ class Registered:
     skipped_reason: str = ""
 
 
-def wanted_entries(cut: pe.Cut, h0: bytes, limit: int = pn.MAX_PREFIX_WINDOWS) -> list[tuple[int, str]]:
-    """(length, name) of every entry a slot's state gives: each whole window, and the exact state
-    when it ends inside a window."""
+def wanted_entries(cut: pe.Cut, h0: bytes, also: tuple[int, ...] = (), limit: int = pn.MAX_PREFIX_WINDOWS
+                   ) -> list[tuple[int, str]]:  # fmt: skip
+    """(length, name) of every entry a slot's state gives: each whole window, the exact state when
+    it ends inside a window, and the lengths in ``also`` (where the prompt ended, before the answer:
+    what a regenerated or edited next message shares)."""
     chain = pn.window_chain(h0, cut.tokens, cut.window, limit)
     out = [((k + 1) * cut.window, pn.entry_name(h)) for k, h in enumerate(chain)]
     n = cut.n_tokens
-    if n % cut.window and n // cut.window <= len(chain):
-        out.append((n, pn.entry_name(pn.prefix_digest(h0, chain, cut.tokens, n, cut.window))))
+    for length in sorted({n, *also}):
+        if 0 < length <= n and length % cut.window and length // cut.window <= len(chain):
+            out.append((length, pn.entry_name(pn.prefix_digest(h0, chain, cut.tokens, length, cut.window))))
     return out
 
 
-def register(store: Store, cut: pe.Cut, h0: bytes, stop: Callable[[], bool] = lambda: False) -> Registered:
+def register(store: Store, cut: pe.Cut, h0: bytes, also: tuple[int, ...] = (),
+             stop: Callable[[], bool] = lambda: False) -> Registered:  # fmt: skip
     """Commit the entries of ``cut`` the namespace lacks. The longest goes first and sends the
     chunks the store does not hold; every shorter one then names chunks it has (one round trip)."""
     t0 = time.perf_counter()
     rep = Registered()
-    wanted = wanted_entries(cut, h0)
+    wanted = wanted_entries(cut, h0, also)
     rep.wanted = len(wanted)
     if not wanted:
         return rep
