@@ -194,6 +194,7 @@ class AutoCache:
         t0 = time.perf_counter()
         try:
             tokens, h0 = await self._tokens(req)
+            t_tokens = time.perf_counter()
             lookup = asyncio.ensure_future(self._lookup(h0, tokens))
             try:
                 await self._refresh_slots()
@@ -207,7 +208,9 @@ class AutoCache:
             return llama_error(503, f"rdmakv llama-proxy: {e}", "unavailable_error")
         report: dict[str, Any] = {"slot": choice.slot, "prompt_tokens": len(tokens),
                                   "slot_prefix_tokens": choice.slot_prefix, "stored_prefix_tokens": found.length,
-                                  "tokens_restored": 0, "restore_ms": 0.0, "prefix_source": "none"}  # fmt: skip
+                                  "tokens_restored": 0, "restore_ms": 0.0, "prefix_source": "none",
+                                  "tokenize_ms": (t_tokens - t0) * 1e3,
+                                  "lookup_ms": (time.perf_counter() - t_tokens) * 1e3}  # fmt: skip
         try:
             if choice.restore:
                 await self._restore(choice.slot, found, tokens, report)
@@ -276,20 +279,12 @@ class AutoCache:
 
     def _materialise(self, store, name: str, tokens: np.ndarray, path: Path, n_stream: int | None,
                      rep: RestoreReport) -> pe.Entry:  # fmt: skip
-        """Fetch the entry into its slot file at ``path`` and check it is this prompt's prefix, for
-        this server (in a worker thread, on one pooled connection). Over TCP the chunks land in
-        the file itself; by RDMA they land in registered memory and are written out from there."""
-        got = None
-        if store.active_transport == "tcp":
-            got = ps.fetch_into_file(store, name, lambda size: self.proxy.scratch.sized(path, size), n_stream, rep)
-        if got is None:
-            entry, pieces = ps.fetch_entry(store, name, rep)
-            held = pe.entry_tokens(entry, pieces)
-            self._check(name, entry, held, tokens)
-            self.proxy.scratch.write(path, pe.synthesize(entry, pieces, n_stream))
-            return entry
-        entry, held = got
-        self._check(name, entry, held, tokens)  # the file is removed by the caller when not
+        """Fetch the entry (by RDMA READs into registered memory when the connection can, else over
+        TCP), check it is this prompt's prefix for this server, and write its slot file at ``path``
+        (in a worker thread, on one pooled connection: the chunks are views of its buffer)."""
+        entry, pieces = ps.fetch_entry(store, name, rep)
+        self._check(name, entry, pe.entry_tokens(entry, pieces), tokens)
+        self.proxy.scratch.write(path, pe.synthesize(entry, pieces, n_stream))
         return entry
 
     def _check(self, name: str, entry: pe.Entry, held: np.ndarray, tokens: np.ndarray) -> None:

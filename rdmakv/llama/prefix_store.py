@@ -5,8 +5,6 @@ Each call runs on one pooled store connection (``StorePool.run``) in a worker th
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,42 +62,6 @@ def fetch_entry(store: Store, name: str, report: RestoreReport | None = None) ->
     if manifest.kind != mf.KIND_SLOTFILE or not pe.is_entry_body(manifest.body):
         raise pe.PrefixEntryError(f"{name!r} is not a prefix entry")
     return pe.decode_body(manifest.body), pieces
-
-
-def fetch_into_file(store: Store, name: str, create: Callable[[int], int], n_stream: int | None,
-                    report: RestoreReport) -> tuple[pe.Entry, np.ndarray] | None:  # fmt: skip
-    """Over TCP, receive the entry's chunks straight into the slot file they make (no restore
-    buffer, no second copy): ``create(size)`` opens the new file of that size. (entry, the token
-    ids the file holds), or None when the chunks have no place of their own in the file
-    (transposed V) and the caller writes it from ``fetch_entry`` instead."""
-    mark = store.channel.mark()
-    data, _, report.tier = store.channel.get_manifest(name)
-    manifest = mf.decode(data)
-    if manifest.kind != mf.KIND_SLOTFILE or not pe.is_entry_body(manifest.body):
-        raise pe.PrefixEntryError(f"{name!r} is not a prefix entry")
-    entry = pe.decode_body(manifest.body)
-    layout = pe.file_layout(entry, n_stream)
-    if layout is None:
-        return None
-    size, fixed, offsets = layout
-    if not np.array_equal(manifest.lengths, pe.chunk_lengths(entry)):
-        raise pe.PrefixEntryError(f"{name!r}: its chunk lengths do not fit its {entry.n_tokens} tokens")
-    fd = create(size)
-    try:
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as m:
-            view = memoryview(m)
-            try:
-                for at, raw in fixed:
-                    view[at : at + len(raw)] = raw
-                store.fill_tcp(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by key
-                tokens = np.frombuffer(view, "<i4", entry.n_tokens, 12).copy()  # the token chunks come first
-            finally:
-                view.release()
-    finally:
-        os.close(fd)
-    nbytes, rts = store.channel.usage_since(mark)
-    report.transport, report.chunks, report.bytes, report.round_trips = "tcp", manifest.n_chunks, nbytes, rts
-    return entry, tokens
 
 
 @dataclass

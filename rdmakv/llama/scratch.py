@@ -71,18 +71,6 @@ class ScratchFiles:
             raise
         os.close(fd)
 
-    def sized(self, path: Path, size: int) -> int:
-        """A new file at ``path`` of exactly ``size`` bytes (a spare's pages reused), open for
-        reading and writing; the caller closes the descriptor."""
-        fd = self._open_new(path)
-        try:
-            os.ftruncate(fd, size)
-        except BaseException:
-            os.close(fd)
-            remove(path)
-            raise
-        return fd
-
     def release(self, path: Path) -> None:
         """Done with ``path``: keep it as a spare, or remove it."""
         with self._lock:
