@@ -247,6 +247,7 @@ def targets(per: list[dict]) -> dict[str, Any]:
         "proxy_over_reprefill_goal": 1 / 200,
         "proxy_over_slot_file": m["proxy_tcp"] / m["slot_file"],
         "proxy_over_slot_file_goal": 1.3,
+        "reprefill_ms": m["reprefill"],
     }
 
 

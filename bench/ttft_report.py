@@ -63,6 +63,9 @@ def markdown(r: dict[str, Any], rdma: dict[str, Any] | None = None) -> str:
         "| proxy: tokens restored | " + " | ".join(
             str(_median([x.get("tokens_restored", 0) for x in c["detail"]["proxy_report"]])) for c in r["contexts"])
         + " |",
+        "| floor: llama-server's eval of the new tokens after a hit (its prompt_ms), ms | " + " | ".join(
+            f"{_median([ms for case, ms in c['detail']['turn_eval_ms'] if case != 'reprefill' and ms]):.1f}"
+            for c in r["contexts"]) + " |",
         "| limit: writing the file's bytes once, ms | " + " | ".join(
             f"{c['limits_ms']['file_write_ms']:.1f}" for c in r["contexts"]) + " |",
         "| limit: the file's bytes once over loopback TCP (raw socket), ms | " + " | ".join(
@@ -78,6 +81,14 @@ def markdown(r: dict[str, Any], rdma: dict[str, Any] | None = None) -> str:
         f"{'yes' if tg['proxy_over_slot_file'] <= tg['proxy_over_slot_file_goal'] else 'no'} |",
         "",
     ]
+    floor = _median([ms for case, ms in next(c for c in r["contexts"] if c["context"] == tg["context"])["detail"][
+        "turn_eval_ms"] if ms])  # fmt: skip
+    lines += [
+        f"The floor under every cached case is llama-server evaluating the new tokens after the hit: "
+        f"{floor:.0f} ms at {tg['context']:,} tokens here, so no cache can reach below "
+        f"1/{tg['reprefill_ms'] / floor:.0f} of re-prefill on this machine.",
+        "",
+    ] if floor else []
     if rdma:
         lines += rdma_section(rdma)
     return "\n".join(lines)
