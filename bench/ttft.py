@@ -33,7 +33,7 @@ from typing import Any
 from rdmakv.store.spawn import ServerProcess
 
 from . import envinfo, ttft_limits
-from .llama import Http, llama_version
+from .llama import llama_version
 from .llama_slots import fs_type
 
 QWEN05 = {"n_embd": 896, "n_layer": 24, "n_head": 14, "n_head_kv": 2, "n_ff": 4864}  # Qwen2.5-0.5B
@@ -69,6 +69,20 @@ def ttft(port: int, body: dict) -> tuple[float, dict, dict]:
     if resp.status != 200 or first is None:
         raise RuntimeError(f"completion on port {port} answered {resp.status} with no events")
     return first, last.get("timings", {}), headers
+
+
+def call(port: int, path: str, body: dict | None = None) -> dict:
+    """One POST to llama-server on a fresh connection (it closes idle kept-alive ones between runs)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", path, json.dumps(body or {}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"POST {path} -> {resp.status}: {raw[:500]!r}")
+    return json.loads(raw or b"{}")
 
 
 def model_file(lf, model_dir: Path, dtype: str) -> Path:
@@ -124,15 +138,14 @@ def measure_context(lf, binary: Path, model: Path, work: Path, store: ServerProc
         first, timings, _ = ttft(proxy.port, dict(turn, prompt=history, n_predict=1))
         t["reprefill"].append(first)
         wait_saves(mport, 1)
-        saved = Http(llama.port).ok("POST", "/slots/0?action=save", {"filename": f"own-{c}.bin"})[0]
+        saved = call(llama.port, "/slots/0?action=save", {"filename": f"own-{c}.bin"})
         file_bytes = (slot_dir / f"own-{c}.bin").stat().st_size
         if args.keep_slot_files:
             args.keep_slot_files.mkdir(parents=True, exist_ok=True)
             shutil.copy(slot_dir / f"own-{c}.bin", args.keep_slot_files / f"slot-{c}.bin")
-        http = Http(llama.port)
         for i in range(args.prefill_runs - 1):
             say(f"{c} tokens: re-prefill {i + 2}/{args.prefill_runs} ...")
-            http.ok("POST", "/slots/0?action=erase")
+            call(llama.port, "/slots/0?action=erase")
             first, timings, _ = ttft(llama.port, dict(turn, prompt=history + suffixes[-1 - i]))
             assert timings["cache_n"] == 0
             t["reprefill"].append(first)
@@ -141,11 +154,11 @@ def measure_context(lf, binary: Path, model: Path, work: Path, store: ServerProc
         for i in range(args.runs):
             prompt = history + suffixes[i]
             for case in (("slot_file", "proxy_tcp") if i % 2 == 0 else ("proxy_tcp", "slot_file")):
-                http.ok("POST", "/slots/0?action=erase")
+                call(llama.port, "/slots/0?action=erase")
                 time.sleep(args.settle)
                 if case == "slot_file":
                     t0 = time.perf_counter()
-                    res, _ = http.ok("POST", "/slots/0?action=restore", {"filename": f"own-{c}.bin"})
+                    res = call(llama.port, "/slots/0?action=restore", {"filename": f"own-{c}.bin"})
                     restore_s = time.perf_counter() - t0
                     first, timings, _ = ttft(llama.port, dict(turn, prompt=prompt))
                     t["slot_file"].append(restore_s + first)
@@ -181,8 +194,7 @@ def cache_ram_runs(lf, binary: Path, model: Path, slot_dir: Path, c: int, n_ctx:
     other = letters(random.Random(f"other-{c}"), 64)  # (Random(-c) would be Random(c): the history)
     out = []
     with lf.LlamaServer(binary, model, slot_dir, "-np", "1", "--cache-ram", str(mib), n_ctx=n_ctx) as llama:
-        http = Http(llama.port)
-        http.ok("POST", "/slots/0?action=restore", {"filename": f"own-{c}.bin"})
+        call(llama.port, "/slots/0?action=restore", {"filename": f"own-{c}.bin"})
         for i in range(args.runs):
             ttft(llama.port, dict(turn, prompt=[BOS] + other + suffixes[i]))  # moves the slot's state to the cache
             time.sleep(args.settle)
