@@ -4,8 +4,9 @@ Run it in the rxe guest (``rdmakv rxe-vm --mem 4G -- python -m bench.ttft_rdma .
 slot file (``--slot-files DIR``: the ``slot-C.bin`` that ``python -m bench.ttft
 --keep-slot-files DIR`` kept, else Qwen2.5-0.5B-shaped files of random bytes), its prefix
 entry is registered in a store in the guest; then, alternating, the proxy's own restore path
-fetches it into memory (registered memory for READs) and writes the slot file llama-server
-would load, over a connection that reads by RDMA and over one that uses TCP. Every RDMA figure
+writes the slot file llama-server would load: over a connection that reads by RDMA (READs into
+registered memory, then the file written from there) and over one that uses TCP (the chunks
+received straight into a kept mapped file). Every RDMA figure
 comes from fetches whose report says ``rdma``. Writes JSON (``--out``), which bench.ttft_report
 puts beside the TTFT table.
 """
@@ -62,6 +63,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from rdmakv.llama import prefix_names as pn
     from rdmakv.llama import prefix_store as ps
     from rdmakv.llama import slotfile
+    from rdmakv.llama.mapped_scratch import MappedScratch
     from rdmakv.llama.scratch import ScratchFiles
 
     key = os.urandom(32).hex()
@@ -70,6 +72,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                  else None))  # fmt: skip
     store = ServerProcess(str(work / "store"), args.store_capacity, "--fsync", "never", key_hex=key).start()
     scratch = ScratchFiles(work)
+    mapped = MappedScratch(work)
     h0 = pn.seed("bench.ttft_rdma", WINDOW)
     out = []
     try:
@@ -87,11 +90,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         path = scratch.path()
                         rep = RestoreReport()
                         t0 = time.perf_counter()
-                        conn = by_rdma if how == "rdma" else by_tcp
-                        entry, pieces = ps.fetch_entry(conn, name, rep)  # the proxy's own restore path
-                        scratch.write(path, pe.synthesize(entry, pieces))
+                        if how == "rdma":  # the proxy's own restore paths (auto_cache._materialise)
+                            entry, pieces = ps.fetch_entry(by_rdma, name, rep)
+                            scratch.write(path, pe.synthesize(entry, pieces))
+                        else:
+                            _, _, m = ps.fetch_into_map(by_tcp, name, mapped, path, None, rep)
+                            mapped.give_back(path, m)
                         dt = time.perf_counter() - t0
-                        scratch.release(path)
+                        if how == "rdma":
+                            scratch.release(path)
                         if i:
                             times[how].append(dt)
                             transports.append(f"{how}:{rep.transport}")
@@ -104,6 +111,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             "rdma": {**_summary(times["rdma"]), "transports": transports},
                             "tcp": _summary(times["tcp"])})  # fmt: skip
     finally:
+        mapped.close()
         scratch.close()
         store.stop()
         shutil.rmtree(work, ignore_errors=True)

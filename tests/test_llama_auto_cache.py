@@ -222,8 +222,9 @@ def test_a_slot_changed_behind_the_proxy_is_not_trusted(stack_factory, server) -
 # --------------------------------------------------------------------------- exactness
 
 
-def test_restored_kv_is_the_stored_chunks_and_the_answer_is_well_formed(stack_factory, server) -> None:
-    st = stack_factory(server.url("auto-exact"), "-np", "1")
+@pytest.mark.parametrize("fa", ["on", "off"], ids=["rows", "transposed-v"])
+def test_restored_kv_is_the_stored_chunks_and_the_answer_is_well_formed(stack_factory, server, fa: str) -> None:
+    st = stack_factory(server.url(f"auto-exact-{fa}"), "-np", "1", "-fa", fa)
     prompt = text(60, 900)
     body = {"prompt": prompt, "n_predict": 16, "temperature": 0, "logit_bias": LETTERS_ONLY}
     post(st.proxy.port, "/completion", body)

@@ -299,3 +299,24 @@ def test_longest_prefix_in_a_store_any_session_any_length(server) -> None:
         assert sent_once["chunk_bytes"] > 0
     with rdmakv.connect(server.url("prefix-index-other-tenant"), KEY_HEX, transport="tcp") as other:
         assert ps.longest_prefix(other, H0, np.array(LONG, np.int32), w).length == 0
+
+
+def test_mapped_scratch_files_keep_their_maps_and_are_bounded(tmp_path) -> None:
+    from rdmakv.llama.mapped_scratch import MappedScratch
+
+    ms = MappedScratch(tmp_path, keep=1)
+    a, b = tmp_path / "a.slot", tmp_path / "b.slot"
+    m = ms.take(a, 10_000)
+    m[:5] = b"hello"
+    assert a.read_bytes()[:5] == b"hello" and a.stat().st_size == 10_000  # llama-server reads these bytes
+    ms.give_back(a, m)
+    assert not a.exists()
+    again = ms.take(b, 4_000)  # the same file and map, resized to the file needed now
+    assert again is m and b.stat().st_size == 4_000 and b.read_bytes()[:5] == b"hello"
+    other = ms.take(a, 100)  # none free: a new one
+    assert other is not m
+    ms.give_back(b, again)
+    ms.give_back(a, other)  # past keep: unmapped and removed
+    assert other.closed and not a.exists() and len(list((ms.dir).iterdir())) == 1
+    ms.close()
+    assert again.closed and not list(ms.dir.iterdir())

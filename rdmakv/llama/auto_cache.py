@@ -39,6 +39,7 @@ from . import prefix_entry as pe
 from . import prefix_names as pn
 from . import prefix_store as ps
 from . import slotfile
+from .mapped_scratch import MappedScratch
 from .proxy_metrics import ProxyMetrics
 from .scratch import remove
 from .slot_table import SlotsBusyError, SlotTable, signature
@@ -52,6 +53,7 @@ UPSTREAM_CALL_S = 60.0  # one of the proxy's own calls to llama-server (tokenize
 STORE_CALL_S = 10.0  # a lookup or a prefix fetch; past it the request goes on without the store
 STORE_RETRY_S = 2.0  # after a failure, requests skip the store this long before trying it again
 MAX_PENDING_SAVES = 8  # slot files saved and waiting to be registered; past it a response's slot is not saved
+SETTLE_POLLS = 20  # /slots asked at most this often (10 ms apart) for the answered slot to be released
 MAX_REGISTERING = 1  # registered one at a time: a worker thread and a store connection, never more
 
 
@@ -94,6 +96,7 @@ class AutoCache:
         self.proxy, self.window, self.cache_key = proxy, window, cache_key
         self.metrics = metrics or ProxyMetrics()
         self.slots = SlotTable()
+        self.mapped = MappedScratch(proxy.slot_dir)
         self.health = StoreHealth(proxy.store.url, self.metrics)
         self.n_stream: int | None = None  # llama-server's stream count, once a restore or save showed it
         self.shape: pe.Shape | None = None  # its cache's shape, from its own saves
@@ -107,6 +110,7 @@ class AutoCache:
         self.closing = True
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
+        self.mapped.close()
 
     # -- llama-server --------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -242,7 +246,7 @@ class AutoCache:
         scratch = self.proxy.scratch.path()
         rep = RestoreReport()
         try:
-            entry = await self._store(self._materialise, found.name, tokens, scratch, self.n_stream, rep)
+            entry, mapped = await self._store(self._materialise, found.name, tokens, scratch, self.n_stream, rep)
         except (NotFoundError, pe.PrefixEntryError, _Mismatch) as e:  # evicted since, or not this prompt's
             self._restore_failed("stale" if isinstance(e, NotFoundError) else "mismatch", e)
             await asyncio.to_thread(remove, scratch)
@@ -273,19 +277,33 @@ class AutoCache:
         except _Bypass as e:
             self._restore_failed("llama-server", e)
         finally:
-            await asyncio.to_thread(self.proxy.scratch.release, scratch)
+            if mapped is not None:
+                await asyncio.to_thread(self.mapped.give_back, scratch, mapped)
+            else:
+                await asyncio.to_thread(self.proxy.scratch.release, scratch)
             report["restore_ms"] = (time.perf_counter() - t0) * 1e3
             self.metrics.restore_seconds.observe(time.perf_counter() - t0)
 
     def _materialise(self, store, name: str, tokens: np.ndarray, path: Path, n_stream: int | None,
-                     rep: RestoreReport) -> pe.Entry:  # fmt: skip
-        """Fetch the entry (by RDMA READs into registered memory when the connection can, else over
-        TCP), check it is this prompt's prefix for this server, and write its slot file at ``path``
-        (in a worker thread, on one pooled connection: the chunks are views of its buffer)."""
+                     rep: RestoreReport) -> tuple[pe.Entry, mmap.mmap | None]:  # fmt: skip
+        """Fetch the entry into its slot file at ``path``, checked to be this prompt's prefix for this
+        server (in a worker thread, on one pooled connection). Over TCP the chunks land in a kept
+        mapped file (returned, to be given back); by RDMA they are READ into registered memory and
+        written out from there (as is a transposed V, whose chunks have no place of their own)."""
+        if store.active_transport == "tcp":
+            got = ps.fetch_into_map(store, name, self.mapped, path, n_stream, rep)
+            if got is not None:
+                entry, held, m = got
+                try:
+                    self._check(name, entry, held, tokens)
+                except BaseException:
+                    self.mapped.give_back(path, m)
+                    raise
+                return entry, m
         entry, pieces = ps.fetch_entry(store, name, rep)
         self._check(name, entry, pe.entry_tokens(entry, pieces), tokens)
         self.proxy.scratch.write(path, pe.synthesize(entry, pieces, n_stream))
-        return entry
+        return entry, None
 
     def _check(self, name: str, entry: pe.Entry, held: np.ndarray, tokens: np.ndarray) -> None:
         if len(held) > len(tokens) or not np.array_equal(held, tokens[: len(held)]):
@@ -353,9 +371,14 @@ class AutoCache:
         try:
             sig, n_now = None, None
             try:
-                status, listing = await self._call("GET", "/slots")
-                if status == 200 and isinstance(listing, list) and slot < len(listing):
+                for _ in range(SETTLE_POLLS):  # the answer can reach us just before the slot is released
+                    status, listing = await self._call("GET", "/slots")
+                    if status != 200 or not isinstance(listing, list) or slot >= len(listing):
+                        break
                     sig, n_now = signature(listing[slot]), listing[slot].get("n_prompt_tokens")
+                    if not listing[slot].get("is_processing"):
+                        break
+                    await asyncio.sleep(0.01)
             except _Bypass:
                 return  # llama-server is gone: nothing to record or save
             held = tokens if n_now is None or n_now >= len(tokens) else tokens[:0]  # truncated: unknown

@@ -338,3 +338,23 @@ def synthesize(entry: Entry, chunks: list[Buffer], n_stream: int | None = None) 
         else:
             parts.append(p)
     return parts
+
+
+def file_layout(entry: Entry, n_stream: int | None = None) -> tuple[int, list[tuple[int, bytes]], np.ndarray] | None:
+    """Where the synthesized file's bytes go: (its size, [(offset, fixed bytes)], each chunk's
+    offset), so a fetch can receive the chunks straight into the file. None when V is
+    transposed (its windows interleave, so its chunks have no place of their own)."""
+    lengths = chunk_lengths(entry)
+    offsets = np.zeros(len(lengths), np.int64)
+    fixed: list[tuple[int, bytes]] = []
+    at = 0
+    for p in _plan(entry, n_stream):
+        if isinstance(p, tuple):
+            return None
+        if isinstance(p, int):
+            offsets[p] = at
+            at += int(lengths[p])
+        else:
+            fixed.append((at, p))
+            at += len(p)
+    return at, fixed, offsets

@@ -5,9 +5,11 @@ Each call runs on one pooled store connection (``StorePool.run``) in a worker th
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from ..kvstate import RestoreReport
 from ..wire import manifest as mf
 from . import prefix_entry as pe
 from . import prefix_names as pn
+from .mapped_scratch import MappedScratch
 from .slot_format import Buffer
 
 
@@ -62,6 +65,42 @@ def fetch_entry(store: Store, name: str, report: RestoreReport | None = None) ->
     if manifest.kind != mf.KIND_SLOTFILE or not pe.is_entry_body(manifest.body):
         raise pe.PrefixEntryError(f"{name!r} is not a prefix entry")
     return pe.decode_body(manifest.body), pieces
+
+
+def fetch_into_map(store: Store, name: str, mapped: MappedScratch, path: Path, n_stream: int | None,
+                   report: RestoreReport) -> tuple[pe.Entry, np.ndarray, mmap.mmap] | None:  # fmt: skip
+    """Over TCP, receive the entry's chunks straight into the slot file they make, a kept mapped
+    file taken from ``mapped`` at ``path``: (entry, the token ids the file holds, its map: give
+    it back when done). None when the chunks have no place of their own in the file (transposed
+    V): the caller writes it from ``fetch_entry`` instead."""
+    mark = store.channel.mark()
+    data, _, report.tier = store.channel.get_manifest(name)
+    manifest = mf.decode(data)
+    if manifest.kind != mf.KIND_SLOTFILE or not pe.is_entry_body(manifest.body):
+        raise pe.PrefixEntryError(f"{name!r} is not a prefix entry")
+    entry = pe.decode_body(manifest.body)
+    layout = pe.file_layout(entry, n_stream)
+    if layout is None:
+        return None
+    size, fixed, offsets = layout
+    if not np.array_equal(manifest.lengths, pe.chunk_lengths(entry)):
+        raise pe.PrefixEntryError(f"{name!r}: its chunk lengths do not fit its {entry.n_tokens} tokens")
+    m = mapped.take(path, size)
+    try:
+        view = memoryview(m)
+        try:
+            for at, raw in fixed:
+                view[at : at + len(raw)] = raw
+            store.fill_tcp(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by its key
+            tokens = np.frombuffer(view, "<i4", entry.n_tokens, 12).copy()  # the token chunks come first
+        finally:
+            view.release()
+    except BaseException:
+        mapped.give_back(path, m)
+        raise
+    nbytes, rts = store.channel.usage_since(mark)
+    report.transport, report.chunks, report.bytes, report.round_trips = "tcp", manifest.n_chunks, nbytes, rts
+    return entry, tokens, m
 
 
 @dataclass
