@@ -42,7 +42,7 @@ def markdown(r: dict[str, Any], rdma: dict[str, Any] | None = None) -> str:
         lines.append(f"| {label} | " + " | ".join(_ms(c["ttft"][key]["median_ms"]) for c in r["contexts"]) + " |")
     if rdma:
         by = {c["context"]: c for c in rdma["contexts"]}
-        lines.append("| 5. store fetch alone, RDMA READ (rxe guest) | " + " | ".join(
+        lines.append("| 5. (not a TTFT) the restore's store fetch + file alone, RDMA READ, rxe guest | " + " | ".join(
             _ms(by[c["context"]]["rdma"]["median_ms"]) if c["context"] in by else "-" for c in r["contexts"]) + " |")
     lines += [
         "",
@@ -103,7 +103,7 @@ def rdma_section(rdma: dict[str, Any]) -> list[str]:
         "there say nothing about the host). Measured instead, in one guest run: the proxy's restore without "
         "llama-server, i.e. fetch the prefix entry of each context's slot file from a store in the guest and "
         f"write its slot file, by RDMA READ and over TCP. Guest: {env.get('accel')}, "
-        f"RDMA device {env.get('rdma', {}).get('device', '?')}. Medians of {rdma['runs']} runs, ms.",
+        f"RDMA device {env.get('rdma', {}).get('name', '?')}. Medians of {rdma['runs']} runs, ms.",
         "",
         "| context | bytes | RDMA READ fetch + file | TCP fetch + file | RDMA / TCP | transport reported |",
         "|---|---|---|---|---|---|",

@@ -37,10 +37,11 @@ def test_ttft_bench_runs_and_reports(tmp_path: Path, server_bin: Path) -> None:
     md = (out / "report.md").read_text()
     assert "rdmakv llama-proxy --auto-cache" in md and (out / "ttft.png").stat().st_size > 0
     # with the guest's figures beside it (their shape as bench.ttft_rdma writes them)
-    rdma = {"environment": {"accel": "UML guest", "rdma": {"device": "rxe0"}}, "runs": 1, "contexts": [
+    rdma = {"environment": {"accel": "UML guest", "rdma": {"name": "rxe0"}}, "runs": 1, "contexts": [
         {"context": 300, "bytes": 1, "rdma": {"median_ms": 1.0, "transports": ["rdma:rdma", "tcp:tcp"]},
          "tcp": {"median_ms": 2.0}}]}  # fmt: skip
     (out / "rdma.json").write_text(json.dumps(rdma))
     ttft_report.write(res, out)
     md = (out / "report.md").read_text()
-    assert "5. store fetch alone, RDMA READ (rxe guest)" in md and "| 300 | 1 | 1.0 | 2.0 | 0.50 |" in md
+    assert "the restore's store fetch + file alone, RDMA READ, rxe guest" in md
+    assert "| 300 | 1 | 1.0 | 2.0 | 0.50 |" in md
