@@ -52,8 +52,10 @@ def write_tiny_llama_gguf(
     n_ff: int = 128,
     n_ctx: int = 2048,
     seed: int = 0,
+    dtype: Any = np.float32,
 ) -> Path:
-    """Random-weight llama model. Defaults give head_dim 32, so q8_0 KV caches work."""
+    """Random-weight llama model. Defaults give head_dim 32, so q8_0 KV caches work. ``dtype``:
+    the weight matrices' type (np.float16 for a realistically sized model; norms stay f32)."""
     import gguf  # test-only dependency
 
     path = Path(path)
@@ -72,7 +74,7 @@ def write_tiny_llama_gguf(
     rng = np.random.default_rng(seed)
 
     def t(name: str, *shape: int, scale: float = 0.05) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(dtype))
 
     t("token_embd.weight", N_VOCAB, n_embd, scale=0.5)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
@@ -338,12 +340,16 @@ class LlamaServer(_HttpProcess):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LlamaServer:
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._wait_ready(120)
         return self
 
+    def restart(self) -> None:
+        """Stop and start again on the same port: every slot comes back empty."""
+        stop_process(self.proc)
+        self.__enter__()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -42,6 +42,7 @@ from ..errors import CodecError, NotFoundError, RdmakvError
 from ..units import parse_size
 from ..wire.auth import KEY_ENV
 from . import slotfile
+from .completion_request import ENDPOINTS as COMPLETION_ENDPOINTS
 from .local_cache import LocalCache
 from .scratch import ScratchFiles, remove, sweep, work_dir
 from .store_pool import DEFAULT_POOL_SIZE, StorePool
@@ -70,6 +71,7 @@ class Proxy:
         self.local = local
         self.session = None
         self.scratch = ScratchFiles(self.slot_dir)
+        self.auto = None  # rdmakv.llama.auto_cache.AutoCache with --auto-cache
 
     async def start(self) -> None:
         import aiohttp
@@ -78,6 +80,8 @@ class Proxy:
         self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
 
     async def close(self) -> None:
+        if self.auto is not None:
+            await self.auto.close()
         if self.session is not None:
             await self.session.close()
         await asyncio.to_thread(self.store.close)
@@ -89,14 +93,17 @@ class Proxy:
         action = request.query.get("action")
         if m and request.method == "POST" and action in ("save", "restore"):
             return await (self.slot_save if action == "save" else self.slot_restore)(request)
+        if self.auto is not None and request.method == "POST" and request.path in COMPLETION_ENDPOINTS:
+            return await self.auto.handle(request)
         return await self.passthrough(request, await request.read())
 
-    def _headers(self, headers) -> dict:
+    def clean_headers(self, headers) -> dict:
         return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
-    async def _forward(self, request, body: bytes):
+    async def forward_body(self, request, body: bytes):
+        """``request`` to llama-server with ``body`` (a context manager giving its response)."""
         return self.session.request(
-            request.method, self.upstream + request.path_qs, headers=self._headers(request.headers), data=body
+            request.method, self.upstream + request.path_qs, headers=self.clean_headers(request.headers), data=body
         )
 
     @staticmethod
@@ -105,31 +112,31 @@ class Proxy:
         parsed["filename"] = name
         return json.dumps(parsed).encode()
 
-    def _upstream_down(self, e: Exception) -> web.Response:
+    def upstream_down(self, e: Exception) -> web.Response:
         return llama_error(502, f"rdmakv llama-proxy: upstream {self.upstream} unreachable: {e}", "server_error")
 
     async def passthrough(self, request: web.Request, body: bytes) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
         try:
-            async with await self._forward(request, body) as up:
-                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=self._headers(up.headers))
+            async with await self.forward_body(request, body) as up:
+                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=self.clean_headers(up.headers))
                 await resp.prepare(request)
                 async for chunk in up.content.iter_any():  # streaming completions pass through as they come
                     await resp.write(chunk)
                 await resp.write_eof()
                 return resp
         except ClientError as e:
-            return self._upstream_down(e)
+            return self.upstream_down(e)
 
     async def _upstream_json(self, request: web.Request, body: bytes) -> tuple[int, dict | None, bytes, dict]:
-        async with await self._forward(request, body) as up:
+        async with await self.forward_body(request, body) as up:
             raw = await up.read()
             try:
                 parsed = json.loads(raw)
             except ValueError:
                 parsed = None
-            return up.status, parsed, raw, self._headers(up.headers)
+            return up.status, parsed, raw, self.clean_headers(up.headers)
 
     @staticmethod
     def _filename(body: bytes) -> str | None:
@@ -159,7 +166,7 @@ class Proxy:
             status, parsed, raw, headers = await self._upstream_json(request, self._with_filename(body, scratch.name))
         except ClientError as e:
             await asyncio.to_thread(remove, scratch)  # llama-server may have written it before the link broke
-            return self._upstream_down(e)
+            return self.upstream_down(e)
         finally:
             t_llama = time.perf_counter() - t0
         if status != 200 or not isinstance(parsed, dict):
@@ -251,7 +258,7 @@ class Proxy:
             # a file fetched from the store becomes the local copy; a local copy was only linked
             keep = status == 200 and source == "store" and self.local is not None
         except ClientError as e:
-            return self._upstream_down(e)
+            return self.upstream_down(e)
         finally:
             await asyncio.to_thread(self._done_with, scratch, name if keep else None, mx)
         if status != 200 or not isinstance(parsed, dict):
@@ -327,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-cache", metavar="SIZE", type=parse_size,
                    help="keep recently saved and restored slot files on this node, an LRU of SIZE bytes "
                    "(e.g. 4GiB) in SLOT_DIR/.rdmakv-proxy-PID; put the slot dir on tmpfs to keep them in memory")
+    p.add_argument("--auto-cache", action="store_true",
+                   help="completions (/completion, /v1/completions, /v1/chat/completions) resume from the longest "
+                   "prefix stored in the namespace by any conversation or proxy, and every answered slot is saved "
+                   "back in the background; no client change")
+    p.add_argument("--cache-key", default="",
+                   help="with --auto-cache: added to the model identity that prefixes are stored under (give "
+                   "different keys to models the proxy cannot tell apart by file name and shape)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics (auto-cache hits, misses, tokens restored) on HOST:PORT")
     return p
 
 
@@ -357,11 +373,26 @@ def cli(argv: list[str]) -> int:
         return 1
     local = LocalCache(work_dir(Path(args.slot_dir)) / "cache", args.local_cache) if args.local_cache else None
     proxy = Proxy(args.upstream, args.slot_dir, pool, local)
+    metrics = None
+    if args.metrics_listen:
+        from .proxy_metrics import ProxyMetrics
+
+        metrics = ProxyMetrics()
+        try:
+            maddr = metrics.listen(args.metrics_listen)
+        except (ValueError, OSError) as e:
+            print(f"rdmakv llama-proxy: --metrics-listen {args.metrics_listen}: {e}", file=sys.stderr)
+            return 2
+        print(f"rdmakv llama-proxy: metrics on http://{maddr[0]}:{maddr[1]}/metrics", file=sys.stderr, flush=True)
+    if args.auto_cache:
+        from .auto_cache import AutoCache
+
+        proxy.auto = AutoCache(proxy, args.window, args.cache_key, metrics)
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     app.on_startup.append(lambda _: proxy.start())
     app.on_cleanup.append(lambda _: proxy.close())
-    print(f"rdmakv llama-proxy: http://{host}:{port} -> {args.upstream}, slot files in {args.store}",
-          file=sys.stderr, flush=True)
+    print(f"rdmakv llama-proxy: http://{host}:{port} -> {args.upstream}, slot files in {args.store}"
+          + (f", auto-cache on (W={args.window})" if args.auto_cache else ""), file=sys.stderr, flush=True)
     web.run_app(app, host=host.strip("[]") or "127.0.0.1", port=int(port), print=None, access_log=None)
     return 0

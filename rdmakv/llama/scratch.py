@@ -47,19 +47,21 @@ class ScratchFiles:
     def path(self) -> Path:
         return self.dir / self.name()
 
-    def write(self, path: Path, parts: Sequence) -> None:
-        """A new file at ``path`` holding the parts back to back."""
+    def _open_new(self, path: Path) -> int:
+        """A new file at ``path`` open for writing: a spare renamed there when there is one."""
         with self._lock:
             spare = self._spares.pop() if self._spares else None
-        fd = -1
         if spare is not None:
             try:
                 os.rename(spare, path)
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                return os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError:
-                fd = -1  # swept or removed meanwhile: start afresh
-        if fd < 0:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                pass  # swept or removed meanwhile: start afresh
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(self, path: Path, parts: Sequence) -> None:
+        """A new file at ``path`` holding the parts back to back."""
+        fd = self._open_new(path)
         try:
             size = _pwrite_all(fd, parts)
             os.ftruncate(fd, size)  # a larger spare keeps none of its old tail

@@ -11,7 +11,7 @@ from ..client import Store
 from ..errors import MissingChunksError
 from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
-from . import slotfile
+from . import prefix_entry, slotfile
 
 RECENT_MANIFEST_BYTES = 16 << 20  # manifests kept for re-saves of byte-identical files
 
@@ -83,7 +83,11 @@ def get_slotfile_parts(store: Store, name: str, report: RestoreReport | None = N
     manifest, pieces = store.load_object(name, report)
     if manifest.kind != mf.KIND_SLOTFILE:
         raise slotfile.SlotFileError(f"{name!r} is a {mf.KIND_NAMES[manifest.kind]} manifest, not a slot file")
-    return slotfile.rebuild_parts(manifest.body, pieces), xxhash.xxh3_64_intdigest(manifest.encode())
+    if prefix_entry.is_entry_body(manifest.body):  # an auto-cache prefix: the file it restores
+        parts = prefix_entry.synthesize(prefix_entry.decode_body(manifest.body), pieces)
+    else:
+        parts = slotfile.rebuild_parts(manifest.body, pieces)
+    return parts, xxhash.xxh3_64_intdigest(manifest.encode())
 
 
 def manifest_xxh3(store: Store, name: str) -> int:
