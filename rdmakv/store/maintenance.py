@@ -53,7 +53,7 @@ class Maintenance:
         with e.lock:
             e._expire_due()
             for h in list(e.holders):
-                if h.restore is not None and now - h.restore_at > RESTORE_HOLD_S:
+                if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
                     e._drop_restore_hold(h)
                 for (ns_name, key), at in list(h.pending.items()):
                     if now - at > SAVE_HOLD_S:

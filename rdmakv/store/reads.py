@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import NotFoundError
 from ..hashing import Key
+from ..wire.batches import FOUND, NOT_FOUND, NOT_SERVED, REGION_BYTES, Found, found_size
 from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
@@ -91,12 +92,7 @@ class Reads:
             self._drop_restore_hold(holder)
             s.holds += 1
             holder.restore, holder.restore_at = (ns, s), time.monotonic()
-            self._list(s)
-            hit = s.complete
-            ns.counters["restores"] += 1
-            ns.counters["memory_hits" if hit else "disk_hits"] += 1
-            # by the transport the client then reads with (locations: it READs them)
-            ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
+            hit = self._count_lookup(ns, s, want_locations)
         if not hit:
             self._promote(ns, s)
         with self.lock:
@@ -113,6 +109,66 @@ class Reads:
             else:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
+
+    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:
+        """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
+        self._list(s)
+        hit = s.complete
+        ns.counters["restores"] += 1
+        ns.counters["memory_hits" if hit else "disk_hits"] += 1
+        # by the transport the client then reads with (locations: it READs them)
+        ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
+        return hit
+
+    def get_manifests(
+        self: Engine, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None, max_bytes: int
+    ) -> tuple[list[Found], np.ndarray | None]:
+        """Many restores' lookups in one (GET_MANIFESTS): (an entry per name, the region table
+        when locations are asked). Every version found is held for the caller, together, until
+        its next lookup, so its chunks stay while it fetches them; demoted ones are promoted.
+        Names past ``max_bytes`` of reply are NOT_SERVED (the caller asks for them again)."""
+        holder = holder or self.local
+        with self.lock:
+            self._drop_restore_hold(holder)
+            holder.restore_at = time.monotonic()
+            max_bytes -= 2 * len(self.namespace(ns_name).slab.regions) * REGION_BYTES  # the table goes beside
+        out: list[Found] = []
+        total = 0
+        for name in names:
+            if total and total >= max_bytes:  # at least one is served, whatever the budget
+                out.append(Found(NOT_SERVED))
+                continue
+            with self.lock:
+                ns = self.namespace(ns_name)
+                s = ns.sessions.get(name)
+                if s is None or s.expired(time.time()):
+                    s = None
+                else:
+                    s.holds += 1
+                    holder.batch.append((ns, s))
+                    hit = self._count_lookup(ns, s, want_locations)
+            if s is None:
+                out.append(Found(NOT_FOUND))
+                continue
+            if not hit:
+                self._promote(ns, s)
+            with self.lock:
+                data = s.data
+            if data is None:
+                data = self.read_manifest(s)
+            out.append(Found(FOUND, data, "memory" if hit else "disk"))
+            total += found_size(out[-1]) + (len(s.keys) * LOCATION_DTYPE.itemsize if want_locations else 0)
+        if not want_locations:
+            return out, None
+        with self.lock:  # one region table for the whole reply, taken after every slot it must name
+            ns = self.namespace(ns_name)
+            regions = self._region_table(ns)
+            known = set(regions["id"].tolist())
+            for f, (_, s) in zip((f for f in out if f.status == FOUND), holder.batch):
+                slots = self._locations(ns, s.keys.tolist())
+                slots["region"][~np.isin(slots["region"], list(known))] = NO_REGION
+                f.slots = slots
+        return out, regions
 
     def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:
         """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
