@@ -126,7 +126,7 @@ def _object(st, payloads: list[bytes]) -> tuple[mf.Manifest, list[bytes]]:
 def test_put_manifests_commits_warm_ones_in_one_round_trip_and_names_what_cold_ones_lack(server, ns, key):
     with rdmakv.connect(server.url(ns), key=key, transport="tcp") as st:
         warm = [_object(st, [b"shared-a" * 100, bytes([i]) * 300]) for i in range(5)]
-        for i, (m, chunks) in enumerate(warm):
+        for _, chunks in warm:
             st.put_chunks(chunks)
         cold, cold_chunks = _object(st, [b"shared-a" * 100, b"never sent" * 50])
         bad = b"RKVM-not-a-manifest"
