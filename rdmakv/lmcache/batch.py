@@ -16,6 +16,7 @@ This is what LMCache's batched calls become, without LMCache (testable on any bu
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ class SaveSummary:
     warm: int = 0  # committed by the first PUT_MANIFESTS: nothing had to be sent
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
     chunks_sent: int = 0
-    transport: str = "tcp"  # "rdma" when missing chunks went by WRITE
+    sent_by: Counter[str] = field(default_factory=Counter)  # values whose missing chunks went by "rdma" or "tcp"
 
 
 def save_many(store: Store, items: Sequence[tuple[str, mf.Manifest, Sequence[memoryview]]]) -> SaveSummary:
@@ -70,7 +71,7 @@ def save_many(store: Store, items: Sequence[tuple[str, mf.Manifest, Sequence[mem
                     continue
                 out.committed += 1
                 out.chunks_sent += rep.chunks_sent
-                out.transport = rep.transport
+                out.sent_by[rep.transport] += 1  # "tcp" when the server could not reserve (see its STATS)
             return out
         want: dict = {}
         for i, missing in cold:
@@ -82,6 +83,7 @@ def save_many(store: Store, items: Sequence[tuple[str, mf.Manifest, Sequence[mem
             store.channel.put_chunks(list(want), list(want.values()))
             out.chunks_sent += len(want)
         todo = [todo[i] for i, _ in cold]
+        out.sent_by["tcp"] += len(todo)
     out.failed += [(name, "chunks were still missing after the upload (the store dropped them)") for name, _, _ in todo]
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -101,6 +102,10 @@ class RdmakvConnector(RemoteConnector):
             if isinstance(err, AuthError) or (isinstance(err, RdmakvError) and "transport=" in str(err)):
                 self.gets.close()
                 self.puts.close()
+                if isinstance(err, AuthError):
+                    where = "RDMAKV_AUTH_KEY" if os.environ.get("RDMAKV_AUTH_KEY") else "RDMAKV_KEY_FILE"
+                    raise AuthError(f"{self.settings.url} refused the key from {where} for namespace "
+                                    f"{self.settings.url.namespace!r}: {err}") from None  # fmt: skip
                 raise err from None
             log.warning("rdmakv: %s is not reachable now (%s); LMCache runs without it until it is",
                         self.settings.url, self.gets.down_reason)  # fmt: skip
@@ -209,35 +214,36 @@ class RdmakvConnector(RemoteConnector):
                 raise CodecError(f"a {mf.KIND_NAMES[m.kind]} manifest, not an LMCache value")
             body = values.decode_body(m.body)
         except (CodecError, ManifestError) as e:
-            return self._mismatch(f"stored value for {key_string!r} is unreadable: {e}")
+            return self._mismatch(f"the stored value is unreadable: {e}", key_string)
         if body.key_string != key_string:
-            return self._mismatch(f"stored value under {key_string!r}'s name belongs to {body.key_string!r}")
+            return self._mismatch(f"the stored value under its name belongs to {body.key_string!r}", key_string)
         if len(body.header) != self.remote_metadata_bytes:
-            return self._mismatch(f"stored header of {len(body.header)} bytes, this engine's are "
-                                  f"{self.remote_metadata_bytes} (another number of KV groups)")  # fmt: skip
+            theirs, ours = len(body.header), self.remote_metadata_bytes
+            return self._mismatch(f"a stored header of {theirs} bytes; this engine's are {ours} (another number "
+                                  "of KV groups)", key_string)  # fmt: skip
         try:
             meta = RemoteMetadata.deserialize(body.header)
         except Exception as e:  # noqa: BLE001 - LMCache's decoder raises anything for a bad header
-            return self._mismatch(f"stored header for {key_string!r} does not decode: {e!r}")
+            return self._mismatch(f"the stored header does not decode: {e!r}", key_string)
         why = self._metadata_mismatch(meta, m.total_bytes)
-        return self._mismatch(f"stored value for {key_string!r}: {why}") if why else (m, meta)
+        return self._mismatch(f"the stored value has {why}", key_string) if why else (m, meta)
 
     def _metadata_mismatch(self, meta: RemoteMetadata, stored: int) -> str:
         if meta.fmt != self.meta_fmt:
-            return f"format {meta.fmt.name}, this engine uses {self.meta_fmt.name}"
+            return f"format {meta.fmt.name}; this engine uses {self.meta_fmt.name}"
         if list(meta.dtypes) != list(self.meta_dtypes):
-            return f"dtypes {meta.dtypes}, this engine uses {self.meta_dtypes}"
+            return f"dtypes {meta.dtypes}; this engine uses {self.meta_dtypes}"
         if len(meta.shapes) != len(self.meta_shapes):
-            return f"{len(meta.shapes)} KV groups, this engine has {len(self.meta_shapes)}"
+            return f"{len(meta.shapes)} KV groups; this engine has {len(self.meta_shapes)}"
         size = 0
         for got, want, dtype in zip(meta.shapes, self.meta_shapes, meta.dtypes):
             if len(got) != len(want) or len(got) != 4:
-                return f"shape {list(got)}, this engine's chunks are {list(want)}"
+                return f"shape {list(got)}; this engine's chunks are {list(want)}"
             if [got[0], got[1], got[3]] != [want[0], want[1], want[3]] or not 0 < got[2] <= want[2]:
-                return f"shape {list(got)}, this engine's chunks are {list(want)} (tokens 1..{want[2]})"
+                return f"shape {list(got)}; this engine's chunks are {list(want)} (tokens 1..{want[2]})"
             size += got.numel() * dtype.itemsize
         if not meta.length == size == stored:
-            return f"header says {meta.length} bytes, its shapes {size}, the store holds {stored}"
+            return f"a header that says {meta.length} bytes, shapes of {size} bytes, and {stored} bytes stored"
         return ""
 
     def _read(self, store: Store, plan: list, rep: RestoreReport, strict: bool) -> str:
@@ -317,6 +323,8 @@ class RdmakvConnector(RemoteConnector):
             self.counters["values_saved"] += len(items)
             return
         summary = batch.save_many(store, items)
+        for transport, n in summary.sent_by.items():
+            self.counters[f"values_sent_by_{transport}"] += n
         self.counters["values_saved"] += summary.committed
         self.counters["values_saved_warm"] += summary.warm
         self.counters["chunks_sent"] += summary.chunks_sent
@@ -411,15 +419,18 @@ class RdmakvConnector(RemoteConnector):
             self._say(f"{what} failed: {type(e).__name__}: {e}")
         return default
 
-    def _mismatch(self, why: str) -> None:
+    def _mismatch(self, why: str, key_string: str) -> None:
+        """Count a value that does not fit; say why once per reason (the first key as example)."""
         self.counters["values_mismatched"] += 1
-        self._say(f"a miss: {why}")
+        self._say(f"a miss: {why} (first seen for {key_string!r}; logged once)", why)
         return None
 
-    def _say(self, text: str) -> None:
-        if text in self._said or len(self._said) >= MAX_REASONS:
+    def _say(self, text: str, reason: str | None = None) -> None:
+        """Log ``text`` once per ``reason`` (default: the text itself)."""
+        reason = reason or text
+        if reason in self._said or len(self._said) >= MAX_REASONS:
             return
-        self._said.add(text)
+        self._said.add(reason)
         log.warning("rdmakv: %s", text)
 
 
