@@ -25,7 +25,7 @@ from ..errors import BusyError, ConnectionLost, RdmakvError
 log = logging.getLogger("rdmakv.lmcache")
 T = TypeVar("T")
 
-MAX_RETRY_S = 8.0
+MAX_RETRY_S = 5.0
 DEFAULT_MAX_PENDING = 256
 # what means "the server is not there (now)": drop the connection and reconnect later
 DOWN_ERRORS = (ConnectionLost, ConnectionError, TimeoutError, OSError, BusyError)

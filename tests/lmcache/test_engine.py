@@ -169,10 +169,12 @@ def test_the_server_down_at_start_up_then_up(fresh_server, engines, tmp_path):
 
     srv = ServerProcess(str(tmp_path / "late"), "256MiB", port=port).start()
     try:
-        deadline = time.monotonic() + 30
-        while eng.lookup(p) == 0 and conn.counters["values_saved"] == 0 and time.monotonic() < deadline:
-            eng.store(p, kv=kv)
-            conn.wait_saves(conn.counters["values_saved"] + conn.counters["values_dropped"] + 2, timeout=30)
+        deadline = time.monotonic() + 30  # both connections come back within their retry interval
+        while eng.lookup(p) == 0 and time.monotonic() < deadline:
+            if conn.counters["values_saved"] == 0:
+                settled = conn.counters["values_saved"] + conn.counters["values_dropped"] + 2
+                eng.store(p, kv=kv)
+                assert conn.wait_saves(settled, timeout=30)
             time.sleep(0.5)
         assert eng.lookup(p) == 512
         out = torch.zeros_like(kv)
