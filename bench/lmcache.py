@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("rdmakv-rdma", "rdmakv-tcp", "lm", "redis", "local-disk")
+VARIANTS = ("rdmakv-rdma-w0", "rdmakv-tcp-w0")  # whole-layer pieces instead of the plugin's default window
 VENV = ROOT / ".venv-lmcache" / "bin" / "python"
 SYSTEM_PROMPT = 1000  # tokens: a 1k-token system prompt that, as most do, ends inside an LMCache chunk
 USER_TURN = 1000
@@ -50,8 +52,9 @@ def _ensure_lmcache(argv: list[str]) -> None:
 def make_tier(name: str, work: Path, key: str):
     from . import lmcache_backends as lb
 
-    if name.startswith("rdmakv-"):
-        return lb.Rdmakv(work, name.split("-", 1)[1], key)
+    if name.startswith("rdmakv-"):  # rdmakv-TRANSPORT, or rdmakv-TRANSPORT-wN: N tokens a piece
+        _, transport, *window = name.split("-")
+        return lb.Rdmakv(work, transport, key, int(window[0][1:]) if window else None)
     return {"lm": lb.LMServer, "redis": lb.Redis, "local-disk": lb.LocalDisk}[name](work)
 
 
@@ -128,8 +131,9 @@ def worker(args: argparse.Namespace) -> dict:
         if conn is not None:
             out["connector"] = conn.stats()
         tier.close_engine(engine)
-        out["restart"] = _restarts(tier, model)
-        out["shared_prefix"] = _shared_prefix(tier, model, args)
+        if args.tier not in VARIANTS:  # a variant's restarts and stored bytes are its base tier's
+            out["restart"] = _restarts(tier, model)
+            out["shared_prefix"] = _shared_prefix(tier, model, args)
     finally:
         tier.stop()
     return out
@@ -257,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
     from . import envinfo
 
     rdma, why = _rdma_here()
-    tiers = [t for t in args.tiers if t != "rdmakv-rdma" or rdma]
+    tiers = [t for t in args.tiers if not t.startswith("rdmakv-rdma") or rdma]
     work = Path(tempfile.mkdtemp(prefix="rdmakv-bench-lmcache-"))
     key = os.urandom(32).hex()
     result: dict = {
@@ -304,13 +308,12 @@ def _version(pkg: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lmcache_backends import NAMES
-
     p = argparse.ArgumentParser(prog="python -m bench.lmcache", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/out/lmcache", help="output directory (default bench/out/lmcache)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per tier and size (default 20)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192], help="prompt sizes in tokens")
-    p.add_argument("--tiers", nargs="+", default=list(NAMES), choices=NAMES, help="tiers to compare (all)")
+    p.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS + VARIANTS,
+                   help=f"tiers to compare (default: {' '.join(TIERS)}; also {' '.join(VARIANTS)})")
     p.add_argument("--quick", action="store_true", help="3 runs, 1k tokens only")
     p.add_argument("--tier-timeout", type=float, default=3600, help="seconds one tier may take")
     p.add_argument("--no-plots", action="store_true")

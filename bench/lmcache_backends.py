@@ -17,8 +17,6 @@ from pathlib import Path
 from rdmakv.lmcache.cpu_engine import close_engine, engine_config, rdmakv_config, remote_connector
 from rdmakv.store.spawn import ServerProcess
 
-NAMES = ("rdmakv-rdma", "rdmakv-tcp", "lm", "redis", "local-disk")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -98,13 +96,14 @@ class Tier:
 class Rdmakv(Tier):
     survives = "everything committed (fsync'd before it is acknowledged)"
 
-    def __init__(self, work: Path, transport: str, key: str, capacity: str = "3GiB") -> None:
-        self.name = f"rdmakv-{transport}"
+    def __init__(self, work: Path, transport: str, key: str, window: int | None = None,
+                 capacity: str = "3GiB") -> None:  # fmt: skip
+        self.name = f"rdmakv-{transport}" + (f"-w{window}" if window is not None else "")
         super().__init__(work)
         self.transport, self.key = transport, key
         self.server = ServerProcess(str(self.work / "data"), capacity, "--index-entries", "65536", key_hex=key)
         self.ns = "bench"
-        self.window: int | None = None  # tokens per stored piece (None: the plugin's default)
+        self.window = window  # tokens per stored piece (None: the plugin's default)
 
     def start(self) -> None:
         os.environ["RDMAKV_AUTH_KEY"] = self.key

@@ -124,7 +124,8 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
 
 # modules of an optional extra: they import alone where the extra is installed (the LMCache
 # suite runs this test in its own venv), and are skipped elsewhere
-EXTRAS = {"rdmakv.lmcache.connector": "lmcache", "rdmakv.lmcache.cpu_engine": "lmcache"}
+EXTRAS = {"rdmakv.lmcache.connector": "lmcache", "rdmakv.lmcache.cpu_engine": "lmcache",
+          "bench.lmcache_backends": "lmcache"}
 
 
 @pytest.mark.parametrize("name", [n for n, _ in modules() if not n.endswith("__main__")])
