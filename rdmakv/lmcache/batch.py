@@ -105,8 +105,7 @@ def lookup_many(store: Store, names: Sequence[str], rep: RestoreReport, *, one_s
         from ..rdma.errors import RdmaError
 
         try:
-            for i, name in enumerate(names):
-                found = rdma.index.lookup(name, rep)
+            for i, found in enumerate(rdma.index.lookup_many(list(names), rep)):
                 if found is not None:
                     out[i] = Located(found[0], found[1], True)
         except RdmaError as e:

@@ -145,8 +145,8 @@ class RdmakvConnector(RemoteConnector):
 
             rep = RestoreReport()
             try:
-                while n < len(names) and rdma.index.lookup(names[n], rep) is not None:
-                    n += 1
+                found = rdma.index.lookup_many(names, rep)
+                n = next((i for i, f in enumerate(found) if f is None), len(names))
             except RdmaError as e:
                 rdma.latch(f"RDMA READ of the lookup index failed ({e}); this connection now uses TCP")
                 n = 0
