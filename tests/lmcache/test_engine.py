@@ -188,3 +188,19 @@ def test_the_server_down_at_start_up_then_up(fresh_server, engines, tmp_path):
         assert conn.stats()["lookup_reconnects"] >= 1
     finally:
         srv.stop()
+
+
+def test_pinned_values_are_sessions_like_any_other(fresh_server, engines):
+    import rdmakv
+
+    srv = fresh_server("256MiB")
+    url = srv.url("pins")
+    eng = engines(url + "?pin=1&ttl=3600", SMALL)
+    tokens = prompt(13, 512)
+    eng.store(tokens, kv=kv_for(tokens, SMALL))
+    assert remote_connector(eng).wait_saves(2, timeout=60)
+    with rdmakv.connect(url, transport="tcp") as st:
+        rows = st.list(values.NAME_PREFIX)
+        assert len(rows) == 2 and all(r["pinned"] and 3500 < r["expires_in"] <= 3600 for r in rows)
+        st.unpin(rows[0]["name"])  # an operator can manage them with the usual tools
+        assert sorted(r["pinned"] for r in st.list(values.NAME_PREFIX)) == [False, True]
