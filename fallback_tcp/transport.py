@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from rdmakv.errors import AuthError, ConnectionLost, ProtocolError, RdmakvError
+from rdmakv.wire import batches
 from rdmakv.wire import messages as msg
 from rdmakv.wire import writes as wr
 from rdmakv.wire.messages import Key, key_hex
@@ -369,6 +370,28 @@ class TcpChannel:
             if len(out[-1]) != len(part):
                 raise ProtocolError(f"HAS_MANIFESTS answered {len(out[-1])} names of {len(part)}")
         return np.concatenate(out)
+
+    def put_manifests(self, items: Sequence[tuple[str, bytes, msg.SaveOptions]]) -> list[batches.Outcome]:
+        """PUT_MANIFESTS: one outcome per manifest (committed, missing keys, or its own error);
+        one round trip per ``batches.MAX_BATCH`` manifests."""
+        out: list[batches.Outcome] = []
+        for i in range(0, len(items), batches.MAX_BATCH):
+            part = items[i : i + batches.MAX_BATCH]
+            out += batches.dec_outcomes(self.request(Op.PUT_MANIFESTS, batches.enc_put_manifests(part)), len(part))
+        return out
+
+    def get_manifests(
+        self, names: Sequence[str], want_locations: bool = False
+    ) -> tuple[list[batches.Found], np.ndarray | None]:
+        """GET_MANIFESTS of at most ``batches.MAX_BATCH`` names: (an entry per name, the region
+        table when locations were asked and this connection has RDMA). The versions found stay
+        held for this connection until its next lookup. A reply that would pass the frame
+        budget leaves names NOT_SERVED: ask for them after fetching what was found."""
+        req = [batches.enc_get_manifests(names, want_locations)]
+        found, regions = batches.dec_found(self.request(Op.GET_MANIFESTS, req), len(names))
+        if names and found[0].status == batches.NOT_SERVED:
+            raise ProtocolError("GET_MANIFESTS reply served nothing")
+        return found, regions
 
     def pin(self, name: str, pinned: bool) -> None:
         self.request(Op.PIN, [msg.enc_pin(name, pinned)])

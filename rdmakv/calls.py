@@ -9,6 +9,7 @@ import numpy as np
 
 from .hashing import Key, key_function, keys_array
 from .wire import manifest as mf
+from .wire.batches import Found, Outcome
 
 if TYPE_CHECKING:
     from .client import Store
@@ -98,6 +99,28 @@ class LowLevel:
         """Which of ``names`` are committed sessions (a bool per name), in one round trip; the
         sessions are not touched (no promotion, no LRU move, not counted as restores)."""
         return self.channel.has_manifests(list(names))
+
+    def put_manifests(
+        self: Store, items: Sequence[tuple[str, bytes | mf.Manifest]], *, pin: bool = False, ttl: float | None = None
+    ) -> list[Outcome]:
+        """Commit many manifests in one round trip, each only if every chunk it names is stored:
+        per manifest an Outcome (``status`` COMMITTED, MISSING with its ``missing`` keys, or
+        FAILED with that manifest's own error ``code`` and ``message``)."""
+        from .client import _options
+
+        opts = _options(pin, ttl)
+        return self.channel.put_manifests(
+            [(n, m.encode() if isinstance(m, mf.Manifest) else bytes(m), opts) for n, m in items]
+        )
+
+    def get_manifests(
+        self: Store, names: Sequence[str], want_locations: bool = False
+    ) -> tuple[list[Found], np.ndarray | None]:
+        """Look many sessions up in one round trip: per name a Found (``status`` FOUND with the
+        ``manifest`` bytes, ``tier`` and, when asked and RDMA is up, ``slots``; or NOT_FOUND),
+        and the region table the slots refer to. The versions found are held for this
+        connection until its next lookup, so their chunks stay while it fetches them."""
+        return self.channel.get_manifests(list(names), want_locations)
 
     def delete_manifest(self: Store, name: str) -> None:
         self.channel.delete_manifest(name)

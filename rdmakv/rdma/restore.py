@@ -141,6 +141,34 @@ class RdmaRestorer:
         rep.round_trips += rts
         return buf
 
+    def read_into(
+        self, keys, lengths, offsets, loc: Locations, dest: np.ndarray, laddr: int, lkey: int, rep: RestoreReport,
+        *, strict: bool = False,
+    ) -> str:  # fmt: skip
+        """READ chunks at ``loc`` straight into memory the caller registered in this connection's
+        PD (``self.pd``): ``dest`` (a uint8 array whose first byte is at ``laddr``, ``lkey`` its
+        registration), chunk i at ``offsets[i]``. Each chunk is verified; a chunk not where
+        ``loc`` said is re-located (or fetched over TCP) unless ``strict``. Returns "ok",
+        "moved" (``strict``: ``loc`` is stale, nothing read is to be trusted) or "failed" (an
+        RDMA error: this connection now uses TCP, the report says why)."""
+        mark = self.store.channel.mark()
+        try:
+            self._fill(keys, lengths, offsets, loc, dest, laddr, lkey, rep, strict)
+        except _Moved:
+            rep.index_fallbacks += 1
+            return "moved"
+        except RdmaError as e:
+            self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
+            rep.fallback_reason = self.latched_reason
+            return "failed"
+        finally:
+            nbytes, rts = self.store.channel.usage_since(mark)
+            rep.bytes += nbytes
+            rep.round_trips += rts
+        rep.transport = "rdma"
+        rep.chunks += len(keys)
+        return "ok"
+
     def _fill(
         self,
         keys: np.ndarray,

@@ -182,6 +182,9 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
             ns, s = h.restore
             h.restore = None
             self._unhold_session(ns, s)
+        batch, h.batch = h.batch, []
+        for ns, s in batch:
+            self._unhold_session(ns, s)
 
     def _drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
         h.pending.pop((ns_name, key), None)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import AuthError, NotFoundError, ProtocolError, RdmakvError
+from ..wire import batches
 from ..wire import messages as msg
 from ..wire.protocol import Op
 from .admission import SaveMustWait
@@ -68,6 +69,8 @@ class Handlers:
             Op.COMPACT: self.on_compact,
             Op.COMMIT: self.on_commit,
             Op.HAS_MANIFESTS: self.on_has_manifests,
+            Op.PUT_MANIFESTS: self.on_put_manifests,
+            Op.GET_MANIFESTS: self.on_get_manifests,
         }
 
     def info(self) -> dict:
@@ -174,6 +177,39 @@ class Handlers:
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
         return msg.enc_manifest_reply(data, loc, tier)
+
+    def on_put_manifests(self, payload: memoryview) -> list:
+        """Each manifest committed as by PUT_MANIFEST; one manifest's failure is its own outcome."""
+        items = batches.dec_put_manifests(payload)
+        self.writes.cancel()
+        outcomes = []
+        for name, data, opts in items:
+            try:
+                data = bytes(data)
+                if self.server.cluster is not None:
+                    self.server.cluster.check_put(self.ns, name, data)
+                missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
+            except RdmakvError as e:
+                outcomes.append(batches.Outcome(batches.FAILED, code=e.code, message=str(e)))
+                continue
+            if len(missing):
+                outcomes.append(batches.Outcome(batches.MISSING, missing))
+                continue
+            if self.server.rdma is not None:
+                self.engine.publish(self.ns, name)
+            outcomes.append(batches.Outcome(batches.COMMITTED))
+        return batches.enc_outcomes(outcomes)
+
+    def on_get_manifests(self, payload: memoryview) -> list:
+        names, want = batches.dec_get_manifests(payload)
+        want = want and self.rdma_session is not None
+        budget = self.server.limits.max_frame - 4096
+        found, regions = self.engine.get_manifests(self.ns, names, want, self.holder, budget)
+        if want:  # lookups that came over TCP: the index lacked them or was stale
+            for name, f in zip(names, found):
+                if f.status == batches.FOUND:
+                    self.engine.publish(self.ns, name)
+        return batches.enc_found(found, regions)
 
     def on_has_manifests(self, payload: memoryview) -> list:
         return [msg.enc_bitmap(self.engine.has_manifests(self.ns, msg.dec_names(payload)))]

@@ -123,11 +123,12 @@ class Namespace:
 
 class Holder:
     """What one connection (or in-process caller) holds: chunks it put for a save that has not
-    committed yet, and the session its last restore looked up."""
+    committed yet, and the session(s) its last restore lookup found."""
 
     def __init__(self) -> None:
         self.pending: dict[tuple[str, int | bytes], float] = {}  # (ns, key) -> monotonic time of the put
         self.restore: tuple[Namespace, Session] | None = None
+        self.batch: list[tuple[Namespace, Session]] = []  # the versions of its last GET_MANIFESTS
         self.restore_at = 0.0
         self.reserved = 0  # slab bytes promised to its save in flight (Engine admission)
         self.active_at = time.monotonic()  # its connection's last request: a stalled save loses its room

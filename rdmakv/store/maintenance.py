@@ -54,7 +54,7 @@ class Maintenance:
             e._expire_due()
             e.expire_stalled_saves(now)
             for h in list(e.holders):
-                if h.restore is not None and now - h.restore_at > RESTORE_HOLD_S:
+                if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
                     e._drop_restore_hold(h)
                 for (ns_name, key), at in list(h.pending.items()):
                     if now - at > SAVE_HOLD_S:

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import NotFoundError
 from ..hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
 from ..wire import manifest as mf
+from ..wire.batches import FOUND, NOT_FOUND, NOT_SERVED, REGION_BYTES, Found, found_size
 from ..wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
@@ -94,12 +95,7 @@ class Reads:
             self._drop_restore_hold(holder)
             s.holds += 1
             holder.restore, holder.restore_at = (ns, s), time.monotonic()
-            self._list(s)
-            hit = s.complete
-            ns.counters["restores"] += 1
-            ns.counters["memory_hits" if hit else "disk_hits"] += 1
-            # by the transport the client then reads with (locations: it READs them)
-            ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
+            hit = self._count_lookup(ns, s, want_locations)
         if not hit:
             self._promote(ns, s)
         with self.lock:
@@ -116,6 +112,66 @@ class Reads:
             else:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
+
+    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:
+        """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
+        self._list(s)
+        hit = s.complete
+        ns.counters["restores"] += 1
+        ns.counters["memory_hits" if hit else "disk_hits"] += 1
+        # by the transport the client then reads with (locations: it READs them)
+        ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
+        return hit
+
+    def get_manifests(
+        self: Engine, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None, max_bytes: int
+    ) -> tuple[list[Found], np.ndarray | None]:
+        """Many restores' lookups in one (GET_MANIFESTS): (an entry per name, the region table
+        when locations are asked). Every version found is held for the caller, together, until
+        its next lookup, so its chunks stay while it fetches them; demoted ones are promoted.
+        Names past ``max_bytes`` of reply are NOT_SERVED (the caller asks for them again)."""
+        holder = holder or self.local
+        with self.lock:
+            self._drop_restore_hold(holder)
+            holder.restore_at = time.monotonic()
+            max_bytes -= 2 * len(self.namespace(ns_name).slab.regions) * REGION_BYTES  # the table goes beside
+        out: list[Found] = []
+        total = 0
+        for name in names:
+            if total and total >= max_bytes:  # at least one is served, whatever the budget
+                out.append(Found(NOT_SERVED))
+                continue
+            with self.lock:
+                ns = self.namespace(ns_name)
+                s = ns.sessions.get(name)
+                if s is None or s.expired(time.time()):
+                    s = None
+                else:
+                    s.holds += 1
+                    holder.batch.append((ns, s))
+                    hit = self._count_lookup(ns, s, want_locations)
+            if s is None:
+                out.append(Found(NOT_FOUND))
+                continue
+            if not hit:
+                self._promote(ns, s)
+            with self.lock:
+                data = s.data
+            if data is None:
+                data = self.read_manifest(s)
+            out.append(Found(FOUND, data, "memory" if hit else "disk"))
+            total += found_size(out[-1]) + (s.n_chunks * LOCATION_DTYPE.itemsize if want_locations else 0)
+        if not want_locations:
+            return out, None
+        with self.lock:  # one region table for the whole reply, taken after every slot it must name
+            ns = self.namespace(ns_name)
+            regions = self._region_table(ns)
+            known = set(regions["id"].tolist())
+            for f in (f for f in out if f.status == FOUND):
+                loc = self._located(ns, mf.keys_view(f.manifest).tolist(), regions=regions)
+                loc.slots["region"][~np.isin(loc.slots["region"], list(known))] = NO_REGION
+                f.slots, f.checks, f.check_alg = loc.slots, loc.checks, loc.check_alg
+        return out, regions
 
     def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:
         """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
@@ -239,7 +295,9 @@ class Reads:
             ns = self.existing(ns_name)
             return self._located(ns, keys.tolist(), with_lengths=True)
 
-    def _located(self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False) -> Locations:
+    def _located(
+        self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False, regions: np.ndarray | None = None
+    ) -> Locations:
         """The region table and where each key's chunk lies in the slab (NO_REGION: not in memory),
         with the store's check of each chunk when the keys are opaque, and with ``with_lengths``
         each chunk's length (0: not stored) for a caller that knows no manifest naming them."""
@@ -260,10 +318,11 @@ class Reads:
                     self.orphans.touch(ns.name, c)  # located by key: the engine is about to read it
             if checks is not None:
                 checks.append(c.check if c is not None and c.check is not None else blank)
+        table = self._region_table(ns) if regions is None else regions
         if checks is None:
-            return Locations(self._region_table(ns), out, lengths=lengths)
+            return Locations(table, out, lengths=lengths)
         arr = np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(checks), "V32")
-        return Locations(self._region_table(ns), out, arr, alg, lengths)
+        return Locations(table, out, arr, alg, lengths)
 
     def _region_table(self: Engine, ns: Namespace) -> np.ndarray:
         return make_regions(

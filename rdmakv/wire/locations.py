@@ -12,7 +12,7 @@ from ..errors import CodecError
 from ..hashing import CHECK_DTYPES, Check
 from .codec import _U8, _U32, Reader
 
-_REGION = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
+REGION_DTYPE = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
 LOCATION_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("gen", "<u4"), ("size", "<u4")])
 NO_REGION = 0xFFFFFFFF
 
@@ -22,7 +22,7 @@ class Locations:
     """Where chunks live in the server's registered slab (for one-sided READs), and for opaque
     keys the store's check of each chunk's bytes (what a READ is verified against)."""
 
-    regions: np.ndarray  # _REGION records: id, addr, length, rkey
+    regions: np.ndarray  # REGION_DTYPE records: id, addr, length, rkey
     slots: np.ndarray  # LOCATION_DTYPE per requested key; region NO_REGION = not stored
     checks: np.ndarray | None = None  # per requested key, CHECK_DTYPES[check_alg]; None for content keys
     check_alg: int = 0  # KEY_OPAQUE_XXH3 or KEY_OPAQUE_BLAKE3 when there are checks
@@ -31,7 +31,7 @@ class Locations:
     def encode(self) -> bytes:
         parts = [
             _U32.pack(len(self.regions)),
-            np.ascontiguousarray(self.regions, dtype=_REGION).tobytes(),
+            np.ascontiguousarray(self.regions, dtype=REGION_DTYPE).tobytes(),
             _U32.pack(len(self.slots)),
             np.ascontiguousarray(self.slots, dtype=LOCATION_DTYPE).tobytes(),
         ]
@@ -48,7 +48,7 @@ class Locations:
 
     @classmethod
     def decode(cls, r: Reader) -> Locations:
-        regions = r.array(_REGION, r.u32())
+        regions = r.array(REGION_DTYPE, r.u32())
         slots = r.array(LOCATION_DTYPE, r.u32())
         known = set(regions["id"].tolist()) | {NO_REGION}
         if not set(np.unique(slots["region"]).tolist()) <= known:
@@ -86,7 +86,7 @@ def _copy(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
-    out = np.zeros(len(rows), dtype=_REGION)
+    out = np.zeros(len(rows), dtype=REGION_DTYPE)
     for i, row in enumerate(rows):
         out[i] = row
     return out

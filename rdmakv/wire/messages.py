@@ -56,7 +56,7 @@ MAX_ERROR_KEYS = 1 << 12  # an error frame lists at most this many missing keys
 # -- manifests -------------------------------------------------------------------------
 PUT_PIN = 1
 PUT_RESERVE = 2  # missing chunks: reserve slots the client then WRITEs by RDMA (wire.writes)
-_PUT_OPTIONS = struct.Struct("<BQ")  # flags (PUT_PIN, PUT_RESERVE), TTL in milliseconds (0 = none)
+PUT_OPTIONS = struct.Struct("<BQ")  # flags (PUT_PIN, PUT_RESERVE), TTL in milliseconds (0 = none)
 MAX_TTL_MS = 10 * 365 * 86400 * 1000
 
 
@@ -73,13 +73,13 @@ def enc_put_manifest(name: str, manifest: bytes, options: SaveOptions | None = N
     if not 0 <= ttl_ms <= MAX_TTL_MS:
         raise CodecError(f"ttl must be between 0 and {MAX_TTL_MS // 1000} seconds, got {options.ttl}")
     flags = (PUT_PIN if options.pin else 0) | (PUT_RESERVE if options.reserve else 0)
-    return [enc_name(name) + _PUT_OPTIONS.pack(flags, ttl_ms), manifest]
+    return [enc_name(name) + PUT_OPTIONS.pack(flags, ttl_ms), manifest]
 
 
 def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview, SaveOptions]:
     r = Reader(data)
     name = read_name(r)
-    flags, ttl_ms = _PUT_OPTIONS.unpack(r.take(_PUT_OPTIONS.size))
+    flags, ttl_ms = PUT_OPTIONS.unpack(r.take(PUT_OPTIONS.size))
     if flags & ~(PUT_PIN | PUT_RESERVE):
         raise CodecError(f"unknown PUT_MANIFEST flags 0x{flags:02x}")
     if ttl_ms > MAX_TTL_MS:

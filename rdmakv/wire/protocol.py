@@ -59,6 +59,8 @@ class Op(IntEnum):
     COMPACT = 14
     COMMIT = 15  # a save whose missing chunks were written by RDMA into its reservation
     HAS_MANIFESTS = 16  # which of these names are committed sessions (one round trip for many)
+    PUT_MANIFESTS = 17  # commit many manifests, each if all its chunks are present (one round trip)
+    GET_MANIFESTS = 18  # look many sessions up (manifests, optionally locations), held together
     ERROR = 127
 
 

@@ -171,3 +171,32 @@ def test_proxy_restores_slot_files_over_reads(srv, monkeypatch):
         assert request_counts(srv.url("kvs-proxy")).get("GET_CHUNKS", 0) == before.get("GET_CHUNKS", 0)
     finally:
         pool.close()
+
+
+def test_batched_lookups_carry_the_checks_of_opaque_keys(srv, monkeypatch):
+    """GET_MANIFESTS with locations, for sessions of opaque keys: each found session comes with the
+    store's check of every chunk, so the READs that follow are verified as a LOCATE's are."""
+    monkeypatch.setenv("RDMAKV_AUTH_KEY", KEY_HEX)
+    sys.path.insert(0, str(CHAIN.parent))
+    import chain_consumer as cc
+
+    b = KVStoreBackend(srv.url("kvs-batch") + "?transport=rdma")
+    try:
+        items = cc.blocks(6)
+        for i in range(2):
+            part = items[3 * i : 3 * i + 3]
+            assert b.put_manifest(f"s{i}", b"body", _pending(b, [k for k, _ in part], [d for _, d in part])) == KV_OK
+        found, regions = b.store.get_manifests(["s0", "s1", "absent"], want_locations=True)
+        assert regions is not None and found[2].status != 0
+        for i, f in enumerate(found[:2]):
+            assert f.slots is not None and f.checks is not None and f.check_alg != 0
+            keys = b.store_keys(b"".join(k for k, _ in items[3 * i : 3 * i + 3]), 3, 32)
+            fresh = b.store.channel.locate(keys)
+            assert f.checks.tobytes() == fresh.checks.tobytes()
+            loc = type(fresh)(regions, f.slots, f.checks, f.check_alg)
+            buf, offsets = b.store.fetch_located(keys, fresh.lengths, loc, np.arange(3), rep := RestoreReport())
+            assert rep.transport == "rdma" and rep.retried_chunks == 0 and rep.fallback_chunks == 0
+            data = items[3 * i + 1][1]
+            assert bytes(memoryview(buf)[int(offsets[1]) : int(offsets[1]) + len(data)]) == data
+    finally:
+        b.close()

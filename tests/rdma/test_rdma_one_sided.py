@@ -118,3 +118,25 @@ def test_reads_past_the_index_or_into_another_namespaces_index_fail(srv):
             r = st.rdma
             with pytest.raises(RdmaError, match="REM_ACCESS_ERR"):
                 r.requester.read([ReadOp(target, rkey, [Sge(r.scratch_addr, 64, r.scratch_lkey)])])
+
+
+def test_many_lookups_in_two_postings_find_what_single_lookups_find(srv):
+    from rdmakv.kvstate import RestoreReport
+
+    with rdmakv.connect(srv.url("o-many"), key=KEY_HEX, transport="rdma", window=64) as st:
+        for i in range(6):
+            st.save(f"s{i}", session(40 + i))
+        st.delete_manifest("s2")
+        st.save("s4", session(99))  # overwritten: its entry names the new blob
+        names = [f"s{i}" for i in range(7)]  # s2 deleted, s6 never saved
+        idx = st.rdma.index
+        rep = RestoreReport()
+        reads = rep.reads_posted
+        many = idx.lookup_many(names, rep)
+        single = [idx.lookup(n, RestoreReport()) for n in names]
+        assert [m is None for m in many] == [False, False, True, False, False, False, True]
+        assert [m and m[0] for m in many] == [s and s[0] for s in single]
+        assert rep.reads_posted - reads >= 1 and rep.index_misses == 2
+        rep2 = RestoreReport()
+        again = idx.lookup_many(names, rep2)  # every blob remembered now: one posting
+        assert [a and a[0] for a in again] == [m and m[0] for m in many]
