@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from rdmakv import progress
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, report, saves, suites, tcp_limit
 

@@ -25,7 +25,7 @@ from rdmakv.cluster.client import ClusterStore
 from rdmakv.cluster.etcd_server import Etcd, free_port
 from rdmakv.cluster.membership import members
 from rdmakv.cluster.repair import check, repair
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .envinfo import collect
 from .plots import pyplot

@@ -27,7 +27,7 @@ from fallback_tcp.framed import FramedSocket, client_handshake
 from rdmakv import kvgen
 from rdmakv.errors import ConnectionLost, RdmakvError, ServerError
 from rdmakv.hashing import chunk_key
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 from rdmakv.wire import chunking
 from rdmakv.wire import messages as msg
 from rdmakv.wire.protocol import HEADER, Op, encode_header, plain_frame

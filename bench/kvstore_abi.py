@@ -169,7 +169,7 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rdmakv.store.spawn import ServerProcess
+    from rdmakv.store.server.spawn import ServerProcess
 
     from . import envinfo
 

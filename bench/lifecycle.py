@@ -33,7 +33,7 @@ import time
 import numpy as np
 import xxhash
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 from rdmakv.units import fmt_bytes, parse_size
 
 from . import envinfo

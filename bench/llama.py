@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, llama_slots
 from .stats import summary

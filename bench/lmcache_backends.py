@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from rdmakv.lmcache.cpu_engine import close_engine, engine_config, rdmakv_config, remote_connector
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import rdmakv
 from rdmakv import kvgen
 from rdmakv.cluster.etcd_server import free_port
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .envinfo import collect
 from .plots import pyplot

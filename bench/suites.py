@@ -15,9 +15,10 @@ import numpy as np
 import xxhash
 
 import rdmakv
-from rdmakv import demo, kvgen
+from rdmakv import kvgen
+from rdmakv.cli import demo
 from rdmakv.kvgen import QWEN25_05B
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .stats import summary
 

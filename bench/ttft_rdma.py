@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo
 
@@ -58,7 +58,7 @@ def slot_files(args: argparse.Namespace) -> dict[int, bytes]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import rdmakv
-    from rdmakv.kvstate import RestoreReport
+    from rdmakv.client.reports import RestoreReport
     from rdmakv.llama import prefix_entry as pe
     from rdmakv.llama import prefix_names as pn
     from rdmakv.llama import prefix_store as ps

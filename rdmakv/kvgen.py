@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .kvstate import KVState
+from .client.reports import KVState
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rdmakv.store.spawn import ServerProcess as _ServerProcess
+from rdmakv.store.server.spawn import ServerProcess as _ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_HEX = "7f" * 32

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdmakv import kvgen
+from rdmakv.client.reports import KVState
 from rdmakv.errors import AuthError, CodecError, ManifestError, ProtocolError, TooLargeError
 from rdmakv.hashing import (
     HASH_BLAKE3_256,
@@ -22,8 +23,7 @@ from rdmakv.hashing import (
     keys_array,
     opaque_key,
 )
-from rdmakv.kvstate import KVState
-from rdmakv.store import records as rec
+from rdmakv.store.engine import records as rec
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 from rdmakv.wire import messages as msg

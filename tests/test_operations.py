@@ -81,7 +81,7 @@ def test_metrics_after_real_saves_and_restores(tmp_path):
 
 
 def test_namespace_labels_are_bounded(tmp_path):
-    from rdmakv.store import metrics
+    from rdmakv.store.server import metrics
 
     port = free_port()
     srv = ServerProcess(str(tmp_path / "d"), "64MiB", "--transport", "tcp", "--metrics-listen",

@@ -17,7 +17,7 @@ from .repair import check, repair
 def node_usage(addr: str, key: str | None, namespace: str | None = None) -> dict:
     """STATS of one member, asked in ``namespace`` (else ``_status``, which the node then lists,
     empty); the store-wide part needs an admin key."""
-    from ..client import connect
+    from ..client.store import connect
 
     try:
         with connect(f"rdmakv://{addr}/{namespace or '_status'}", key=key, transport="tcp", timeout=3) as st:

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..client import Store, connect
+from ..client.reports import KVState, RestoreReport
+from ..client.store import Store, connect
 from ..errors import (
     ConnectionLost,
     MissingChunksError,
@@ -34,7 +35,6 @@ from ..errors import (
     SessionChangedError,
     StaleMembersError,
 )
-from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.cluster_part import (

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..client.reports import RestoreReport
 from ..errors import NotFoundError, RdmakvError
-from ..kvstate import RestoreReport
 from . import completion_request as cr
 from . import prefix_entry as pe
 from . import prefix_names as pn

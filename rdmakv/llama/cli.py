@@ -33,7 +33,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace):
-    from ..client import connect
+    from ..client.store import connect
 
     return connect(args.url, transport=args.transport, window=args.window)
 
@@ -54,7 +54,7 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from ..kvstate import RestoreReport
+    from ..client.reports import RestoreReport
     from .slotstore import get_slotfile
 
     rep = RestoreReport()

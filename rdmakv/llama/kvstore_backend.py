@@ -32,7 +32,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..client import Store, connect
+from ..client.reports import RestoreReport, SaveReport
+from ..client.store import Store, connect
 from ..errors import AuthError, BusyError, ConnectionLost, DiskFullError, NotFoundError, StoreFullError
 from ..hashing import (
     HASH_BLAKE3_256,
@@ -44,7 +45,6 @@ from ..hashing import (
     keys_array,
     opaque_key,
 )
-from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
 from ..wire.auth import KEY_ENV, parse_key
 from ..wire.keyring import KeyRing
@@ -410,7 +410,7 @@ class KVStoreBackend:
 
 
 def _namespace(url: str) -> str:
-    from ..url import parse_url
+    from ..client.url import parse_url
 
     return parse_url(url).namespace
 

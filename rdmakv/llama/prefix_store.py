@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client import Store
+from ..client.reports import RestoreReport
+from ..client.store import Store
 from ..errors import MissingChunksError, StoreFullError
 from ..hashing import key_function, keys_array
-from ..kvstate import RestoreReport
 from ..wire import manifest as mf
 from . import prefix_entry as pe
 from . import prefix_names as pn

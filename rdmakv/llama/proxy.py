@@ -231,7 +231,7 @@ class Proxy:
     async def slot_restore(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
-        from ..kvstate import RestoreReport
+        from ..client.reports import RestoreReport
 
         body = await request.read()
         name = self._filename(body)

@@ -7,9 +7,9 @@ from collections import OrderedDict
 
 import xxhash
 
-from ..client import Store
+from ..client.reports import RestoreReport, SaveReport
+from ..client.store import Store
 from ..errors import MissingChunksError
-from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
 from . import prefix_entry, slotfile
 

@@ -63,7 +63,7 @@ class StorePool:
             self._cv.notify()
 
     def _connect(self) -> Any:
-        from ..client import connect
+        from ..client.store import connect
 
         return connect(self.url, transport=self.transport, window=self.window, timeout=30)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..client import Store
+from ..client.reports import RestoreReport
+from ..client.store import Store
 from ..errors import ConnectionLost, RdmakvError
-from ..kvstate import RestoreReport
 from ..wire import batches
 from ..wire import manifest as mf
 from ..wire.messages import Locations

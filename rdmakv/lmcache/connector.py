@@ -37,9 +37,9 @@ from lmcache.v1.protocol import RemoteMetadata
 from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext, extract_plugin_type
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
-from ..client import Store, connect
+from ..client.reports import RestoreReport
+from ..client.store import Store, connect
 from ..errors import AuthError, CodecError, ManifestError, RdmakvError
-from ..kvstate import RestoreReport
 from ..wire import manifest as mf
 from . import batch, values
 from .lanes import Lane, Unavailable

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from ..client import Store
+from ..client.store import Store
 from ..errors import BusyError, ConnectionLost, RdmakvError
 
 log = logging.getLogger("rdmakv.lmcache")

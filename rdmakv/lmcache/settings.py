@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from ..client.url import StoreURL, parse_url
 from ..errors import RdmakvError
-from ..url import StoreURL, parse_url
 from ..wire.auth import KEY_ENV, parse_key
 from ..wire.keyring import KeyRing
 

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import errno
 import importlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -90,6 +91,22 @@ def _errno_text(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- devices
+
+DEVICE_ENV = "RDMAKV_RDMA_DEVICE"  # names the device to use when a host has several
+
+
+def probe_device() -> tuple[Device | None, str]:
+    """The one device probe, for the server's exporter and the client's restorer alike: the
+    device ``RDMAKV_RDMA_DEVICE`` names (else the first one), or (None, why there is none)."""
+    ok, why = pyverbs_status()
+    if not ok:
+        return None, why  # already says "pyverbs is not importable (...)"
+    if not list_devices():
+        return None, "no RDMA device on this host"
+    try:
+        return Device.open(os.environ.get(DEVICE_ENV) or None), ""
+    except RdmaError as e:
+        return None, str(e)
 
 
 def list_devices() -> list[str]:

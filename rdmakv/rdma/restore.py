@@ -16,15 +16,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..bufpool import BufferPool
+from ..client.bufpool import BufferPool
+from ..client.reports import RestoreReport
 from ..errors import RdmakvError
 from ..hashing import verified
-from ..kvstate import RestoreReport
 from ..wire.messages import NO_REGION, Locations, dec_locations
 from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
-from .device import Device, list_devices, pyverbs_status
+from .device import Device, probe_device
 from .errors import RdmaError
-from .exporter import DEVICE_ENV
 from .lookup import OneSidedIndex
 from .qp import QPInfo
 from .readplan import plan_reads
@@ -262,13 +261,10 @@ def open_restorer(store) -> tuple[RdmaRestorer | None, str]:
     """Connect the RDMA path if both ends can; else (None, why not)."""
     if not store.server_info.get("rdma"):
         return None, "server has no RDMA device (it serves TCP only)"
-    ok, why = pyverbs_status()
-    if not ok:
-        return None, f"pyverbs is not importable here ({why})"
-    if not list_devices():
-        return None, "no RDMA device on this host"
+    device, why = probe_device()
+    if device is None:
+        return None, why
     try:
-        device = Device.open(os.environ.get(DEVICE_ENV) or None)
         return RdmaRestorer(store, device), ""
     except (RdmaError, RdmakvError, ValueError) as e:
         return None, f"RDMA_CONNECT failed: {e}"

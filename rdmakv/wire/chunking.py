@@ -14,9 +14,9 @@ from functools import cached_property
 
 import numpy as np
 
+from ..client.reports import KVState
 from ..errors import ManifestError
 from ..hashing import HASH_XXH3_64, key_function, keys_array
-from ..kvstate import KVState
 from .manifest import KIND_KV, Manifest
 
 DEFAULT_WINDOW = 256

@@ -1,0 +1,140 @@
+"""The kv_store-style low-level calls of ``Store``, and the TCP chunk fill with its prefetch cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..hashing import Key, key_function, keys_array
+from ..wire import manifest as mf
+from ..wire.batches import Found, Outcome
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+class LowLevel:
+    """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them."""
+
+    def fill_tcp(self: Store, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
+        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``: each
+        distinct chunk is received straight into its first place, then copied to any others."""
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # fetch in manifest order: sequential slab reads
+        ukeys = uniq[order].tolist()
+        ulens = lengths[first[order]].tolist()
+        home = offsets[first[order]].tolist()
+        todo = []
+        for i, k in enumerate(ukeys):
+            cached = self._cache.pop(k, None)
+            if cached is not None:
+                self._cache_bytes -= len(cached)
+                dest[home[i] : home[i] + ulens[i]] = cached
+            else:
+                todo.append(i)
+        if todo:
+            self.channel.fetch_chunks([ukeys[i] for i in todo], [ulens[i] for i in todo], dest, [home[i] for i in todo])
+        if len(ukeys) != len(keys):  # the same chunk at several places: copy from where it landed
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            src = np.asarray(home, dtype=np.int64)[rank[inverse]]
+            for pos, s, n in zip(offsets.tolist(), src.tolist(), lengths.tolist()):
+                if pos != s:
+                    dest[pos : pos + n] = dest[s : s + n]
+
+    def exists(self: Store, keys: Sequence[Key] | np.ndarray) -> np.ndarray:
+        return self.channel.exists(keys_array(keys, _alg(keys, self.hash_alg)))
+
+    def put_chunks(self: Store, chunks: Sequence[bytes | memoryview]) -> list[Key]:
+        """Store chunks (content-addressed, keyed with this connection's hash_alg); returns their keys."""
+        key = key_function(self.hash_alg)
+        keys = [key(c) for c in chunks]
+        self.channel.put_chunks(keys, chunks)
+        return keys
+
+    def get_chunks(self: Store, keys: Sequence[Key]) -> list[bytes | None]:
+        """Chunks by key (None where absent); every chunk is verified against its key."""
+        return self.channel.get_chunks([k if isinstance(k, bytes) else int(k) for k in keys])
+
+    def prefetch(self: Store, keys: Sequence[Key]) -> int:
+        """Fetch chunks into a local cache that the next restore uses; returns bytes cached."""
+        got = 0
+        keys = [k if isinstance(k, bytes) else int(k) for k in keys]
+        for k, data in zip(keys, self.get_chunks(keys)):
+            if data is not None and k not in self._cache:
+                self._cache[k] = data
+                self._cache_bytes += len(data)
+                got += len(data)
+        while self._cache_bytes > self.cache_limit and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+        return got
+
+    def put_manifest(
+        self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None
+    ) -> list[Key]:
+        """Commit if every chunk is present; returns the missing keys (empty = committed)."""
+        from .store import _options
+
+        data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
+        return self.channel.put_manifest(name, data, _options(pin, ttl)).tolist()
+
+    def pin(self: Store, name: str) -> None:
+        """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
+        self.channel.pin(name, True)
+
+    def unpin(self: Store, name: str) -> None:
+        self.channel.pin(name, False)
+
+    def compact(self: Store) -> dict:
+        """Compact the server's log now; returns what it did (segments, bytes before and after)."""
+        return self.channel.compact()
+
+    def get_manifest(self: Store, name: str) -> mf.Manifest:
+        return mf.decode(self.channel.get_manifest(name)[0])
+
+    def has_manifests(self: Store, names: Sequence[str]) -> np.ndarray:
+        """Which of ``names`` are committed sessions (a bool per name), in one round trip; the
+        sessions are not touched (no promotion, no LRU move, not counted as restores)."""
+        return self.channel.has_manifests(list(names))
+
+    def put_manifests(
+        self: Store, items: Sequence[tuple[str, bytes | mf.Manifest]], *, pin: bool = False, ttl: float | None = None
+    ) -> list[Outcome]:
+        """Commit many manifests in one round trip, each only if every chunk it names is stored:
+        per manifest an Outcome (``status`` COMMITTED, MISSING with its ``missing`` keys, or
+        FAILED with that manifest's own error ``code`` and ``message``)."""
+        from .store import _options
+
+        opts = _options(pin, ttl)
+        return self.channel.put_manifests(
+            [(n, m.encode() if isinstance(m, mf.Manifest) else bytes(m), opts) for n, m in items]
+        )
+
+    def get_manifests(
+        self: Store, names: Sequence[str], want_locations: bool = False
+    ) -> tuple[list[Found], np.ndarray | None]:
+        """Look many sessions up in one round trip: per name a Found (``status`` FOUND with the
+        ``manifest`` bytes, ``tier`` and, when asked and RDMA is up, ``slots``; or NOT_FOUND),
+        and the region table the slots refer to. The versions found are held for this
+        connection until its next lookup, so their chunks stay while it fetches them."""
+        return self.channel.get_manifests(list(names), want_locations)
+
+    def delete_manifest(self: Store, name: str) -> None:
+        self.channel.delete_manifest(name)
+
+    def list(self: Store, prefix: str = "") -> list[dict]:
+        return self.channel.list(prefix)
+
+    def stats(self: Store) -> dict:
+        return self.channel.stats()
+
+
+def _alg(keys, default: int) -> int:
+    from ..wire.messages import alg_of
+
+    if isinstance(keys, np.ndarray) or len(keys):
+        return alg_of(keys)
+    return default
