@@ -76,10 +76,10 @@ class LowLevel:
         self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None
     ) -> list[Key]:
         """Commit if every chunk is present; returns the missing keys (empty = committed)."""
-        from .store import _options
+        from .store import save_options
 
         data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
-        return self.channel.put_manifest(name, data, _options(pin, ttl)).tolist()
+        return self.channel.put_manifest(name, data, save_options(pin, ttl)).tolist()
 
     def pin(self: Store, name: str) -> None:
         """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
@@ -106,9 +106,9 @@ class LowLevel:
         """Commit many manifests in one round trip, each only if every chunk it names is stored:
         per manifest an Outcome (``status`` COMMITTED, MISSING with its ``missing`` keys, or
         FAILED with that manifest's own error ``code`` and ``message``)."""
-        from .store import _options
+        from .store import save_options
 
-        opts = _options(pin, ttl)
+        opts = save_options(pin, ttl)
         return self.channel.put_manifests(
             [(n, m.encode() if isinstance(m, mf.Manifest) else bytes(m), opts) for n, m in items]
         )

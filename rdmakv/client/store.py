@@ -39,7 +39,7 @@ def client_tls(ca: str | None) -> ssl.SSLContext:
     return ctx
 
 
-def _options(pin: bool, ttl: float | None) -> SaveOptions:
+def save_options(pin: bool, ttl: float | None) -> SaveOptions:
     if ttl is not None and ttl <= 0:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
     return SaveOptions(bool(pin), float(ttl or 0.0))
@@ -141,7 +141,7 @@ class Store(LowLevel):
         session expires."""
         t0 = time.perf_counter()
         manifest, chunks = chunking.split(kv, window or self.window, self.hash_alg)
-        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
+        return self._save_manifest(name, manifest, chunks, t0, save_options(pin, ttl))
 
     def save_object(
         self,
@@ -157,7 +157,7 @@ class Store(LowLevel):
         """Save any manifest kind (slot files, blobs): body + ordered chunks with tags."""
         t0 = time.perf_counter()
         manifest = self.build_object(kind, body, chunks, tags)
-        return self._save_manifest(name, manifest, chunks, t0, _options(pin, ttl))
+        return self._save_manifest(name, manifest, chunks, t0, save_options(pin, ttl))
 
     def build_object(
         self, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
@@ -193,7 +193,7 @@ class Store(LowLevel):
     ) -> SaveReport:
         """Commit a built manifest; ``chunks[i]`` holds the bytes of ``manifest.keys[i]`` (None for
         one sent already). One round trip when the store has every chunk."""
-        return self._save_manifest(name, manifest, chunks, time.perf_counter(), _options(pin, ttl))
+        return self._save_manifest(name, manifest, chunks, time.perf_counter(), save_options(pin, ttl))
 
     def _save_manifest(
         self,

@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- pyverbs loading
 
-_pv: _Pyverbs | None = None
+_pv: Pyverbs | None = None
 _pv_error: str | None = None
 _pv_lock = threading.Lock()
 
 
-class _Pyverbs:
+class Pyverbs:
     """The pyverbs modules we use, resolved once."""
 
     def __init__(self) -> None:
@@ -54,14 +54,14 @@ class _Pyverbs:
         self.version = getattr(importlib.import_module("pyverbs"), "__version__", "")
 
 
-def _load() -> _Pyverbs:
+def load_pyverbs() -> Pyverbs:
     global _pv, _pv_error
     if _pv is not None:
         return _pv
     with _pv_lock:
         if _pv is None and _pv_error is None:
             try:
-                _pv = _Pyverbs()
+                _pv = Pyverbs()
             except ImportError as exc:
                 _pv_error = (
                     f"pyverbs is not importable ({exc}); install Debian's "
@@ -77,13 +77,13 @@ def _load() -> _Pyverbs:
 def pyverbs_status() -> tuple[bool, str]:
     """(usable, explanation). Only checks that pyverbs imports, not that a device exists."""
     try:
-        pv = _load()
+        pv = load_pyverbs()
     except RdmaUnavailable as exc:
         return False, str(exc)
     return True, f"pyverbs {pv.version or '(unknown version)'} ({pv.e.__name__})"
 
 
-def _errno_text(exc: BaseException) -> str:
+def errno_text(exc: BaseException) -> str:
     code = getattr(exc, "error_code", None)
     if code:
         return f"{exc} [{errno.errorcode.get(code, code)}]"
@@ -111,7 +111,7 @@ def probe_device() -> tuple[Device | None, str]:
 
 def list_devices() -> list[str]:
     """Names of the RDMA devices the kernel exposes (empty when there are none)."""
-    pv = _load()
+    pv = load_pyverbs()
     try:
         return [dev.name.decode() for dev in pv.device.get_device_list()]
     except pv.err.PyverbsError:
@@ -119,7 +119,7 @@ def list_devices() -> list[str]:
         return []
 
 
-_MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
+MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
 _PORT_ACTIVE = 4
 _LINK_ETHERNET = 2
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -160,7 +160,7 @@ def _gid_to_bytes(gid_str: str) -> bytes:
     return bytes.fromhex(gid_str.replace(":", ""))
 
 
-def _gid_from_bytes(pv: _Pyverbs, raw: bytes) -> Any:
+def gid_from_bytes(pv: Pyverbs, raw: bytes) -> Any:
     h = raw.hex()
     return pv.addr.GID(":".join(h[i : i + 4] for i in range(0, 32, 4)))
 
@@ -207,7 +207,7 @@ class Device:
 
     @classmethod
     def _open_uncached(cls, name: str | None) -> Device:
-        pv = _load()
+        pv = load_pyverbs()
         names = list_devices()
         if not names:
             raise RdmaUnavailable(
@@ -222,7 +222,7 @@ class Device:
             try:
                 ctx = pv.device.Context(name=cand)
             except pv.err.PyverbsError as exc:
-                reasons.append(f"{cand}: cannot open ({_errno_text(exc)})")
+                reasons.append(f"{cand}: cannot open ({errno_text(exc)})")
                 continue
             try:
                 caps = cls._pick_port(pv, ctx, cand)
@@ -234,7 +234,7 @@ class Device:
         raise RdmaUnavailable("no usable RDMA port: " + "; ".join(reasons))
 
     @staticmethod
-    def _pick_port(pv: _Pyverbs, ctx: Any, name: str) -> DeviceCaps:
+    def _pick_port(pv: Pyverbs, ctx: Any, name: str) -> DeviceCaps:
         e = pv.e
         attr = ctx.query_device()
         why = []
@@ -285,7 +285,7 @@ class Device:
                 link_layer=int(pattr.link_layer),
                 lid=int(pattr.lid),
                 active_mtu=mtu,
-                mtu_bytes=_MTU_BYTES.get(mtu, 0),
+                mtu_bytes=MTU_BYTES.get(mtu, 0),
                 max_msg_sz=int(pattr.max_msg_sz),
                 max_sge=int(attr.max_sge),
                 max_sge_rd=int(attr.max_sge_rd),
@@ -307,11 +307,11 @@ class Device:
     def alloc_pd(self) -> ProtectionDomain:
         from .memory import ProtectionDomain  # memory builds on this module
 
-        pv = _load()
+        pv = load_pyverbs()
         try:
             return ProtectionDomain(self, pv.pd.PD(self.context))
         except pv.err.PyverbsError as exc:
-            raise RdmaError(f"{self.caps.name}: ibv_alloc_pd failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"{self.caps.name}: ibv_alloc_pd failed: {errno_text(exc)}") from exc
 
     def close(self) -> None:
         """Close the context and, through pyverbs, everything still open under it.

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import CodecError
 from ..hashing import CHECK_DTYPES, Check
-from .codec import _U8, _U32, Reader
+from .codec import U8, U32, Reader
 
 REGION_DTYPE = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
 LOCATION_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("gen", "<u4"), ("size", "<u4")])
@@ -30,20 +30,20 @@ class Locations:
 
     def encode(self) -> bytes:
         parts = [
-            _U32.pack(len(self.regions)),
+            U32.pack(len(self.regions)),
             np.ascontiguousarray(self.regions, dtype=REGION_DTYPE).tobytes(),
-            _U32.pack(len(self.slots)),
+            U32.pack(len(self.slots)),
             np.ascontiguousarray(self.slots, dtype=LOCATION_DTYPE).tobytes(),
         ]
         if self.checks is None:
-            parts.append(_U8.pack(0))
+            parts.append(U8.pack(0))
         else:
             checks = np.ascontiguousarray(self.checks, CHECK_DTYPES[self.check_alg])
-            parts += [_U8.pack(self.check_alg), checks.tobytes()]
+            parts += [U8.pack(self.check_alg), checks.tobytes()]
         if self.lengths is None:
-            parts.append(_U8.pack(0))
+            parts.append(U8.pack(0))
         else:
-            parts += [_U8.pack(1), np.ascontiguousarray(self.lengths, dtype="<u4").tobytes()]
+            parts += [U8.pack(1), np.ascontiguousarray(self.lengths, dtype="<u4").tobytes()]
         return b"".join(parts)
 
     @classmethod
