@@ -73,7 +73,7 @@ def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     from rdmakv import rdma
 
     dev = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
-    pd_s, pd_c = dev.alloc_pd(), dev.alloc_pd()
+    pd_s, pd_c = rdma.alloc_pd(dev), rdma.alloc_pd(dev)
     src = mmap.mmap(-1, size)
     dst = mmap.mmap(-1, size)
     src_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))

@@ -16,7 +16,6 @@ and, for a 4-turn chat saved after every turn, the bytes the store holds for the
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -31,39 +30,8 @@ from typing import Any
 from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, llama_slots
+from .llama_harness import Http, byte_tokens
 from .stats import summary
-
-N_SPECIAL = 3  # the test GGUF's vocab: unk/bos/eos, then 256 byte tokens
-
-
-class Http:
-    """A keep-alive HTTP/1.1 connection, so each timed call is one request, not a TCP handshake."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, float]:
-        data = json.dumps(body).encode() if body is not None else None
-        t0 = time.perf_counter()
-        self.conn.request(method, path, data, {"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
-        raw = resp.read()
-        dt = time.perf_counter() - t0
-        return resp.status, json.loads(raw or b"{}"), dt
-
-    def ok(self, method: str, path: str, body: dict | None = None) -> tuple[dict, float]:
-        status, res, dt = self.call(method, path, body)
-        if status != 200:
-            raise RuntimeError(f"{method} {path} -> {status}: {res}")
-        return res, dt
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def byte_tokens(rng: random.Random, n: int) -> list[int]:
-    """Random byte-token ids: token prompts skip tokenization, so every turn re-uses the exact tokens."""
-    return [N_SPECIAL + rng.randrange(256) for _ in range(n)]
 
 
 def llama_version(binary: Path) -> str:
@@ -75,10 +43,8 @@ def llama_version(binary: Path) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from tests import llama_fixtures as lf
-    except ImportError as e:  # the helpers live with the tests: run from a source checkout
-        raise SystemExit(f"bench.llama: run from the repository root (needs tests/llama_fixtures.py): {e}") from e
+    from . import llama_harness as lf
+
     binary = lf.find_llama_server()
     if binary is None:
         raise SystemExit("bench.llama: llama-server not built: run tests/build_llama_server.sh")

@@ -211,10 +211,8 @@ def summarize(samples: list[float]) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from tests import llama_fixtures as lf
-    except ImportError as e:
-        raise SystemExit(f"bench.ttft: run from the repository root (needs tests/llama_fixtures.py): {e}") from e
+    from . import llama_harness as lf
+
     binary = lf.find_llama_server()
     if binary is None:
         raise SystemExit("bench.ttft: llama-server not built: run tests/build_llama_server.sh")

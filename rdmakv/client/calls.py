@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fallback_tcp.transport import TcpChannel
 
 from ..hashing import Key, key_function, keys_array
 from ..wire import manifest as mf
 from ..wire.batches import Found, Outcome
+from ..wire.messages import SaveOptions
 
-if TYPE_CHECKING:
-    from .store import Store
+
+def save_options(pin: bool, ttl: float | None) -> SaveOptions:
+    if ttl is not None and ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
+    return SaveOptions(bool(pin), float(ttl or 0.0))
 
 
 class LowLevel:
-    """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them."""
+    """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them. It
+    needs only the connection's channel and hash algorithm, and owns the prefetch cache."""
 
-    def fill_tcp(self: Store, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
+    channel: TcpChannel
+    hash_alg: int
+    _cache: OrderedDict[Key, bytes]
+    _cache_bytes: int
+    cache_limit: int
+
+    def fill_tcp(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
         """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``: each
         distinct chunk is received straight into its first place, then copied to any others."""
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -44,21 +57,21 @@ class LowLevel:
                 if pos != s:
                     dest[pos : pos + n] = dest[s : s + n]
 
-    def exists(self: Store, keys: Sequence[Key] | np.ndarray) -> np.ndarray:
+    def exists(self, keys: Sequence[Key] | np.ndarray) -> np.ndarray:
         return self.channel.exists(keys_array(keys, _alg(keys, self.hash_alg)))
 
-    def put_chunks(self: Store, chunks: Sequence[bytes | memoryview]) -> list[Key]:
+    def put_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[Key]:
         """Store chunks (content-addressed, keyed with this connection's hash_alg); returns their keys."""
         key = key_function(self.hash_alg)
         keys = [key(c) for c in chunks]
         self.channel.put_chunks(keys, chunks)
         return keys
 
-    def get_chunks(self: Store, keys: Sequence[Key]) -> list[bytes | None]:
+    def get_chunks(self, keys: Sequence[Key]) -> list[bytes | None]:
         """Chunks by key (None where absent); every chunk is verified against its key."""
         return self.channel.get_chunks([k if isinstance(k, bytes) else int(k) for k in keys])
 
-    def prefetch(self: Store, keys: Sequence[Key]) -> int:
+    def prefetch(self, keys: Sequence[Key]) -> int:
         """Fetch chunks into a local cache that the next restore uses; returns bytes cached."""
         got = 0
         keys = [k if isinstance(k, bytes) else int(k) for k in keys]
@@ -76,45 +89,41 @@ class LowLevel:
         self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None
     ) -> list[Key]:
         """Commit if every chunk is present; returns the missing keys (empty = committed)."""
-        from .store import save_options
-
         data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
         return self.channel.put_manifest(name, data, save_options(pin, ttl)).tolist()
 
-    def pin(self: Store, name: str) -> None:
+    def pin(self, name: str) -> None:
         """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
         self.channel.pin(name, True)
 
-    def unpin(self: Store, name: str) -> None:
+    def unpin(self, name: str) -> None:
         self.channel.pin(name, False)
 
-    def compact(self: Store) -> dict:
+    def compact(self) -> dict:
         """Compact the server's log now; returns what it did (segments, bytes before and after)."""
         return self.channel.compact()
 
-    def get_manifest(self: Store, name: str) -> mf.Manifest:
+    def get_manifest(self, name: str) -> mf.Manifest:
         return mf.decode(self.channel.get_manifest(name)[0])
 
-    def has_manifests(self: Store, names: Sequence[str]) -> np.ndarray:
+    def has_manifests(self, names: Sequence[str]) -> np.ndarray:
         """Which of ``names`` are committed sessions (a bool per name), in one round trip; the
         sessions are not touched (no promotion, no LRU move, not counted as restores)."""
         return self.channel.has_manifests(list(names))
 
     def put_manifests(
-        self: Store, items: Sequence[tuple[str, bytes | mf.Manifest]], *, pin: bool = False, ttl: float | None = None
+        self, items: Sequence[tuple[str, bytes | mf.Manifest]], *, pin: bool = False, ttl: float | None = None
     ) -> list[Outcome]:
         """Commit many manifests in one round trip, each only if every chunk it names is stored:
         per manifest an Outcome (``status`` COMMITTED, MISSING with its ``missing`` keys, or
         FAILED with that manifest's own error ``code`` and ``message``)."""
-        from .store import save_options
-
         opts = save_options(pin, ttl)
         return self.channel.put_manifests(
             [(n, m.encode() if isinstance(m, mf.Manifest) else bytes(m), opts) for n, m in items]
         )
 
     def get_manifests(
-        self: Store, names: Sequence[str], want_locations: bool = False
+        self, names: Sequence[str], want_locations: bool = False
     ) -> tuple[list[Found], np.ndarray | None]:
         """Look many sessions up in one round trip: per name a Found (``status`` FOUND with the
         ``manifest`` bytes, ``tier`` and, when asked and RDMA is up, ``slots``; or NOT_FOUND),
@@ -122,13 +131,13 @@ class LowLevel:
         connection until its next lookup, so their chunks stay while it fetches them."""
         return self.channel.get_manifests(list(names), want_locations)
 
-    def delete_manifest(self: Store, name: str) -> None:
+    def delete_manifest(self, name: str) -> None:
         self.channel.delete_manifest(name)
 
-    def list(self: Store, prefix: str = "") -> list[dict]:
+    def list(self, prefix: str = "") -> list[dict]:
         return self.channel.list(prefix)
 
-    def stats(self: Store) -> dict:
+    def stats(self) -> dict:
         return self.channel.stats()
 
 

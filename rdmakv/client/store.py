@@ -23,7 +23,7 @@ from ..wire.auth import key_from_env
 from ..wire.messages import Locations, SaveOptions
 from ..wire.protocol import mac_alg
 from .bufpool import BufferPool
-from .calls import LowLevel
+from .calls import LowLevel, save_options
 from .reports import KVState, RestoreReport, SaveReport
 from .url import parse_url
 
@@ -37,12 +37,6 @@ def client_tls(ca: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def save_options(pin: bool, ttl: float | None) -> SaveOptions:
-    if ttl is not None and ttl <= 0:
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
-    return SaveOptions(bool(pin), float(ttl or 0.0))
 
 
 # (manifest, KV layout or None, restore buffer, each chunk's offset in it)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .host import GUEST_DIR, GuestError, cache_root, cache_roots, sbin_tool, writable_dir
 
 if TYPE_CHECKING:
-    from .qemu import QemuKernel
+    from .qemu_kernel import QemuKernel
 
 #: Modules the initramfs loads (plus their dependencies, in `modprobe --show-depends` order)
 #: to reach the 9p root; everything else is modprobe'd by stage 2 from the shared module tree.

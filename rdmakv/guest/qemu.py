@@ -26,6 +26,7 @@ from .host import (
     writable_dir,
 )
 from .initramfs import ensure_qemu_initrd
+from .qemu_kernel import QemuKernel
 from .runner import copy_stage_scripts, guest_env, guest_run, mem_bytes, write_run_files
 
 # --------------------------------------------------------------------------------------------
@@ -61,37 +62,6 @@ QEMU_KERNEL_ARGS = (
     "i8042.noaux",
     "i8042.nokbd",
 )
-
-
-class QemuKernel:
-    """A stock Debian kernel package extracted into the cache: ``boot/vmlinuz-KVER`` and the
-    depmod'ed module tree ``lib/modules/KVER`` under :attr:`root`."""
-
-    def __init__(self, root: pathlib.Path, kver: str) -> None:
-        self.root = root
-        self.kver = kver
-
-    @property
-    def vmlinuz(self) -> pathlib.Path:
-        return self.root / "boot" / f"vmlinuz-{self.kver}"
-
-    @property
-    def boot_image(self) -> pathlib.Path:
-        """What QEMU boots: the uncompressed ``vmlinux`` (PVH entry) when we could extract it,
-        else the bzImage. Under TCG the bzImage's own xz decompressor takes ~5 s."""
-        vmlinux = self.root / "boot" / f"vmlinux-{self.kver}"
-        return vmlinux if vmlinux.is_file() else self.vmlinuz
-
-    @property
-    def modules_dir(self) -> pathlib.Path:
-        """The directory holding ``KVER/`` (shared read-only as the guest's /lib/modules)."""
-        for d in (self.root / "lib" / "modules", self.root / "usr" / "lib" / "modules"):
-            if (d / self.kver).is_dir():
-                return d
-        return self.root / "lib" / "modules"
-
-    def __repr__(self) -> str:
-        return f"QemuKernel({str(self.root)!r}, {self.kver!r})"
 
 
 _QEMU_MARKER = ".rdmakv-kver"  # written last into an extracted kernel dir: it is complete

@@ -47,7 +47,7 @@ from .slot_table import SlotsBusyError, SlotTable, signature
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from .proxy import Proxy
+    from .upstream import Upstream
 
 UPSTREAM_CALL_S = 60.0  # one of the proxy's own calls to llama-server (tokenize, slots, save, restore)
 STORE_CALL_S = 10.0  # a lookup or a prefix fetch; past it the request goes on without the store
@@ -92,7 +92,7 @@ def log(message: str) -> None:
 
 
 class AutoCache:
-    def __init__(self, proxy: Proxy, window: int, cache_key: str = "", metrics: ProxyMetrics | None = None) -> None:
+    def __init__(self, proxy: Upstream, window: int, cache_key: str = "", metrics: ProxyMetrics | None = None) -> None:
         self.proxy, self.window, self.cache_key = proxy, window, cache_key
         self.metrics = metrics or ProxyMetrics()
         self.slots = SlotTable()
@@ -189,7 +189,7 @@ class AutoCache:
 
     # -- a completion --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        from .proxy import llama_error
+        from .upstream import llama_error
 
         raw = await request.read()
         req = cr.parse(request.path, raw)

@@ -46,6 +46,7 @@ from .completion_request import ENDPOINTS as COMPLETION_ENDPOINTS
 from .local_cache import LocalCache
 from .scratch import ScratchFiles, remove, sweep, work_dir
 from .store_pool import DEFAULT_POOL_SIZE, StorePool
+from .upstream import llama_error
 
 if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
     from aiohttp import web
@@ -55,12 +56,6 @@ HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
 SLOT_PATH = re.compile(r"^(?P<prefix>.*)/slots/(?P<id>[^/]+)$")
-
-
-def llama_error(status: int, message: str, etype: str) -> web.Response:
-    from aiohttp import web
-
-    return web.json_response({"error": {"code": status, "message": message, "type": etype}}, status=status)
 
 
 class Proxy:

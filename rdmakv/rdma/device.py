@@ -16,12 +16,9 @@ import importlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from .errors import RdmaError, RdmaUnavailable
-
-if TYPE_CHECKING:
-    from .memory import ProtectionDomain
 
 # --------------------------------------------------------------------------- pyverbs loading
 
@@ -304,14 +301,6 @@ class Device:
             raise RdmaError(f"device {self.caps.name} is closed")
         return self._ctx
 
-    def alloc_pd(self) -> ProtectionDomain:
-        from .memory import ProtectionDomain  # memory builds on this module
-
-        pv = load_pyverbs()
-        try:
-            return ProtectionDomain(self, pv.pd.PD(self.context))
-        except pv.err.PyverbsError as exc:
-            raise RdmaError(f"{self.caps.name}: ibv_alloc_pd failed: {errno_text(exc)}") from exc
 
     def close(self) -> None:
         """Close the context and, through pyverbs, everything still open under it.

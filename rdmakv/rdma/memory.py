@@ -46,6 +46,15 @@ class MemoryRegion:
         )
 
 
+def alloc_pd(device: Device) -> ProtectionDomain:
+    """A new protection domain on ``device`` (memory builds on the device module, never the reverse)."""
+    pv = load_pyverbs()
+    try:
+        return ProtectionDomain(device, pv.pd.PD(device.context))
+    except pv.err.PyverbsError as exc:
+        raise RdmaError(f"{device.caps.name}: ibv_alloc_pd failed: {errno_text(exc)}") from exc
+
+
 class ProtectionDomain:
     """One PD; a namespace's regions and its clients' Responder QPs share one."""
 

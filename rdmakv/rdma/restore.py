@@ -25,6 +25,7 @@ from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
 from .device import Device, probe_device
 from .errors import RdmaError
 from .lookup import OneSidedIndex
+from .memory import alloc_pd
 from .qp import QPInfo
 from .readplan import plan_reads
 from .requester import ReadOp, Requester, Sge
@@ -38,7 +39,7 @@ class RdmaRestorer:
     def __init__(self, store, device: Device) -> None:
         self.store = store
         self.device = device
-        self.pd = device.alloc_pd()
+        self.pd = alloc_pd(device)
         self.requester: Requester | None = None
         try:
             self.requester = Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))

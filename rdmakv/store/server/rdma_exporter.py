@@ -16,7 +16,7 @@ from slab import Region
 from ...errors import CodecError
 from ...rdma.device import Device, probe_device
 from ...rdma.errors import RdmaError
-from ...rdma.memory import MemoryRegion, ProtectionDomain
+from ...rdma.memory import MemoryRegion, ProtectionDomain, alloc_pd
 from ...rdma.qp import QPInfo, Responder
 
 
@@ -34,7 +34,7 @@ class RdmaExporter:
         with self._lock:
             pd = self._pds.get(ns)
             if pd is None:
-                pd = self._pds[ns] = self.device.alloc_pd()
+                pd = self._pds[ns] = alloc_pd(self.device)
             return pd
 
     def register(self, ns: str, region: Region) -> int:
@@ -112,7 +112,7 @@ def window_bounds_hold(device: Device) -> bool:
     buf = mmap.mmap(-1, 2 * mmap.PAGESIZE)
     view = (ctypes.c_char * len(buf)).from_buffer(buf)
     src = bytearray(8)
-    with device.alloc_pd() as pd:
+    with alloc_pd(device) as pd:
         mr = pd.register(ctypes.addressof(view), len(buf), remote_read=False, keepalive=view, mw_bind=True)
         smr = pd.register_buffer(src, remote_read=False)
         rq = Requester(device, pd, max_outstanding=4)

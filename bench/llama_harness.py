@@ -1,4 +1,4 @@
-"""Real llama.cpp artifacts for tests, made locally with no downloads.
+"""Real llama.cpp artifacts for tests and benchmarks, made locally with no downloads.
 
 - ``write_tiny_llama_gguf``: a random-weight llama GGUF (SPM vocab: unk/bos/eos + 256 byte
   tokens) written with the ``gguf`` package.
@@ -9,15 +9,18 @@
 - ``find_llama_server`` / ``LlamaServer``: the llama-server built by
   ``tests/build_llama_server.sh``, started on 127.0.0.1 with ``--slot-save-path``.
 
-Run as a script (``python tests/llama_fixtures.py --out DIR``) to generate the slot files.
+Run as a script (``python -m bench.llama_harness --out DIR``) to generate the slot files. It lives
+under bench/ because the benchmarks drive the same llama-server; tests import it from there.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import http.client
 import json
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -421,3 +424,38 @@ if __name__ == "__main__":
     args.out.mkdir(parents=True, exist_ok=True)
     model_path = args.model or write_tiny_llama_gguf(args.out / "tiny-llama.gguf")
     print(json.dumps(_generate(args.out, model_path), indent=1))
+
+
+# -- timed HTTP calls for the benchmarks
+
+N_SPECIAL = 3  # the test GGUF's vocab: unk/bos/eos, then 256 byte tokens
+
+
+class Http:
+    """A keep-alive HTTP/1.1 connection, so each timed call is one request, not a TCP handshake."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, float]:
+        data = json.dumps(body).encode() if body is not None else None
+        t0 = time.perf_counter()
+        self.conn.request(method, path, data, {"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        dt = time.perf_counter() - t0
+        return resp.status, json.loads(raw or b"{}"), dt
+
+    def ok(self, method: str, path: str, body: dict | None = None) -> tuple[dict, float]:
+        status, res, dt = self.call(method, path, body)
+        if status != 200:
+            raise RuntimeError(f"{method} {path} -> {status}: {res}")
+        return res, dt
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def byte_tokens(rng: random.Random, n: int) -> list[int]:
+    """Random byte-token ids: token prompts skip tokenization, so every turn re-uses the exact tokens."""
+    return [N_SPECIAL + rng.randrange(256) for _ in range(n)]
