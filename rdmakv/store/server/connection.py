@@ -21,7 +21,6 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from ...errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolError, RdmakvError, ServerError
 from ...wire import messages as msg
@@ -30,12 +29,9 @@ from ...wire.frames import Frame, FrameReader, MessageAssembler
 from ...wire.iovec import IOV_MAX, advance, byte_views
 from ...wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
 from ..engine.admission import SaveMustWait
+from .context import ServerContext
 from .handlers import Handlers
 from .inflight import SMALL_FRAME
-
-if TYPE_CHECKING:
-    from .eventloop import Server
-
 
 
 class Parked:
@@ -57,7 +53,7 @@ def log_safe(text: str) -> str:
 class Connection:
     HELLO, AUTH, OPEN, CLOSED = "hello", "auth", "open", "closed"
 
-    def __init__(self, server: Server, sock: socket.socket, peer: tuple) -> None:
+    def __init__(self, server: ServerContext, sock: socket.socket, peer: tuple) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()

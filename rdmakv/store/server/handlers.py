@@ -20,11 +20,11 @@ from ...wire import batches
 from ...wire import messages as msg
 from ...wire.protocol import Op
 from ..engine.admission import SaveMustWait
+from .context import ServerContext
 from .write_path import WritePath
 
 if TYPE_CHECKING:
     from ...wire.keyring import KeyEntry
-    from .eventloop import Server
 
 MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
 ADMIN_OPS = {Op.COMPACT}  # store-wide: only an admin key
@@ -43,7 +43,7 @@ class Reply:
 
 
 class Handlers:
-    def __init__(self, server: Server, ns: str, entry: KeyEntry, single_key: bool) -> None:
+    def __init__(self, server: ServerContext, ns: str, entry: KeyEntry, single_key: bool) -> None:
         self.server = server
         self.engine = server.engine
         self.ns = ns

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,7 @@ from ...errors import NotFoundError, RdmakvError
 from ...wire import manifest as mf
 from ...wire import messages as msg
 from ...wire import writes as wr
-
-if TYPE_CHECKING:
-    from .handlers import Handlers
+from .context import WriteContext
 
 _ids = itertools.count(1)
 
@@ -37,7 +34,7 @@ class WriteReservation:
 
 
 class WritePath:
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: WriteContext) -> None:
         self.h = handlers
         self.res: WriteReservation | None = None
         self.refused = ""  # why the last reservation could not be made (for the operator)
