@@ -23,6 +23,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not one
 class ConfigError(RdmakvError):
     """The config file cannot be read, or names an option or a value serve does not take."""
 
+    code = 23
+
 
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The serve options a file may set: dest -> action."""

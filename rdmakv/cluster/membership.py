@@ -16,14 +16,10 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..errors import RdmakvError
+from ..errors import ClusterError
 
 DEFAULT_LEASE_TTL = 5  # seconds: how long a dead node stays in the member list at most
 ETCD_TIMEOUT_S = 3.0  # every etcd request gives up after this
-
-
-class ClusterError(RdmakvError):
-    """etcd could not be reached or answered nonsense."""
 
 
 @dataclass(frozen=True)

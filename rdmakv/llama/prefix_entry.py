@@ -44,6 +44,8 @@ _U32 = struct.Struct("<I")
 class PrefixEntryError(SlotFileError):
     """An entry body or chunk set that does not describe a loadable prefix."""
 
+    code = 28
+
 
 class Unsupported(ValueError):
     """A slot file the auto-cache cannot cut into prefix entries (the reason says why)."""

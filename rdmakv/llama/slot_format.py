@@ -51,6 +51,8 @@ def ggml_type_name(type_id: int) -> str:
 class SlotFileError(CodecError):
     """Bytes that are not a slot file this codec can chunk (or a bad manifest body)."""
 
+    code = 27
+
     def __init__(self, message: str, offset: int | None = None) -> None:
         super().__init__(message)
         self.offset = offset

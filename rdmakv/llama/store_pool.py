@@ -24,6 +24,8 @@ DEFAULT_POOL_WAIT_S = 30.0
 class PoolBusyError(RdmakvError):
     """Every connection stayed busy for the whole wait."""
 
+    code = 26
+
 
 class StorePool:
     def __init__(self, url: str, transport: str, window: int, size: int = DEFAULT_POOL_SIZE,

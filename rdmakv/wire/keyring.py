@@ -42,6 +42,8 @@ from .messages import validate_namespace
 class KeysFileError(RdmakvError):
     """The keys file cannot be used; the message names the file, the entry and the field."""
 
+    code = 24
+
 
 @dataclass(frozen=True)
 class KeyEntry:

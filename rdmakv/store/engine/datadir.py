@@ -17,6 +17,8 @@ RESERVE_NAME = "reserve"
 class DataDirInUse(RdmakvError):
     """Another server holds this data dir."""
 
+    code = 25
+
 
 class DataDirLock:
     """An exclusive flock on ``DIR/LOCK`` holding the owner's PID; released when the process ends."""

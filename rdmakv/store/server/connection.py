@@ -16,6 +16,7 @@ sweep checks ``message_since`` against what has arrived.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import socket
 import ssl
@@ -419,9 +420,12 @@ class Connection:
             self.wait_until = 0.0
             op, parts = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
         except Exception as e:  # noqa: BLE001 - a bug must not end the server; it is counted and logged
+            # the detail (which may name paths, keys or internals) stays in the server's log; the
+            # client gets an id an operator can find there
             self.server.internal_errors += 1
-            self.server.say(f"rdmakv: {self.peer}: internal error on op {h.op}: {e!r}")
-            op, parts = Op.ERROR, [msg.enc_error(ServerError.code, f"internal server error: {e!r}")]
+            error_id = secrets.token_hex(4)
+            self.server.say(f"rdmakv: {self.peer}: internal error {error_id} on op {h.op}: {e!r}")
+            op, parts = Op.ERROR, [msg.enc_error(ServerError.code, f"internal error (id {error_id})")]
         try:
             sent = self.send(op, h.req_id, parts)
         except (OSError, RdmakvError):
