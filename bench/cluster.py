@@ -1,4 +1,4 @@
-"""Cluster figures on this host, TCP: `python -m bench.cluster [--runs 20] [--out DIR]`.
+"""Cluster figures on this host, TCP: `rdmakv bench cluster [--runs 20] [--out DIR]`.
 
 A real etcd and real `rdmakv serve` processes on loopback. Measures, in one run:
 - save (cold and warm) and restore latency of one session on a single server against a
@@ -205,7 +205,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench cluster", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--sessions", type=int, default=30, help="sessions saved before the kill")
     p.add_argument("--lease-ttl", type=int, default=5)
@@ -225,7 +225,3 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print(report(r))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

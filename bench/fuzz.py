@@ -1,4 +1,4 @@
-"""A protocol fuzzer against a real `rdmakv serve` (`python -m bench.fuzz --frames 100000`).
+"""A protocol fuzzer against a real `rdmakv serve` (`rdmakv bench fuzz --frames 100000`).
 
 Two kinds of input: (a) unauthenticated garbage (random bytes, broken and oversized headers,
 half frames) and (b) authenticated, well-MAC'd frames whose payloads are mutated copies of
@@ -16,7 +16,6 @@ import os
 import random
 import socket
 import struct
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -199,7 +198,7 @@ def rss_mib(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="rdmakv bench fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", help="write the result as JSON here")
@@ -227,7 +226,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return 0 if not out["findings"] and out["probe_ok"] and not out["server_internal_errors"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """The kv_store_v1 library from C: session files for the C consumer, compiling it, running it, and
-its figures beside the Python API (``python -m bench.kvstore_abi``, also part of ``bench.llama``).
+its figures beside the Python API (``rdmakv bench kvstore-abi``, also part of ``bench.llama``).
 
 The consumer (tests/kvstore_abi/consumer.c) is what the chunked-save engine does; the tests
 drive it for correctness and the benches for save/restore figures beside the Python API, on one
@@ -14,7 +14,6 @@ import os
 import statistics
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import envinfo
 
-    p = argparse.ArgumentParser(prog="python -m bench.kvstore_abi", description=__doc__)
+    p = argparse.ArgumentParser(prog="rdmakv bench kvstore-abi", description=__doc__)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", default="bench/out/kvstore_abi", help="directory for kvstore_abi.json and .md")
     a = p.parse_args(argv)
@@ -193,7 +192,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "kvstore_abi.md").write_text(report(r))
     print(report(r))
     return 0 if r["c_consumer_via_library"].get("ok") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`rdmakv bench lifecycle` (or `python -m bench.lifecycle`): the store as a long-running cache.
+"""`rdmakv bench lifecycle`: the store as a long-running cache.
 
 Three parts, against a real `rdmakv serve` on loopback (default `--fsync manifest`):
 
@@ -404,5 +404,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+def main(argv: list[str] | None = None) -> int:
+    return cli(sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,4 @@
-"""`python -m bench.llama`: llama-server slot save/restore through `rdmakv llama-proxy` vs local files.
+"""`rdmakv bench llama`: llama-server slot save/restore through `rdmakv llama-proxy` vs local files.
 
 Starts a real llama-server (the build from tests/build_llama_server.sh) on a random-weight
 GGUF written with the ``gguf`` package, a real `rdmakv serve`, and the proxy as a subprocess,
@@ -248,7 +248,7 @@ def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.llama", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench llama", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20; one more warms up)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--out-dir", help="write results.json, report.md and walls.png into this directory")
@@ -276,7 +276,3 @@ def main(argv: list[str] | None = None) -> int:
 
         llama_report.write(result, Path(args.out_dir))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

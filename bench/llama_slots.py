@@ -1,4 +1,4 @@
-"""Parts of `python -m bench.llama`: slots at once through the proxy, and the kv_store_v1 library.
+"""Parts of `rdmakv bench llama`: slots at once through the proxy, and the kv_store_v1 library.
 
 - ``slot_throughput``: one llama-server with 4 slots, each holding the same-size state; save +
   restore rounds through the proxy from 1 client on 1 slot, then from 4 clients on 4 slots at

@@ -1,4 +1,4 @@
-"""What Prometheus metrics cost a server: `python -m bench.metrics_cost [--runs 300] [--out DIR]`.
+"""What Prometheus metrics cost a server: `rdmakv bench metrics-cost [--runs 300] [--out DIR]`.
 
 The same warm saves and TCP restores of one session against a real `rdmakv serve` without and
 with `--metrics-listen` (alternating rounds, so drift hits both), and the time of one scrape
@@ -42,7 +42,7 @@ def _ops(url: str, runs: int, kv) -> tuple[list[float], list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench metrics-cost", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--out", default="bench/results/operations")
     args = p.parse_args(argv)
@@ -105,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print("\n".join(lines))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

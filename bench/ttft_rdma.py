@@ -1,7 +1,7 @@
-"""`python -m bench.ttft_rdma`: the auto-cache's restore without llama-server, by RDMA READ vs TCP.
+"""`rdmakv bench ttft-rdma`: the auto-cache's restore without llama-server, by RDMA READ vs TCP.
 
-Run it in the rxe guest (``rdmakv rxe-vm --mem 4G -- python -m bench.ttft_rdma ...``). For each
-slot file (``--slot-files DIR``: the ``slot-C.bin`` that ``python -m bench.ttft
+Run it in the rxe guest (``rdmakv rxe-vm --mem 4G -- rdmakv bench ttft-rdma ...``). For each
+slot file (``--slot-files DIR``: the ``slot-C.bin`` that ``rdmakv bench ttft
 --keep-slot-files DIR`` kept, else Qwen2.5-0.5B-shaped files of random bytes), its prefix
 entry is registered in a store in the guest; then, alternating, the proxy's own restore path
 writes the slot file llama-server would load: over a connection that reads by RDMA (READs into
@@ -125,7 +125,7 @@ def _summary(xs: list[float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ttft_rdma", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench ttft-rdma", description=__doc__.splitlines()[0])
     p.add_argument("--slot-files", help="directory of slot-C.bin files (from bench.ttft --keep-slot-files)")
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 16384],
                    help="context sizes when no slot files are given")
@@ -140,7 +140,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
