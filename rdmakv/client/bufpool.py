@@ -85,6 +85,3 @@ class BufferPool:
     def _give(self, arena: _Arena, off: int, n: int) -> None:
         with self._lock:
             arena.give(off, n)
-
-    def registered_bytes(self) -> int:
-        return sum(a.size for a in self.arenas)

@@ -34,10 +34,6 @@ def make_tag(layer: int, kind: int, window: int) -> int:
     return (layer << 33) | (kind << 32) | window
 
 
-def split_tag(tag: int) -> tuple[int, int, int]:
-    return tag >> 33, (tag >> 32) & 1, tag & 0xFFFFFFFF
-
-
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of a KV session: enough to lay out a restore buffer and validate chunks.

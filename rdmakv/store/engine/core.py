@@ -456,7 +456,3 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
     def compact(self) -> dict:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""
         return self.compactor.full_pass()
-
-    def maintain(self) -> None:
-        """One round of background work (tests call it directly instead of waiting)."""
-        self.maintenance.run_once()

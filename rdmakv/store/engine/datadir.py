@@ -90,7 +90,3 @@ def fs_free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
 
-
-def fs_total_bytes(directory: Path) -> int:
-    st = os.statvfs(directory)
-    return st.f_blocks * st.f_frsize

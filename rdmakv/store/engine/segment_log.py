@@ -388,11 +388,6 @@ class SegmentLog:
         """A record's body (chunk or manifest bytes) into ``dest``."""
         self.segment(loc.segment).read(loc.body, dest)
 
-    def read_record(self, loc: Location) -> bytes:
-        buf = bytearray(loc.size)
-        self.segment(loc.segment).read(loc.offset, memoryview(buf))
-        return bytes(buf)
-
     def scan(self, sid: int) -> Iterator[tuple[Record, Location, memoryview]]:
         """The intact records of a sealed segment with their raw bytes (valid until the next)."""
         yield from self._replay_segment(self.segment(sid), last=False, raw=True)

@@ -32,10 +32,6 @@ class Writes:
             self.reserved_slots += len(slots)
         return slots, addrs
 
-    def region_of(self: Engine, ns_name: str, slot: Slot):
-        with self.lock:
-            return self.namespace(ns_name).slab.regions[slot.region]
-
     def cancel_run(self: Engine, ns_name: str, slots: list[Slot]) -> None:
         """Give reserved slots back (freed slots are zeroed: nothing written stays)."""
         with self.lock:
