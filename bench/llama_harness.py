@@ -151,7 +151,7 @@ def llama_cpp_missing() -> str | None:
     """Why llama-cpp-python cannot be used here, or None."""
     try:
         import llama_cpp  # noqa: F401
-    except Exception as e:  # ImportError, or OSError from a broken shared library
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError from a broken shared library
         return f"llama_cpp (llama-cpp-python) is not importable: {e}"
     return None
 
@@ -343,7 +343,7 @@ class LlamaServer(_HttpProcess):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LlamaServer:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._wait_ready(120)
@@ -398,7 +398,7 @@ class LlamaProxy(_HttpProcess):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LlamaProxy:
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         deadline = time.monotonic() + 60

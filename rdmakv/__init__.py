@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .client.reports import KVState, RestoreReport, SaveReport  # noqa: E402
-from .errors import (  # noqa: E402
+from .client.reports import KVState, RestoreReport, SaveReport
+from .errors import (
     AuthError,
     IntegrityError,
     MissingChunksError,

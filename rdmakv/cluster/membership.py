@@ -55,7 +55,7 @@ def members(url: str) -> dict[str, dict]:
     c = parse_cluster_url(url)
     try:
         rows = _client(c).get_prefix(c.prefix)
-    except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+    except Exception as e:
         raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
     out = {}
     for value, meta in rows:
@@ -97,7 +97,7 @@ class Registration:
         try:
             self.lease = self.client.lease(self.ttl)
             self.client.put(self.key, self.value, lease=self.lease)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.registered = False
             raise ClusterError(f"registering {self.key} in etcd at {self.c.host}:{self.c.port} failed: {e}") from e
         self.registered = True
@@ -207,7 +207,7 @@ class MemberWatch:
         c = self.c
         try:
             rows = _client(c).get_prefix(c.prefix)
-        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+        except Exception as e:
             self.etcd_ok = False
             raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
         self.etcd_ok = True
@@ -262,7 +262,7 @@ class MemberWatch:
             reply = client.post(client.get_url("/kv/range"), json={
                 "key": _encode(self.c.prefix), "range_end": _encode(_increment_last_byte(self.c.prefix)),
                 "sort_order": "DESCEND", "sort_target": "MOD", "limit": 1, "keys_only": True})  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+        except Exception as e:
             self.etcd_ok = False
             raise ClusterError(f"etcd at {self.c.host}:{self.c.port} unreachable: {e}") from e
         newest = max((int(kv.get("mod_revision", 0)) for kv in reply.get("kvs", [])), default=0)
@@ -302,7 +302,7 @@ class MemberWatch:
         try:
             stream = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
                                          timeout=(ETCD_TIMEOUT_S, None))  # fmt: skip
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ClusterError(f"etcd at {self.c.host}:{self.c.port}: cannot watch: {e}") from e
         self._stream = stream
 

@@ -260,7 +260,7 @@ def run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | Non
         write_run_files(io, command, genv, workdir)
         # O_APPEND: QEMU's own messages (stderr) and the guest serial console (chardev with
         # append=on) share this file without overwriting each other.
-        g.log = open(g.console, "ab")
+        g.log = open(g.console, "ab")  # noqa: SIM115 - the guest's console log, closed when it ends
         w_out, w_err = g.open_pipes()
         for fd in (w_out, w_err):
             # QEMU drops whatever it still holds for a port when the guest powers off; a big

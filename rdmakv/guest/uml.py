@@ -113,7 +113,7 @@ def pick_cpus(n: int) -> list[tuple[int | str, object]]:
         if len(picked) == n:
             break
         try:
-            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")
+            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")  # noqa: SIM115 - held while the guest runs
         except OSError:
             busy.append(cpu)
             continue
@@ -194,7 +194,7 @@ def prepare_guest(g, command, genv: dict, workdir: str, net=None) -> tuple[int, 
         d.mkdir(parents=True)
     copy_stage_scripts(io, "stage1.sh", "stage2.sh")
     _write_guest_files(io, command, genv, workdir, net)
-    g.log = open(g.console, "wb")
+    g.log = open(g.console, "wb")  # noqa: SIM115 - the guest's console log, closed when it ends
     return g.open_pipes()
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from ..progress import read_file, stages, write_all
 from ..wire.auth import KEY_ENV
@@ -14,7 +15,7 @@ from . import slotfile
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    data = open(args.file, "rb").read()
+    data = Path(args.file).read_bytes()
     try:
         info = slotfile.inspect(slotfile.parse(data))
     except slotfile.SlotFileError as e:

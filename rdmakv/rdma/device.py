@@ -64,7 +64,7 @@ def load_pyverbs() -> Pyverbs:
                     f"pyverbs is not importable ({exc}); install Debian's "
                     "python3-pyverbs and use a venv made with --system-site-packages"
                 )
-            except Exception as exc:  # a broken build raises odd things (ABI mismatch)
+            except Exception as exc:  # noqa: BLE001 - a broken build raises odd things (ABI mismatch)
                 _pv_error = f"pyverbs failed to load: {type(exc).__name__}: {exc}"
     if _pv is None:
         raise RdmaUnavailable(_pv_error or "pyverbs failed to load")
