@@ -91,3 +91,4 @@ def test_an_internal_error_reaches_the_client_as_an_id_only(tmp_path) -> None:
     finally:
         server.stop()
         engine.close()
+

@@ -67,6 +67,8 @@ class Connection:
         self.message_charge = 0  # ... and for the parts of a continued message joined so far
         self.refusing: tuple[int, int, RdmakvError] | None = None  # (op, request id, why): a message being dropped
         self.message_since: float | None = None  # when the first byte of the request being received came
+        self.message_paused = 0.0  # ... and how long since then a worker held the connection (unread)
+        self._busy_at: float | None = None
         self.message_done = 0  # bytes of the frames of a continued request received whole so far
         self.uncounted_in = 0  # bytes of frames received, not yet counted in the namespace's figures
         self.auth: FrameAuth | None = None
@@ -181,11 +183,29 @@ class Connection:
         since = self.message_since
         if not lim.min_frame_rate or since is None or now - since <= lim.frame_grace:
             return None
-        got = self.received_so_far()
-        if got >= lim.min_frame_rate * (now - since - lim.frame_grace):
+        # while a worker holds the connection nobody reads it: that time is the server's, not the
+        # client's (a server short of CPU must not blame its clients for its own slowness)
+        waited = now - since - self.message_paused
+        if waited <= lim.frame_grace:
             return None
-        return (f"request bytes arrive too slowly ({got} bytes in {now - since:.1f} s; the floor is "
+        got = self.received_so_far()
+        if got >= lim.min_frame_rate * (waited - lim.frame_grace):
+            return None
+        return (f"request bytes arrive too slowly ({got} bytes in {waited:.1f} s of reading; the floor is "
                 f"{lim.min_frame_rate} bytes/s after {lim.frame_grace:g} s): connection closed")  # fmt: skip
+
+    def to_worker(self) -> None:
+        """(event loop) A frame is in: a worker has the connection, nobody reads it meanwhile."""
+        self.busy = True
+        self._busy_at = time.monotonic()
+
+    def from_worker(self) -> None:
+        """The worker is done with the connection: reading resumes, and the time it held the
+        connection does not count against a request still arriving."""
+        self.busy = False
+        if self._busy_at is not None and self.message_since is not None:
+            self.message_paused += time.monotonic() - self._busy_at
+        self._busy_at = None
 
     def _note_progress(self) -> None:
         """(owner thread, between frames) Start the request clock when a request's first bytes are
@@ -196,6 +216,7 @@ class Connection:
             self.message_since = None
         elif self.message_since is None:
             self.message_since = time.monotonic()
+            self.message_paused = 0.0
 
     # -- reading (event loop thread) ----------------------------------------------------------
     def on_readable(self) -> bool:
@@ -267,7 +288,7 @@ class Connection:
                 self._note_progress()
                 return True
             if self.state == self.OPEN:
-                self.busy = True
+                self.to_worker()
                 self.server.submit(self, frame)
                 return True
             try:

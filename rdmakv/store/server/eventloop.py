@@ -245,7 +245,7 @@ class Server:
             with self._ready_lock:
                 self._parked.append((conn, keep))
             return
-        conn.busy = False
+        conn.from_worker()
         conn.last_active = time.monotonic()
         if not keep:
             conn.close_requested = True
@@ -275,7 +275,7 @@ class Server:
         self._parked_retry_at = now + self.limits.parked_retry_s
         for conn, p in parked:
             if self._stopping.is_set():
-                conn.busy = False
+                conn.from_worker()
                 conn.close_requested = True
                 continue
             self._pool.submit(self._work, conn, None, p)
@@ -361,7 +361,7 @@ class Server:
         with self._ready_lock:  # saves still waiting for room are not answered: their clients see the close
             parked, self._parked = self._parked, []
         for conn, _ in parked:
-            conn.busy = False
+            conn.from_worker()
         while any(c.busy for c in list(self._conns.values())) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._pool.shutdown(wait=True, cancel_futures=True)
