@@ -21,6 +21,7 @@ from rdmakv.wire import messages as msg
 from rdmakv.wire import writes as wr
 from rdmakv.wire.messages import Key, key_hex
 from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_MORE, FLAG_RESPONSE, MAC_BLAKE3, Op
+from rdmakv.wire.runs import contiguous_runs
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
 
@@ -438,19 +439,9 @@ class _Places:
         return self.dest[o : o + self.lengths[i]]
 
     def runs(self, idx: list[int]) -> list[memoryview]:
-        out: list[memoryview] = []
-        start = end = -1
-        for i in idx:
-            o, n = self.offsets[i], self.lengths[i]
-            if o == end:
-                end += n
-                continue
-            if start >= 0:
-                out.append(self.dest[start:end])
-            start, end = o, o + n
-        if start >= 0:
-            out.append(self.dest[start:end])
-        return out
+        """The places of chunks ``idx`` (in reply order) as one view per back-to-back stretch."""
+        runs = contiguous_runs([0] * len(idx), [self.offsets[i] for i in idx], [self.lengths[i] for i in idx])
+        return [self.dest[start : start + n] for _, start, n in runs]
 
 
 def msg_missing(key: int) -> RdmakvError:

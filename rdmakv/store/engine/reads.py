@@ -14,6 +14,7 @@ from ...hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
 from ...wire import manifest as mf
 from ...wire.batches import FOUND, NOT_FOUND, NOT_SERVED, REGION_BYTES, Found, found_size
 from ...wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
+from ...wire.runs import contiguous_runs
 from .index import Chunk, Holder, Namespace, Session
 from .segment_log import Segment
 
@@ -48,23 +49,12 @@ class ChunkViews:
         self.segments = []
 
 
-def _runs(ns: Namespace, served: list, slots: list) -> list[memoryview]:
+def _runs(ns: Namespace, slots: list) -> list[memoryview]:
     """Chunks that lie back to back in one region (a save's run) as one view: one MAC update and
     one iovec for the lot instead of one per chunk."""
-    out: list[memoryview] = []
-    start = None
-    prev_full = False
-    for s in slots:
-        if start is not None and s.region == start[0] and s.offset == start[2] and prev_full:
-            start = (start[0], start[1], s.offset + s.length)
-        else:
-            if start is not None:
-                out.append(ns.slab.regions[start[0]].view[start[1] : start[2]])
-            start = (s.region, s.offset, s.offset + s.length)
-        prev_full = s.size == s.length
-    if start is not None:
-        out.append(ns.slab.regions[start[0]].view[start[1] : start[2]])
-    return out
+    runs = contiguous_runs([s.region for s in slots], [s.offset for s in slots], [s.length for s in slots],
+                           [s.size == s.length for s in slots])  # fmt: skip
+    return [ns.slab.regions[r].view[start : start + n] for r, start, n in runs]
 
 
 class Reads:
@@ -277,7 +267,7 @@ class Reads:
                     out.segments.append(seg)
                     disk.append((c, seg, c.loc.body))
                     out.served.append((k, None))
-        out.payload = _runs(ns, out.served, out.slots) if not disk else [v for _, v in out.served]
+        out.payload = _runs(ns, out.slots) if not disk else [v for _, v in out.served]
         if disk:
             buf = memoryview(bytearray(sum(c.length for c, _, _ in disk)))
             pos = 0

@@ -19,6 +19,7 @@ from ...errors import NotFoundError, RdmakvError
 from ...wire import manifest as mf
 from ...wire import messages as msg
 from ...wire import writes as wr
+from ...wire.runs import contiguous_runs
 from .context import WriteContext
 
 _ids = itertools.count(1)
@@ -118,11 +119,4 @@ class WritePath:
 
 def _runs(slots: list, addrs: list[int]) -> list[tuple[int, int, int]]:
     """(region, address, length) of each contiguous stretch of the reserved slots."""
-    runs: list[list[int]] = []
-    for s, a in zip(slots, addrs):
-        if runs and runs[-1][0] == s.region and runs[-1][1] + runs[-1][2] == a:
-            runs[-1][2] += s.size
-        else:
-            runs.append([s.region, a, s.size])
-    return [(r, a, n) for r, a, n in runs]
-
+    return contiguous_runs([s.region for s in slots], addrs, [s.size for s in slots])
