@@ -29,7 +29,9 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("rdmakv.wire", WIRE),
     ("slab", ("slab",)),
     ("fallback_tcp", ("fallback_tcp", *WIRE)),
-    ("rdmakv.rdma", ("rdmakv.rdma", "slab", *WIRE)),
+    # the restore's transport interface (and its TCP side) sits under both implementations
+    ("rdmakv.client.transport", ("rdmakv.client.transport", "fallback_tcp", *WIRE)),
+    ("rdmakv.rdma", ("rdmakv.rdma", "rdmakv.client.transport", "fallback_tcp", "slab", *WIRE)),
     ("rdmakv.client", CLIENT),
     # the engine knows nothing of sockets, servers or verbs: the server side drives it
     ("rdmakv.store.engine", ("rdmakv.store.engine", "rdmakv.store.logs", "slab", *WIRE)),

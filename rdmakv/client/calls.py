@@ -1,8 +1,7 @@
-"""The kv_store-style low-level calls of ``Store``, and the TCP chunk fill with its prefetch cache."""
+"""The kv_store-style low-level calls of ``Store``: one call per server operation."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +12,7 @@ from ..hashing import Key, key_function, keys_array
 from ..wire import manifest as mf
 from ..wire.batches import Found, Outcome
 from ..wire.messages import SaveOptions
+from .transport import TcpTransport
 
 
 def save_options(pin: bool, ttl: float | None) -> SaveOptions:
@@ -22,40 +22,12 @@ def save_options(pin: bool, ttl: float | None) -> SaveOptions:
 
 
 class LowLevel:
-    """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them. It
-    needs only the connection's channel and hash algorithm, and owns the prefetch cache."""
+    """Mixin of Store: one call per server operation, as the kv_store_v1 ABI has them. It needs
+    only the connection's channel, its TCP transport (the prefetch cache) and hash algorithm."""
 
     channel: TcpChannel
+    tcp: TcpTransport
     hash_alg: int
-    _cache: OrderedDict[Key, bytes]
-    _cache_bytes: int
-    cache_limit: int
-
-    def fill_tcp(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, dest: memoryview) -> None:
-        """Fetch chunks over TCP (or from the prefetch cache) into ``dest`` at ``offsets``: each
-        distinct chunk is received straight into its first place, then copied to any others."""
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        order = np.argsort(first)  # fetch in manifest order: sequential slab reads
-        ukeys = uniq[order].tolist()
-        ulens = lengths[first[order]].tolist()
-        home = offsets[first[order]].tolist()
-        todo = []
-        for i, k in enumerate(ukeys):
-            cached = self._cache.pop(k, None)
-            if cached is not None:
-                self._cache_bytes -= len(cached)
-                dest[home[i] : home[i] + ulens[i]] = cached
-            else:
-                todo.append(i)
-        if todo:
-            self.channel.fetch_chunks([ukeys[i] for i in todo], [ulens[i] for i in todo], dest, [home[i] for i in todo])
-        if len(ukeys) != len(keys):  # the same chunk at several places: copy from where it landed
-            rank = np.empty(len(order), dtype=np.int64)
-            rank[order] = np.arange(len(order))
-            src = np.asarray(home, dtype=np.int64)[rank[inverse]]
-            for pos, s, n in zip(offsets.tolist(), src.tolist(), lengths.tolist()):
-                if pos != s:
-                    dest[pos : pos + n] = dest[s : s + n]
 
     def exists(self, keys: Sequence[Key] | np.ndarray) -> np.ndarray:
         return self.channel.exists(keys_array(keys, _alg(keys, self.hash_alg)))
@@ -73,17 +45,7 @@ class LowLevel:
 
     def prefetch(self, keys: Sequence[Key]) -> int:
         """Fetch chunks into a local cache that the next restore uses; returns bytes cached."""
-        got = 0
-        keys = [k if isinstance(k, bytes) else int(k) for k in keys]
-        for k, data in zip(keys, self.get_chunks(keys)):
-            if data is not None and k not in self._cache:
-                self._cache[k] = data
-                self._cache_bytes += len(data)
-                got += len(data)
-        while self._cache_bytes > self.cache_limit and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
-        return got
+        return self.tcp.cache.add([k if isinstance(k, bytes) else int(k) for k in keys], self.get_chunks)
 
     def put_manifest(
         self, name: str, manifest: bytes | mf.Manifest, *, pin: bool = False, ttl: float | None = None

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -22,10 +23,14 @@ from ..wire import manifest as mf
 from ..wire.auth import key_from_env
 from ..wire.messages import Locations, SaveOptions
 from ..wire.protocol import mac_alg
-from .bufpool import BufferPool
+from . import restore
 from .calls import LowLevel, save_options
 from .reports import KVState, RestoreReport, SaveReport
+from .transport import TcpTransport, Transport
 from .url import parse_url
+
+if TYPE_CHECKING:
+    from ..rdma.restore import RdmaRestorer
 
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
@@ -90,28 +95,40 @@ class Store(LowLevel):
             mac=mac_alg(mac), tls=client_tls(tls_ca) if self.url.tls else None,
         )  # fmt: skip
         self.server_info = self.channel.server_info
-        self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
-        self.rdma_reason = ""
+        self.tcp = TcpTransport(self.channel)
+        self.rdma: RdmaRestorer | None = None  # the RDMA transport once connected
+        self._rdma_reason = ""  # why RDMA is not up, when it was wanted
         self.rdma_writes = True  # saves WRITE their missing chunks when RDMA is up (False: TCP)
-        self._cache: OrderedDict[int | bytes, bytes] = OrderedDict()
-        self._host_pool: BufferPool | None = None
         self._decoded: OrderedDict[bytes, tuple[mf.Manifest, chunking.KVLayout]] = OrderedDict()
-        self._cache_bytes = 0
-        self.cache_limit = 256 << 20
         if transport != "tcp":
             self._setup_rdma(required=transport == "rdma")
 
     def _setup_rdma(self, required: bool) -> None:
         from ..rdma.restore import open_restorer
 
-        self.rdma, self.rdma_reason = open_restorer(self)
+        self.rdma, self._rdma_reason = open_restorer(self.tcp, self.server_info)
         if self.rdma is None and required:
             self.close()
-            raise RdmakvError(f"transport='rdma' requested but RDMA is unavailable: {self.rdma_reason}")
+            raise RdmakvError(f"transport='rdma' requested but RDMA is unavailable: {self._rdma_reason}")
+        if self.rdma is not None:
+            self.tcp.pool = self.rdma.pool  # TCP restores land in registered memory too: one pool
+
+    @property
+    def rdma_reason(self) -> str:
+        """Why this connection does not use RDMA ("" when it does, or was never asked to)."""
+        if self.rdma is not None:
+            return self.rdma.latched_reason
+        return self._rdma_reason
 
     @property
     def active_transport(self) -> str:
         return "rdma" if self.rdma is not None and self.rdma.usable else "tcp"
+
+    def transports(self) -> list[Transport]:
+        """The transports a restore tries, in order: RDMA while it is up, then TCP."""
+        if self.rdma is not None and self.rdma.usable:
+            return [self.rdma, self.tcp]
+        return [self.tcp]
 
     def close(self) -> None:
         if self.rdma is not None:
@@ -269,42 +286,20 @@ class Store(LowLevel):
     def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Callable) -> Fetched:
         """A manifest's chunks in one restore buffer: by RDMA READs when this connection can,
         else (or when RDMA fails) over TCP."""
-        got = None
-        if self.rdma is not None and self.rdma.usable:
-            got = self.rdma.fetch(name, rep, kv, **hooks)
-        if got is None:
-            if self.rdma_reason and not rep.fallback_reason:
-                rep.fallback_reason = self.rdma_reason
-            got = self._fetch_tcp(name, rep, kv)
-        return got
-
-    def _fetch_tcp(self, name: str, rep: RestoreReport, kv: bool) -> Fetched:
-        mark = self.channel.mark()
-        data, _, rep.tier = self.channel.get_manifest(name)
-        m, layout, offsets, total = self.restore_target(data, kv)
-        buf = self._restore_buffer(total)
-        self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
-        self._charge_tcp(rep, m.n_chunks, mark)
-        return m, layout, buf, offsets
+        if self.rdma_reason and self.active_transport == "tcp":
+            rep.fallback_reason = self.rdma_reason
+        return restore.fetch(self.transports(), name, rep, lambda data: self.restore_target(data, kv),
+                             hooks.get("after_locate"))  # fmt: skip
 
     def fetch_located(
         self, keys: np.ndarray, lengths: np.ndarray, loc: Locations | None, idx: np.ndarray, rep: RestoreReport
     ) -> tuple[np.ndarray, np.ndarray]:
         """(buffer, offsets): chunks ``idx`` of the manifest last read on this connection, back to
         back; by READs when ``loc`` (that manifest's locations) is given and RDMA is usable."""
-        offsets = np.zeros(len(keys), dtype=np.uint64)
-        if len(keys):
-            offsets[1:] = np.cumsum(lengths[:-1], dtype=np.uint64)
-        total = int(lengths.sum(dtype=np.uint64))
-        mark = self.channel.mark()
-        if loc is not None and self.rdma is not None and self.rdma.usable:
-            buf = self.rdma.read_located(keys, lengths, offsets, total, loc.subset(idx), rep, mark)
-            if buf is not None:
-                return buf, offsets
-        buf = self._restore_buffer(total)
-        self.fill_tcp(keys, lengths, offsets, memoryview(buf))
-        self._charge_tcp(rep, len(keys), mark)
-        return buf, offsets
+        offsets, total = restore.packed(lengths)
+        transports = self.transports() if loc is not None else [self.tcp]
+        sub = loc.subset(idx) if loc is not None else None
+        return restore.fill_located(transports, keys, lengths, offsets, sub, rep, total=total), offsets
 
     def restore_target(self, data: bytes, kv: bool) -> tuple[mf.Manifest, chunking.KVLayout | None, np.ndarray, int]:
         """(manifest, its KV layout when ``kv``, each chunk's offset in the restore buffer, buffer
@@ -315,20 +310,6 @@ class Store(LowLevel):
             return m, layout, layout.chunk_table()[2], layout.total_bytes
         m = mf.decode(data)
         return m, None, m.packed_offsets(), m.total_bytes
-
-    def _charge_tcp(self, rep: RestoreReport, n_chunks: int, mark: tuple[int, int]) -> None:
-        nbytes, rts = self.channel.usage_since(mark)
-        rep.transport, rep.chunks = "tcp", n_chunks
-        rep.bytes += nbytes
-        rep.round_trips += rts
-
-    def _restore_buffer(self, nbytes: int) -> np.ndarray:
-        """Destination of a TCP restore: from the RDMA pool when there is one, else a plain pool."""
-        if self.rdma is not None:
-            return self.rdma.pool.alloc(nbytes)[0]
-        if self._host_pool is None:
-            self._host_pool = BufferPool(None)
-        return self._host_pool.alloc(nbytes)[0]
 
     def decode_kv(self, data: bytes) -> tuple[mf.Manifest, chunking.KVLayout]:
         """Decode and validate a KV manifest; identical bytes decode once (repeat restores)."""

@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..client.reports import KVState, RestoreReport
+from ..client.restore import fill_located
 from ..client.store import Store, connect
+from ..client.transport import Fallback
 from ..errors import (
     ConnectionLost,
     MissingChunksError,
@@ -322,23 +324,22 @@ class ClusterStore:
 
     def _fetch_node(self, node: str, name: str, m: mf.Manifest, keys: list, idx: list[int], offsets: np.ndarray,
                     buf: np.ndarray) -> tuple[list[int], str]:  # fmt: skip
-        """One node's share (``keys``: ``m.keys`` as a list): READs at the locations its part
-        lists (RDMA), else one batched GET. Returns (chunks it lacked, transport)."""
+        """One node's share (``keys``: ``m.keys`` as a list), each chunk landing in place in
+        ``buf``: READs at the locations the node's part lists (RDMA), else one batched GET.
+        Returns (chunks it lacked, transport)."""
         st = self._store(node)
-        if st.rdma is not None and st.rdma.usable:
-            data, loc, _ = st.channel.get_manifest(name, want_locations=True)
-            part = mf.decode(data)
-            pos = {k: j for j, k in enumerate(part.keys.tolist())}
-            have = [i for i in idx if keys[i] in pos]
-            pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
-            r = RestoreReport()
-            got, offs = st.fetch_located(part.keys[pidx], part.lengths[pidx], loc, pidx, r)
-            src = np.asarray(got)
-            for i, o, n in zip(have, offs.tolist(), part.lengths[pidx].tolist()):
-                d = int(offsets[i])
-                buf[d : d + n] = src[o : o + n]
-            return [i for i in idx if keys[i] not in pos], r.transport
-        got = st.get_chunks([keys[i] for i in idx])
+        r = RestoreReport()
+        if st.active_transport == "rdma":
+            found = st.rdma.lookup(name, r, one_sided=False)  # type: ignore[union-attr]
+            if not isinstance(found, Fallback):
+                part = mf.decode(found.manifest)
+                pos = {k: j for j, k in enumerate(part.keys.tolist())}
+                have = [i for i in idx if keys[i] in pos]
+                pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
+                locs = found.locations.subset(pidx) if found.locations is not None else None
+                fill_located(st.transports(), part.keys[pidx], part.lengths[pidx], offsets[have], locs, r, into=buf)
+                return [i for i in idx if keys[i] not in pos], r.transport
+        got = st.get_chunks([keys[i] for i in idx])  # absent chunks answer None: they fail over
         missing = []
         for i, data in zip(idx, got):
             if data is None:

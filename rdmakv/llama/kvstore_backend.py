@@ -309,7 +309,7 @@ class KVStoreBackend:
     # -- restores ----------------------------------------------------------------------
     def get_manifest(self, name: str) -> bytes:
         store = self._store()
-        rdma = store.rdma is not None and store.rdma.usable
+        rdma = store.active_transport == "rdma"
         data, loc, _ = store.channel.get_manifest(name, want_locations=rdma)
         m = mf.decode(data)
         if m.kind != mf.KIND_ENGINE:
@@ -363,7 +363,7 @@ class KVStoreBackend:
         arr = keys_array(keys, self.opts.alg)
         out: list[Fetched] = []
         rest = list(range(len(keys)))
-        if store.rdma is not None and store.rdma.usable:
+        if store.active_transport == "rdma":
             loc = store.channel.locate(arr)
             located = np.flatnonzero(loc.slots["region"] != NO_REGION)
             if len(located) and loc.lengths is not None:

@@ -91,7 +91,7 @@ def fetch_into_map(store: Store, name: str, mapped: MappedScratch, path: Path, n
         try:
             for at, raw in fixed:
                 view[at : at + len(raw)] = raw
-            store.fill_tcp(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by its key
+            store.tcp.fill_view(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by its key
             tokens = np.frombuffer(view, "<i4", entry.n_tokens, 12).copy()  # the token chunks come first
         finally:
             view.release()

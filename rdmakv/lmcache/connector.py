@@ -139,7 +139,7 @@ class RdmakvConnector(RemoteConnector):
         connection has RDMA (the server does nothing), one HAS_MANIFESTS for what they leave."""
         names = [values.value_name(k.to_string()) for k in keys]
         n = 0
-        rdma = store.rdma if store.rdma is not None and store.rdma.usable else None
+        rdma = store.rdma if store.active_transport == "rdma" else None
         if rdma is not None and rdma.index is not None and rdma.one_sided:
             from ..rdma.errors import RdmaError
 
