@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP = ("rdmakv", "slab", "fallback_tcp", "bench")
 
 # Modules that import nothing of the project above them: usable from every layer.
-LEAVES = ("rdmakv.errors", "rdmakv.hashing", "rdmakv.units", "rdmakv.progress", "rdmakv.client.reports",
-          "rdmakv.client.bufpool", "rdmakv.client.url")  # fmt: skip
+LEAVES = ("rdmakv.errors", "rdmakv.hashing", "rdmakv.units", "rdmakv.progress", "rdmakv.metrics_http",
+          "rdmakv.client.reports", "rdmakv.client.bufpool", "rdmakv.client.url")  # fmt: skip
 WIRE = ("rdmakv.wire", *LEAVES)
 CLIENT = ("rdmakv.client", "rdmakv.wire", "fallback_tcp", "rdmakv.rdma", "slab", *LEAVES)
 

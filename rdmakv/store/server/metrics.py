@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ...metrics_http import MetricsEndpoint
 from ...wire.protocol import Op
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class ServerMetrics:
                                        buckets=FSYNC_BUCKETS, registry=r)  # fmt: skip
         r.register(_StoreCollector(self))
         server.engine.log.on_fsync = self.fsync_seconds.observe
-        self._http = None
+        self.endpoint = MetricsEndpoint(self.registry)
 
     def label(self, ns: str) -> str:
         """The namespace as a label value: bounded, so a client inventing names cannot grow it."""
@@ -104,20 +105,11 @@ class ServerMetrics:
 
     # --- serving ------------------------------------------------------------------------------
     def listen(self, addr: str) -> tuple[str, int]:
-        """Serve /metrics on ``HOST:PORT`` (port 0: any) from a thread; returns the bound address."""
-        from prometheus_client import start_http_server
-
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--metrics-listen wants HOST:PORT, got {addr!r}")
-        self._http, _thread = start_http_server(int(port), addr=host, registry=self.registry)
-        return self._http.server_address[:2]
+        """Serve /metrics on ``HOST:PORT`` (port 0: any); returns the bound address."""
+        return self.endpoint.listen(addr)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        self.endpoint.close()
 
 
 class _StoreCollector:
