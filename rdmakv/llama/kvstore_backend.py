@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -46,8 +45,8 @@ from ..hashing import (
     opaque_key,
 )
 from ..wire import manifest as mf
-from ..wire.auth import KEY_ENV, parse_key
-from ..wire.keyring import KeyRing
+from ..wire.auth import KEY_ENV
+from ..wire.keyring import client_key_from_env
 from ..wire.messages import NO_REGION
 
 # return codes of the C ABI (kv_store_abi.h says the same)
@@ -60,7 +59,6 @@ KV_AUTH = -5  # the key was refused
 KV_FULL = -6  # the store or its disk is full (of pinned or in-use data)
 KV_NO_MEMORY = -7  # malloc failed, or a bounded buffer is full
 
-KEY_FILE_ENV = "RDMAKV_KEY_FILE"
 MEMKV_KEY_ENV = "MEMKV_AUTH_KEY"  # the reference backend's variable: read when RDMAKV_AUTH_KEY is not set
 CACHE_ENV = "RDMAKV_KVSTORE_CACHE_BYTES"
 PENDING_ENV = "RDMAKV_KVSTORE_PENDING_BYTES"
@@ -123,22 +121,7 @@ def client_key(namespace: str) -> bytes:
     """``$RDMAKV_AUTH_KEY``, else ``$MEMKV_AUTH_KEY`` (the reference backend's name), else the
     namespace's key in ``$RDMAKV_KEY_FILE`` (64 hex characters, or a per-tenant keys file as
     ``rdmakv serve --keys`` reads)."""
-    for env in (KEY_ENV, MEMKV_KEY_ENV):
-        if os.environ.get(env):
-            try:
-                return parse_key(os.environ[env])
-            except ValueError as e:
-                raise AuthError(f"{env}: {e}") from None
-    path = os.environ.get(KEY_FILE_ENV)
-    if not path:
-        raise AuthError(f"no key: set {KEY_ENV} (64 hex characters), {MEMKV_KEY_ENV} or {KEY_FILE_ENV}")
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise AuthError(f"{KEY_FILE_ENV}={path}: {e.strerror}") from None
-    if "[[key]]" in text:
-        return KeyRing.parse(text, Path(path)).client_key(namespace)
-    return parse_key(text.strip())
+    return client_key_from_env(namespace, (KEY_ENV, MEMKV_KEY_ENV))
 
 
 class BackendOptions:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AuthError, RdmakvError
-from .auth import KEY_BYTES, fingerprint, parse_key
+from .auth import KEY_BYTES, KEY_ENV, fingerprint, parse_key
 from .messages import validate_namespace
 
 
@@ -190,3 +190,32 @@ def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | No
     if node:
         lines.append("node = true")
     return "\n".join(lines) + "\n"
+
+
+KEY_FILE_ENV = "RDMAKV_KEY_FILE"  # a file with the client's key: 64 hex characters, or a keys file
+
+
+def client_key_from_env(namespace: str, envs: tuple[str, ...] = (KEY_ENV,)) -> bytes:
+    """A client's key for ``namespace``, as the integrations find it: the first of ``envs`` that is
+    set (64 hex characters), else the file ``$RDMAKV_KEY_FILE`` names (64 hex characters, or a
+    keys file as ``rdmakv serve --keys`` reads: the namespace's entry). AuthError saying which
+    variable or file is missing or wrong."""
+    for env in envs:
+        if os.environ.get(env):
+            try:
+                return parse_key(os.environ[env])
+            except (ValueError, RdmakvError) as e:
+                raise AuthError(f"{env} is not a usable key: {e}") from None
+    path = os.environ.get(KEY_FILE_ENV)
+    if not path:
+        raise AuthError(f"no key: set {' or '.join(envs)} (64 hex characters) or {KEY_FILE_ENV} (a keys file)")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise AuthError(f"{KEY_FILE_ENV}={path}: {e.strerror}") from None
+    try:
+        if "[[key]]" in text:
+            return KeyRing.parse(text, Path(path)).client_key(namespace)
+        return parse_key(text.strip())
+    except (ValueError, RdmakvError) as e:
+        raise AuthError(f"{KEY_FILE_ENV}={path}: {e}") from None
