@@ -402,19 +402,20 @@ class RdmakvConnector(RemoteConnector):
     async def _guarded(self, what: str, default: T, lane: Lane, fn: Callable[[Store], T]) -> T:
         try:
             return await asyncio.wrap_future(lane.submit(fn))
-        except Unavailable:
-            self.counters[f"{what}_unavailable"] += 1
         except Exception as e:  # noqa: BLE001 - nothing may escape into LMCache
-            self.counters[f"{what}_errors"] += 1
-            self._say(f"{what} failed: {type(e).__name__}: {e}")
-        return default
+            return self._failed(what, default, e)
 
     def _wait(self, what: str, default: T, fn: Callable[[Store], T]) -> T:
         try:
             return self.gets.call(fn, self.settings.timeout + 5)
-        except Unavailable:
-            self.counters[f"{what}_unavailable"] += 1
         except Exception as e:  # noqa: BLE001 - nothing may escape into LMCache
+            return self._failed(what, default, e)
+
+    def _failed(self, what: str, default: T, e: Exception) -> T:
+        """A call that failed: counted (the store unreachable, or an error, said once per call)."""
+        if isinstance(e, Unavailable):
+            self.counters[f"{what}_unavailable"] += 1
+        else:
             self.counters[f"{what}_errors"] += 1
             self._say(f"{what} failed: {type(e).__name__}: {e}")
         return default

@@ -86,12 +86,7 @@ class Reads:
             s.holds += 1
             holder.restore, holder.restore_at = (ns, s), time.monotonic()
             hit = self._count_lookup(ns, s, want_locations)
-        if not hit:
-            self._promote(ns, s)
-        with self.lock:
-            data = s.data
-        if data is None:
-            data = self.read_manifest(s)
+        data = self._manifest_of(ns, s, hit)
         if not want_locations:
             return data, None, "memory" if hit else "disk"
         with self.lock:
@@ -102,6 +97,15 @@ class Reads:
             else:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
+
+    def _manifest_of(self: Engine, ns: Namespace, s: Session, resident: bool) -> bytes:
+        """A looked-up (held) session's manifest: promoted first when it is not ``resident``, read
+        from its log record when memory had no room for it."""
+        if not resident:
+            self._promote(ns, s)
+        with self.lock:
+            data = s.data
+        return data if data is not None else self.read_manifest(s)
 
     def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:
         """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
@@ -143,12 +147,7 @@ class Reads:
             if s is None:
                 out.append(Found(NOT_FOUND))
                 continue
-            if not hit:
-                self._promote(ns, s)
-            with self.lock:
-                data = s.data
-            if data is None:
-                data = self.read_manifest(s)
+            data = self._manifest_of(ns, s, hit)
             out.append(Found(FOUND, data, "memory" if hit else "disk"))
             total += found_size(out[-1]) + (s.n_chunks * LOCATION_DTYPE.itemsize if want_locations else 0)
         if not want_locations:
