@@ -17,20 +17,35 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from ...errors import DiskFullError, RdmakvError
 from . import records as rec
-from .segment_log import Location
-
-if TYPE_CHECKING:
-    from .core import Engine
+from .datadir import Reserve
+from .index import Namespace
+from .live_bytes import LiveBytes
+from .segment_log import Location, SegmentLog
 
 POLL_S = 2.0
 
 
+class CompactionHost(Protocol):
+    """What compaction needs of the store: its lock, log and index, which bytes are live, the
+    disk reserve, the room the filesystem has, and its log of events."""
+
+    lock: threading.RLock
+    log: SegmentLog
+    namespaces: dict[str, Namespace]
+    live: LiveBytes
+    reserve: Reserve
+    say: Callable[[str], None]
+
+    def fs_room(self) -> int: ...
+
+
 class Compactor:
-    def __init__(self, engine: Engine, threshold: float = 0.5) -> None:
+    def __init__(self, engine: CompactionHost, threshold: float = 0.5) -> None:
         self.engine = engine
         self.threshold = threshold
         self._wake = threading.Event()
@@ -81,7 +96,7 @@ class Compactor:
             seg = e.log.segments.get(sid) if sid is not None else None
             if seg is None or seg.size < min(e.log.segment_bytes // 4, 4 << 20):
                 return
-            if e.seg_live.get(sid, 0) / seg.size >= self.threshold:
+            if e.live.fraction(sid, seg.size) >= self.threshold:
                 return
         e.log.rotate()
 
@@ -95,7 +110,7 @@ class Compactor:
             for sid, seg in e.log.segments.items():
                 if sid == active or seg.size == 0:
                     continue
-                frac = e.seg_live.get(sid, 0) / seg.size
+                frac = e.live.fraction(sid, seg.size)
                 if frac < below:
                     out.append((frac, sid))
         return [sid for _, sid in sorted(out)]
@@ -119,7 +134,7 @@ class Compactor:
             "segments_compacted": done,
             "disk_bytes_before": before,
             "disk_bytes_after": e.log.disk_bytes(),
-            "live_bytes": e.disk_live,
+            "live_bytes": e.live.total,
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -169,7 +184,7 @@ class Compactor:
                 self._forget_manifests(ns_name, name, n)
         log.remove(sid)
         with e.lock:
-            leftover = e.seg_live.pop(sid, 0)
+            leftover = e.live.forget(sid)
         if leftover:
             e.say(f"rdmakv: compaction accounting: {leftover} live bytes left in removed segment {sid}")
         self.totals["segments"] += 1
@@ -218,8 +233,7 @@ class Compactor:
             ns.tombstones[r.name].loc = new
         elif r.rtype == rec.REC_PIN:
             ns.sessions[r.name].pin_loc = new
-        e.seg_live[old.segment] -= old.size
-        e.seg_live[new.segment] += new.size
+        e.live.moved(old, new)
 
     def _forget_manifests(self, ns_name: str, name: str, n: int) -> None:
         """Dead manifest records of a name left the disk; once none is left, its tombstone has
@@ -231,4 +245,4 @@ class Compactor:
             del ns.disk_records[name]
             tomb = ns.tombstones.pop(name, None)
             if tomb is not None:
-                e._dead(ns, tomb.loc)
+                e.live.dead(ns, tomb.loc)

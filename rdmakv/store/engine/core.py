@@ -14,38 +14,36 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from slab import CapacityBudget, Region, Slab
+from slab import CapacityBudget
 
-from ...errors import DiskFullError, IntegrityError, ManifestError
-from ...hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, keys_array, matches
+from ...errors import DiskFullError, ManifestError, RdmakvError
+from ...hashing import key_hex, keys_array
 from ...wire import manifest as mf
+from ...wire.lookup_index import INDEX_ENTRIES
 from .. import logs
 from . import records as rec
 from .admission import Admission
 from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
-from .index import Chunk, Holder, Namespace, Session, Tombstone
+from .index import Holder, Namespace, Session, Tombstone
+from .live_bytes import LiveBytes
 from .maintenance import Maintenance
-from .namespaces import Namespaces
+from .namespaces import NamespaceTable, RegionHook, ReleaseHook
 from .orphans import Orphans
-from .publishing import Publishing
+from .published import PublishedIndex
+from .publishing import Publisher
 from .reads import Reads
 from .replay import replay
 from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
 from .stats import namespace_list, namespace_stats, store_stats
 from .tiering import Tiering
 from .writes import Writes
-
-RegionHook = Callable[[str, Region], int]  # (namespace, region) -> rkey
-
-
-ReleaseHook = Callable[[str, Region], None]
 
 DEFAULT_HIGH_WATERMARK = 0.9
 SAVE_HOLD_S = 60.0  # chunks of an uncommitted save stay this long after its last put
@@ -57,7 +55,7 @@ MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is o
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
 
 
-class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
+class Engine(Tiering, Admission, Reads, Writes):
     def __init__(
         self,
         data_dir: str | Path,
@@ -87,10 +85,6 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         self.disk_capacity = disk_capacity or 4 * capacity
         self.high_watermark = high_watermark
         self.quotas = dict(quotas or {})
-        self.region_bytes = region_bytes
-        self.span_bytes = span_bytes
-        self.region_hook = region_hook
-        self.release_hook = release_hook
         self.say = log or logs.say
         self.damage: list[Damage] = []
         # segments follow the disk budget, or the filesystem when it is the smaller of the two
@@ -100,14 +94,15 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         )
         self.reserve = Reserve(self.dir, self.log.segment_bytes)
         self.dir_lock = DataDirLock(self.dir)
-        self.namespaces: dict[str, Namespace] = {}
-        self.max_namespaces = max_namespaces
-        self._no_slab = Slab(CapacityBudget(1), region_bytes=region_bytes, span_bytes=span_bytes)  # never allocates
+        self.publisher = Publisher(self._located)
+        self.spaces = NamespaceTable(self.budget, region_bytes=region_bytes, span_bytes=span_bytes, quotas=self.quotas,
+                                     max_namespaces=max_namespaces, exported=self.publisher.exports)  # fmt: skip
+        self.spaces.set_region_hook(region_hook, release_hook)
+        self.namespaces = self.spaces.by_name  # the table's own dict: name -> Namespace
         self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.orphans = Orphans()  # chunks no session names, kept as cache: least recently used first
-        self.seg_live: Counter[int] = Counter()
-        self.disk_live = 0
+        self.live = LiveBytes()
         self.fs_free = 1 << 62
         self.seq = 0
         self.holders: set[Holder] = set()
@@ -115,11 +110,10 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
         self.inflight = 0  # slab bytes reserved by saves in flight (admission), not yet allocated
         self.on_room: Callable[[], None] | None = None  # memory may have come free: parked saves retry
-        self.published: dict = {}  # namespace -> PublishedIndex, once a client connects by RDMA
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
-        self.maintenance = Maintenance(self)
+        self.maintenance = Maintenance(self.upkeep, lambda line: self.say(line))
         self._open = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -195,17 +189,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
                 ns.counters["orphans_dropped"] += 1
             self._unhold(ns, c)
 
-    # -- accounting of live log records --------------------------------------------------
-    def _live(self, ns: Namespace, loc: Location) -> None:
-        self.seg_live[loc.segment] += loc.size
-        self.disk_live += loc.size
-        ns.disk_live += loc.size
-
-    def _dead(self, ns: Namespace, loc: Location) -> None:
-        self.seg_live[loc.segment] -= loc.size
-        self.disk_live -= loc.size
-        ns.disk_live -= loc.size
-
+    # -- the log ---------------------------------------------------------------------------
     def _append_small(self, rtype: int, parts: list) -> tuple[Location, int]:
         """Append a small record that must get through on a full disk (tombstones, pins):
         on ENOSPC the reserve is given up and the append tried once more."""
@@ -222,10 +206,10 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         loc, lsn = self._append_small(rec.REC_DELETE, rec.delete_parts(ns.name, name, self.seq))
         old = ns.tombstones.pop(name, None)
         if old is not None:
-            self._dead(ns, old.loc)
+            self.live.dead(ns, old.loc)
         ns.tombstones[name] = Tombstone(self.seq, loc)
         ns.last_seq[name] = self.seq
-        self._live(ns, loc)
+        self.live.live(ns, loc)
         return lsn
 
     # -- chunks ----------------------------------------------------------------------------
@@ -233,83 +217,6 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         with self.lock:
             chunks = self.existing(ns_name).chunks
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
-
-    def put_chunks(
-        self, ns_name: str, items: Sequence[tuple[int, memoryview]], holder: Holder | None = None
-    ) -> tuple[int, int]:
-        """Store chunks (each checked against its key) and hold them for this caller's next
-        commit; returns (stored, already present)."""
-        holder = holder or self.local
-        checks: dict[Key, Check] = {}  # opaque keys: the store's own check of the bytes, kept beside the key
-        for key, data in items:
-            if is_opaque(key_alg(key)):
-                checks[key] = check_of(key, data)  # type: ignore[assignment]
-            elif not matches(key, data):
-                raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
-        now = time.monotonic()
-        with self.lock:
-            ns = self.namespace(ns_name)
-            ns.counters["chunks_received"] += len(items)
-            new: dict[int, memoryview] = {}
-            existed = 0
-            for key, data in items:
-                c = ns.chunks.get(key)
-                if c is not None:
-                    existed += 1
-                    self._hold_pending(holder, ns, c, now)
-                elif key not in new:
-                    new[key] = data
-            if not new:
-                ns.counters["chunks_deduped"] += existed
-                return 0, existed
-            lengths = [memoryview(d).nbytes for d in new.values()]
-            self._disk_room(ns, sum(lengths) + 64 * len(lengths))
-            slots = self._alloc_run(ns, lengths, holder=holder)
-            self._consume_reservation(holder, sum(s.size for s in slots))
-            views = [ns.slab.view(s) for s in slots]
-        placed: list[tuple[int, Location]] = []
-        try:
-            self._make_disk_room(sum(lengths) + 64 * len(lengths))
-            for (key, data), view in zip(new.items(), views):
-                view[:] = data
-                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data, checks.get(key)))
-                placed.append((key, loc))
-        except BaseException:
-            with self.lock:  # records already appended were never live: garbage for the compactor
-                for s in slots:
-                    ns.slab.free(s)
-            raise
-        finally:
-            views.clear()
-        return self._adopt_placed(ns, placed, slots, holder, existed, now, checks)
-
-    def _adopt_placed(
-        self, ns: Namespace, placed: list[tuple[Key, Location]], slots: list, holder: Holder, existed: int,
-        now: float, checks: dict[Key, Check] | None = None,
-    ) -> tuple[int, int]:  # fmt: skip
-        """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
-        for this caller's commit; returns (stored, already present)."""
-        stored = 0
-        with self.lock:
-            for (key, loc), slot in zip(placed, slots):
-                if key in ns.chunks:  # a concurrent put of the same chunk won
-                    ns.slab.free(slot)
-                    existed += 1
-                    self._hold_pending(holder, ns, ns.chunks[key], now)
-                    continue
-                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot, check=checks.get(key) if checks else None)
-                self._live(ns, loc)
-                self._hold_pending(holder, ns, c, now)
-                stored += 1
-            ns.counters["chunks_stored"] += stored
-            ns.counters["chunks_deduped"] += existed
-        return stored, existed
-
-    def _hold_pending(self, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:
-        ident = (ns.name, c.key)
-        if ident not in holder.pending:
-            c.holds += 1
-        holder.pending[ident] = now
 
     # -- manifests -------------------------------------------------------------------------
     def commit_manifest(
@@ -387,10 +294,10 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         ns.last_seq[s.name] = s.seq
         old = ns.sessions.get(s.name)
         ns.sessions[s.name] = s
-        self._live(ns, s.loc)
+        self.live.live(ns, s.loc)
         tomb = ns.tombstones.pop(s.name, None)
         if tomb is not None:
-            self._dead(ns, tomb.loc)  # a newer manifest outranks it on replay
+            self.live.dead(ns, tomb.loc)  # a newer manifest outranks it on replay
         for k in s.unique_keys():
             c = ns.chunks[k]
             c.refs += 1
@@ -426,9 +333,9 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
             self.seq += 1
             loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
             if s.pin_loc is not None:
-                self._dead(ns, s.pin_loc)
+                self.live.dead(ns, s.pin_loc)
             s.pin_loc = loc
-            self._live(ns, loc)
+            self.live.live(ns, loc)
             self._unlist(s)
             s.pinned = pinned
             self._list(s)
@@ -444,14 +351,72 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
 
     def stats(self, ns_name: str) -> dict:
         with self.lock:
-            return namespace_stats(self, self.existing(ns_name))
+            return namespace_stats(self.existing(ns_name))
 
     def all_stats(self, limit: int) -> list[dict]:
         """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""
         with self.lock:
             spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
-            return [namespace_stats(self, ns) for ns in spaces]
+            return [namespace_stats(ns) for ns in spaces]
 
+
+    # -- namespaces ------------------------------------------------------------------------
+    def set_region_hook(self, hook: RegionHook | None, release: ReleaseHook | None = None) -> None:
+        """Install the RDMA registration hooks and register regions that already exist."""
+        with self.lock:
+            self.spaces.set_region_hook(hook, release)
+
+    def existing(self, name: str) -> Namespace:
+        """The namespace to read (an empty stand-in, not kept, when it holds nothing)."""
+        return self.spaces.existing(name)
+
+    def namespace(self, name: str, *, replaying: bool = False) -> Namespace:
+        """The namespace to write to, made on its first write. Under the engine lock."""
+        return self.spaces.writable(name, replaying=replaying)
+
+    # -- the one-sided index -----------------------------------------------------------------
+    def published_index(self, ns_name: str, entries: int = INDEX_ENTRIES) -> PublishedIndex:
+        with self.lock:
+            return self.publisher.index(ns_name, entries)
+
+    def publish(self, ns_name: str, name: str) -> bool:
+        """Point the namespace's index at ``name``'s current version (see Publisher.publish)."""
+        with self.lock:
+            ns = self.namespaces.get(ns_name)
+            return ns is not None and self.publisher.publish(ns, ns.sessions.get(name))
+
+    def upkeep(self) -> None:
+        """One round of background work (Maintenance runs it every second; tests call it)."""
+        now = time.monotonic()
+        try:
+            self.fs_free = fs_free_bytes(self.dir)
+        except OSError:
+            pass
+        with self.lock:
+            self._expire_due()
+            self.expire_stalled_saves(now)
+            for h in list(self.holders):
+                if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
+                    self._drop_restore_hold(h)
+                for (ns_name, key), at in list(h.pending.items()):
+                    if now - at > SAVE_HOLD_S:
+                        self._drop_pending(h, ns_name, key)
+            self._release_regions(now - REGION_GRACE_S)
+            limit = int(self.high_watermark * self.capacity)
+            used = self.mem_used()
+            any_ns = next(iter(self.namespaces.values()), None)
+            if used > limit and any_ns is not None:
+                self._demote_until(used - limit, any_ns, None)
+            if self.live.total > self.disk_limit() and any_ns is not None:
+                try:
+                    self._disk_room(any_ns, 0)
+                except RdmakvError:
+                    pass  # everything left is pinned or busy; saves will say so
+            garbage = self.log.disk_bytes() - self.live.total
+        if garbage > self.log.segment_bytes // 2:
+            self.compactor.wake()
+        if self.reserve.held < self.reserve.size:
+            self.reserve.refill()
 
     def compact(self) -> dict:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""

@@ -83,7 +83,7 @@ def replay(engine: Engine) -> None:
             ns.last_seq[name] = e.seq
             if ns.disk_records[name]:
                 ns.tombstones[name] = Tombstone(e.seq, e.loc)
-                engine._live(ns, e.loc)
+                engine.live.live(ns, e.loc)
             continue
         r, m = e.record, e.manifest
         assert r is not None and m is not None
@@ -105,13 +105,13 @@ def replay(engine: Engine) -> None:
             if c is None:
                 loc, check = chunk_at[(ns_name, k)]
                 c = ns.chunks[k] = Chunk(k, lengths[k], loc, check=check)
-                engine._live(ns, loc)
+                engine.live.live(ns, loc)
         s = Session(ns_name, name, e.seq, e.loc, m.n_chunks, unique_arr, m.total_bytes, e.loc.size - e.loc.body_offset,
                     r.committed_ms / 1000, expires, r.pinned)  # fmt: skip
         pin = pins.get((ns_name, name))
         if pin is not None and pin[1] == e.seq:
             s.pinned, s.pin_loc = pin[2], pin[3]
-            engine._live(ns, pin[3])
+            engine.live.live(ns, pin[3])
         engine._install(ns, s, None)
         sessions.append(s)
     loaded = _load_resident(engine, sessions)
@@ -167,26 +167,26 @@ def migrate_v1(engine: Engine) -> None:
         for c in ns.chunks.values():
             data = bytearray(c.length)
             engine.log.read_into(c.loc, memoryview(data))
-            engine._dead(ns, c.loc)
+            engine.live.dead(ns, c.loc)
             c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, data, c.check))
-            engine._live(ns, c.loc)
+            engine.live.live(ns, c.loc)
         for s in ns.sessions.values():
             data = engine.read_manifest(s)
-            engine._dead(ns, s.loc)
+            engine.live.dead(ns, s.loc)
             s.loc, _ = engine.log.append(rec.REC_MANIFEST, rec.manifest_parts(
                 ns.name, s.name, s.seq, data, pinned=s.pinned, expires_ms=int(s.expires_at * 1000),
                 committed_ms=int(s.committed_at * 1000)))  # fmt: skip
-            engine._live(ns, s.loc)
+            engine.live.live(ns, s.loc)
             ns.disk_records[s.name] = 1
             if s.pin_loc is not None:
-                engine._dead(ns, s.pin_loc)
+                engine.live.dead(ns, s.pin_loc)
                 s.pin_loc = None
         for name, t in list(ns.tombstones.items()):
-            engine._dead(ns, t.loc)
+            engine.live.dead(ns, t.loc)
             del ns.tombstones[name]
     engine.log.rotate()
     for sid in old:
         if sid != active:
             engine.log.remove(sid)
-            engine.seg_live.pop(sid, None)
+            engine.live.forget(sid)
     engine.say(f"rdmakv: rewrote a format-1 log ({len(old)} segments) in the current format")

@@ -51,7 +51,7 @@ class Tiering:
             self._drop_slot(ns, c)
             if ns.chunks.get(c.key) is c:
                 del ns.chunks[c.key]
-                self._dead(ns, c.loc)
+                self.live.dead(ns, c.loc)
         elif c.rrefs == 0:
             self._drop_slot(ns, c)
 
@@ -72,7 +72,7 @@ class Tiering:
         before = ns.used
         s.resident = s.complete = False
         self._cache_locations(ns, s, None)
-        self._unpublish(ns, s)
+        self.publisher.unpublish(ns, s)
         if self.mem_lru.get((s.ns, s.name)) is s:
             del self.mem_lru[(s.ns, s.name)]
         for k in s.unique_keys():
@@ -86,11 +86,11 @@ class Tiering:
     def _retire(self: Engine, ns: Namespace, s: Session) -> None:
         """``s`` was deleted, replaced, evicted or expired: its record is garbage now, and its
         chunks go when the last restore holding it lets go."""
-        self._unpublish(ns, s)
+        self.publisher.unpublish(ns, s)
         self._unlist(s)
-        self._dead(ns, s.loc)
+        self.live.dead(ns, s.loc)
         if s.pin_loc is not None:
-            self._dead(ns, s.pin_loc)
+            self.live.dead(ns, s.pin_loc)
             s.pin_loc = None
         s.dead = True
         if s.holds:
@@ -161,7 +161,7 @@ class Tiering:
         """Disk pressure: drop the least recently used orphans (disk-only ones first) until
         ``nbytes`` more live log bytes fit under ``limit``."""
         for ns_name, c in self.orphans.all():
-            if self.disk_live + nbytes <= limit:
+            if self.live.total + nbytes <= limit:
                 return
             ns = self.namespaces[ns_name]
             if c.holds or self._within_disk_quota(ns, requester):
@@ -182,7 +182,7 @@ class Tiering:
         self._drop_slot(ns, c)
         if ns.chunks.get(c.key) is c:
             del ns.chunks[c.key]
-            self._dead(ns, c.loc)
+            self.live.dead(ns, c.loc)
         ns.counters["orphans_evicted"] += 1
 
     def _free_orphans_of(self: Engine, ns: Namespace, name: str) -> None:
@@ -426,11 +426,11 @@ class Tiering:
     def _disk_room(self: Engine, ns: Namespace, nbytes: int) -> None:
         """Evict least recently used sessions until ``nbytes`` more live log bytes fit."""
         limit = self.disk_limit()
-        if self.disk_live + nbytes <= limit:
+        if self.live.total + nbytes <= limit:
             return
         self._evict_orphans(nbytes, limit, ns)
         for s in list(self.disk_lru.values()):
-            if self.disk_live + nbytes <= limit:
+            if self.live.total + nbytes <= limit:
                 break
             if s.holds:
                 continue
@@ -439,7 +439,7 @@ class Tiering:
                 continue  # within its quota's share of the disk tier
             self._evict(owner, s)
         self.compactor.wake()
-        if self.disk_live + nbytes > limit:
+        if self.live.total + nbytes > limit:
             pinned = sum(x.total_bytes for n in self.namespaces.values() for x in n.sessions.values() if x.pinned)
             raise DiskFullError(
                 f"disk full: {fmt_bytes(nbytes)} more does not fit in the disk tier's {fmt_bytes(limit)} "

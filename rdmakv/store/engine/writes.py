@@ -5,13 +5,16 @@ this is the engine's part, with no sockets and no verbs."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from slab import Slot
 
 from ...errors import IntegrityError
-from ...hashing import key_hex, matches
+from ...hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, matches
 from . import records as rec
+from .index import Chunk, Holder, Namespace
+from .segment_log import Location
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -69,3 +72,80 @@ class Writes:
             self.reserved_slots -= len(slots)
             ns.counters["chunks_received"] += len(keys)
         return self._adopt_placed(ns, placed, slots, holder, 0, time.monotonic())
+
+    def put_chunks(
+        self: Engine, ns_name: str, items: Sequence[tuple[int, memoryview]], holder: Holder | None = None
+    ) -> tuple[int, int]:
+        """Store chunks (each checked against its key) and hold them for this caller's next
+        commit; returns (stored, already present)."""
+        holder = holder or self.local
+        checks: dict[Key, Check] = {}  # opaque keys: the store's own check of the bytes, kept beside the key
+        for key, data in items:
+            if is_opaque(key_alg(key)):
+                checks[key] = check_of(key, data)  # type: ignore[assignment]
+            elif not matches(key, data):
+                raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
+        now = time.monotonic()
+        with self.lock:
+            ns = self.namespace(ns_name)
+            ns.counters["chunks_received"] += len(items)
+            new: dict[int, memoryview] = {}
+            existed = 0
+            for key, data in items:
+                c = ns.chunks.get(key)
+                if c is not None:
+                    existed += 1
+                    self._hold_pending(holder, ns, c, now)
+                elif key not in new:
+                    new[key] = data
+            if not new:
+                ns.counters["chunks_deduped"] += existed
+                return 0, existed
+            lengths = [memoryview(d).nbytes for d in new.values()]
+            self._disk_room(ns, sum(lengths) + 64 * len(lengths))
+            slots = self._alloc_run(ns, lengths, holder=holder)
+            self._consume_reservation(holder, sum(s.size for s in slots))
+            views = [ns.slab.view(s) for s in slots]
+        placed: list[tuple[int, Location]] = []
+        try:
+            self._make_disk_room(sum(lengths) + 64 * len(lengths))
+            for (key, data), view in zip(new.items(), views):
+                view[:] = data
+                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data, checks.get(key)))
+                placed.append((key, loc))
+        except BaseException:
+            with self.lock:  # records already appended were never live: garbage for the compactor
+                for s in slots:
+                    ns.slab.free(s)
+            raise
+        finally:
+            views.clear()
+        return self._adopt_placed(ns, placed, slots, holder, existed, now, checks)
+
+    def _adopt_placed(
+        self: Engine, ns: Namespace, placed: list[tuple[Key, Location]], slots: list, holder: Holder, existed: int,
+        now: float, checks: dict[Key, Check] | None = None,
+    ) -> tuple[int, int]:  # fmt: skip
+        """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
+        for this caller's commit; returns (stored, already present)."""
+        stored = 0
+        with self.lock:
+            for (key, loc), slot in zip(placed, slots):
+                if key in ns.chunks:  # a concurrent put of the same chunk won
+                    ns.slab.free(slot)
+                    existed += 1
+                    self._hold_pending(holder, ns, ns.chunks[key], now)
+                    continue
+                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot, check=checks.get(key) if checks else None)
+                self.live.live(ns, loc)
+                self._hold_pending(holder, ns, c, now)
+                stored += 1
+            ns.counters["chunks_stored"] += stored
+            ns.counters["chunks_deduped"] += existed
+        return stored, existed
+
+    def _hold_pending(self: Engine, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:
+        ident = (ns.name, c.key)
+        if ident not in holder.pending:
+            c.holds += 1
+        holder.pending[ident] = now
