@@ -13,23 +13,22 @@ is left is pinned or held by restores, however long one waited.
 Bounds: a connection's reservation is at most the memory tier under its high watermark (a save
 larger than that can never fit: STORE_FULL at once); reservations in all are at most the same,
 since each is granted only with room for it; a connection that stops sending requests loses its
-reservation and its uncommitted chunks after ``save_stall_s`` (Engine.expire_stalled_saves).
+reservation and its uncommitted chunks after ``save_stall_s`` (``Admission.expire_stalled``).
 
-Everything here runs with the engine lock held.
+A part of the engine that owns the reservations (``inflight``); it asks the memory tier for room
+through the ``Room`` Protocol. Everything here runs with the engine lock held.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from slab import class_size
 
 from ...errors import BusyError, RdmakvError, StoreFullError
 from ...units import fmt_bytes
-from .index import Holder, Namespace
-
-if TYPE_CHECKING:
-    from .core import Engine
+from .index import Holder, Namespace, Session
 
 SAVE_STALL_S = 10.0  # a connection that sends nothing this long loses its save's reservation and chunks
 
@@ -39,87 +38,103 @@ class SaveMustWait(BusyError):
     request as room frees, and answers BUSY with this reason once its wait is over)."""
 
 
-class Admission:
-    """Mixin of Engine: reservations of saves in flight."""
+class Room(Protocol):
+    """What admission needs of the memory tier (the engine)."""
 
-    def _others_reserved(self: Engine, holder: Holder | None) -> int:
+    capacity: int
+    high_watermark: float
+    holders: set[Holder]
+
+    def mem_used(self) -> int: ...
+
+    def release_regions(self, older_than: float | None) -> int: ...
+
+    def demote_until(self, amount: int, requester: Namespace, protect: Session | None,
+                     only: Namespace | None = None) -> int: ...  # fmt: skip
+
+    def full(self, ns: Namespace, need: int, limit: str) -> StoreFullError: ...
+
+    def drop_pending(self, holder: Holder, ns_name: str, key: object) -> None: ...
+
+
+class Admission:
+    def __init__(self, room: Room) -> None:
+        self.room = room
+        self.inflight = 0  # slab bytes reserved by saves in flight, not yet allocated
+        self.on_room: Callable[[], None] | None = None  # memory may have come free: parked saves retry
+
+    def others_reserved(self, holder: Holder | None) -> int:
         return self.inflight - (holder.reserved if holder is not None else 0)
 
-    def _admit(self: Engine, ns: Namespace, holder: Holder, lengths: list[int]) -> None:
+    def admit(self, ns: Namespace, holder: Holder, lengths: list[int]) -> None:
         """Reserve room for a save's missing chunks (their slab sizes), making it by demotion;
         SaveMustWait when other saves in flight hold what is missing, StoreFullError when what is
         left is pinned or held by restores."""
+        room = self.room
         need = sum(class_size(n) for n in lengths)
         want = need - holder.reserved
         if want <= 0:
             return
-        limit = int(self.high_watermark * self.capacity)
+        limit = int(room.high_watermark * room.capacity)
         if need > limit:
             raise StoreFullError(
                 f"store full: a save of {fmt_bytes(need)} does not fit in the memory tier "
-                f"({fmt_bytes(limit)} under the high watermark of {fmt_bytes(self.capacity)})"
+                f"({fmt_bytes(limit)} under the high watermark of {fmt_bytes(room.capacity)})"
             )
-        over = self.mem_used() + self.inflight + want - limit
+        over = room.mem_used() + self.inflight + want - limit
         if over > 0:
-            self._release_regions(None)
-            over = self.mem_used() + self.inflight + want - limit
+            room.release_regions(None)
+            over = room.mem_used() + self.inflight + want - limit
         if over > 0:
-            self._demote_until(over, ns, None)
-            over = self.mem_used() + self.inflight + want - limit
+            room.demote_until(over, ns, None)
+            over = room.mem_used() + self.inflight + want - limit
         if over > 0:
-            raise self._no_room(ns, want, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
+            raise self.no_room(ns, want, holder, f"memory capacity of {fmt_bytes(room.capacity)}")
         holder.reserved += want
         self.inflight += want
 
-    def _consume_reservation(self: Engine, holder: Holder, nbytes: int) -> None:
+    def consume(self, holder: Holder, nbytes: int) -> None:
         """A save's slots came out of its reservation."""
         take = min(holder.reserved, nbytes)
         holder.reserved -= take
         self.inflight -= take
 
-    def _end_reservation(self: Engine, holder: Holder) -> None:
+    def end(self, holder: Holder) -> None:
         """The save committed, gave up, or its connection went: what it had not used is free."""
         if holder.reserved:
             self.inflight -= holder.reserved
             holder.reserved = 0
-            self._room_freed()
+            self.room_freed()
 
-    def _room_freed(self: Engine) -> None:
+    def room_freed(self) -> None:
         """Memory may have come free (a commit, a release): let parked saves try again."""
         if self.on_room is not None:
             self.on_room()
 
-    def _no_room(self: Engine, ns: Namespace, need: int, holder: Holder | None, limit: str) -> RdmakvError:
+    def no_room(self, ns: Namespace, need: int, holder: Holder | None, limit: str) -> RdmakvError:
         """Why ``need`` bytes do not fit: other saves in flight (wait) or pinned and restored
         sessions (full)."""
-        others = self._others_reserved(holder)
-        pending = sum(len(h.pending) for h in self.holders if h is not holder)
+        others = self.others_reserved(holder)
+        pending = sum(len(h.pending) for h in self.room.holders if h is not holder)
         if others or pending:
             return SaveMustWait(
                 f"store busy: no room for {fmt_bytes(need)} in namespace {ns.name!r} under the {limit} until "
                 f"saves in flight commit ({fmt_bytes(others)} reserved by other saves, {pending} of their chunks "
                 "uncommitted); retry"
             )
-        return self._full(ns, need, limit)
+        return self.room.full(ns, need, limit)
 
-    def pending_bytes(self: Engine) -> int:
-        """Slab bytes of uncommitted chunks and of reservations: saves in flight."""
-        return self.inflight + sum(
-            ns.chunks[k].length for h in self.holders for (n, k) in h.pending if (ns := self.namespaces.get(n))
-            and k in ns.chunks
-        )  # fmt: skip
-
-    def expire_stalled_saves(self: Engine, now: float, stall_s: float = SAVE_STALL_S) -> int:
+    def expire_stalled(self, now: float, local: Holder, stall_s: float = SAVE_STALL_S) -> int:
         """Connections that have sent nothing for ``stall_s`` lose their save's reservation and
         uncommitted chunks (the save is over: its client stalled or went). Returns how many."""
         n = 0
-        for h in list(self.holders):
-            if h is self.local or not (h.pending or h.reserved) or now - h.active_at <= stall_s:
+        for h in list(self.room.holders):
+            if h is local or not (h.pending or h.reserved) or now - h.active_at <= stall_s:
                 continue
             for ns_name, key in list(h.pending):
-                self._drop_pending(h, ns_name, key)
-            self._end_reservation(h)
+                self.room.drop_pending(h, ns_name, key)
+            self.end(h)
             n += 1
         if n:
-            self._room_freed()
+            self.room_freed()
         return n

@@ -55,7 +55,7 @@ MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is o
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
 
 
-class Engine(Tiering, Admission, Reads, Writes):
+class Engine(Tiering, Reads, Writes):
     def __init__(
         self,
         data_dir: str | Path,
@@ -108,8 +108,7 @@ class Engine(Tiering, Admission, Reads, Writes):
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
         self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
-        self.inflight = 0  # slab bytes reserved by saves in flight (admission), not yet allocated
-        self.on_room: Callable[[], None] | None = None  # memory may have come free: parked saves retry
+        self.admission = Admission(self)  # reservations of saves in flight
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
@@ -166,10 +165,10 @@ class Engine(Tiering, Admission, Reads, Writes):
         with self.lock:
             self._drop_restore_hold(h)
             for (ns_name, key) in list(h.pending):
-                self._drop_pending(h, ns_name, key)
-            self._end_reservation(h)
+                self.drop_pending(h, ns_name, key)
+            self.admission.end(h)
             self.holders.discard(h)
-            self._room_freed()
+            self.admission.room_freed()
 
     def _drop_restore_hold(self, h: Holder) -> None:
         if h.restore is not None:
@@ -180,7 +179,7 @@ class Engine(Tiering, Admission, Reads, Writes):
         for ns, s in batch:
             self._unhold_session(ns, s)
 
-    def _drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
+    def drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
         h.pending.pop((ns_name, key), None)
         ns = self.namespaces[ns_name]
         c = ns.chunks.get(key)
@@ -244,7 +243,7 @@ class Engine(Tiering, Admission, Reads, Writes):
             chunks = ns.chunks
             missing = [(k, n) for k, n in zip(unique, unique_lengths) if k not in chunks]
             if missing:
-                self._admit(ns, holder, [n for _, n in missing])  # room for all of them, or wait
+                self.admission.admit(ns, holder, [n for _, n in missing])  # room for all of them, or wait
                 return keys_array([k for k, _ in missing[: self.max_missing]], m.hash_alg)
             for k, length in zip(unique, unique_lengths):
                 if chunks[k].length != length:
@@ -279,12 +278,12 @@ class Engine(Tiering, Admission, Reads, Writes):
             for k in unique:
                 self._unhold(ns, chunks[k])
                 if (ns_name, k) in holder.pending:
-                    self._drop_pending(holder, ns_name, k)
+                    self.drop_pending(holder, ns_name, k)
             ns.counters["manifests_committed"] += 1
             ns.counters[saved_by] += 1
             ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
-            self._end_reservation(holder)
-            self._room_freed()  # its chunks are a committed session now: demotable
+            self.admission.end(holder)
+            self.admission.room_freed()  # its chunks are a committed session now: demotable
         return np.zeros(0, dtype=np.uint64)
 
     def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
@@ -322,7 +321,7 @@ class Engine(Tiering, Admission, Reads, Writes):
             self._retire(ns, s)
             self._free_orphans_of(ns, name)
             ns.counters["deletes"] += 1
-            self._room_freed()
+            self.admission.room_freed()
         self.log.sync_to(lsn)
         self.compactor.wake()
 
@@ -394,19 +393,19 @@ class Engine(Tiering, Admission, Reads, Writes):
             pass
         with self.lock:
             self._expire_due()
-            self.expire_stalled_saves(now)
+            self.admission.expire_stalled(now, self.local)
             for h in list(self.holders):
                 if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
                     self._drop_restore_hold(h)
                 for (ns_name, key), at in list(h.pending.items()):
                     if now - at > SAVE_HOLD_S:
-                        self._drop_pending(h, ns_name, key)
-            self._release_regions(now - REGION_GRACE_S)
+                        self.drop_pending(h, ns_name, key)
+            self.release_regions(now - REGION_GRACE_S)
             limit = int(self.high_watermark * self.capacity)
             used = self.mem_used()
             any_ns = next(iter(self.namespaces.values()), None)
             if used > limit and any_ns is not None:
-                self._demote_until(used - limit, any_ns, None)
+                self.demote_until(used - limit, any_ns, None)
             if self.live.total > self.disk_limit() and any_ns is not None:
                 try:
                     self._disk_room(any_ns, 0)

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from slab import CapacityBudget
 
+from .admission import Admission
 from .compactor import Compactor
 from .index import COUNTERS, Namespace
 from .live_bytes import LiveBytes
@@ -21,7 +22,7 @@ class StoreFigures(Protocol):
     capacity: int
     disk_capacity: int
     budget: CapacityBudget
-    inflight: int
+    admission: Admission
     live: LiveBytes
     log: SegmentLog
     damage: list[Damage]
@@ -91,7 +92,7 @@ def store_stats(engine: StoreFigures) -> dict:
         "capacity_bytes": engine.capacity,
         "memory_used_bytes": engine.mem_used(),
         "memory_reserved_bytes": engine.budget.reserved,
-        "saves_in_flight_reserved_bytes": engine.inflight,
+        "saves_in_flight_reserved_bytes": engine.admission.inflight,
         "saves_in_flight_uncommitted_chunks": engine.pending_chunks(),
         "disk_capacity_bytes": engine.disk_capacity,
         "disk_live_bytes": engine.live.total,

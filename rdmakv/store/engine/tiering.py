@@ -255,23 +255,23 @@ class Tiering:
         the slab). SaveMustWait when other saves in flight hold the rest, StoreFullError when what
         is left is pinned or held by restores."""
         if ns.quota is not None and ns.used + need > ns.quota:
-            self._demote_until(ns.used + need - ns.quota, ns, protect, only=ns)
+            self.demote_until(ns.used + need - ns.quota, ns, protect, only=ns)
             if ns.used + need > ns.quota:
-                raise self._no_room(ns, need, holder, f"namespace {ns.name!r} quota of {fmt_bytes(ns.quota)}")
+                raise self.admission.no_room(ns, need, holder, f"namespace {ns.name!r} quota of {fmt_bytes(ns.quota)}")
         limit = int(self.high_watermark * self.capacity)
-        others = self._others_reserved(holder)
+        others = self.admission.others_reserved(holder)
         if self.budget.reserved + others + need > limit:
-            self._release_regions(None)
+            self.release_regions(None)
             used = self.mem_used() + others
             if used + need > limit:
-                self._demote_until(used + need - limit, ns, protect)
+                self.demote_until(used + need - limit, ns, protect)
         # what is charged outside the slab (a manifest) needs room in what is *used*: slab regions
         # mapped but not full are room the slab can still use, and mapping holds up to capacity
         while hard and self.capacity - self.mem_used() - others < need:
-            if not self._demote_until(need, ns, protect):
-                raise self._no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
+            if not self.demote_until(need, ns, protect):
+                raise self.admission.no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
-    def _demote_until(
+    def demote_until(
         self: Engine, amount: int, requester: Namespace, protect: Session | None, only: Namespace | None = None
     ) -> int:
         """Free ``amount`` bytes of memory: orphans' slots first, then demote sessions, least
@@ -296,7 +296,7 @@ class Tiering:
                     continue  # within its quota: another tenant's pressure does not push it out
                 freed += self._demote(owner, s)
         if freed:
-            self._release_regions(None)
+            self.release_regions(None)
         return freed
 
     def _alloc_run(
@@ -313,17 +313,17 @@ class Tiering:
             except SlabFullError:
                 pass
             if not released:  # empty regions of other namespaces first (a failed run retires its own)
-                self._release_regions(None)
+                self.release_regions(None)
                 released = True
                 continue
             # every round from here demotes a session or gives up, so this ends
-            if not self._demote_until(need, ns, protect):
-                raise self._no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
+            if not self.demote_until(need, ns, protect):
+                raise self.admission.no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
-    def _release_regions(self: Engine, older_than: float | None) -> int:
+    def release_regions(self: Engine, older_than: float | None) -> int:
         return sum(n.slab.release_empty(older_than) for n in self.namespaces.values())
 
-    def _full(self: Engine, ns: Namespace, need: int, limit: str) -> StoreFullError:
+    def full(self: Engine, ns: Namespace, need: int, limit: str) -> StoreFullError:
         pinned = sum(s.total_bytes for s in ns.sessions.values() if s.pinned)
         busy = sum(1 for s in ns.sessions.values() if s.holds)
         return StoreFullError(

@@ -30,7 +30,7 @@ class Writes:
             self._disk_room(ns, sum(lengths) + 64 * len(lengths))
             slots = self._alloc_run(ns, lengths, holder=holder)
             if holder is not None:
-                self._consume_reservation(holder, sum(s.size for s in slots))
+                self.admission.consume(holder, sum(s.size for s in slots))
             addrs = [ns.slab.regions[s.region].address + s.offset for s in slots]
             self.reserved_slots += len(slots)
         return slots, addrs
@@ -104,7 +104,7 @@ class Writes:
             lengths = [memoryview(d).nbytes for d in new.values()]
             self._disk_room(ns, sum(lengths) + 64 * len(lengths))
             slots = self._alloc_run(ns, lengths, holder=holder)
-            self._consume_reservation(holder, sum(s.size for s in slots))
+            self.admission.consume(holder, sum(s.size for s in slots))
             views = [ns.slab.view(s) for s in slots]
         placed: list[tuple[int, Location]] = []
         try:

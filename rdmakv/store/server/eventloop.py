@@ -97,7 +97,7 @@ class Server:
         self._parked: list[tuple[Connection, Parked]] = []
         self._room_freed = False
         self._parked_retry_at = 0.0
-        engine.on_room = self._on_room
+        engine.admission.on_room = self._on_room
 
     def count_request(self, namespace: str, op: int) -> None:
         """One request served for ``namespace`` (STATS shows a namespace its own counts). A
