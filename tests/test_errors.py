@@ -92,3 +92,20 @@ def test_an_internal_error_reaches_the_client_as_an_id_only(tmp_path) -> None:
         server.stop()
         engine.close()
 
+
+
+def test_without_pyverbs_the_reason_is_said_once() -> None:
+    """A machine without pyverbs: the server's and the client's probe say so once, not wrapped
+    in itself (`./dev demo` printed "pyverbs is not importable (pyverbs is not importable (...")."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pyverbs'] = None\n"
+            "from rdmakv.rdma.device import probe_device\n"
+            "from rdmakv.store.server.embedded import EmbeddedServer\n"
+            "s = EmbeddedServer(16 << 20)\n"
+            "print(probe_device()[1]); print(s.rdma_reason); s.close()\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.splitlines():
+        assert line.count("pyverbs is not importable") == 1, line
