@@ -1,6 +1,6 @@
 """The package layout holds: every module imports on its own, and imports only run downward.
 
-The rules are the table in ``shared/LAYOUT.md``: CLI and bench at the top, then store, llama and
+The rules are the table in ``docs/layout.md``: CLI and bench at the top, then store, llama and
 cluster, then the client, then rdma and fallback_tcp, then wire, then slab and the small leaf
 modules. A cycle or an upward import fails here, not in a user's interpreter.
 """
@@ -161,7 +161,7 @@ def allowed(name: str) -> tuple[str, ...] | None:
     for prefix, allow in RULES:
         if name == prefix or name.startswith(prefix + "."):
             return allow
-    raise AssertionError(f"{name} is in no layer of the layout table: add it to RULES (shared/LAYOUT.md)")
+    raise AssertionError(f"{name} is in no layer of the layout table: add it to RULES (docs/layout.md)")
 
 
 def test_imports_only_run_downward() -> None:
@@ -171,7 +171,7 @@ def test_imports_only_run_downward() -> None:
         if allow is None:
             continue
         bad += [f"{name} imports {mod}" for mod in sorted(imported(name, path)) if not _within(mod, allow)]
-    assert not bad, "imports against the layout (shared/LAYOUT.md):\n" + "\n".join(bad)
+    assert not bad, "imports against the layout (docs/layout.md):\n" + "\n".join(bad)
 
 
 def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ N_SESSIONS = 5
 # What one STATS request adds to the server's received counter (header + tag, no payload);
 # the "received" columns subtract the STATS call made between two readings.
 _STATS_REQUEST_BYTES = HEADER.size + TAG_LEN
-REFERENCE = {  # DESIGN §6 (seed document; Mac mini M4, loopback TCP)
+REFERENCE = {  # docs/data-model.md §6 (seed document; Mac mini M4, loopback TCP)
     "v1_turn3_wire": 3_150_428,
     "manifest_turn3": 5_728,
     "shared_prefix_save_wire": 1_952,

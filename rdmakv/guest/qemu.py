@@ -36,7 +36,7 @@ from .runner import copy_stage_scripts, guest_env, guest_run, mem_bytes, write_r
 # initramfs (busybox-static + the 9p/virtio/overlay modules; qemu-init.sh) mounts the host root
 # read-only over 9p with a tmpfs overlay and switch_roots into qemu-stage2.sh, which loads
 # rdma_rxe and runs the command like stage2.sh does. Always TCG: /dev/kvm on these machines is
-# a stub that hangs a guest kernel in its decompressor (RXE.md).
+# a stub that hangs a guest kernel in its decompressor (docs/rdma-path.md §4).
 
 #: Host packages the QEMU guest needs on top of RUNTIME_PACKAGES.
 QEMU_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod")

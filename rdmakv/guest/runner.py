@@ -81,7 +81,7 @@ def write_run_files(
     if net is None:
         lines = ["link set lo up", "link add d0 type dummy"]
         # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
-        # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
+        # ICRCs) per READ; docs/rdma-path.md §5: ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
         lines.append(f"link set d0 mtu {guest_mtu()}")
         lines += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
     else:

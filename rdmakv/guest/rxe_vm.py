@@ -19,7 +19,7 @@ and ``RDMAKV_NODE_ADDRS``; node 0's status is the run's (``rdmakv.guest.uml_pair
 ``run(..., guest="qemu")`` is the fallback for machines where that kernel cannot be built:
 QEMU TCG (never KVM) boots Debian's stock kernel package, extracted into the same cache, with
 the host root shared read-only over 9p; same guest setup, ``RDMAKV_GUEST=qemu``, ~10 s to
-boot and everything 20-50x slower (``rdmakv.guest.qemu`` and /work/shared/RXE.md).
+boot and everything 20-50x slower (``rdmakv.guest.qemu`` and docs/rdma-path.md §4).
 
 Public API: :func:`run`, :func:`ensure_kernel`, :func:`host_has_rdma`, :func:`cli`,
 :class:`GuestError`; helpers :func:`cache_root`, :func:`kernel_key`, :func:`cached_kernel`;

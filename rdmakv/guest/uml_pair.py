@@ -2,7 +2,7 @@
 
 Guest i is pinned to its own host core and has a UML vector device ``vec0``; rxe0 goes on it
 and node i has 192.0.2.<i+1>/24. Unlike a veth pair inside one kernel (rxe over veth does not
-work on 6.1, RXE.md), every RoCE packet really leaves one kernel and enters the other. The
+work on 6.1, docs/rdma-path.md §4), every RoCE packet really leaves one kernel and enters the other. The
 link carries the Ethernet frames in UDP datagrams on the host's 127.0.0.1, in one of two ways
 ($RDMAKV_GUEST_LINK):
 

@@ -1,7 +1,7 @@
 """The slot-file model shared by every version's parser: limits, errors, the parsed structure
 (blocks, streams, layer regions) and a bounds-checked reader.
 
-Format facts: ``shared/llama-slot-format.md``.
+Format facts: ``docs/llama-slot-format.md``.
 """
 
 from __future__ import annotations

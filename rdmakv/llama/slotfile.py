@@ -1,7 +1,7 @@
 """llama.cpp sequence-state ("ggsq") slot-file codec: parse, chunk, rebuild. The entry point.
 
 Pure: bytes in, objects out (``load`` is the only helper that touches a path).
-The format facts are in ``shared/llama-slot-format.md``; in short, a slot file is::
+The format facts are in ``docs/llama-slot-format.md``; in short, a slot file is::
 
     u32 magic 'ggsq' | u32 version | u32 n_words | n_words x i32 token words | KV state
 

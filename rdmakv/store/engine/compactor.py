@@ -1,4 +1,4 @@
-"""Online log compaction (DESIGN §8).
+"""Online log compaction (docs/data-model.md §4).
 
 A background thread rewrites sealed segments whose live fraction has fallen below the
 threshold (default 50%): it copies their live records, byte for byte, into a new file,

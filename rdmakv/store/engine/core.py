@@ -1,6 +1,6 @@
 """The store itself, without sockets: namespaces, chunk index, two tiers, durable log.
 
-Semantics (DESIGN §2, §8): chunks are immutable and content-addressed; sessions (manifests)
+Semantics (docs/data-model.md §2, §4): chunks are immutable and content-addressed; sessions (manifests)
 are name-addressed and replaced atomically; a manifest is visible only when every chunk it
 names is present. The memory tier (slab) caches the disk tier (log); ``tiering`` decides what
 leaves which. ``index`` says which counts keep bytes alive.

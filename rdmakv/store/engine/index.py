@@ -1,6 +1,6 @@
 """The store's in-memory index: chunks, sessions, namespaces and the holds on them.
 
-Counts that decide when bytes may go (DESIGN §8):
+Counts that decide when bytes may go (docs/data-model.md §4):
 
 - ``Chunk.refs``: committed sessions naming the chunk. At 0 (and no holds) the chunk is gone:
   its slot is freed (zeroed) and its log record becomes garbage for the compactor. Unless it is

@@ -1,4 +1,4 @@
-"""Durable append-only segment log (DESIGN §3, §8): files, appends, group commit, replay.
+"""Durable append-only segment log (docs/data-model.md §3, §4): files, appends, group commit, replay.
 
 Records (``records``) are appended to the open segment; a segment is sealed and a new one
 opened when it reaches ``segment_bytes``. Durability:

@@ -1,4 +1,4 @@
-"""Two tiers, one policy (DESIGN §8): what leaves memory, what leaves the store, and when.
+"""Two tiers, one policy (docs/data-model.md §4): what leaves memory, what leaves the store, and when.
 
 Memory (the slab, ``--capacity``) is a cache of the disk tier (the log, ``--disk-capacity``).
 Past the memory high watermark the least recently used sessions are *demoted*: their chunks
