@@ -222,6 +222,16 @@ class Redis(Tier):
                "--daemonize", "no", "--logfile", str(self.work / "redis.log")]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, self.proc)
+        self._wait_loaded()
+
+    def _wait_loaded(self, timeout: float = 600.0) -> None:
+        """Until its snapshot is loaded: meanwhile it accepts connections but answers LOADING,
+        which LMCache's connector takes as a miss (rdmakv's server listens once it has replayed)."""
+        deadline = time.monotonic() + timeout
+        while int(self._client().info("persistence").get("loading", 0)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server still loading its snapshot after {timeout} s")
+            time.sleep(0.05)
 
     def reset(self) -> None:
         (self.work / "dump.rdb").unlink(missing_ok=True)
