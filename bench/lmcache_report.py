@@ -144,7 +144,7 @@ def _shared_logical(result: dict) -> str:
 
 
 def _how(tier: str) -> str:
-    return {"redis": "sum of STRLEN of its keys", "lm": "the server process's RSS growth",
+    return {"redis": "sum of STRLEN of its keys", "lm": "value bytes PUT for distinct keys (its server has no LIST)",
             "local-disk": "file sizes under both engines' directories"}.get(
         tier, "chunk and manifest bytes (STATS), one namespace per window")  # fmt: skip
 
