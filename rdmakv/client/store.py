@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -27,6 +28,11 @@ from .calls import LowLevel, save_options
 from .reports import KVState, RestoreReport, SaveReport
 from .url import parse_url
 
+if TYPE_CHECKING:
+    from ..hashing import Key
+    from ..rdma.restore import RdmaRestorer
+    from ..wire.writes import Reservation
+
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
 
@@ -41,6 +47,7 @@ def client_tls(ca: str | None) -> ssl.SSLContext:
 
 # (manifest, KV layout or None, restore buffer, each chunk's offset in it)
 Fetched = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, np.ndarray]
+Hook = Callable[..., object]  # a test's hook into a restore (rdma.restore: after_locate)
 
 
 def connect(
@@ -90,7 +97,7 @@ class Store(LowLevel):
             mac=mac_alg(mac), tls=client_tls(tls_ca) if self.url.tls else None,
         )  # fmt: skip
         self.server_info = self.channel.server_info
-        self.rdma = None  # rdmakv.rdma.restore.RdmaRestorer once connected
+        self.rdma: RdmaRestorer | None = None  # once connected
         self.rdma_reason = ""
         self.rdma_writes = True  # saves WRITE their missing chunks when RDMA is up (False: TCP)
         self._cache: OrderedDict[int | bytes, bytes] = OrderedDict()
@@ -201,7 +208,7 @@ class Store(LowLevel):
         mark = ch.mark()
         data = manifest.encode()
         by_key = dict(zip(manifest.keys.tolist(), chunks))
-        sent: set = set()
+        sent: set[Key] = set()
         transport, reason = "tcp", ""
         if self.rdma is not None and self.rdma.usable and self.rdma_writes:
             missing, res = ch.put_manifest_reserving(name, data, replace(opts, reserve=True))
@@ -240,7 +247,10 @@ class Store(LowLevel):
             manifest_xxh3=xxhash.xxh3_64_intdigest(data),
         )
 
-    def _write_reserved(self, name, data, opts, res, missing, by_key, sent) -> tuple[np.ndarray, str, str]:
+    def _write_reserved(
+        self, name: str, data: bytes, opts: SaveOptions, res: Reservation, missing: np.ndarray,
+        by_key: dict[Key, bytes | memoryview], sent: set[Key],
+    ) -> tuple[np.ndarray, str, str]:
         """The reserved chunks by RDMA WRITE, then COMMIT: (still missing, transport, reason).
         A failed WRITE latches this connection to TCP and the save goes on over TCP."""
         keys = missing.tolist()
@@ -249,24 +259,27 @@ class Store(LowLevel):
         from ..rdma.errors import RdmaError
         from ..rdma.save import write_reserved
 
+        rdma = self.rdma
+        assert rdma is not None  # (only called when RDMA is usable)
         try:
-            write_reserved(self.rdma, res, keys, by_key)
+            write_reserved(rdma, res, keys, by_key)
         except RdmaError as e:
-            self.rdma.latch(f"RDMA WRITE failed ({e}); this connection now uses TCP")
-            return self.channel.put_manifest(name, data, opts), "tcp", self.rdma.latched_reason
+            rdma.latch(f"RDMA WRITE failed ({e}); this connection now uses TCP")
+            return self.channel.put_manifest(name, data, opts), "tcp", rdma.latched_reason
         sent.update(keys)
         return self.channel.commit_written(res.id, name, data, opts), "rdma", ""
 
-    def restore(self, name: str, report: bool = False, **hooks: Callable) -> KVState | tuple[KVState, RestoreReport]:
+    def restore(self, name: str, report: bool = False, **hooks: Hook) -> KVState | tuple[KVState, RestoreReport]:
         """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""
         t0 = time.perf_counter()
         rep = RestoreReport()
         _, layout, buf, _ = self._fetch(name, rep, True, **hooks)
+        assert layout is not None  # (asked for: kv=True)
         kv = chunking.assemble(layout, buf)
         rep.wall_s = time.perf_counter() - t0
         return (kv, rep) if report else kv
 
-    def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Callable) -> Fetched:
+    def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Hook) -> Fetched:
         """A manifest's chunks in one restore buffer: by RDMA READs when this connection can,
         else (or when RDMA fails) over TCP."""
         got = None
@@ -283,7 +296,7 @@ class Store(LowLevel):
         data, _, rep.tier = self.channel.get_manifest(name)
         m, layout, offsets, total = self.restore_target(data, kv)
         buf = self._restore_buffer(total)
-        self.fill_tcp(m.keys, m.lengths, offsets, memoryview(buf))
+        self.fill_tcp(m.keys, m.lengths, offsets, buf.data)
         self._charge_tcp(rep, m.n_chunks, mark)
         return m, layout, buf, offsets
 
@@ -302,7 +315,7 @@ class Store(LowLevel):
             if buf is not None:
                 return buf, offsets
         buf = self._restore_buffer(total)
-        self.fill_tcp(keys, lengths, offsets, memoryview(buf))
+        self.fill_tcp(keys, lengths, offsets, buf.data)
         self._charge_tcp(rep, len(keys), mark)
         return buf, offsets
 
@@ -350,6 +363,6 @@ class Store(LowLevel):
         rep = report if report is not None else RestoreReport()
         t0 = time.perf_counter()
         m, _, buf, offsets = self._fetch(name, rep, False)
-        view = memoryview(buf)
+        view = buf.data
         rep.wall_s = time.perf_counter() - t0
         return m, [view[o : o + n] for o, n in zip(offsets.tolist(), m.lengths.tolist())]
