@@ -12,18 +12,20 @@ needs bytes to stay put takes holds under the lock, does the copy without it, an
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from slab import CapacityBudget, Region, Slab
+from slab import CapacityBudget, Region, Slab, Slot
 
 from ...errors import DiskFullError, IntegrityError, ManifestError
-from ...hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, keys_array, matches
+from ...hashing import Check, Key, check_function, is_opaque, key_alg, key_hex, keys_array, matches
 from ...wire import manifest as mf
 from .. import logs
 from . import records as rec
@@ -34,6 +36,7 @@ from .index import Chunk, Holder, Namespace, Session, Tombstone
 from .maintenance import Maintenance
 from .namespaces import Namespaces
 from .orphans import Orphans
+from .published import PublishedIndex
 from .publishing import Publishing
 from .reads import Reads
 from .replay import replay
@@ -115,7 +118,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
         self.inflight = 0  # slab bytes reserved by saves in flight (admission), not yet allocated
         self.on_room: Callable[[], None] | None = None  # memory may have come free: parked saves retry
-        self.published: dict = {}  # namespace -> PublishedIndex, once a client connects by RDMA
+        self.published: dict[str, PublishedIndex] = {}  # by namespace, once a client connects by RDMA
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
@@ -186,7 +189,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         for ns, s in batch:
             self._unhold_session(ns, s)
 
-    def _drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
+    def _drop_pending(self, h: Holder, ns_name: str, key: Key) -> None:
         h.pending.pop((ns_name, key), None)
         ns = self.namespaces[ns_name]
         c = ns.chunks.get(key)
@@ -206,7 +209,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         self.disk_live -= loc.size
         ns.disk_live -= loc.size
 
-    def _append_small(self, rtype: int, parts: list) -> tuple[Location, int]:
+    def _append_small(self, rtype: int, parts: list[bytes | memoryview]) -> tuple[Location, int]:
         """Append a small record that must get through on a full disk (tombstones, pins):
         on ENOSPC the reserve is given up and the append tried once more."""
         try:
@@ -242,8 +245,8 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         holder = holder or self.local
         checks: dict[Key, Check] = {}  # opaque keys: the store's own check of the bytes, kept beside the key
         for key, data in items:
-            if is_opaque(key_alg(key)):
-                checks[key] = check_of(key, data)  # type: ignore[assignment]
+            if is_opaque(alg := key_alg(key)):
+                checks[key] = check_function(alg)(data)
             elif not matches(key, data):
                 raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
         now = time.monotonic()
@@ -267,7 +270,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
             slots = self._alloc_run(ns, lengths, holder=holder)
             self._consume_reservation(holder, sum(s.size for s in slots))
             views = [ns.slab.view(s) for s in slots]
-        placed: list[tuple[int, Location]] = []
+        placed: list[tuple[Key, Location]] = []
         try:
             self._make_disk_room(sum(lengths) + 64 * len(lengths))
             for (key, data), view in zip(new.items(), views):
@@ -284,7 +287,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         return self._adopt_placed(ns, placed, slots, holder, existed, now, checks)
 
     def _adopt_placed(
-        self, ns: Namespace, placed: list[tuple[Key, Location]], slots: list, holder: Holder, existed: int,
+        self, ns: Namespace, placed: list[tuple[Key, Location]], slots: list[Slot], holder: Holder, existed: int,
         now: float, checks: dict[Key, Check] | None = None,
     ) -> tuple[int, int]:  # fmt: skip
         """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
@@ -434,25 +437,25 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
             self._list(s)
         self.log.sync_to(lsn)
 
-    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
+    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
         with self.lock:
             return namespace_list(self.existing(ns_name), prefix, after, limit)
 
-    def store_stats(self) -> dict:
+    def store_stats(self) -> dict[str, Any]:
         with self.lock:
             return store_stats(self)
 
-    def stats(self, ns_name: str) -> dict:
+    def stats(self, ns_name: str) -> dict[str, Any]:
         with self.lock:
             return namespace_stats(self, self.existing(ns_name))
 
-    def all_stats(self, limit: int) -> list[dict]:
+    def all_stats(self, limit: int) -> builtins.list[dict[str, Any]]:  # (list: the method above)
         """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""
         with self.lock:
             spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
             return [namespace_stats(self, ns) for ns in spaces]
 
 
-    def compact(self) -> dict:
+    def compact(self) -> dict[str, float]:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""
         return self.compactor.full_pass()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+from slab import Slot
 
 from ...errors import NotFoundError
 from ...hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
@@ -32,7 +34,7 @@ class ChunkViews:
         self.checks: list[Check | None] = []  # per served chunk: the store's check (opaque keys)
         self.held: list[Chunk] = []
         self.segments: list[Segment] = []
-        self.slots: list = []
+        self.slots: list[Slot | None] = []
         self.payload: list[memoryview] = []  # the chunk bytes in order: slab neighbours as one view
 
     def release(self) -> None:
@@ -41,6 +43,7 @@ class ChunkViews:
         self.payload = []
         with self.engine.lock:
             for c in self.held:
+                assert self.ns is not None  # (set with the first held chunk)
                 self.engine._unhold(self.ns, c)
         self.held = []
         for seg in self.segments:
@@ -48,13 +51,14 @@ class ChunkViews:
         self.segments = []
 
 
-def _runs(ns: Namespace, served: list, slots: list) -> list[memoryview]:
+def _runs(ns: Namespace, served: list[tuple[Key, memoryview | None]], slots: list[Slot | None]) -> list[memoryview]:
     """Chunks that lie back to back in one region (a save's run) as one view: one MAC update and
     one iovec for the lot instead of one per chunk."""
     out: list[memoryview] = []
     start = None
     prev_full = False
     for s in slots:
+        assert s is not None  # (all in memory: this is only called when no chunk is read from disk)
         if start is not None and s.region == start[0] and s.offset == start[2] and prev_full:
             start = (start[0], start[1], s.offset + s.length)
         else:
@@ -67,10 +71,13 @@ def _runs(ns: Namespace, served: list, slots: list) -> list[memoryview]:
     return out
 
 
+# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
+# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
+# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
 class Reads:
     """Mixin of Engine: everything a restore asks of the store."""
 
-    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:
+    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:  # type: ignore[misc]
         s = ns.sessions.get(name)
         if s is not None and s.expired(time.time()):
             del ns.sessions[name]
@@ -81,7 +88,7 @@ class Reads:
             raise NotFoundError(f"no manifest named {name!r} in namespace {ns.name!r}")
         return s
 
-    def get_manifest(
+    def get_manifest(  # type: ignore[misc]
         self: Engine, ns_name: str, name: str, want_locations: bool = False, holder: Holder | None = None
     ) -> tuple[bytes, bytes | None, str]:
         """(manifest, encoded chunk locations when asked, tier: "memory" or "disk").
@@ -113,7 +120,7 @@ class Reads:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
 
-    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:
+    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:  # type: ignore[misc]
         """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
         self._list(s)
         hit = s.complete
@@ -123,7 +130,7 @@ class Reads:
         ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
         return hit
 
-    def get_manifests(
+    def get_manifests(  # type: ignore[misc]
         self: Engine, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None, max_bytes: int
     ) -> tuple[list[Found], np.ndarray | None]:
         """Many restores' lookups in one (GET_MANIFESTS): (an entry per name, the region table
@@ -173,7 +180,7 @@ class Reads:
                 f.slots, f.checks, f.check_alg = loc.slots, loc.checks, loc.check_alg
         return out, regions
 
-    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:
+    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:  # type: ignore[misc]
         """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
         promotion, no move in the LRU, no hit counters, no hold)."""
         now = time.time()
@@ -183,7 +190,7 @@ class Reads:
                 ((s := sessions.get(n)) is not None and not s.expired(now) for n in names), dtype=bool, count=len(names)
             )
 
-    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:
+    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:  # type: ignore[misc]
         """A session's manifest without touching the session as a restore does: no promotion,
         no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster
         repair), which must not warm up, reorder or count what they only read."""
@@ -199,7 +206,7 @@ class Reads:
             with self.lock:
                 self._unhold_session(ns, s)
 
-    def read_chunks_into(
+    def read_chunks_into(  # type: ignore[misc]
         self: Engine, ns_name: str, keys: Sequence[int], out: bytearray
     ) -> tuple[bytearray, list[memoryview | None]]:
         """Copy chunks into ``out`` (grown when too small) and return (buffer, views of it); a
@@ -231,6 +238,7 @@ class Reads:
                 c, seg, offset = p
                 dst = view[pos : pos + c.length]
                 if seg is None:
+                    assert c.slot is not None  # (planned from memory)
                     dst[:] = ns.slab.view(c.slot)
                 else:
                     seg.pread_into(offset, dst)
@@ -246,7 +254,7 @@ class Reads:
                 if p is not None and p[1] is not None:
                     p[1].release()
 
-    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:
+    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:  # type: ignore[misc]
         """For a GET_CHUNKS reply: each distinct key once, in order, up to ``max_bytes`` (at least
         one chunk). Chunks in memory are served from the slab itself (no copy; they are held
         until ``release``), the rest read from the log. Keys past the budget are left out."""
@@ -277,7 +285,7 @@ class Reads:
                     out.segments.append(seg)
                     disk.append((c, seg, c.loc.body))
                     out.served.append((k, None))
-        out.payload = _runs(ns, out.served, out.slots) if not disk else [v for _, v in out.served]
+        out.payload = _runs(ns, out.served, out.slots) if not disk else []  # (set below from the disk reads)
         if disk:
             buf = memoryview(bytearray(sum(c.length for c, _, _ in disk)))
             pos = 0
@@ -287,15 +295,15 @@ class Reads:
                 views[c.key] = buf[pos : pos + c.length]
                 pos += c.length
             out.served = [(k, v if v is not None else views[k]) for k, v in out.served]
-            out.payload = [v for _, v in out.served]
+            out.payload = [v for _, v in out.served if v is not None]  # (every one is, now)
         return out
 
-    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
+    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:  # type: ignore[misc]
         with self.lock:
             ns = self.existing(ns_name)
             return self._located(ns, keys.tolist(), with_lengths=True)
 
-    def _located(
+    def _located(  # type: ignore[misc]
         self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False, regions: np.ndarray | None = None
     ) -> Locations:
         """The region table and where each key's chunk lies in the slab (NO_REGION: not in memory),
@@ -321,10 +329,11 @@ class Reads:
         table = self._region_table(ns) if regions is None else regions
         if checks is None:
             return Locations(table, out, lengths=lengths)
-        arr = np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(checks), "V32")
+        arr = (np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3
+               else np.frombuffer(b"".join(cast(list[bytes], checks)), "V32"))  # fmt: skip
         return Locations(table, out, arr, alg, lengths)
 
-    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:
+    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:  # type: ignore[misc]
         return make_regions(
             [(r.id, r.address, r.length, ns.rkeys.get(r.id, 0)) for r in ns.slab.regions.values()]
         )

@@ -4,7 +4,7 @@ or the store's totals."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .index import COUNTERS, Namespace
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .core import Engine
 
 
-def namespace_stats(engine: Engine, ns: Namespace) -> dict:
+def namespace_stats(engine: Engine, ns: Namespace) -> dict[str, Any]:
     sessions = ns.sessions.values()
     resident = [s for s in sessions if s.resident]
     pinned = [s for s in sessions if s.pinned]
@@ -43,7 +43,7 @@ def namespace_stats(engine: Engine, ns: Namespace) -> dict:
     return out
 
 
-def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
+def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
     """Sessions by name: those starting with ``prefix``, after the name ``after``, ``limit`` of them."""
     now = time.time()
     names = sorted(n for n in ns.sessions if n.startswith(prefix) and n > after)
@@ -64,7 +64,7 @@ def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int 
     ]
 
 
-def store_stats(engine: Engine) -> dict:
+def store_stats(engine: Engine) -> dict[str, Any]:
     """The whole store's figures: for admin keys only."""
     return {
         "namespaces": len(engine.namespaces),

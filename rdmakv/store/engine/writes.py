@@ -10,15 +10,21 @@ from typing import TYPE_CHECKING
 from slab import Slot
 
 from ...errors import IntegrityError
-from ...hashing import key_hex, matches
+from ...hashing import Key, key_hex, matches
 from . import records as rec
+from .index import Holder
 
 if TYPE_CHECKING:
     from .core import Engine
 
 
+# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
+# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
+# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
 class Writes:
-    def reserve_run(self: Engine, ns_name: str, lengths: list[int], holder=None) -> tuple[list[Slot], list[int]]:
+    def reserve_run(  # type: ignore[misc]
+        self: Engine, ns_name: str, lengths: list[int], holder: Holder | None = None
+    ) -> tuple[list[Slot], list[int]]:
         """Slots for chunks a client will WRITE, laid out as a run in this order (contiguous
         where the slab can); returns (slots, each slot's address). StoreFullError as for puts;
         the slots come out of ``holder``'s admission."""
@@ -32,7 +38,7 @@ class Writes:
             self.reserved_slots += len(slots)
         return slots, addrs
 
-    def cancel_run(self: Engine, ns_name: str, slots: list[Slot]) -> None:
+    def cancel_run(self: Engine, ns_name: str, slots: list[Slot]) -> None:  # type: ignore[misc]
         """Give reserved slots back (freed slots are zeroed: nothing written stays)."""
         with self.lock:
             ns = self.namespace(ns_name)
@@ -40,7 +46,9 @@ class Writes:
                 ns.slab.free(s)
             self.reserved_slots -= len(slots)
 
-    def install_written(self: Engine, ns_name: str, keys: list[int], slots: list[Slot], holder=None) -> tuple[int, int]:
+    def install_written(  # type: ignore[misc]
+        self: Engine, ns_name: str, keys: list[Key], slots: list[Slot], holder: Holder | None = None
+    ) -> tuple[int, int]:
         """Check every written slot against its key, log the chunks from slab memory and make
         them live for this caller's commit. Nothing is kept when any slot does not match."""
         holder = holder or self.local
