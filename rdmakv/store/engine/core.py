@@ -238,7 +238,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
 
     def put_chunks(
-        self, ns_name: str, items: Sequence[tuple[int, memoryview]], holder: Holder | None = None
+        self, ns_name: str, items: Sequence[tuple[Key, memoryview]], holder: Holder | None = None
     ) -> tuple[int, int]:
         """Store chunks (each checked against its key) and hold them for this caller's next
         commit; returns (stored, already present)."""
@@ -253,7 +253,7 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         with self.lock:
             ns = self.namespace(ns_name)
             ns.counters["chunks_received"] += len(items)
-            new: dict[int, memoryview] = {}
+            new: dict[Key, memoryview] = {}
             existed = 0
             for key, data in items:
                 c = ns.chunks.get(key)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from ...wire.frames import Frame
 from ...wire.keyring import KeyRing
 from ..engine.core import Engine
+from ..engine.index import Holder
 from .inflight import InflightBudget
 from .limits import ServerLimits
 
@@ -25,6 +26,12 @@ class ServerContext(Protocol):
     single_key: bool
     auth_failures: int
     internal_errors: int
+    refused: int
+    slow_closed: int
+
+    @property
+    def connections(self) -> int: ...
+
     rdma: Any  # the RdmaExporter when RDMA is enabled, else None
     cluster: Any  # the node's cluster membership when it is part of one, else None
     metrics: Any  # ServerMetrics with --metrics-listen, else None
@@ -44,4 +51,5 @@ class WriteContext(Protocol):
     server: ServerContext
     engine: Engine
     ns: str
+    holder: Holder
     rdma_session: object | None

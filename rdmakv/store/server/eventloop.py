@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ...errors import ProtocolError
 from ...wire.frames import Frame
@@ -84,7 +85,7 @@ class Server:
         self._accept_paused_until = 0.0
         self._last_fd_warning = 0.0
         self._thread: threading.Thread | None = None
-        self.metrics = None  # rdmakv.store.server.metrics.ServerMetrics with --metrics-listen
+        self.metrics: Any = None  # ServerMetrics with --metrics-listen (Any: metrics imports this module)
         self.qps = 0  # RDMA QPs connected to clients now
         self.loop_turned = time.monotonic()
         self.auth_failures = 0

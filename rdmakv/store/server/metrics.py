@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,12 +21,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ...wire.protocol import Op
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from .eventloop import Server
 
 MAX_METRIC_NAMESPACES = 256  # label values per metric: namespaces past this are counted as "_other"
 OTHER = "_other"
-SAVE_OPS = {Op.PUT_CHUNKS: "put_chunks", Op.PUT_MANIFEST: "put_manifest", Op.COMMIT: "commit"}
-RESTORE_OPS = {Op.GET_MANIFEST: "get_manifest", Op.GET_CHUNKS: "get_chunks"}
+SAVE_OPS: dict[int, str] = {Op.PUT_CHUNKS: "put_chunks", Op.PUT_MANIFEST: "put_manifest", Op.COMMIT: "commit"}
+RESTORE_OPS: dict[int, str] = {Op.GET_MANIFEST: "get_manifest", Op.GET_CHUNKS: "get_chunks"}
 LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 FSYNC_BUCKETS = (0.0001, 0.0005, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -80,7 +82,7 @@ class ServerMetrics:
                                        buckets=FSYNC_BUCKETS, registry=r)  # fmt: skip
         r.register(_StoreCollector(self))
         server.engine.log.on_fsync = self.fsync_seconds.observe
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def label(self, ns: str) -> str:
         """The namespace as a label value: bounded, so a client inventing names cannot grow it."""
@@ -111,7 +113,7 @@ class ServerMetrics:
         if not host or not port.isdigit():
             raise ValueError(f"--metrics-listen wants HOST:PORT, got {addr!r}")
         self._http, _thread = start_http_server(int(port), addr=host, registry=self.registry)
-        return self._http.server_address[:2]
+        return cast(tuple[str, int], self._http.server_address[:2])  # (an AF_INET server: host, port)
 
     def close(self) -> None:
         if self._http is not None:
