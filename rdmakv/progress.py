@@ -86,7 +86,7 @@ def stages(title: str, names: list[str], quiet: bool = False, status=None):
             bar_format="{desc}: {n_fmt}/{total_fmt} stages {postfix}, {elapsed} elapsed")  # fmt: skip
     stop = threading.Event()
     t0 = time.monotonic()
-    state = {"n": 0, "name": ""}
+    state: dict[str, Any] = {"n": 0, "name": ""}  # (the stage number, its name)
 
     def show() -> None:
         b.set_postfix_str(f"[{state['name']}]" + (f" {status()}" if status is not None else ""))

@@ -158,7 +158,7 @@ def run(transport: str = "auto", runs: int = 20) -> dict:
 
 def render(r: dict) -> str:
     ref = r["reference"]
-    out = []
+    out: list[str] = []
     w = out.append
     w(f"rdmakv demo — {r['model']} KV shape ({r['bytes_per_token']:,} B/token), embedded server {r['server']}")
     w("")

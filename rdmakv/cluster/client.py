@@ -259,7 +259,7 @@ class ClusterStore:
         buf = np.empty(layout.total_bytes, dtype=np.uint8)
         self.fetch_into(name, m, layout.chunk_table()[2], buf, rep)
         rep.wall_s = time.perf_counter() - t0
-        kv = chunking.assemble(layout, memoryview(buf))
+        kv = chunking.assemble(layout, buf.data)
         return (kv, rep) if report else kv
 
     def fetch_into(self, name: str, m: mf.Manifest, offsets: np.ndarray, buf: np.ndarray, rep: ClusterReport,
@@ -338,14 +338,14 @@ class ClusterStore:
                 d = int(offsets[i])
                 buf[d : d + n] = src[o : o + n]
             return [i for i in idx if keys[i] not in pos], r.transport
-        got = st.get_chunks([keys[i] for i in idx])
-        missing = []
-        for i, data in zip(idx, got):
-            if data is None:
+        chunks = st.get_chunks([keys[i] for i in idx])
+        missing: list[int] = []
+        for i, chunk in zip(idx, chunks):
+            if chunk is None:
                 missing.append(i)
             else:
                 d = int(offsets[i])
-                buf[d : d + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                buf[d : d + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         return missing, "tcp"
 
     # --- the rest of the store API ----------------------------------------------------------

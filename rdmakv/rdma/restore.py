@@ -93,6 +93,7 @@ class RdmaRestorer:
         """The restore with no request to the server, or None (then over the TCP lookup): the
         name is not in the index, the index kept changing, or a chunk moved since it was read."""
         mark = self.store.channel.mark()
+        assert self.index is not None  # (fetch checked)
         try:
             found = self.index.lookup(name, rep)
         except RdmaError as e:
@@ -185,7 +186,7 @@ class RdmaRestorer:
         ulen = lengths[first].astype(np.int64)
         udest = offsets[first].astype(np.int64)
         sub = loc.subset(first)
-        view = memoryview(buf)
+        view = buf.data
         bad = self._read(uniq, ulen, udest, sub, view, laddr, lkey, rep)
         if len(bad) and strict:  # a one-sided lookup's version holds nothing: start over by TCP
             raise _Moved()
