@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import xxhash
@@ -149,7 +149,7 @@ class Store(LowLevel):
         name: str,
         kind: int,
         body: bytes,
-        chunks: Sequence[bytes | memoryview],
+        chunks: Sequence[bytes | bytearray | memoryview],
         tags: Sequence[int],
         *,
         pin: bool = False,
@@ -161,7 +161,7 @@ class Store(LowLevel):
         return self._save_manifest(name, manifest, chunks, t0, save_options(pin, ttl))
 
     def build_object(
-        self, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
+        self, kind: int, body: bytes, chunks: Sequence[bytes | bytearray | memoryview], tags: Sequence[int]
     ) -> mf.Manifest:
         """The manifest ``save_object`` commits: the chunks hashed with this connection's keys."""
         key = key_function(self.hash_alg)
@@ -187,7 +187,7 @@ class Store(LowLevel):
         self,
         name: str,
         manifest: mf.Manifest,
-        chunks: Sequence[bytes | memoryview | None],
+        chunks: Sequence[bytes | bytearray | memoryview | None],
         *,
         pin: bool = False,
         ttl: float | None = None,
@@ -200,7 +200,7 @@ class Store(LowLevel):
         self,
         name: str,
         manifest: mf.Manifest,
-        chunks: Sequence[bytes | memoryview | None],
+        chunks: Sequence[bytes | bytearray | memoryview | None],
         t0: float,
         opts: SaveOptions,
     ) -> SaveReport:
@@ -249,7 +249,7 @@ class Store(LowLevel):
 
     def _write_reserved(
         self, name: str, data: bytes, opts: SaveOptions, res: Reservation, missing: np.ndarray,
-        by_key: dict[Key, bytes | memoryview], sent: set[Key],
+        by_key: dict[Key, bytes | bytearray | memoryview | None], sent: set[Key],
     ) -> tuple[np.ndarray, str, str]:
         """The reserved chunks by RDMA WRITE, then COMMIT: (still missing, transport, reason).
         A failed WRITE latches this connection to TCP and the save goes on over TCP."""
@@ -268,6 +268,13 @@ class Store(LowLevel):
             return self.channel.put_manifest(name, data, opts), "tcp", rdma.latched_reason
         sent.update(keys)
         return self.channel.commit_written(res.id, name, data, opts), "rdma", ""
+
+    @overload
+    def restore(self, name: str, report: Literal[False] = False, **hooks: Hook) -> KVState: ...
+    @overload
+    def restore(self, name: str, report: Literal[True], **hooks: Hook) -> tuple[KVState, RestoreReport]: ...
+    @overload
+    def restore(self, name: str, report: bool, **hooks: Hook) -> KVState | tuple[KVState, RestoreReport]: ...
 
     def restore(self, name: str, report: bool = False, **hooks: Hook) -> KVState | tuple[KVState, RestoreReport]:
         """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""

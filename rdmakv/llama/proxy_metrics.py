@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 
 class ProxyMetrics:
@@ -27,7 +32,7 @@ class ProxyMetrics:
         self.restore_seconds = Histogram("rdmakv_llama_proxy_restore_seconds", "fetching a prefix and loading it "
                                          "into a slot", registry=r,
                                          buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))  # fmt: skip
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def listen(self, addr: str) -> tuple[str, int]:
         """Serve /metrics on ``HOST:PORT`` (port 0: any) from a thread; returns the bound address."""
@@ -37,7 +42,7 @@ class ProxyMetrics:
         if not host or not port.isdigit():
             raise ValueError(f"--metrics-listen wants HOST:PORT, got {addr!r}")
         self._http, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
-        return self._http.server_address[:2]
+        return cast(tuple[str, int], self._http.server_address[:2])  # (an AF_INET server: host, port)
 
     def close(self) -> None:
         if self._http is not None:

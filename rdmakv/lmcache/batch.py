@@ -164,7 +164,7 @@ def read_many(store: Store, values: Sequence[tuple[mf.Manifest, Locations | None
         if got != "failed":
             return got
     mark = store.channel.mark()
-    store.fill_tcp(keys, lengths, offsets, memoryview(dest.view))
+    store.fill_tcp(keys, lengths, offsets, dest.view.data)
     nbytes, rts = store.channel.usage_since(mark)
     rep.transport, rep.bytes, rep.round_trips = "tcp", rep.bytes + nbytes, rep.round_trips + rts
     rep.chunks += len(keys)

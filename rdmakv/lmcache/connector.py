@@ -214,19 +214,26 @@ class RdmakvConnector(RemoteConnector):
                 raise CodecError(f"a {mf.KIND_NAMES[m.kind]} manifest, not an LMCache value")
             body = values.decode_body(m.body)
         except (CodecError, ManifestError) as e:
-            return self._mismatch(f"the stored value is unreadable: {e}", key_string)
+            self._mismatch(f"the stored value is unreadable: {e}", key_string)
+            return None
         if body.key_string != key_string:
-            return self._mismatch(f"the stored value under its name belongs to {body.key_string!r}", key_string)
+            self._mismatch(f"the stored value under its name belongs to {body.key_string!r}", key_string)
+            return None
         if len(body.header) != self.remote_metadata_bytes:
             theirs, ours = len(body.header), self.remote_metadata_bytes
-            return self._mismatch(f"a stored header of {theirs} bytes; this engine's are {ours} (another number "
-                                  "of KV groups)", key_string)  # fmt: skip
+            self._mismatch(f"a stored header of {theirs} bytes; this engine's are {ours} (another number "
+                           "of KV groups)", key_string)  # fmt: skip
+            return None
         try:
             meta = RemoteMetadata.deserialize(body.header)
         except Exception as e:  # noqa: BLE001 - LMCache's decoder raises anything for a bad header
-            return self._mismatch(f"the stored header does not decode: {e!r}", key_string)
+            self._mismatch(f"the stored header does not decode: {e!r}", key_string)
+            return None
         why = self._metadata_mismatch(meta, m.total_bytes)
-        return self._mismatch(f"the stored value has {why}", key_string) if why else (m, meta)
+        if why:
+            self._mismatch(f"the stored value has {why}", key_string)
+            return None
+        return m, meta
 
     def _metadata_mismatch(self, meta: RemoteMetadata, stored: int) -> str:
         if meta.fmt != self.meta_fmt:
@@ -351,7 +358,7 @@ class RdmakvConnector(RemoteConnector):
 
     # -- the rest of the interface ---------------------------------------------------------
     async def list(self) -> list[str]:
-        rows = await self._guarded("list", [], self.gets, lambda st: st.list(values.NAME_PREFIX))
+        rows: list[dict[str, Any]] = await self._guarded("list", [], self.gets, lambda st: st.list(values.NAME_PREFIX))
         return [row["name"] for row in rows]
 
     def remove_sync(self, key: CacheEngineKey) -> bool:
