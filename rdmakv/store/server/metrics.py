@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ...wire.protocol import Op
 
@@ -131,7 +132,7 @@ class _StoreCollector:
     def describe(self):
         return []  # collected fresh on every scrape
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         srv = self.m.server
         engine = srv.engine
         t0 = time.perf_counter()
@@ -152,8 +153,8 @@ class _StoreCollector:
         for label, row in per.items():
             for k, fam in counters.items():
                 fam.add_metric([label], row[k])
-            for k, fam in gauges.items():
-                fam.add_metric([label], row[k])
+            for k, gauge in gauges.items():
+                gauge.add_metric([label], row[k])
             for t in ("tcp", "rdma"):
                 saves.add_metric([label, t], row[f"saves_{t}"])
                 for tier in ("memory", "disk"):
