@@ -247,7 +247,7 @@ class ClusterStore:
                 self.refresh()  # the name's nodes may have changed since the list was read
         e = NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}"
                           + (" (deleted)" if deleted else ""))  # fmt: skip
-        e.deleted = deleted  # type: ignore[attr-defined]
+        e.deleted = deleted
         raise e
 
     def restore(self, name: str, report: bool = False):

@@ -248,7 +248,7 @@ class NodeAgent:
         body = dec_part_body(m.body) if m.kind == mf.KIND_PART else None
         if body is None or not body.whole:
             e = NotFoundError(f"this node holds no whole manifest of {name!r}")
-            e.deleted = body is not None and body.deleted  # type: ignore[attr-defined]
+            e.deleted = body is not None and body.deleted
             raise e
         return body.whole
 

@@ -183,7 +183,7 @@ class RdmakvConnector(RemoteConnector):
         try:
             for i, (key_string, found) in enumerate(zip(strings, located)):
                 checked = self._check(key_string, found.manifest) if found is not None else None
-                if checked is None:
+                if checked is None or found is None:  # (found is None: checked is too)
                     continue
                 m, meta = checked
                 obj = self.local_cpu_backend.allocate(meta.shapes, meta.dtypes, meta.fmt)
@@ -191,7 +191,7 @@ class RdmakvConnector(RemoteConnector):
                     self.counters["allocation_failures"] += 1
                     break
                 objs[i] = obj
-                plan.append((m, found, obj))  # type: ignore[arg-type]
+                plan.append((m, found, obj))
             if self._read(store, plan, rep, strict=any(f.one_sided for _, f, _ in plan)) == "moved":
                 _release(objs)
                 return self._fetch(store, keys, one_sided=False)  # a chunk moved under the READs
@@ -267,7 +267,7 @@ class RdmakvConnector(RemoteConnector):
                 inside.append((m, found.loc, at))
             else:
                 outside.append((m, obj))
-        if inside and batch.read_many(store, inside, buf, rep, strict=strict) == "moved":  # type: ignore[arg-type]
+        if inside and buf is not None and batch.read_many(store, inside, buf, rep, strict=strict) == "moved":
             return "moved"
         for m, obj in outside:
             view = np.frombuffer(obj.byte_array, dtype=np.uint8)

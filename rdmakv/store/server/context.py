@@ -45,6 +45,12 @@ class ServerContext(Protocol):
     def requests_of(self, namespace: str) -> dict[str, int]: ...
 
 
+class RdmaSession(Protocol):
+    """A client's RDMA connection as the exporter hands it over (its QP): closed with the connection."""
+
+    def close(self) -> None: ...
+
+
 class WriteContext(Protocol):
     """What one connection's write path needs of its handlers."""
 
@@ -52,4 +58,4 @@ class WriteContext(Protocol):
     engine: Engine
     ns: str
     holder: Holder
-    rdma_session: object | None
+    rdma_session: RdmaSession | None

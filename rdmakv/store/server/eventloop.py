@@ -238,7 +238,7 @@ class Server:
 
     def _work(self, conn: Connection, frame: Frame | None, parked: Parked | None = None) -> None:
         try:
-            keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]
+            keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]  # (a frame unless parked)
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
             self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
             keep = False

@@ -20,7 +20,7 @@ from ...wire import batches
 from ...wire import messages as msg
 from ...wire.protocol import Op
 from ..engine.admission import SaveMustWait
-from .context import ServerContext
+from .context import RdmaSession, ServerContext
 from .write_path import WritePath
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class Handlers:
         self.node_key = entry.node and not single_key  # moves chunks and parts between cluster nodes
         self.data_access = single_key or entry.namespace == ns  # a file's admin entry only manages
         self.holder = self.engine.new_holder()
-        self.rdma_session: object | None = None
+        self.rdma_session: RdmaSession | None = None
         self.writes = WritePath(self)
         self.table: dict[int, Callable[[memoryview], list | Reply]] = {
             Op.EXISTS: self.on_exists,
@@ -124,7 +124,7 @@ class Handlers:
         self.engine.release_holder(self.holder)
         if self.rdma_session is not None:
             try:
-                self.rdma_session.close()  # type: ignore[attr-defined]
+                self.rdma_session.close()
             except Exception:  # noqa: BLE001 - the QP may already be gone with its device
                 pass
             self.rdma_session = None
@@ -271,7 +271,7 @@ class Handlers:
         if exporter is None:
             raise NotFoundError("this server has no RDMA device; use TCP")
         if self.rdma_session is not None:
-            self.rdma_session.close()  # type: ignore[attr-defined]
+            self.rdma_session.close()
             self.rdma_session = None
             self.server.count_qp(-1)
         self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))
