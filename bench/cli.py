@@ -13,13 +13,14 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 from rdmakv import progress
 from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, report, saves, suites, tcp_limit
 
-QUICK = {
+QUICK: dict[str, Any] = {  # each suite's parameters: counts and lists of sizes
     "walls_runs": 10,
     "sizes": [256, 1024],
     "windows": [8, 64, 256],
@@ -36,7 +37,7 @@ QUICK = {
     "cpu_saves": 10,
     "load_restores": 20,
 }
-FULL = {
+FULL: dict[str, Any] = {
     "walls_runs": 30,
     "sizes": [256, 1024, 4096, 16384],
     "windows": [8, 64, 256],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import rdmakv
 from rdmakv import kvgen
+from rdmakv.client.store import connect as connect_node
 from rdmakv.cluster.client import ClusterStore
 from rdmakv.cluster.etcd_server import Etcd, free_port
 from rdmakv.cluster.membership import members
@@ -76,7 +77,7 @@ def latency(tmp: Path, runs: int) -> dict:
     single = ServerProcess(str(tmp / "single"), "512MiB", "--fsync", "never", "--transport", "tcp",
                            key_hex=KEY).start()  # fmt: skip
     try:
-        with rdmakv.connect(single.url("bench"), key=KEY, transport="tcp", window=64) as st:
+        with connect_node(single.url("bench"), key=KEY, transport="tcp", window=64) as st:
             one = timed_ops(st.save, st.restore, runs, 1000)
     finally:
         single.stop()
@@ -126,7 +127,7 @@ def loss_and_repair(tmp: Path, sessions: int, ttl: int) -> dict:
                 time.sleep(0.2)
             out["auto_repair_done_after_kill_s"] = round(time.monotonic() - t_kill, 3)
             def node_stats() -> list[dict]:
-                return [rdmakv.connect(n.url("bench"), key=KEY, transport="tcp").stats().get("cluster", {})
+                return [connect_node(n.url("bench"), key=KEY, transport="tcp").stats().get("cluster", {})
                         for n in nodes if n is not victim]  # fmt: skip
 
             stats = node_stats()

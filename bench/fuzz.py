@@ -211,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         rss0 = rss_mib(srv.pid())
         out = Fuzzer(srv.port, bytes.fromhex(key), args.seed).run(args.frames)
         time.sleep(3)  # handshake timeouts close the stragglers
+        assert srv.proc is not None  # (started)
         out |= {"rss_start_mib": rss0, "rss_after_mib": rss_mib(srv.pid()), "server_alive": srv.proc.poll() is None}
-        import rdmakv
+        from rdmakv.client.store import connect as connect_node
 
-        with rdmakv.connect(srv.url("probe"), key=key, transport="tcp") as st:  # a normal client still works
+        with connect_node(srv.url("probe"), key=key, transport="tcp") as st:  # a normal client still works
             kv = kvgen.generate(kvgen.token_stream(9, 64), kvgen.ModelShape("p", 2, 32, 32))
             st.save("p", kv)
             out["probe_ok"] = st.restore("p").equals(kv)

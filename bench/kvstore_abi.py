@@ -41,7 +41,9 @@ def engine_hash(chunk: memoryview, hash_alg: str = "xxh3", little_endian: bool =
     if hash_alg == "blake3":
         from rdmakv.hashing import key_function
 
-        return key_function(HASH_BLAKE3_256)(chunk)
+        key = key_function(HASH_BLAKE3_256)(chunk)
+        assert isinstance(key, bytes)  # (a BLAKE3-256 key is its digest)
+        return key
     digest = xxhash.xxh3_64_digest(chunk)
     return digest[::-1] if little_endian else digest
 
@@ -104,10 +106,10 @@ def bench(consumer: Path, lib_dir: Path, uri: str, sessions_file: Path, runs: in
 
 def python_walls(store_url: str, key: str, runs: int, seed0: int = 100) -> dict:
     """The same sessions through the Python API: cold save, warm save, restore medians (ms)."""
-    import rdmakv
+    from rdmakv.client.store import connect as connect_node
 
     t: dict[str, list[float]] = {"cold_save": [], "warm_save": [], "restore": []}
-    with rdmakv.connect(store_url, key=key, transport="tcp", window=64) as st:
+    with connect_node(store_url, key=key, transport="tcp", window=64) as st:
         for i in range(runs + 1):
             kv = kvgen.generate(kvgen.token_stream(seed0 + i, 256), kvgen.QWEN25_05B)
             t0 = time.perf_counter()

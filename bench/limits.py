@@ -55,7 +55,7 @@ def _result_row(out: str, size: int) -> list[str]:
 
 def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict:
     """ib_read_bw (average MB/s) and ib_read_lat (typical us) for messages of ``size`` bytes."""
-    out = {"bytes": size, "iterations": iters}
+    out: dict[str, float | None] = {"bytes": size, "iterations": iters}
     bw = _result_row(_perftest("ib_read_bw", size, iters, dev, gid_index, addr, 18515), size)
     # columns: #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]
     out["bw_avg_MBps"] = float(bw[3])

@@ -213,7 +213,7 @@ def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, a
 
 def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: argparse.Namespace) -> dict[str, Any]:
     """A 4-turn chat in one slot, saved through the proxy after every turn."""
-    import rdmakv
+    from rdmakv.client.store import connect as connect_node
 
     rng = random.Random(2)
     conv = [1, *byte_tokens(rng, args.system_tokens)]  # BOS + system prompt
@@ -232,7 +232,7 @@ def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: 
                       "prompt_cache_n": res["timings"]["cache_n"], "chunks_total": rep["chunks_total"],
                       "chunks_sent": rep["chunks_sent"], "chunks_skipped": rep["chunks_skipped"]})
     direct.ok("POST", "/slots/0?action=erase")
-    with rdmakv.connect(store.url("chat"), key) as s:
+    with connect_node(store.url("chat"), key) as s:
         st = s.stats()
     files = sum(t["file_bytes"] for t in turns)
     stored = st["chunk_bytes"] + st["manifest_bytes"]

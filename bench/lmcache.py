@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("rdmakv-rdma", "rdmakv-tcp", "lm", "redis", "local-disk")
@@ -75,7 +76,7 @@ class Timed:
             finally:
                 self.spent += time.perf_counter() - t0
 
-        cpu_engine.CpuKV.batched_to_gpu = timed
+        cpu_engine.CpuKV.batched_to_gpu = timed  # type: ignore[method-assign,assignment]  # timed: wraps it
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -162,7 +163,7 @@ def _restarts(tier, model) -> dict:
     """A prompt stored, the server restarted (SIGTERM, then SIGKILL): what a new engine finds."""
     from rdmakv.lmcache.cpu_engine import kv_for, make_engine, prompt
 
-    out = {}
+    out: dict[str, Any] = {}
     for how, stop in (("clean", tier.stop), ("killed", tier.kill)):
         tokens = prompt(777 + len(out), 1024)
         engine = make_engine(tier.config(), model)

@@ -129,16 +129,16 @@ class Rdmakv(Tier):
         return remote_connector(engine).wait_saves(expected_saves, timeout)
 
     def flush(self, engine) -> None:
-        import rdmakv
+        from rdmakv.client.store import connect as connect_node
 
-        with rdmakv.connect(self.server.url(self.ns), key=self.key, transport="tcp") as st:
+        with connect_node(self.server.url(self.ns), key=self.key, transport="tcp") as st:
             for row in st.list():
                 st.delete_manifest(row["name"])
 
     def stored_bytes(self) -> dict:
-        import rdmakv
+        from rdmakv.client.store import connect as connect_node
 
-        with rdmakv.connect(self.server.url(self.ns), key=self.key, transport="tcp") as st:
+        with connect_node(self.server.url(self.ns), key=self.key, transport="tcp") as st:
             s = st.stats()
         return {"bytes": s["chunk_bytes"] + s["manifest_bytes"], "chunks": s["chunks"], "memory_used": s["used_bytes"],
                 "disk_log": s["disk_bytes"]}  # fmt: skip

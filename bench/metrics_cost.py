@@ -14,8 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import rdmakv
 from rdmakv import kvgen
+from rdmakv.client.store import connect as connect_node
 from rdmakv.cluster.etcd_server import free_port
 from rdmakv.store.server.spawn import ServerProcess
 
@@ -28,7 +28,7 @@ KEY = "6b" * 32
 
 def _ops(url: str, runs: int, kv) -> tuple[list[float], list[float]]:
     saves, restores = [], []
-    with rdmakv.connect(url, key=KEY, transport="tcp", window=64) as st:
+    with connect_node(url, key=KEY, transport="tcp", window=64) as st:
         st.save("s", kv)
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -53,16 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         metered = ServerProcess(f"{d}/b", "256MiB", "--fsync", "never", "--transport", "tcp", "--metrics-listen",
                                 f"127.0.0.1:{mport}", key_hex=KEY).start()  # fmt: skip
         try:
-            res = {"off": ([], []), "on": ([], [])}
+            res: dict[str, tuple[list[float], list[float]]] = {"off": ([], []), "on": ([], [])}
             for _ in range(5):  # alternate rounds
                 for label, srv in (("off", plain), ("on", metered)):
-                    s, r = _ops(srv.url("bench"), args.runs // 5, kv)
-                    res[label][0].extend(s)
-                    res[label][1].extend(r)
+                    saves_s, restores_s = _ops(srv.url("bench"), args.runs // 5, kv)
+                    res[label][0].extend(saves_s)
+                    res[label][1].extend(restores_s)
             scrape = {}
             for n in (1, 16, 64):
                 for i in range(n):
-                    with rdmakv.connect(metered.url(f"ns{i}"), key=KEY, transport="tcp") as st:
+                    with connect_node(metered.url(f"ns{i}"), key=KEY, transport="tcp") as st:
                         st.put_blob("b", b"x")
                 times = []
                 for _ in range(20):

@@ -107,7 +107,7 @@ def saves_done(metrics_port: int) -> float:
     return 0.0
 
 
-def wait_saves(metrics_port: int, n: int, timeout: float = 600) -> None:
+def wait_saves(metrics_port: int, n: float, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while saves_done(metrics_port) < n:
         if time.monotonic() > deadline:

@@ -57,8 +57,8 @@ def slot_files(args: argparse.Namespace) -> dict[int, bytes]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import rdmakv
     from rdmakv.client.reports import RestoreReport
+    from rdmakv.client.store import connect as connect_node
     from rdmakv.llama import prefix_entry as pe
     from rdmakv.llama import prefix_names as pn
     from rdmakv.llama import prefix_store as ps
@@ -77,8 +77,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out = []
     try:
         url = store.url("ttft-rdma")
-        with rdmakv.connect(url, key, transport="rdma", window=WINDOW) as by_rdma, \
-                rdmakv.connect(url, key, transport="tcp", window=WINDOW) as by_tcp:  # fmt: skip
+        with connect_node(url, key, transport="rdma", window=WINDOW) as by_rdma, \
+                connect_node(url, key, transport="tcp", window=WINDOW) as by_tcp:  # fmt: skip
             for c, data in files.items():
                 cut = pe.cut(slotfile.parse(data), WINDOW)
                 ps.register(by_tcp, cut, h0)
@@ -94,7 +94,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             entry, pieces = ps.fetch_entry(by_rdma, name, rep)
                             scratch.write(path, pe.synthesize(entry, pieces))
                         else:
-                            _, _, m = ps.fetch_into_map(by_tcp, name, mapped, path, None, rep)
+                            got = ps.fetch_into_map(by_tcp, name, mapped, path, None, rep)
+                            assert got is not None  # (the entry was just registered)
+                            _, _, m = got
                             mapped.give_back(path, m)
                         dt = time.perf_counter() - t0
                         if how == "rdma":

@@ -47,6 +47,7 @@ class NotFoundError(RdmakvError, KeyError):
     """An unknown manifest name."""
 
     code = 7
+    deleted = False  # (a cluster's lookup: True when the session was deleted, not lost)
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want a plain message
         return str(self.args[0]) if self.args else "not found"

@@ -11,6 +11,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Protocol
 
 import numpy as np
 
@@ -49,11 +50,19 @@ def _stored(store) -> int:
     return int(st["chunk_bytes"] + st["manifest_bytes"])
 
 
+class ScenarioServer(Protocol):
+    """What a scenario needs of a server: the embedded one here, the bench's server process there."""
+
+    @property
+    def key(self) -> str | bytes: ...
+    def url(self, ns: str) -> str: ...
+
+
 def _received(store) -> int:
     return int(store.stats()["bytes_received"])
 
 
-def chat_scenario(srv: EmbeddedServer, transport: str) -> dict:
+def chat_scenario(srv: ScenarioServer, transport: str) -> dict:
     full = kvgen.generate(kvgen.token_stream(2026, max(CHAT_TURNS)))
     stores = {
         "v1": connect(srv.url("chat-v1"), srv.key, transport="tcp"),
@@ -87,7 +96,7 @@ def chat_scenario(srv: EmbeddedServer, transport: str) -> dict:
     return {"turns": rows, "storage": storage}
 
 
-def shared_prompt_scenario(srv: EmbeddedServer) -> dict:
+def shared_prompt_scenario(srv: ScenarioServer) -> dict:
     prompt = kvgen.token_stream(7, SHARED_PROMPT)
     sessions = [
         np.concatenate([prompt, kvgen.token_stream(100 + i, SESSION_TOKENS - SHARED_PROMPT)])
@@ -158,7 +167,7 @@ def run(transport: str = "auto", runs: int = 20) -> dict:
 
 def render(r: dict) -> str:
     ref = r["reference"]
-    out = []
+    out: list[str] = []
     w = out.append
     w(f"rdmakv demo — {r['model']} KV shape ({r['bytes_per_token']:,} B/token), embedded server {r['server']}")
     w("")

@@ -49,7 +49,7 @@ def _pyverbs() -> dict:
 
 def _sysfs_gids(dev: str, port: int) -> list[dict]:
     pdir = SYS_IB / dev / "ports" / str(port)
-    gids = []
+    gids: list[dict] = []
     try:
         names = sorted((p.name for p in (pdir / "gids").iterdir()), key=int)
     except OSError:
@@ -70,7 +70,7 @@ def _sysfs_gids(dev: str, port: int) -> list[dict]:
 
 
 def _sysfs_devices() -> list[dict]:
-    devs = []
+    devs: list[dict] = []
     try:
         names = sorted(p.name for p in SYS_IB.iterdir())
     except OSError:

@@ -346,7 +346,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config")
         known, _ = pre.parse_known_args(argv[1:])
-        serve = parser.serve_parser  # type: ignore[attr-defined]
+        serve = parser.serve_parser  # type: ignore[attr-defined]  # (kept on the parser where it is built)
         if known.config:
             serve.set_defaults(**serve_config.load(known.config, serve))
         args = parser.parse_args(argv)

@@ -10,7 +10,9 @@ import argparse
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from ..errors import RdmakvError
 from ..units import parse_size
@@ -55,7 +57,7 @@ def _convert_one(action: argparse.Action, key: str, value: object) -> object:
         raise ValueError("expected a size such as '2GiB'" if key in SIZE_OPTIONS else "expected a string or number")
     if action.type is not None:
         try:
-            out = action.type(str(value))
+            out = cast(Callable[[str], object], action.type)(str(value))  # (a converter, not a registry name)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
             raise ValueError(str(e) or f"not a valid {getattr(action.type, '__name__', 'value')}") from None
     else:

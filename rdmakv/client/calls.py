@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,8 @@ class LowLevel:
     ) -> list[Key]:
         """Commit if every chunk is present; returns the missing keys (empty = committed)."""
         data = manifest.encode() if isinstance(manifest, mf.Manifest) else bytes(manifest)
-        return self.channel.put_manifest(name, data, save_options(pin, ttl)).tolist()
+        missing: list[Key] = self.channel.put_manifest(name, data, save_options(pin, ttl)).tolist()
+        return missing
 
     def pin(self, name: str) -> None:
         """Keep a session in memory and on disk whatever the pressure (until ``unpin``)."""
@@ -61,7 +63,7 @@ class LowLevel:
     def unpin(self, name: str) -> None:
         self.channel.pin(name, False)
 
-    def compact(self) -> dict:
+    def compact(self) -> dict[str, Any]:
         """Compact the server's log now; returns what it did (segments, bytes before and after)."""
         return self.channel.compact()
 
@@ -96,14 +98,14 @@ class LowLevel:
     def delete_manifest(self, name: str) -> None:
         self.channel.delete_manifest(name)
 
-    def list(self, prefix: str = "") -> list[dict]:
+    def list(self, prefix: str = "") -> list[dict[str, Any]]:
         return self.channel.list(prefix)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return self.channel.stats()
 
 
-def _alg(keys, default: int) -> int:
+def _alg(keys: Sequence[Key] | np.ndarray, default: int) -> int:
     from ..wire.messages import alg_of
 
     if isinstance(keys, np.ndarray) or len(keys):

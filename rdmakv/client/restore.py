@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.messages import Locations
 from .reports import RestoreReport
@@ -21,12 +22,12 @@ from .transport import Dest, Fallback, Found, Transport
 
 # what a manifest means to the caller: (manifest, its KV layout or None, each chunk's offset in
 # the restore buffer, the buffer's size)
-Target = tuple[mf.Manifest, object, np.ndarray, int]
-Fetched = tuple[mf.Manifest, object, np.ndarray, np.ndarray]  # (manifest, layout, buffer, offsets)
+Target = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, int]
+Fetched = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, np.ndarray]  # (manifest, layout, buffer, offsets)
 
 
 def fetch(transports: Sequence[Transport], name: str, rep: RestoreReport, target: Callable[[bytes], Target],
-          after_locate: Callable[[], None] | None = None) -> Fetched:  # fmt: skip
+          after_locate: Callable[..., object] | None = None) -> Fetched:  # fmt: skip
     """Session ``name``'s chunks in one buffer, by the first of ``transports`` that serves it.
     ``after_locate``: called between the lookup and the fill (tests race an overwrite there)."""
     for t in transports:
@@ -38,7 +39,7 @@ def fetch(transports: Sequence[Transport], name: str, rep: RestoreReport, target
 
 
 def _fetch_by(t: Transport, name: str, rep: RestoreReport, target: Callable[[bytes], Target],
-              after_locate: Callable[[], None] | None) -> Fetched | Fallback:  # fmt: skip
+              after_locate: Callable[..., object] | None) -> Fetched | Fallback:  # fmt: skip
     mark = t.channel.mark()
     try:
         found = t.lookup(name, rep, one_sided=after_locate is None)

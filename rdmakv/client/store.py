@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import xxhash
@@ -30,7 +30,9 @@ from .transport import TcpTransport, Transport
 from .url import parse_url
 
 if TYPE_CHECKING:
+    from ..hashing import Key
     from ..rdma.restore import RdmaRestorer
+    from ..wire.writes import Reservation
 
 TRANSPORTS = ("auto", "rdma", "tcp")
 BLOB_PIECE = 16 << 20
@@ -46,6 +48,7 @@ def client_tls(ca: str | None) -> ssl.SSLContext:
 
 # (manifest, KV layout or None, restore buffer, each chunk's offset in it)
 Fetched = tuple[mf.Manifest, "chunking.KVLayout | None", np.ndarray, np.ndarray]
+Hook = Callable[..., object]  # a test's hook into a restore (rdma.restore: after_locate)
 
 
 def connect(
@@ -159,7 +162,7 @@ class Store(LowLevel):
         name: str,
         kind: int,
         body: bytes,
-        chunks: Sequence[bytes | memoryview],
+        chunks: Sequence[bytes | bytearray | memoryview],
         tags: Sequence[int],
         *,
         pin: bool = False,
@@ -171,7 +174,7 @@ class Store(LowLevel):
         return self._save_manifest(name, manifest, chunks, t0, save_options(pin, ttl))
 
     def build_object(
-        self, kind: int, body: bytes, chunks: Sequence[bytes | memoryview], tags: Sequence[int]
+        self, kind: int, body: bytes, chunks: Sequence[bytes | bytearray | memoryview], tags: Sequence[int]
     ) -> mf.Manifest:
         """The manifest ``save_object`` commits: the chunks hashed with this connection's keys."""
         key = key_function(self.hash_alg)
@@ -197,7 +200,7 @@ class Store(LowLevel):
         self,
         name: str,
         manifest: mf.Manifest,
-        chunks: Sequence[bytes | memoryview | None],
+        chunks: Sequence[bytes | bytearray | memoryview | None],
         *,
         pin: bool = False,
         ttl: float | None = None,
@@ -210,7 +213,7 @@ class Store(LowLevel):
         self,
         name: str,
         manifest: mf.Manifest,
-        chunks: Sequence[bytes | memoryview | None],
+        chunks: Sequence[bytes | bytearray | memoryview | None],
         t0: float,
         opts: SaveOptions,
     ) -> SaveReport:
@@ -218,7 +221,7 @@ class Store(LowLevel):
         mark = ch.mark()
         data = manifest.encode()
         by_key = dict(zip(manifest.keys.tolist(), chunks))
-        sent: set = set()
+        sent: set[Key] = set()
         transport, reason = "tcp", ""
         if self.rdma is not None and self.rdma.usable and self.rdma_writes:
             missing, res = ch.put_manifest_reserving(name, data, replace(opts, reserve=True))
@@ -257,7 +260,10 @@ class Store(LowLevel):
             manifest_xxh3=xxhash.xxh3_64_intdigest(data),
         )
 
-    def _write_reserved(self, name, data, opts, res, missing, by_key, sent) -> tuple[np.ndarray, str, str]:
+    def _write_reserved(
+        self, name: str, data: bytes, opts: SaveOptions, res: Reservation, missing: np.ndarray,
+        by_key: dict[Key, bytes | bytearray | memoryview | None], sent: set[Key],
+    ) -> tuple[np.ndarray, str, str]:
         """The reserved chunks by RDMA WRITE, then COMMIT: (still missing, transport, reason).
         A failed WRITE latches this connection to TCP and the save goes on over TCP."""
         keys = missing.tolist()
@@ -266,24 +272,34 @@ class Store(LowLevel):
         from ..rdma.errors import RdmaError
         from ..rdma.save import write_reserved
 
+        rdma = self.rdma
+        assert rdma is not None  # (only called when RDMA is usable)
         try:
-            write_reserved(self.rdma, res, keys, by_key)
+            write_reserved(rdma, res, keys, by_key)
         except RdmaError as e:
-            self.rdma.latch(f"RDMA WRITE failed ({e}); this connection now uses TCP")
-            return self.channel.put_manifest(name, data, opts), "tcp", self.rdma.latched_reason
+            rdma.latch(f"RDMA WRITE failed ({e}); this connection now uses TCP")
+            return self.channel.put_manifest(name, data, opts), "tcp", rdma.latched_reason
         sent.update(keys)
         return self.channel.commit_written(res.id, name, data, opts), "rdma", ""
 
-    def restore(self, name: str, report: bool = False, **hooks: Callable) -> KVState | tuple[KVState, RestoreReport]:
+    @overload
+    def restore(self, name: str, report: Literal[False] = False, **hooks: Hook) -> KVState: ...
+    @overload
+    def restore(self, name: str, report: Literal[True], **hooks: Hook) -> tuple[KVState, RestoreReport]: ...
+    @overload
+    def restore(self, name: str, report: bool, **hooks: Hook) -> KVState | tuple[KVState, RestoreReport]: ...
+
+    def restore(self, name: str, report: bool = False, **hooks: Hook) -> KVState | tuple[KVState, RestoreReport]:
         """Restore a session bit-exact; with ``report=True`` also a RestoreReport."""
         t0 = time.perf_counter()
         rep = RestoreReport()
         _, layout, buf, _ = self._fetch(name, rep, True, **hooks)
+        assert layout is not None  # (asked for: kv=True)
         kv = chunking.assemble(layout, buf)
         rep.wall_s = time.perf_counter() - t0
         return (kv, rep) if report else kv
 
-    def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Callable) -> Fetched:
+    def _fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks: Hook) -> Fetched:
         """A manifest's chunks in one restore buffer: by RDMA READs when this connection can,
         else (or when RDMA fails) over TCP."""
         if self.rdma_reason and self.active_transport == "tcp":
@@ -331,6 +347,6 @@ class Store(LowLevel):
         rep = report if report is not None else RestoreReport()
         t0 = time.perf_counter()
         m, _, buf, offsets = self._fetch(name, rep, False)
-        view = memoryview(buf)
+        view = buf.data
         rep.wall_s = time.perf_counter() - t0
         return m, [view[o : o + n] for o, n in zip(offsets.tolist(), m.lengths.tolist())]

@@ -138,7 +138,7 @@ class TcpTransport:
 
     def fill(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, locations: Locations | None,
              dest: Dest, rep: RestoreReport, *, strict: bool = False) -> Filled:  # fmt: skip
-        self.fill_view(keys, lengths, offsets, memoryview(dest.view))
+        self.fill_view(keys, lengths, offsets, dest.view.data)
         rep.transport = "tcp"
         rep.chunks += len(keys)
         return "ok"

@@ -46,15 +46,15 @@ def cli(argv: list[str]) -> int:
 
     key = os.environ.get("RDMAKV_AUTH_KEY") or None
     if args.cmd == "repair":
-        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
-            print(json.dumps(repair(st, quiet=args.quiet), indent=2))
+        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as cs:
+            print(json.dumps(repair(cs, quiet=args.quiet), indent=2))
         return 0
     rows = {addr: {**info, **node_usage(addr, key, args.namespace)}
             for addr, info in sorted(members(args.cluster).items())}  # fmt: skip
     replication = None
     if args.namespace:
-        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
-            replication = check(st)
+        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as cs:
+            replication = check(cs)
     if args.json:
         print(json.dumps({"cluster": args.cluster, "members": rows, "replication": replication}, indent=2))
         return 0

@@ -249,7 +249,7 @@ class ClusterStore:
                 self.refresh()  # the name's nodes may have changed since the list was read
         e = NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}"
                           + (" (deleted)" if deleted else ""))  # fmt: skip
-        e.deleted = deleted  # type: ignore[attr-defined]
+        e.deleted = deleted
         raise e
 
     def restore(self, name: str, report: bool = False):
@@ -261,7 +261,7 @@ class ClusterStore:
         buf = np.empty(layout.total_bytes, dtype=np.uint8)
         self.fetch_into(name, m, layout.chunk_table()[2], buf, rep)
         rep.wall_s = time.perf_counter() - t0
-        kv = chunking.assemble(layout, memoryview(buf))
+        kv = chunking.assemble(layout, buf.data)
         return (kv, rep) if report else kv
 
     def fetch_into(self, name: str, m: mf.Manifest, offsets: np.ndarray, buf: np.ndarray, rep: ClusterReport,
@@ -339,14 +339,14 @@ class ClusterStore:
                 locs = found.locations.subset(pidx) if found.locations is not None else None
                 fill_located(st.transports(), part.keys[pidx], part.lengths[pidx], offsets[have], locs, r, into=buf)
                 return [i for i in idx if keys[i] not in pos], r.transport
-        got = st.get_chunks([keys[i] for i in idx])  # absent chunks answer None: they fail over
-        missing = []
-        for i, data in zip(idx, got):
-            if data is None:
+        chunks = st.get_chunks([keys[i] for i in idx])  # absent chunks answer None: they fail over
+        missing: list[int] = []
+        for i, chunk in zip(idx, chunks):
+            if chunk is None:
                 missing.append(i)
             else:
                 d = int(offsets[i])
-                buf[d : d + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                buf[d : d + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         return missing, "tcp"
 
     # --- the rest of the store API ----------------------------------------------------------

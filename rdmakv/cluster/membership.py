@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ClusterError
@@ -78,7 +79,7 @@ class Registration:
         self.value = json.dumps({"addr": advertise, "ttl": ttl, **info})  # watchers check as often as the TTL
         self.ttl = ttl
         self.say = say
-        self.lease = None
+        self.lease: Any = None  # an etcd3gw Lease (untyped) while registered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.client = _client(self.c)

@@ -284,6 +284,7 @@ class _GuestRun:
         """After the guest process exited (or was killed): note the time, kill its stray helper
         processes, let the output threads drain."""
         self.t_exit = time.time()
+        assert self.proc is not None  # (started)
         killpg(self.proc.pid)  # stray helper processes, if any
         for t in self._pumps:
             t.join(timeout=5)
@@ -297,6 +298,7 @@ class _GuestRun:
             raise GuestError(f"guest setup failed: {err.read_text().strip()}")
         rc_file = self.io / "rc"
         if not rc_file.exists():
+            assert self.proc is not None  # (started)
             raise GuestError(
                 f"guest died without reporting a status ({what} exit status {self.proc.returncode}); "
                 f"console log tail:\n{tail_of(self.console)}"
@@ -313,6 +315,7 @@ class _GuestRun:
         deadline = time.monotonic() + timeout
         self.start(argv, **popen_kwargs)
         proc = self.proc
+        assert proc is not None  # (just started)
         try:
             if power_cut is not None and power_cut.wait_and_cut(proc, deadline, self.io / "t_cmd"):
                 self.t_exit = time.time()

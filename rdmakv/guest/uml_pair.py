@@ -124,7 +124,7 @@ def _vec_args(kind: str, mtu: int, stack: contextlib.ExitStack) -> list[tuple[st
         ]
     ports = _free_udp_ports(2)
     sessions = _session_ids()
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for node in range(2):
         src, dst = ports[node], ports[1 - node]
         tx, rx = sessions[node], sessions[1 - node]
@@ -260,7 +260,7 @@ def _timeout(guests: list, timeout: float) -> None:
 
 
 def _log_pair_boot(guests: list, link: str) -> None:
-    t_cmd = [read_float(g.io / "t_cmd") for g in guests]
-    if all(t_cmd):
+    t_cmd = [t for g in guests if (t := read_float(g.io / "t_cmd"))]
+    if len(t_cmd) == len(guests):  # every one started
         t0 = min(g.t_launch for g in guests)
         log_step(f"pair: both commands started {max(t_cmd) - t0:.3f} s after the first launch ({link})")

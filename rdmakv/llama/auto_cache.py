@@ -343,7 +343,7 @@ class AutoCache:
                     if isinstance(parsed, dict):
                         parsed["rdmakv"] = report
                         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                        resp = web.json_response(parsed, headers=headers)
+                        resp: web.StreamResponse = web.json_response(parsed, headers=headers)
                     else:
                         resp = web.Response(status=up.status, body=raw, headers=headers)
                     await resp.prepare(request)  # sent before the background save starts
@@ -444,6 +444,7 @@ class AutoCache:
         """Cut the saved file and register its prefixes, then let the file go (a worker thread)."""
         scratch, parsed, m = saved
         saved = None
+        cut: pe.Cut | None = None
         try:
             cut = pe.cut(parsed, self.window)
             self.shape = cut.shape

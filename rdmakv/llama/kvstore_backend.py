@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -47,7 +48,7 @@ from ..hashing import (
 from ..wire import manifest as mf
 from ..wire.auth import KEY_ENV
 from ..wire.keyring import client_key_from_env
-from ..wire.messages import NO_REGION
+from ..wire.messages import NO_REGION, Locations
 
 # return codes of the C ABI (kv_store_abi.h says the same)
 KV_OK = 0
@@ -209,7 +210,7 @@ class KVStoreBackend:
         self._connect = store_factory or self._default_store
         self.lock = threading.Lock()
         self.table: dict[bytes, int] = {}  # engine key (store form) -> index in the last manifest read
-        self.last: tuple[mf.Manifest, object] | None = None  # (manifest, Locations or None)
+        self.last: tuple[mf.Manifest, Locations | None] | None = None
         self.last_save: SaveReport | None = None
         self.last_prefetch: RestoreReport | None = None
         self.closed = False
@@ -282,7 +283,8 @@ class KVStoreBackend:
         chunks = pending.chunks()
         want = [i for i, h in zip(todo, have.tolist()) if not h]
         if want:
-            store.channel.put_chunks(pending.keys[want].tolist(), [chunks[i] for i in want])
+            sending = [c for i in want if (c := chunks[i]) is not None]  # (every one: none of them was sent)
+            store.channel.put_chunks(pending.keys[want].tolist(), sending)
         return KV_OK
 
     def delete_manifest(self, name: str) -> int:
@@ -307,7 +309,7 @@ class KVStoreBackend:
         if m.hash_alg == self.opts.alg:
             return m.keys.tolist()
         if m.hash_alg == HASH_XXH3_64:
-            order = "little" if self.opts.little_endian else "big"
+            order: Literal["little", "big"] = "little" if self.opts.little_endian else "big"
             return [opaque_key(int(k).to_bytes(8, order), self.opts.alg) for k in m.keys.tolist()]
         if m.hash_alg == HASH_BLAKE3_256:
             return [opaque_key(k, self.opts.alg) for k in m.keys.tolist()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,8 @@ def describe_body(body: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"file_size": b.file_size, "file_xxh3": f"{b.file_hash:016x}"}
     if b.mode == MODE_OPAQUE:
         return out | {"opaque": True, "error": b.error}
-    n_chunks = sum(len(b.plans[int(s)].windows) for s in b.regions["stream"])  # type: ignore[index]
+    assert b.regions is not None  # (a parsed body has its regions)
+    n_chunks = sum(len(b.plans[int(s)].windows) for s in b.regions["stream"])
     return out | {"opaque": False, "layout": b.layout, "window": b.window, "n_chunks": n_chunks}
 
 
@@ -116,7 +118,7 @@ def rebuild(body: Buffer, chunks: list[Buffer]) -> bytes:
     return b"".join(rebuild_parts(body, chunks))
 
 
-def rebuild_parts(body: Buffer, chunks: list[Buffer]) -> list[Buffer]:
+def rebuild_parts(body: Buffer, chunks: Sequence[Buffer]) -> list[Buffer]:
     """The original file as consecutive parts (views of the body and chunks where the layout
     allows), checked against the recorded size and xxh3: a writer needs no joined copy."""
     b = _decode_body(body)
@@ -145,7 +147,7 @@ def rebuild_parts(body: Buffer, chunks: list[Buffer]) -> list[Buffer]:
     return parts
 
 
-def _assemble(b: _Body, chunks: list[Buffer]) -> list[Buffer]:
+def _assemble(b: _Body, chunks: Sequence[Buffer]) -> list[Buffer]:
     assert b.regions is not None
     counts = [len(b.plans[int(s)].windows) for s in b.regions["stream"]]
     if len(chunks) != sum(counts):
@@ -164,7 +166,7 @@ def _assemble(b: _Body, chunks: list[Buffer]) -> list[Buffer]:
     return [p for p in out if memoryview(p).nbytes]
 
 
-def _region_bytes(reg: np.void, plan: SlotPlan, parts: list[Buffer], first: int) -> list[Buffer]:
+def _region_bytes(reg: np.void, plan: SlotPlan, parts: Sequence[Buffer], first: int) -> list[Buffer]:
     row = int(reg["row"])
     for i, (part, count) in enumerate(zip(parts, plan.windows["count"], strict=True)):
         if len(memoryview(part).cast("B")) != int(count) * row:

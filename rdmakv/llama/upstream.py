@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from aiohttp import web
 
     from .scratch import ScratchFiles
@@ -17,6 +19,7 @@ class Upstream(Protocol):
     store: StorePool
     session: Any  # the aiohttp.ClientSession to llama-server, once the proxy has started
     scratch: ScratchFiles
+    slot_dir: Path  # llama-server's --slot-save-path
 
     def clean_headers(self, headers: Any) -> dict: ...
 

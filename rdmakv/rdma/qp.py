@@ -125,6 +125,9 @@ class Responder:
     slab's MRs never carry it), and its invalidation before the chunks are checked.
     """
 
+    _qp: Any  # pyverbs objects (untyped); None once closed
+    _cq: Any
+
     def __init__(
         self,
         pd: ProtectionDomain,

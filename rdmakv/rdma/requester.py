@@ -60,6 +60,10 @@ class Requester:
     Not thread-safe: one caller at a time.
     """
 
+    _qp: Any  # pyverbs objects (untyped); None once closed
+    _cq: Any
+    _channel: Any
+
     def __init__(
         self,
         device: Device,

@@ -26,7 +26,7 @@ from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
 from .device import Device, probe_device
 from .errors import RdmaError
 from .lookup import OneSidedIndex
-from .memory import alloc_pd
+from .memory import MemoryRegion, alloc_pd
 from .qp import QPInfo
 from .readplan import plan_reads
 from .requester import ReadOp, Requester, Sge
@@ -113,7 +113,7 @@ class RdmaRestorer:
         return Dest(view, mr.addr, mr.lkey, mr)
 
     def release(self, dest: Dest) -> None:
-        if dest.registration is not None:
+        if isinstance(dest.registration, MemoryRegion):  # made by ``adopt`` for this Dest alone
             self.pd.deregister(dest.registration)
             dest.registration = None
 
@@ -153,7 +153,7 @@ class RdmaRestorer:
         ulen = lengths[first].astype(np.int64)
         udest = offsets[first].astype(np.int64)
         sub = loc.subset(first)
-        view = memoryview(buf)
+        view = buf.data
         bad = self._read(uniq, ulen, udest, sub, view, laddr, lkey, rep)
         if len(bad) and strict:  # a one-sided lookup's version holds nothing: start over by TCP
             raise _Moved()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -192,7 +193,7 @@ def enc_chunks(
         if checks is None or len(checks) != len(served):
             raise CodecError("GET_CHUNKS reply of opaque keys without a check for each chunk")
         vals = [_check_value(alg, c) for c in checks]
-        table["check"] = vals if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(vals), "V32")
+        table["check"] = vals if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(cast(list[bytes], vals)), "V32")
     head = U8.pack(alg) + U32.pack(len(served)) + U32.pack(len(absent)) + table.tobytes()
     body = payload if payload is not None else [c for _, c in served]
     return [head, keys_array(absent, alg).tobytes(), *body]

@@ -95,7 +95,7 @@ class KVLayout:
             has = 1 if n else 0
             v_tags = ((layer << 33) | (KIND_V << 32))[:, :has]
             v_len = (rows[:, 1:] * n)[:, :has]
-            v_off = base[:, 1:][:, :has]
+            v_off: np.ndarray = base[:, 1:][:, :has]
         else:
             v_tags = (layer << 33) | (KIND_V << 32) | wins[None, :]
             v_len = rows[:, 1:] * counts[None, :]
@@ -150,7 +150,7 @@ def split(kv: KVState, window: int = DEFAULT_WINDOW, hash_alg: int = HASH_XXH3_6
 
 
 def _bytes_view(a: np.ndarray) -> memoryview:
-    return memoryview(a).cast("B")
+    return a.data.cast("B")
 
 
 def encode_body(layout: KVLayout) -> bytes:

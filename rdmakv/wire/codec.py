@@ -30,13 +30,13 @@ class Reader:
         return out
 
     def u8(self) -> int:
-        return U8.unpack(self.take(1))[0]
+        return int(U8.unpack(self.take(1))[0])
 
     def u16(self) -> int:
-        return U16.unpack(self.take(2))[0]
+        return int(U16.unpack(self.take(2))[0])
 
     def u32(self) -> int:
-        return U32.unpack(self.take(4))[0]
+        return int(U32.unpack(self.take(4))[0])
 
     def array(self, dtype: np.dtype, count: int) -> np.ndarray:
         return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)

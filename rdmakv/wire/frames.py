@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AuthError, BusyError, ProtocolError, RdmakvError, TooLargeError
-from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, decode_header
+from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, Mac, decode_header
 
 SMALL_BUFFER = 4 << 10  # what an idle connection keeps
 READ_AHEAD = 64 << 10  # bytes asked of the socket beyond the current frame, at most
@@ -67,7 +67,7 @@ class FrameReader:
         self._big_got = 0  # bytes of it received
         self._handed: tuple[Frame, mmap.mmap] | None = None  # the last large frame returned, and its buffer
         self._refused: RdmakvError | None = None  # the current frame is being read and dropped
-        self._skip_mac = None  # its MAC, fed the dropped payload as it arrives
+        self._skip_mac: Mac | None = None  # its MAC, fed the dropped payload as it arrives
         self._skipped = 0  # payload bytes of it dropped so far
 
     @property
@@ -104,6 +104,7 @@ class FrameReader:
         plus a little read-ahead for small frames. A refused frame is dropped as it comes, a
         read-ahead's worth at a time."""
         if self._filling_big():
+            assert self._big is not None
             return min(len(self._big) - self._big_got, READ_STEP)
         if self._big is not None:  # whole, not yet taken out: what comes next is the next frame's
             return HEADER.size + SMALL_BUFFER
@@ -118,6 +119,7 @@ class FrameReader:
         """A writable view to receive into (``recv_into``), at least ``wanted()`` bytes long."""
         want = self.wanted()
         if self._filling_big():
+            assert self._big is not None
             return memoryview(self._big)[self._big_got : self._big_got + want]
         if len(self._buf) - self._end < want:
             self._compact(want)
@@ -177,6 +179,7 @@ class FrameReader:
         view = memoryview(self._buf)
         payload = view[base + HEADER.size : base + HEADER.size + h.length]
         if not h.plain:  # (which kind of frame may come was checked on the header)
+            assert self.auth is not None
             self.auth.verify(view[base : base + HEADER.size], payload, view[base + size - TAG_LEN : base + size])
         self._start += size
         self._header = None
@@ -215,6 +218,7 @@ class FrameReader:
             return None
         view = memoryview(big)
         payload = view[HEADER.size : HEADER.size + h.length]
+        assert self.auth is not None  # a large frame is an authenticated one
         self.auth.verify(view[: HEADER.size], payload, view[len(big) - TAG_LEN :])
         view.release()
         self._big, self._header = None, None
@@ -226,9 +230,11 @@ class FrameReader:
         """Consume what arrived of a refused frame; the frame (payload empty) once its tag is in
         and checked."""
         view = memoryview(self._buf)
+        mac = self._skip_mac
+        assert mac is not None  # set with _refused
         take = min(self.buffered, h.length - self._skipped)
         if take:
-            self._skip_mac.update(view[self._start : self._start + take])
+            mac.update(view[self._start : self._start + take])
             self._start += take
             self._skipped += take
         if self._skipped < h.length or self.buffered < TAG_LEN:
@@ -236,7 +242,7 @@ class FrameReader:
             self._maybe_shrink()
             return None
         assert self.auth is not None
-        self.auth.check(self._skip_mac, view[self._start : self._start + TAG_LEN])
+        self.auth.check(mac, view[self._start : self._start + TAG_LEN])
         self._start += TAG_LEN
         refused, self._refused, self._skip_mac, self._header = self._refused, None, None, None
         return Frame(h, memoryview(b""), refused)

@@ -71,7 +71,7 @@ class KeyRing:
         return cls([KeyEntry(key, None, True, None, 0)], "the shared key (single-key mode)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> KeyRing:
+    def load(cls, path: str | os.PathLike[str]) -> KeyRing:
         p = Path(path)
         try:
             text = p.read_text()
@@ -94,10 +94,10 @@ class KeyRing:
             raise KeysFileError(f"{p}: no [[key]] tables")
         entries = [_entry(p, i, t) for i, t in enumerate(tables, 1)]
         seen: dict[bytes, int] = {}
-        for e in entries:
-            if e.key in seen:
-                raise KeysFileError(f"{p}: [[key]] #{e.index} repeats the key of #{seen[e.key]}")
-            seen[e.key] = e.index
+        for entry in entries:
+            if entry.key in seen:
+                raise KeysFileError(f"{p}: [[key]] #{entry.index} repeats the key of #{seen[entry.key]}")
+            seen[entry.key] = entry.index
         return cls(entries, str(p))
 
     def select(self, fp: bytes, namespace: str, today: dt.date | None = None) -> KeyEntry:
@@ -111,7 +111,7 @@ class KeyRing:
             raise AuthError(f"authentication failed: this key does not open namespace {namespace!r}")
         valid = [e for e in fits if e.valid_on(today)]
         if not valid:
-            raise AuthError(f"authentication failed: this key expired on {fits[0].not_after.isoformat()}")
+            raise AuthError(f"authentication failed: this key expired on {fits[0].not_after}")
         return valid[0]
 
     def client_key(self, namespace: str, today: dt.date | None = None) -> bytes:

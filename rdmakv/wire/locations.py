@@ -71,18 +71,23 @@ class Locations:
                          _copy(self.lengths))  # fmt: skip
 
     def subset(self, idx: np.ndarray) -> Locations:
-        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
-        return Locations(self.regions, self.slots[idx], pick(self.checks), self.check_alg, pick(self.lengths))
+        return Locations(self.regions, self.slots[idx], _pick(self.checks, idx), self.check_alg,
+                         _pick(self.lengths, idx))  # fmt: skip
 
     def check_list(self) -> list[Check | None]:
         """Each chunk's check (None where the keys verify themselves)."""
         if self.checks is None:
             return [None] * len(self.slots)
-        return self.checks.tolist()
+        checks: list[Check | None] = self.checks.tolist()
+        return checks
 
 
 def _copy(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a.copy()
+
+
+def _pick(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
 
 
 def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:

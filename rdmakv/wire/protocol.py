@@ -20,6 +20,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typing-only (collections.abc.Buffer is 3.12+)
 
 from ..errors import AuthError, ProtocolError, TooLargeError
 
@@ -120,7 +124,15 @@ def _no_blake3_threads() -> None:
 os.register_at_fork(after_in_child=_no_blake3_threads)
 
 
-def _mac_base(key: bytes, alg: int):
+class Mac(Protocol):
+    """What a frame MAC needs of hmac's and blake3's hashers."""
+
+    def update(self, data: Buffer, /) -> object: ...
+    def copy(self) -> Mac: ...
+    def digest(self) -> bytes: ...
+
+
+def _mac_base(key: bytes, alg: int) -> Mac:
     if alg == MAC_BLAKE3:
         import blake3
 
@@ -165,7 +177,7 @@ class FrameAuth:
             mac.update(p)
         self.check(mac, tag)
 
-    def verifier(self, header: bytes | memoryview):
+    def verifier(self, header: bytes | memoryview) -> Mac:
         """A MAC over the next received frame, fed its payload as it arrives (``update``); then
         ``check``. For a frame that is read and dropped rather than kept."""
         mac = self._recv.copy()
@@ -173,7 +185,7 @@ class FrameAuth:
         mac.update(header)
         return mac
 
-    def check(self, mac, tag: bytes | memoryview) -> None:
+    def check(self, mac: Mac, tag: bytes | memoryview) -> None:
         if not hmac.compare_digest(mac.digest(), bytes(tag)):
             raise AuthError(
                 "frame authentication failed (wrong key, tampered, replayed or reordered frame)"

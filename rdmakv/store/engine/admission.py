@@ -27,6 +27,7 @@ from typing import Protocol
 from slab import class_size
 
 from ...errors import BusyError, RdmakvError, StoreFullError
+from ...hashing import Key
 from ...units import fmt_bytes
 from .index import Holder, Namespace, Session
 
@@ -54,7 +55,7 @@ class Room(Protocol):
 
     def full(self, ns: Namespace, need: int, limit: str) -> StoreFullError: ...
 
-    def drop_pending(self, holder: Holder, ns_name: str, key: object) -> None: ...
+    def drop_pending(self, holder: Holder, ns_name: str, key: Key) -> None: ...
 
 
 class Admission:

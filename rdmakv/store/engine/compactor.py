@@ -25,7 +25,7 @@ from . import records as rec
 from .datadir import Reserve
 from .index import Namespace
 from .live_bytes import LiveBytes
-from .segment_log import Location, SegmentLog
+from .segment_log import Location, SegmentLog, SegmentWriter
 
 POLL_S = 2.0
 
@@ -52,7 +52,7 @@ class Compactor:
         self._stop = threading.Event()
         self._pass_lock = threading.Lock()  # the background thread and `rdmakv compact` take turns
         self._thread: threading.Thread | None = None
-        self.totals: Counter = Counter()
+        self.totals: Counter[str] = Counter()
 
     # -- thread -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -94,7 +94,7 @@ class Compactor:
         with e.lock:
             sid = e.log.active_id
             seg = e.log.segments.get(sid) if sid is not None else None
-            if seg is None or seg.size < min(e.log.segment_bytes // 4, 4 << 20):
+            if sid is None or seg is None or seg.size < min(e.log.segment_bytes // 4, 4 << 20):
                 return
             if e.live.fraction(sid, seg.size) >= self.threshold:
                 return
@@ -115,7 +115,7 @@ class Compactor:
                     out.append((frac, sid))
         return [sid for _, sid in sorted(out)]
 
-    def full_pass(self) -> dict:
+    def full_pass(self) -> dict[str, float]:
         """Compact everything with garbage, the open segment included."""
         e = self.engine
         t0 = time.perf_counter()
@@ -159,7 +159,7 @@ class Compactor:
         size = log.segment(sid).size
         writer = log.new_segment_writer()
         moves: list[tuple[rec.Record, Location, int]] = []
-        dead_manifests: Counter = Counter()
+        dead_manifests: Counter[tuple[str, str]] = Counter()
         try:
             for r, loc, raw in log.scan(sid):
                 with e.lock:
@@ -179,6 +179,7 @@ class Compactor:
             writer.abort()
         with e.lock:
             for r, loc, offset in moves:
+                assert new_id is not None  # (installed: there are moves)
                 self._repoint(r, loc, Location(new_id, offset, loc.size, loc.body_offset))
             for (ns_name, name), n in dead_manifests.items():
                 self._forget_manifests(ns_name, name, n)
@@ -191,7 +192,7 @@ class Compactor:
         self.totals["bytes_copied"] += sum(loc.size for _, loc, _ in moves)
         self.totals["bytes_freed"] += size - sum(loc.size for _, loc, _ in moves)
 
-    def _write(self, writer, raw: memoryview) -> int:
+    def _write(self, writer: SegmentWriter, raw: memoryview) -> int:
         try:
             return writer.write(raw)
         except DiskFullError:

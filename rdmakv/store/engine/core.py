@@ -12,18 +12,20 @@ needs bytes to stay put takes holds under the lock, does the copy without it, an
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from slab import CapacityBudget
 
 from ...errors import DiskFullError, ManifestError, RdmakvError
-from ...hashing import key_hex, keys_array
+from ...hashing import Key, key_hex, keys_array
 from ...wire import manifest as mf
 from ...wire.lookup_index import INDEX_ENTRIES
 from .. import logs
@@ -179,7 +181,7 @@ class Engine(Tiering, Reads, Writes):
         for ns, s in batch:
             self._unhold_session(ns, s)
 
-    def drop_pending(self, h: Holder, ns_name: str, key: int) -> None:
+    def drop_pending(self, h: Holder, ns_name: str, key: Key) -> None:
         h.pending.pop((ns_name, key), None)
         ns = self.namespaces[ns_name]
         c = ns.chunks.get(key)
@@ -189,7 +191,7 @@ class Engine(Tiering, Reads, Writes):
             self._unhold(ns, c)
 
     # -- the log ---------------------------------------------------------------------------
-    def _append_small(self, rtype: int, parts: list) -> tuple[Location, int]:
+    def _append_small(self, rtype: int, parts: list[bytes | memoryview]) -> tuple[Location, int]:
         """Append a small record that must get through on a full disk (tombstones, pins):
         on ENOSPC the reserve is given up and the append tried once more."""
         try:
@@ -340,19 +342,19 @@ class Engine(Tiering, Reads, Writes):
             self._list(s)
         self.log.sync_to(lsn)
 
-    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
+    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
         with self.lock:
             return namespace_list(self.existing(ns_name), prefix, after, limit)
 
-    def store_stats(self) -> dict:
+    def store_stats(self) -> dict[str, Any]:
         with self.lock:
             return store_stats(self)
 
-    def stats(self, ns_name: str) -> dict:
+    def stats(self, ns_name: str) -> dict[str, Any]:
         with self.lock:
             return namespace_stats(self.existing(ns_name))
 
-    def all_stats(self, limit: int) -> list[dict]:
+    def all_stats(self, limit: int) -> builtins.list[dict[str, Any]]:  # (list: the method above)
         """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""
         with self.lock:
             spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
@@ -417,6 +419,6 @@ class Engine(Tiering, Reads, Writes):
         if self.reserve.held < self.reserve.size:
             self.reserve.refill()
 
-    def compact(self) -> dict:
+    def compact(self) -> dict[str, Any]:
         """A full compaction pass, the open segment included (``rdmakv compact``)."""
         return self.compactor.full_pass()

@@ -30,6 +30,7 @@ import numpy as np
 
 from slab import Slab, Slot
 
+from ...hashing import Key
 from .segment_log import Location
 
 COUNTERS = (
@@ -44,7 +45,7 @@ COUNTERS = (
 
 @dataclass(slots=True, eq=False)
 class Chunk:
-    key: int | bytes
+    key: Key
     length: int
     loc: Location  # its log record
     slot: Slot | None = None  # resident in the slab
@@ -81,9 +82,10 @@ class Session:
     replaced: bool = False  # retired by a newer version of its name: its chunks become orphans, not garbage
     encoded_locations: tuple[int, bytes] | None = None  # (region version, Locations bytes), charged as memory
 
-    def unique_keys(self) -> list:
+    def unique_keys(self) -> list[Key]:
         """The distinct keys as Python values (ints or bytes), for the chunk index."""
-        return self.unique.tolist()
+        keys: list[Key] = self.unique.tolist()
+        return keys
 
     def expired(self, now: float) -> bool:
         return bool(self.expires_at) and self.expires_at <= now
@@ -100,20 +102,20 @@ class Namespace:
     name: str
     slab: Slab
     quota: int | None = None
-    chunks: dict[int, Chunk] = field(default_factory=dict)
+    chunks: dict[Key, Chunk] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
     zombies: set[Session] = field(default_factory=set)
     tombstones: dict[str, Tombstone] = field(default_factory=dict)
     last_seq: dict[str, int] = field(default_factory=dict)  # newest manifest/tombstone seq per name
-    disk_records: Counter = field(default_factory=Counter)  # manifest records on disk per name
+    disk_records: Counter[str] = field(default_factory=Counter)  # manifest records on disk per name
     rkeys: dict[int, int] = field(default_factory=dict)  # region id -> rkey
     region_version: int = 0  # bumped when a region comes or goes (cached location tables)
     manifest_bytes: int = 0  # resident manifest bytes (charged to the memory budget)
     orphan_chunks: int = 0  # chunks kept as cache with no session naming them
     orphan_bytes: int = 0
-    orphans_by_name: dict[str, set] = field(default_factory=dict)  # session name -> keys of the orphans it left
+    orphans_by_name: dict[str, set[Key]] = field(default_factory=dict)  # session name -> keys of the orphans it left
     disk_live: int = 0  # live log bytes of this namespace
-    counters: Counter = field(default_factory=Counter)
+    counters: Counter[str] = field(default_factory=Counter)
 
     @property
     def used(self) -> int:
@@ -126,7 +128,7 @@ class Holder:
     committed yet, and the session(s) its last restore lookup found."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[str, int | bytes], float] = {}  # (ns, key) -> monotonic time of the put
+        self.pending: dict[tuple[str, Key], float] = {}  # (ns, key) -> monotonic time of the put
         self.restore: tuple[Namespace, Session] | None = None
         self.batch: list[tuple[Namespace, Session]] = []  # the versions of its last GET_MANIFESTS
         self.restore_at = 0.0

@@ -10,6 +10,7 @@ are forgotten first.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from slab import CapacityBudget, Region, Slab
 
@@ -62,8 +63,7 @@ class NamespaceTable:
             ns = Namespace(name, self._no_slab, self.quotas.get(name))
             ns.slab = Slab(
                 self.budget, region_bytes=self.region_bytes, span_bytes=self.span_bytes,
-                on_new_region=lambda region, ns=ns: self._new_region(ns, region),
-                on_release_region=lambda region, ns=ns: self._release_region(ns, region),
+                on_new_region=partial(self._new_region, ns), on_release_region=partial(self._release_region, ns),
             )  # fmt: skip
             self.by_name[name] = ns
         return ns

@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from slab import Slot
+
 from ...wire.lookup_index import ENTRY, INDEX_ENTRIES, PROBE, entry_check, home, name_hash
 
 
@@ -27,11 +29,12 @@ class PublishedIndex:
         self.size = (entries + PROBE) * ENTRY.itemsize
         self.buf = mmap.mmap(-1, -(-self.size // mmap.PAGESIZE) * mmap.PAGESIZE)
         self.table = np.frombuffer(self.buf, ENTRY, count=entries + PROBE)
-        self.slots: dict[str, tuple[int, object, object]] = {}  # name -> (entry index, blob slot, owner)
+        self.slots: dict[str, tuple[int, Slot, object]] = {}  # name -> (entry index, blob slot, owner)
         self.lock = threading.Lock()
         self.full = 0  # publishes that found no free entry in their probe window
 
-    def put(self, name: str, addr: int, length: int, rkey: int, blob_xxh3: int, slot: object, owner: object):
+    def put(self, name: str, addr: int, length: int, rkey: int, blob_xxh3: int, slot: Slot, owner: object
+            ) -> Slot | None:  # fmt: skip
         """Point ``name`` at a new blob; returns the blob slot it replaces (to free), or
         ``slot`` itself when the probe window is full (the name is then looked up over TCP)."""
         h = name_hash(name)
@@ -51,7 +54,7 @@ class PublishedIndex:
             self.slots[name] = (i, slot, owner)
             return None if old is None else old[1]
 
-    def drop(self, name: str, owner: object | None = None):
+    def drop(self, name: str, owner: object | None = None) -> Slot | None:
         """Clear ``name``'s entry (only if ``owner`` published it, when given); its blob slot."""
         with self.lock:
             old = self.slots.get(name)

@@ -13,6 +13,7 @@ import xxhash
 
 from slab import SlabFullError
 
+from ...hashing import Key
 from ...wire import manifest as mf
 from ...wire.lookup_index import INDEX_ENTRIES, enc_blob
 from ...wire.messages import Locations
@@ -21,7 +22,7 @@ from .published import PublishedIndex
 
 
 class Publisher:
-    def __init__(self, located: Callable[[Namespace, list], Locations]) -> None:
+    def __init__(self, located: Callable[[Namespace, list[Key]], Locations]) -> None:
         self.located = located  # where a namespace's chunks lie in its slab (the engine's index knows)
         self.indexes: dict[str, PublishedIndex] = {}  # namespace -> its index, once a client connects by RDMA
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+from slab import Slot
 
 from ...errors import NotFoundError
 from ...hashing import KEY_OPAQUE_XXH3, Check, Key, is_opaque, key_alg
@@ -33,7 +35,7 @@ class ChunkViews:
         self.checks: list[Check | None] = []  # per served chunk: the store's check (opaque keys)
         self.held: list[Chunk] = []
         self.segments: list[Segment] = []
-        self.slots: list = []
+        self.slots: list[Slot | None] = []
         self.payload: list[memoryview] = []  # the chunk bytes in order: slab neighbours as one view
 
     def release(self) -> None:
@@ -42,6 +44,7 @@ class ChunkViews:
         self.payload = []
         with self.engine.lock:
             for c in self.held:
+                assert self.ns is not None  # (set with the first held chunk)
                 self.engine._unhold(self.ns, c)
         self.held = []
         for seg in self.segments:
@@ -49,18 +52,22 @@ class ChunkViews:
         self.segments = []
 
 
-def _runs(ns: Namespace, slots: list) -> list[memoryview]:
+def _runs(ns: Namespace, slots: list[Slot | None]) -> list[memoryview]:
     """Chunks that lie back to back in one region (a save's run) as one view: one MAC update and
-    one iovec for the lot instead of one per chunk."""
-    runs = contiguous_runs([s.region for s in slots], [s.offset for s in slots], [s.length for s in slots],
-                           [s.size == s.length for s in slots])  # fmt: skip
+    one iovec for the lot instead of one per chunk (all served from memory: each has a slot)."""
+    placed = [s for s in slots if s is not None]
+    runs = contiguous_runs([s.region for s in placed], [s.offset for s in placed], [s.length for s in placed],
+                           [s.size == s.length for s in placed])  # fmt: skip
     return [ns.slab.regions[r].view[start : start + n] for r, start, n in runs]
 
 
+# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
+# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
+# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
 class Reads:
     """Mixin of Engine: everything a restore asks of the store."""
 
-    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:
+    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:  # type: ignore[misc]
         s = ns.sessions.get(name)
         if s is not None and s.expired(time.time()):
             del ns.sessions[name]
@@ -71,7 +78,7 @@ class Reads:
             raise NotFoundError(f"no manifest named {name!r} in namespace {ns.name!r}")
         return s
 
-    def get_manifest(
+    def get_manifest(  # type: ignore[misc]
         self: Engine, ns_name: str, name: str, want_locations: bool = False, holder: Holder | None = None
     ) -> tuple[bytes, bytes | None, str]:
         """(manifest, encoded chunk locations when asked, tier: "memory" or "disk").
@@ -98,7 +105,7 @@ class Reads:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
 
-    def _manifest_of(self: Engine, ns: Namespace, s: Session, resident: bool) -> bytes:
+    def _manifest_of(self: Engine, ns: Namespace, s: Session, resident: bool) -> bytes:  # type: ignore[misc]
         """A looked-up (held) session's manifest: promoted first when it is not ``resident``, read
         from its log record when memory had no room for it."""
         if not resident:
@@ -107,7 +114,7 @@ class Reads:
             data = s.data
         return data if data is not None else self.read_manifest(s)
 
-    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:
+    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:  # type: ignore[misc]
         """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
         self._list(s)
         hit = s.complete
@@ -117,7 +124,7 @@ class Reads:
         ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
         return hit
 
-    def get_manifests(
+    def get_manifests(  # type: ignore[misc]
         self: Engine, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None, max_bytes: int
     ) -> tuple[list[Found], np.ndarray | None]:
         """Many restores' lookups in one (GET_MANIFESTS): (an entry per name, the region table
@@ -162,7 +169,7 @@ class Reads:
                 f.slots, f.checks, f.check_alg = loc.slots, loc.checks, loc.check_alg
         return out, regions
 
-    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:
+    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:  # type: ignore[misc]
         """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
         promotion, no move in the LRU, no hit counters, no hold)."""
         now = time.time()
@@ -172,7 +179,7 @@ class Reads:
                 ((s := sessions.get(n)) is not None and not s.expired(now) for n in names), dtype=bool, count=len(names)
             )
 
-    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:
+    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:  # type: ignore[misc]
         """A session's manifest without touching the session as a restore does: no promotion,
         no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster
         repair), which must not warm up, reorder or count what they only read."""
@@ -188,7 +195,7 @@ class Reads:
             with self.lock:
                 self._unhold_session(ns, s)
 
-    def read_chunks_into(
+    def read_chunks_into(  # type: ignore[misc]
         self: Engine, ns_name: str, keys: Sequence[int], out: bytearray
     ) -> tuple[bytearray, list[memoryview | None]]:
         """Copy chunks into ``out`` (grown when too small) and return (buffer, views of it); a
@@ -220,6 +227,7 @@ class Reads:
                 c, seg, offset = p
                 dst = view[pos : pos + c.length]
                 if seg is None:
+                    assert c.slot is not None  # (planned from memory)
                     dst[:] = ns.slab.view(c.slot)
                 else:
                     seg.pread_into(offset, dst)
@@ -235,7 +243,7 @@ class Reads:
                 if p is not None and p[1] is not None:
                     p[1].release()
 
-    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:
+    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:  # type: ignore[misc]
         """For a GET_CHUNKS reply: each distinct key once, in order, up to ``max_bytes`` (at least
         one chunk). Chunks in memory are served from the slab itself (no copy; they are held
         until ``release``), the rest read from the log. Keys past the budget are left out."""
@@ -266,7 +274,7 @@ class Reads:
                     out.segments.append(seg)
                     disk.append((c, seg, c.loc.body))
                     out.served.append((k, None))
-        out.payload = _runs(ns, out.slots) if not disk else [v for _, v in out.served]
+        out.payload = _runs(ns, out.slots) if not disk else []  # (set below from the disk reads)
         if disk:
             buf = memoryview(bytearray(sum(c.length for c, _, _ in disk)))
             pos = 0
@@ -276,15 +284,15 @@ class Reads:
                 views[c.key] = buf[pos : pos + c.length]
                 pos += c.length
             out.served = [(k, v if v is not None else views[k]) for k, v in out.served]
-            out.payload = [v for _, v in out.served]
+            out.payload = [v for _, v in out.served if v is not None]  # (every one is, now)
         return out
 
-    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:
+    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:  # type: ignore[misc]
         with self.lock:
             ns = self.existing(ns_name)
             return self._located(ns, keys.tolist(), with_lengths=True)
 
-    def _located(
+    def _located(  # type: ignore[misc]
         self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False, regions: np.ndarray | None = None
     ) -> Locations:
         """The region table and where each key's chunk lies in the slab (NO_REGION: not in memory),
@@ -310,10 +318,11 @@ class Reads:
         table = self._region_table(ns) if regions is None else regions
         if checks is None:
             return Locations(table, out, lengths=lengths)
-        arr = np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(checks), "V32")
+        arr = (np.array(checks, dtype=np.uint64) if alg == KEY_OPAQUE_XXH3
+               else np.frombuffer(b"".join(cast(list[bytes], checks)), "V32"))  # fmt: skip
         return Locations(table, out, arr, alg, lengths)
 
-    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:
+    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:  # type: ignore[misc]
         return make_regions(
             [(r.id, r.address, r.length, ns.rkeys.get(r.id, 0)) for r in ns.slab.regions.values()]
         )

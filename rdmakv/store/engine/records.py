@@ -84,7 +84,7 @@ class Header:
     v1: bool = False
 
 
-def decode_header(data: bytes | memoryview) -> Header | None:
+def decode_header(data: bytes | bytearray | memoryview) -> Header | None:
     """The header at the start of ``data``, or None when these bytes are not an intact header."""
     if len(data) >= HEADER_SIZE and bytes(data[:4]) == MAGIC:
         magic, rtype, z1, z2, length, check, hcheck = HEADER.unpack_from(data)

@@ -65,10 +65,11 @@ def replay(engine: Engine) -> None:
             continue
         entry = _Latest(seq, r.rtype, loc)
         if r.rtype == rec.REC_MANIFEST:
+            assert r.body is not None  # (a manifest record has one)
             try:
                 entry.manifest = mf.decode(bytes(r.body))
-            except ManifestError as e:
-                engine.say(f"rdmakv: log holds an unreadable manifest {ident}: {e}; skipped")
+            except ManifestError as err:
+                engine.say(f"rdmakv: log holds an unreadable manifest {ident}: {err}; skipped")
                 continue
             entry.record = rec.Record(r.rtype, r.ns, name=r.name, seq=seq, pinned=r.pinned,
                                       expires_ms=r.expires_ms, committed_ms=r.committed_ms)  # fmt: skip
@@ -85,8 +86,8 @@ def replay(engine: Engine) -> None:
                 ns.tombstones[name] = Tombstone(e.seq, e.loc)
                 engine.live.live(ns, e.loc)
             continue
+        assert e.record is not None and e.manifest is not None
         r, m = e.record, e.manifest
-        assert r is not None and m is not None
         expires = r.expires_ms / 1000
         if expires and expires <= now:
             continue
@@ -168,13 +169,13 @@ def migrate_v1(engine: Engine) -> None:
             data = bytearray(c.length)
             engine.log.read_into(c.loc, memoryview(data))
             engine.live.dead(ns, c.loc)
-            c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, data, c.check))
+            c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, memoryview(data), c.check))
             engine.live.live(ns, c.loc)
         for s in ns.sessions.values():
-            data = engine.read_manifest(s)
+            manifest = engine.read_manifest(s)
             engine.live.dead(ns, s.loc)
             s.loc, _ = engine.log.append(rec.REC_MANIFEST, rec.manifest_parts(
-                ns.name, s.name, s.seq, data, pinned=s.pinned, expires_ms=int(s.expires_at * 1000),
+                ns.name, s.name, s.seq, manifest, pinned=s.pinned, expires_ms=int(s.expires_at * 1000),
                 committed_ms=int(s.committed_at * 1000)))  # fmt: skip
             engine.live.live(ns, s.loc)
             ns.disk_records[s.name] = 1

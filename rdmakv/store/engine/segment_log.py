@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...errors import CodecError, DiskFullError, StorageError
 from .records import HEADER_SIZE, Header, Record, decode_header, decode_payload, encode_header, payload_checksum
@@ -147,7 +148,7 @@ def fsync_dir(path: Path) -> None:
 class SegmentLog:
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike[str],
         *,
         fsync: str = "manifest",
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -208,7 +209,7 @@ class SegmentLog:
             self._next_id = max(self._next_id, sid + 1)
             yield from self._replay_segment(self.segments[sid], last=i == len(paths) - 1)
 
-    def _replay_segment(self, seg: Segment, last: bool, raw: bool = False) -> Iterator:
+    def _replay_segment(self, seg: Segment, last: bool, raw: bool = False) -> Iterator[Any]:  # (record, loc[, raw])
         reader = _BlockReader(seg)
         pos = 0
         size = seg.size
@@ -332,8 +333,10 @@ class SegmentLog:
         return loc, lsn
 
     def _undo(self, start: int, cause: OSError) -> None:
+        fd = self._fd
+        assert fd is not None  # (a write to it just failed)
         try:
-            os.ftruncate(self._fd, start)
+            os.ftruncate(fd, start)
         except OSError as e:
             self.broken = f"a failed append ({cause.strerror}) could not be truncated away ({e.strerror})"
 

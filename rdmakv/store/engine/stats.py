@@ -4,7 +4,7 @@ or the store's totals."""
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from slab import CapacityBudget
 
@@ -33,7 +33,7 @@ class StoreFigures(Protocol):
     def pending_chunks(self) -> int: ...
 
 
-def namespace_stats(ns: Namespace) -> dict:
+def namespace_stats(ns: Namespace) -> dict[str, Any]:
     sessions = ns.sessions.values()
     resident = [s for s in sessions if s.resident]
     pinned = [s for s in sessions if s.pinned]
@@ -64,7 +64,7 @@ def namespace_stats(ns: Namespace) -> dict:
     return out
 
 
-def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict]:
+def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
     """Sessions by name: those starting with ``prefix``, after the name ``after``, ``limit`` of them."""
     now = time.time()
     names = sorted(n for n in ns.sessions if n.startswith(prefix) and n > after)
@@ -85,7 +85,7 @@ def namespace_list(ns: Namespace, prefix: str = "", after: str = "", limit: int 
     ]
 
 
-def store_stats(engine: StoreFigures) -> dict:
+def store_stats(engine: StoreFigures) -> dict[str, Any]:
     """The whole store's figures: for admin keys only."""
     return {
         "namespaces": len(engine.namespaces),

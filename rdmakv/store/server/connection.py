@@ -22,12 +22,14 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from ...errors import AuthError, BusyError, CodecError, ConnectionLost, ProtocolError, RdmakvError, ServerError
 from ...wire import messages as msg
 from ...wire.auth import NONCE_BYTES, derive_session_keys
 from ...wire.frames import Frame, FrameReader, MessageAssembler
 from ...wire.iovec import IOV_MAX, advance, byte_views
+from ...wire.keyring import KeyEntry
 from ...wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
 from ..engine.admission import SaveMustWait
 from .context import ServerContext
@@ -80,7 +82,7 @@ class Connection:
         now = time.monotonic()
         self.deadline = now + server.limits.handshake_timeout
         self.last_active = now
-        self._entry = None
+        self._entry: KeyEntry | None = None  # the key the client proved, at HELLO
         self.bytes_in = self.bytes_out = 0
         self.tls: ssl.SSLObject | None = None
         self._tls_ready = False
@@ -250,12 +252,14 @@ class Connection:
         self._tls_in.write(raw)
         self.bytes_in += len(raw)
         self.last_active = time.monotonic()
+        tls = self.tls
+        assert tls is not None  # (only called with TLS)
         try:
             if not self._tls_ready:
-                self.tls.do_handshake()
+                tls.do_handshake()
                 self._tls_ready = True
             while True:
-                n = self.tls.read(self.reader.wanted(), self.reader.buffer())
+                n = cast(int, tls.read(self.reader.wanted(), self.reader.buffer()))  # (into a buffer: a count)
                 if n == 0:
                     return False
                 self.reader.received(n)
@@ -321,6 +325,7 @@ class Connection:
         # AUTH: the first authenticated frame; the reader has checked its MAC
         if h.op != Op.AUTH or h.plain:
             raise ProtocolError(f"expected AUTH, got opcode {h.op}")
+        assert self._entry is not None  # (set at HELLO)
         self.handlers = Handlers(self.server, self.ns, self._entry, self.server.single_key)
         self.state = self.OPEN
         self.reader.max_frame = self.server.limits.max_frame

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from ...wire.frames import Frame
 from ...wire.keyring import KeyRing
 from ..engine.core import Engine
+from ..engine.index import Holder
 from .inflight import InflightBudget
 from .limits import ServerLimits
 
@@ -25,6 +26,12 @@ class ServerContext(Protocol):
     single_key: bool
     auth_failures: int
     internal_errors: int
+    refused: int
+    slow_closed: int
+
+    @property
+    def connections(self) -> int: ...
+
     rdma: Any  # the RdmaExporter when RDMA is enabled, else None
     cluster: Any  # the node's cluster membership when it is part of one, else None
     metrics: Any  # ServerMetrics with --metrics-listen, else None
@@ -38,10 +45,17 @@ class ServerContext(Protocol):
     def requests_of(self, namespace: str) -> dict[str, int]: ...
 
 
+class RdmaSession(Protocol):
+    """A client's RDMA connection as the exporter hands it over (its QP): closed with the connection."""
+
+    def close(self) -> None: ...
+
+
 class WriteContext(Protocol):
     """What one connection's write path needs of its handlers."""
 
     server: ServerContext
     engine: Engine
     ns: str
-    rdma_session: object | None
+    holder: Holder
+    rdma_session: RdmaSession | None

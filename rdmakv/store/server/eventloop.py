@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ...errors import ProtocolError
 from ...wire.frames import Frame
@@ -84,7 +85,7 @@ class Server:
         self._accept_paused_until = 0.0
         self._last_fd_warning = 0.0
         self._thread: threading.Thread | None = None
-        self.metrics = None  # rdmakv.store.server.metrics.ServerMetrics with --metrics-listen
+        self.metrics: Any = None  # ServerMetrics with --metrics-listen (Any: metrics imports this module)
         self.qps = 0  # RDMA QPs connected to clients now
         self.loop_turned = time.monotonic()
         self.auth_failures = 0
@@ -237,7 +238,7 @@ class Server:
 
     def _work(self, conn: Connection, frame: Frame | None, parked: Parked | None = None) -> None:
         try:
-            keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]
+            keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]  # (a frame unless parked)
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
             self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
             keep = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -20,10 +20,11 @@ from ...wire import batches
 from ...wire import messages as msg
 from ...wire.protocol import Op
 from ..engine.admission import SaveMustWait
-from .context import ServerContext
+from .context import RdmaSession, ServerContext
 from .write_path import WritePath
 
 if TYPE_CHECKING:
+    from ...hashing import Key
     from ...wire.keyring import KeyEntry
 
 MANAGEMENT_OPS = {Op.STATS, Op.LIST, Op.COMPACT, Op.PIN}
@@ -52,7 +53,7 @@ class Handlers:
         self.node_key = entry.node and not single_key  # moves chunks and parts between cluster nodes
         self.data_access = single_key or entry.namespace == ns  # a file's admin entry only manages
         self.holder = self.engine.new_holder()
-        self.rdma_session: object | None = None
+        self.rdma_session: RdmaSession | None = None
         self.writes = WritePath(self)
         self.table: dict[int, Callable[[memoryview], list | Reply]] = {
             Op.EXISTS: self.on_exists,
@@ -123,7 +124,7 @@ class Handlers:
         self.engine.release_holder(self.holder)
         if self.rdma_session is not None:
             try:
-                self.rdma_session.close()  # type: ignore[attr-defined]
+                self.rdma_session.close()
             except Exception:  # noqa: BLE001 - the QP may already be gone with its device
                 pass
             self.rdma_session = None
@@ -144,16 +145,17 @@ class Handlers:
         alg = msg.alg_of(keys)
         got = self.engine.chunk_views(self.ns, keys.tolist(), self.server.limits.max_frame - 4096)
         try:
-            parts = msg.enc_chunks(got.served, got.absent, alg, got.payload, got.checks)
+            served = cast("list[tuple[Key, memoryview]]", got.served)  # (chunk_views fills every view)
+            parts = msg.enc_chunks(served, got.absent, alg, got.payload, got.checks)
         except BaseException:
             got.release()
             raise
         return Reply(parts, got.release)
 
     def on_put_manifest(self, payload: memoryview) -> list:
-        name, data, opts = msg.dec_put_manifest(payload)
+        name, body, opts = msg.dec_put_manifest(payload)
         self.writes.cancel()  # a new save replaces what this connection had reserved
-        data = bytes(data)
+        data = bytes(body)
         cluster = self.server.cluster
         with cluster.guard(self.ns, name) if cluster is not None else contextlib.nullcontext():
             if cluster is not None:  # stale member lists, repairs of old or deleted versions: checked and
@@ -183,9 +185,9 @@ class Handlers:
         items = batches.dec_put_manifests(payload)
         self.writes.cancel()
         outcomes = []
-        for name, data, opts in items:
+        for name, body, opts in items:
             try:
-                data = bytes(data)
+                data = bytes(body)
                 if self.server.cluster is not None:
                     self.server.cluster.check_put(self.ns, name, data)
                 missing = self.engine.commit_manifest(self.ns, name, data, self.holder, pin=opts.pin, ttl=opts.ttl)
@@ -269,13 +271,13 @@ class Handlers:
         if exporter is None:
             raise NotFoundError("this server has no RDMA device; use TCP")
         if self.rdma_session is not None:
-            self.rdma_session.close()  # type: ignore[attr-defined]
+            self.rdma_session.close()
             self.rdma_session = None
             self.server.count_qp(-1)
-        self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))  # type: ignore[attr-defined]
+        self.rdma_session, reply = exporter.connect(self.ns, bytes(payload))
         self.server.count_qp(+1)
         published = self.engine.published_index(self.ns, self.server.limits.index_entries)
-        index = exporter.register_index(self.ns, published)  # type: ignore[attr-defined]
+        index = exporter.register_index(self.ns, published)
         # QP info, the one-sided lookup index, then the namespace's region table (later regions
         # arrive with every location reply)
         regions = self.engine.locate(self.ns, np.zeros(0, dtype=np.uint64)).encode()

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ...metrics_http import MetricsEndpoint
 from ...wire.protocol import Op
 
 if TYPE_CHECKING:
+
     from .eventloop import Server
 
 MAX_METRIC_NAMESPACES = 256  # label values per metric: namespaces past this are counted as "_other"
 OTHER = "_other"
-SAVE_OPS = {Op.PUT_CHUNKS: "put_chunks", Op.PUT_MANIFEST: "put_manifest", Op.COMMIT: "commit"}
-RESTORE_OPS = {Op.GET_MANIFEST: "get_manifest", Op.GET_CHUNKS: "get_chunks"}
+SAVE_OPS: dict[int, str] = {Op.PUT_CHUNKS: "put_chunks", Op.PUT_MANIFEST: "put_manifest", Op.COMMIT: "commit"}
+RESTORE_OPS: dict[int, str] = {Op.GET_MANIFEST: "get_manifest", Op.GET_CHUNKS: "get_chunks"}
 LATENCY_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 FSYNC_BUCKETS = (0.0001, 0.0005, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -121,7 +123,7 @@ class _StoreCollector:
     def describe(self):
         return []  # collected fresh on every scrape
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         srv = self.m.server
         engine = srv.engine
         t0 = time.perf_counter()
@@ -142,8 +144,8 @@ class _StoreCollector:
         for label, row in per.items():
             for k, fam in counters.items():
                 fam.add_metric([label], row[k])
-            for k, fam in gauges.items():
-                fam.add_metric([label], row[k])
+            for k, gauge in gauges.items():
+                gauge.add_metric([label], row[k])
             for t in ("tcp", "rdma"):
                 saves.add_metric([label, t], row[f"saves_{t}"])
                 for tier in ("memory", "disk"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...wire.keyring import KeyRing
 from .. import logs
-from ..engine.core import Engine
+from ..engine.core import MAX_NAMESPACES, Engine
 from .eventloop import Server, ServerLimits
 from .sd_notify import Notifier
 
@@ -95,7 +95,7 @@ def run_server(
                  f"{limits.per_source} per source address (raise ulimit -n for more)")  # fmt: skip
     engine = Engine(
         data_dir, capacity, fsync=fsync, region_bytes=region_bytes, disk_capacity=disk_capacity,
-        high_watermark=high_watermark, quotas=quotas, **({"max_namespaces": max_namespaces} if max_namespaces else {}),
+        high_watermark=high_watermark, quotas=quotas, max_namespaces=max_namespaces or MAX_NAMESPACES,
     )  # fmt: skip
     engine.open()
     try:

@@ -19,6 +19,9 @@ from ...rdma.errors import RdmaError
 from ...rdma.memory import MemoryRegion, ProtectionDomain, alloc_pd
 from ...rdma.qp import QPInfo, Responder
 
+# a window bound on an MR of its own run: the PD and that MR, to deregister when it closes
+WindowHandle = tuple[ProtectionDomain, MemoryRegion] | None
+
 
 class RdmaExporter:
     def __init__(self, device: Device) -> None:
@@ -60,7 +63,9 @@ class RdmaExporter:
                 self._index_mrs[ns] = mr
         return enc_index_info(mr.addr, mr.rkey, index.entries)
 
-    def open_window(self, responder: Responder, ns: str, region_id: int, addr: int, length: int) -> tuple[int, object]:
+    def open_window(
+        self, responder: Responder, ns: str, region_id: int, addr: int, length: int
+    ) -> tuple[int, WindowHandle]:
         """A memory window with REMOTE_WRITE over exactly [addr, addr+length) of a region, bound on
         ``responder``'s QP; (rkey, handle for close_window)."""
         if self.windows_bounded is None:
@@ -77,12 +82,12 @@ class RdmaExporter:
             pd.deregister(run_mr)
             raise
 
-    def close_window(self, responder: Responder, rkey: int, handle: object) -> None:
+    def close_window(self, responder: Responder, rkey: int, handle: WindowHandle) -> None:
         try:
             responder.close_window(rkey)
         finally:
             if handle is not None:
-                pd, run_mr = handle  # type: ignore[misc]
+                pd, run_mr = handle
                 pd.deregister(run_mr)
 
     def release(self, ns: str, region: Region) -> None:

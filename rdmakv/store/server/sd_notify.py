@@ -55,11 +55,12 @@ class Notifier:
     def start_watchdog(self, alive: Callable[[], bool]) -> None:
         """Ping the watchdog every half period while ``alive()`` says the server still works;
         when it stops saying so the pings stop and systemd restarts the service."""
-        if self.watchdog_s is None or not self.address:
+        period = self.watchdog_s
+        if period is None or not self.address:
             return
 
         def run() -> None:
-            while not self._stop.wait(self.watchdog_s / 2):
+            while not self._stop.wait(period / 2):
                 if alive():
                     self.notify("WATCHDOG=1")
 

@@ -15,7 +15,10 @@ import time
 
 import numpy as np
 
+from slab import Slot
+
 from ...errors import NotFoundError, RdmakvError
+from ...hashing import Key
 from ...wire import manifest as mf
 from ...wire import messages as msg
 from ...wire import writes as wr
@@ -26,7 +29,7 @@ _ids = itertools.count(1)
 
 
 class WriteReservation:
-    def __init__(self, rid: int, keys: list[int], slots: list, deadline: float) -> None:
+    def __init__(self, rid: int, keys: list[Key], slots: list[Slot], deadline: float) -> None:
         self.id = rid
         self.keys = keys
         self.slots = slots
