@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in the soft-RoCE guest: rdmakv rxe-vm -- rdmakv bench --quick. `rdmakv bench lifecycle` runs the "
         "long-running-cache soak instead (see rdmakv bench lifecycle --help); `rdmakv bench ttft` the next turn's "
         "time to first token with a Qwen2.5-0.5B-shaped model (see rdmakv bench ttft --help); `rdmakv bench lmcache` "
-        "LMCache's engine through rdmakv and LMCache's own tiers (see rdmakv bench lmcache --help).",
+        "LMCache's engine through rdmakv and LMCache's own tiers (see rdmakv bench lmcache --help); `rdmakv bench "
+        "throughput` large sessions against the disk's and the link's limits (see rdmakv bench throughput --help).",
     )
     p.add_argument("--quick", action="store_true", help="small run (< 3 min in the UML guest); CI uses it")
     p.add_argument("--out", default="bench/out/latest", help="output directory (default bench/out/latest)")
@@ -168,6 +169,10 @@ def cli(argv: list[str]) -> int:
         from . import ttft
 
         return ttft.main(argv[1:])
+    if argv and argv[0] == "throughput":
+        from . import throughput
+
+        return throughput.cli(argv[1:])
     if argv and argv[0] == "lmcache":  # in .venv-lmcache (it re-runs itself there)
         from . import lmcache
 
