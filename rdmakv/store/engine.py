@@ -270,10 +270,12 @@ class Engine(Namespaces, Tiering, Admission, Reads, Writes, Publishing):
         placed: list[tuple[int, Location]] = []
         try:
             self._make_disk_room(sum(lengths) + 64 * len(lengths))
-            for (key, data), view in zip(new.items(), views):
+            for data, view in zip(new.values(), views):
                 view[:] = data
-                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data, checks.get(key)))
-                placed.append((key, loc))
+            # one writev per run of records, from the slab copies (the frame's buffer can go)
+            records = [rec.chunk_parts(ns_name, key, view, checks.get(key)) for key, view in zip(new, views)]
+            placed = list(zip(new, self.log.append_many(rec.REC_CHUNK, records)))
+            records.clear()
         except BaseException:
             with self.lock:  # records already appended were never live: garbage for the compactor
                 for s in slots:

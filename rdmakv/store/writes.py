@@ -62,8 +62,9 @@ class Writes:
                     if s.size > s.length:
                         ns.slab.regions[s.region].zero(s.offset + s.length, s.size - s.length)
             self._make_disk_room(sum(s.length for s in slots) + 64 * len(slots))
-            placed = [(k, self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, k, v))[0])
-                      for k, v in zip(keys, views)]  # fmt: skip
+            records = [rec.chunk_parts(ns_name, k, v) for k, v in zip(keys, views)]
+            placed = list(zip(keys, self.log.append_many(rec.REC_CHUNK, records)))  # few writevs, from the slab
+            records.clear()
         except BaseException:
             views.clear()
             self.cancel_run(ns_name, slots)
