@@ -53,10 +53,15 @@ def _frame(f: str) -> str:
     return f
 
 
+# Leaf frames of threads that wait for work (py-spy's idle detection misses these): left out
+WAITING = ("_worker (thread.py:81)", "Condition.wait (threading.py", "EpollSelector.select (selectors.py",
+           "Event.wait (threading.py", "_PollLikeSelector.select (selectors.py")  # fmt: skip
+
+
 def top_entries(raw_path: str, n: int = 15) -> dict:
     own: Counter = Counter()
     incl: Counter = Counter()
-    total = 0
+    total = waiting = 0
     with open(raw_path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -68,12 +73,15 @@ def top_entries(raw_path: str, n: int = 15) -> dict:
                 frames = [x for x in frames if not x.startswith(("process ", "thread "))]
             if not frames:
                 continue
+            if frames[-1].startswith(WAITING):
+                waiting += c
+                continue
             total += c
             own[frames[-1]] += c
             for fr in set(frames):
                 incl[fr] += c
     pct = lambda c: round(100 * c / total, 1) if total else 0.0  # noqa: E731
-    return {"samples": total, "rate_hz": RATE,
+    return {"samples": total, "waiting_samples": waiting, "rate_hz": RATE,
             "own": [{"frame": k, "pct": pct(v)} for k, v in own.most_common(n)],
             "inclusive": [{"frame": k, "pct": pct(v)} for k, v in incl.most_common(n + 10)
                           if not k.startswith(("_bootstrap", "run (threading", "_worker (thread"))][:n]}  # fmt: skip
@@ -129,3 +137,10 @@ def profile(ctx: Ctx, out_dir: str, sizes_csv: str) -> dict:
                     st.delete_manifest(f"p{n}-{t}-{i}")
         del kvs
     return out
+
+
+if __name__ == "__main__":  # python -m bench.throughput_profile RAW...: the top entries of raw stacks
+    import json
+
+    for raw in sys.argv[1:]:
+        print(raw, json.dumps(top_entries(raw), indent=1))

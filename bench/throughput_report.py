@@ -130,7 +130,8 @@ def _profile_lines(prof: dict) -> list[str]:
             lines += [f"### {phase}: {v['error']}", ""]
             continue
         lines += [f"### {phase}: {v.get('op')}, walls {v.get('walls_ms')} ms; {v['samples']} samples at "
-                  f"{v['rate_hz']} Hz (raw stacks: {v['raw']})", "", "| own % | function | | inclusive % | function |",
+                  f"{v['rate_hz']} Hz, busy ones only ({v.get('waiting_samples', 0)} of idle workers left out; "
+                  f"raw stacks: {v['raw']})", "", "| own % | function | | inclusive % | function |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for a, b in zip(v["own"][:12], v["inclusive"][:12]):
             lines.append(f"| {a['pct']} | `{a['frame']}` | | {b['pct']} | `{b['frame']}` |")
