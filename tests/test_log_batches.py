@@ -1,6 +1,7 @@
-"""SegmentLog.append_many (the records of one PUT_CHUNKS or one RDMA commit in few writevs) and
-the background writeback of ``--fsync manifest``: same records, same locations and the same
-failure behaviour as a loop of ``append``; commits still wait for their own fsync."""
+"""The save path's batches: SegmentLog.append_many (the records of one PUT_CHUNKS or one RDMA
+commit in few writevs) and the background writeback of ``--fsync manifest`` (same records, same
+locations and the same failure behaviour as a loop of ``append``; commits still wait for their
+own fsync), and the frame reader reusing its buffer between back-to-back frames."""
 
 from __future__ import annotations
 
@@ -145,3 +146,47 @@ def test_a_failed_background_fsync_acknowledges_nothing_more(tmp_path, monkeypat
     assert raised
     monkeypatch.undo()
     log.close()
+
+
+# -- the server's frame reader between back-to-back frames (a save's PUT_CHUNKS stream) ----------
+def _stream(n: int, size: int):
+    from rdmakv.wire.protocol import MAC_BLAKE3, FrameAuth, Op
+
+    k1, k2 = bytes(range(32)), bytes(range(32, 64))
+    tx, rx = FrameAuth(k1, k2, MAC_BLAKE3), FrameAuth(k2, k1, MAC_BLAKE3)
+    payloads = [bytes([i]) * size for i in range(n)]
+    frames = [b"".join(bytes(p) for p in tx.seal(Op.PUT_CHUNKS, 0, i, [pl])) for i, pl in enumerate(payloads)]
+    return rx, payloads, b"".join(frames)
+
+
+def _read(reader, stream: bytes, keep: list):
+    """Feed ``stream`` as a socket would (what ``wanted`` asks for at a time); payloads kept in
+    ``keep`` when it is a list, else dropped at once (as a served request drops them)."""
+    got, pos = [], 0
+    while pos < len(stream):
+        view = reader.buffer()
+        n = min(view.nbytes, len(stream) - pos)
+        view[:n] = stream[pos : pos + n]
+        view.release()
+        reader.received(n)
+        pos += n
+        for f in reader.frames():
+            got.append(bytes(f.payload))
+            if keep is not None:
+                keep.append(f.payload)
+    return got
+
+
+def test_back_to_back_frames_reuse_the_buffer_and_never_move_a_live_payload():
+    from rdmakv.wire.frames import SMALL_BUFFER, FrameReader
+
+    rx, payloads, stream = _stream(6, 300_000)
+    reader = FrameReader(1 << 20, rx)
+    assert _read(reader, stream, None) == payloads
+    assert reader.capacity <= SMALL_BUFFER  # the stream is over: an idle connection keeps little
+
+    rx, payloads, stream = _stream(6, 300_000)
+    reader = FrameReader(1 << 20, rx)
+    kept: list = []  # payloads still in use while more frames arrive: their bytes must not change
+    assert _read(reader, stream, kept) == payloads
+    assert [bytes(p) for p in kept] == payloads
