@@ -170,3 +170,40 @@ def plot(r: dict, path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def compare(before: dict, after: dict, label_before: str = "before", label_after: str = "after") -> str:
+    """Before/after table of two runs' medians (each ratio is against its own run's limit)."""
+    rows_b = {r["tokens"]: r for r in (before.get("sizes") or {}).get("rows", [])}
+    lines = [f"| tokens | path | {label_before} ms | ratio to limit | {label_after} ms | ratio to limit | speed-up | "
+             "server CPU s/GB (before / after) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for ra in (after.get("sizes") or {}).get("rows", []):
+        rb = rows_b.get(ra["tokens"])
+        if rb is None:
+            continue
+        for key, label, lim_key, _ in PATHS:
+            if key not in ra or key not in rb:
+                continue
+            b, a = rb[key]["median_ms"], ra[key]["median_ms"]
+            lb, la = _limit_ms(rb, lim_key), _limit_ms(ra, lim_key)
+            lines.append(
+                f"| {ra['tokens']:,} | {label} | {b:.1f} | {f'{b / lb:.2f}×' if lb else '-'} | {a:.1f} | "
+                f"{f'{a / la:.2f}×' if la else '-'} | {b / a:.2f}× | {rb[key].get('server_cpu_s_per_GB', 0):.2f} / "
+                f"{ra[key].get('server_cpu_s_per_GB', 0):.2f} |"
+            )
+    cb, ca = before.get("concurrency") or {}, after.get("concurrency") or {}
+    for t in ca:
+        for op in ca[t]:
+            if t in cb and op in cb[t] and "ratio" in cb[t][op]:
+                x, y = cb[t][op], ca[t][op]
+                lines.append(f"| {y['tokens']:,} | 2 clients vs 1, {op} ({t}) | | {x['ratio']:.2f}× | | "
+                             f"{y['ratio']:.2f}× | | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m bench.throughput_report BEFORE.json AFTER.json: the before/after table
+    import json
+    import sys
+
+    with open(sys.argv[1]) as fb, open(sys.argv[2]) as fa:
+        print(compare(json.load(fb), json.load(fa)))
