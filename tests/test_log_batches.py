@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 
 from rdmakv.errors import DiskFullError, StorageError
+from rdmakv.store import log_batches
 from rdmakv.store import records as rec
-from rdmakv.store import segment_log
 from rdmakv.store.segment_log import SegmentLog
 
 
@@ -87,7 +87,7 @@ def test_a_failed_batch_is_truncated_away(tmp_path):
 
 
 def test_large_batches_start_fsyncs_in_the_background(tmp_path, monkeypatch):
-    monkeypatch.setattr(segment_log, "WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(log_batches, "WRITEBACK_BYTES", 1 << 20)
     log = SegmentLog(tmp_path)
     log.open_for_append()
     before = log.fsyncs
@@ -121,7 +121,7 @@ def test_no_background_fsync_under_never_or_for_small_saves(tmp_path):
 
 
 def test_a_failed_background_fsync_acknowledges_nothing_more(tmp_path, monkeypatch):
-    monkeypatch.setattr(segment_log, "WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(log_batches, "WRITEBACK_BYTES", 1 << 20)
     log = SegmentLog(tmp_path)
     log.open_for_append()
 
