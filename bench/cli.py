@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from rdmakv import progress
+from rdmakv.rdma.device import rdma_here
 from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, report, saves, suites, tcp_limit
@@ -56,17 +57,6 @@ FULL: dict[str, Any] = {
 }
 
 
-def _client_rdma() -> tuple[bool, str]:
-    from rdmakv import rdma
-
-    ok, why = rdma.pyverbs_status()
-    if not ok:
-        return False, f"pyverbs not importable ({why})"
-    if not rdma.list_devices():
-        return False, "no RDMA device on this host"
-    return True, ""
-
-
 def run(args: argparse.Namespace) -> dict:
     params = dict(QUICK if args.quick else FULL)
     if args.runs:
@@ -77,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     extra = ["--fsync", args.fsync, "--transport", "tcp" if args.transport == "tcp" else "auto"]
     server = ServerProcess(data_dir, args.capacity, *extra, key_hex=key).start()
     try:
-        ok, why = _client_rdma()
+        ok, why = rdma_here()
         rdma = args.transport != "tcp" and server.rdma and ok
         reason = "" if rdma else (why or ("disabled (--transport tcp)" if args.transport == "tcp" else
                                           "server found no RDMA device"))
@@ -176,6 +166,9 @@ SUITES: dict[str, tuple[str, str]] = {
     "placement": ("placement", "how many chunks a join or a leave moves"),
     "metrics-cost": ("metrics_cost", "what Prometheus metrics cost a server"),
     "fuzz": ("fuzz", "the protocol fuzzer against a real rdmakv serve, for long runs"),
+    "throughput": ("throughput", "large sessions against the disk's and the link's limits (host; --rdma in the guest)"),
+    "throughput-compare": ("throughput_report", "the before/after table of two throughput results.json"),
+    "throughput-profile": ("throughput_profile", "the top entries of py-spy raw stacks"),
     "check": ("check", "check a results.json against the targets (CI)"),
 }
 

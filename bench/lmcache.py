@@ -247,21 +247,14 @@ def limits(sizes: list[int], runs: int, rdma: bool) -> dict:
     return out
 
 
-def _rdma_here() -> tuple[bool, str]:
-    from rdmakv import rdma
-
-    ok, why = rdma.pyverbs_status()
-    if not ok:
-        return False, f"pyverbs not importable ({why})"
-    if not rdma.list_devices():
-        return False, "no RDMA device here (run it in the guest: rdmakv rxe-vm --mem 8G -- rdmakv bench lmcache)"
-    return True, ""
-
-
 def run(args: argparse.Namespace) -> dict:
+    from rdmakv.rdma.device import rdma_here
+
     from . import envinfo
 
-    rdma, why = _rdma_here()
+    rdma, why = rdma_here()
+    if not rdma and why == "no RDMA device on this host":
+        why += " (run it in the guest: rdmakv rxe-vm --mem 8G -- rdmakv bench lmcache)"
     tiers = [t for t in args.tiers if not t.startswith("rdmakv-rdma") or rdma]
     work = Path(tempfile.mkdtemp(prefix="rdmakv-bench-lmcache-"))
     key = os.urandom(32).hex()

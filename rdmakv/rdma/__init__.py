@@ -2,7 +2,7 @@
 client's restorer (the server's exporter builds on it from rdmakv.store.server). Only this
 package touches pyverbs, imported lazily."""
 
-from .device import Device, DeviceCaps, list_devices, probe_device, pyverbs_status
+from .device import Device, DeviceCaps, list_devices, probe_device, pyverbs_status, rdma_here
 from .errors import RdmaError, RdmaUnavailable, ReadTimeout, WorkCompletionError
 from .memory import MemoryRegion, ProtectionDomain, alloc_pd
 from .qp import QPInfo, Responder
@@ -27,4 +27,5 @@ __all__ = [
     "list_devices",
     "probe_device",
     "pyverbs_status",
+    "rdma_here",
 ]

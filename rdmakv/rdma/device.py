@@ -92,6 +92,17 @@ def errno_text(exc: BaseException) -> str:
 DEVICE_ENV = "RDMAKV_RDMA_DEVICE"  # names the device to use when a host has several
 
 
+def rdma_here() -> tuple[bool, str]:
+    """Whether this host can do RDMA at all (pyverbs and a device), without opening anything;
+    (False, why not) otherwise."""
+    ok, why = pyverbs_status()
+    if not ok:
+        return False, why
+    if not list_devices():
+        return False, "no RDMA device on this host"
+    return True, ""
+
+
 def probe_device() -> tuple[Device | None, str]:
     """The one device probe, for the server's exporter and the client's restorer alike: the
     device ``RDMAKV_RDMA_DEVICE`` names (else the first one), or (None, why there is none)."""

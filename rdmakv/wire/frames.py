@@ -44,6 +44,17 @@ class Frame:
     refused: RdmakvError | None = None  # read and dropped (payload empty): answer the request with this
 
 
+def _unshared(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` is alive (the payload of a frame handed out earlier, still in
+    use), so that its bytes may be moved. A bytearray with views refuses any change of size: pop
+    one byte and put it back (O(1): no copy, no allocation)."""
+    try:
+        buf.append(buf.pop())
+    except BufferError:
+        return False
+    return True
+
+
 class FrameReader:
     """``admit``, when set, sees every authenticated header once it is checked and before a
     byte of its payload is buffered; raising BusyError or TooLargeError refuses the frame (it is
@@ -111,8 +122,10 @@ class FrameReader:
         need = max(1, self._frame_size() - self.buffered)
         if self._refused is not None:
             return min(need, READ_AHEAD)
-        if need >= READ_AHEAD:
-            return min(need, READ_STEP)
+        if need >= READ_STEP:
+            return READ_STEP
+        # with the start of the next frame: back-to-back frames (a save's PUT_CHUNKS) then reuse
+        # this buffer instead of shrinking it and growing it again for each one
         return need + min(READ_AHEAD, SMALL_BUFFER)
 
     def buffer(self) -> memoryview:
@@ -151,7 +164,12 @@ class FrameReader:
         if live + want > size:
             # grow geometrically (amortised copies), never past what the frame needs
             size = max(live + want, min(2 * size, self._frame_size() + SMALL_BUFFER), SMALL_BUFFER)
-        if size != len(self._buf) or self._start:
+        if size == len(self._buf) and self._start and _unshared(self._buf):
+            view = memoryview(self._buf)  # room enough: move the live bytes to the front, no allocation
+            view[:live] = view[self._start : self._end]  # (memoryview copies overlapping bytes safely)
+            view.release()
+            self._start, self._end = 0, live
+        elif size != len(self._buf) or self._start:
             new = bytearray(size)
             new[:live] = memoryview(self._buf)[self._start : self._end]  # (a slice of the bytearray would copy)
             self._buf = new

@@ -25,7 +25,6 @@ same state.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import threading
@@ -35,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import CodecError, DiskFullError, StorageError
+from ...errors import CodecError, StorageError
+from .log_batches import BatchAppends
+from .log_files import Location, Segment, storage_error, write_all
 from .records import HEADER_SIZE, Header, Record, decode_header, decode_payload, encode_header, payload_checksum
 from .records import payload_ok as _payload_ok
 
@@ -44,86 +45,11 @@ DEFAULT_SEGMENT_BYTES = 256 << 20
 MIN_SEGMENT_BYTES = 1 << 20
 SEGMENT_NAME = re.compile(r"seg-(\d{8})\.log$")
 READ_BLOCK = 1 << 20
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def segment_bytes_for(disk_capacity: int) -> int:
     """1/16 of the disk budget, between 1 MiB and 256 MiB: compaction needs room to work."""
     return max(MIN_SEGMENT_BYTES, min(DEFAULT_SEGMENT_BYTES, disk_capacity // 16))
-
-
-def storage_error(e: OSError, what: str) -> Exception:
-    if e.errno in _DISK_FULL_ERRNOS:
-        return DiskFullError(f"disk full: {what} failed ({os.strerror(e.errno)}); delete or unpin sessions, "
-                             "or give the data dir more room")  # fmt: skip
-    return StorageError(f"storage error: {what} failed ({e.strerror or e})")
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    segment: int
-    offset: int  # of the record header
-    size: int  # header + payload bytes
-    body_offset: int = 0  # of the chunk/manifest bytes, from the header start
-
-    @property
-    def body(self) -> int:
-        return self.offset + self.body_offset
-
-
-class Segment:
-    """One segment file and a read descriptor shared by its readers. A reader ``acquire``s it
-    (under the engine lock, where it learnt the location), reads without locks, and
-    ``release``s it; a retired segment's descriptor closes when its last reader is done."""
-
-    def __init__(self, sid: int, path: Path) -> None:
-        self.id = sid
-        self.path = path
-        self.size = path.stat().st_size
-        self._fd = os.open(path, os.O_RDONLY)
-        self._users = 0
-        self._retired = False
-        self._lock = threading.Lock()
-
-    def acquire(self) -> Segment:
-        with self._lock:
-            if self._fd < 0:
-                raise StorageError(f"log segment {self.path.name} is gone")
-            self._users += 1
-        return self
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._retired and not self._users:
-                self._close()
-
-    def pread_into(self, offset: int, dest: memoryview) -> None:
-        """Fill ``dest`` from ``offset`` (the caller holds an ``acquire``)."""
-        got = 0
-        while got < dest.nbytes:
-            n = os.preadv(self._fd, [dest[got:]], offset + got)
-            if n == 0:
-                raise StorageError(f"{self.path.name}: short read at offset {offset + got}")
-            got += n
-
-    def read(self, offset: int, dest: memoryview) -> None:
-        self.acquire()
-        try:
-            self.pread_into(offset, dest)
-        finally:
-            self.release()
-
-    def retire(self) -> None:
-        with self._lock:
-            self._retired = True
-            if not self._users:
-                self._close()
-
-    def _close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 @dataclass
@@ -145,7 +71,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class SegmentLog:
+class SegmentLog(BatchAppends):
     def __init__(
         self,
         directory: str | os.PathLike[str],
@@ -175,6 +101,7 @@ class SegmentLog:
         self.bytes_written = 0
         self.fsyncs = 0
         self.on_fsync: Callable[[float], None] | None = None  # seconds of each log fsync (metrics)
+        self._init_writeback()
 
     # -- files ----------------------------------------------------------------------------
     def segment_paths(self) -> list[tuple[int, Path]]:
@@ -318,7 +245,7 @@ class SegmentLog:
             assert self._fd is not None and self._active is not None
             start = self._size
             try:
-                _write_all(self._fd, [header, *parts], total)
+                write_all(self._fd, [header, *parts], total)
             except OSError as e:
                 self._undo(start, e)
                 raise storage_error(e, f"appending a {total}-byte record") from e
@@ -348,6 +275,8 @@ class SegmentLog:
         if self.fsync_policy == "never":
             return
         while True:
+            if self.broken:
+                raise StorageError(f"the log cannot be made durable: {self.broken}")
             with self._cond:
                 while self._synced < lsn and self._sync_busy:
                     self._cond.wait()
@@ -419,6 +348,7 @@ class SegmentLog:
         seg.retire()
 
     def close(self) -> None:
+        self._stop_writeback()
         with self._lock:
             if self._fd is not None:
                 if self.fsync_policy != "never":
@@ -444,7 +374,7 @@ class SegmentWriter:
         at = self.size
         n = memoryview(record).nbytes
         try:
-            _write_all(self._fd, [record], n)
+            write_all(self._fd, [record], n)
         except OSError as e:
             raise storage_error(e, "writing a compacted segment") from e
         self.size += n
@@ -460,18 +390,6 @@ class SegmentWriter:
             os.close(self._fd)
             self._fd = -1
         self.tmp.unlink(missing_ok=True)
-
-
-def _write_all(fd: int, buffers: list[bytes | memoryview], total: int) -> None:
-    written = os.writev(fd, buffers)
-    if written == total:
-        return
-    rest = memoryview(b"".join(bytes(b) for b in buffers))[written:]
-    while rest.nbytes:
-        n = os.write(fd, rest)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        rest = rest[n:]
 
 
 class _BlockReader:

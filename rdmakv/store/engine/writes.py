@@ -68,8 +68,9 @@ class Writes:
                     if s.size > s.length:
                         ns.slab.regions[s.region].zero(s.offset + s.length, s.size - s.length)
             self._make_disk_room(sum(s.length for s in slots) + 64 * len(slots))
-            placed = [(k, self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, k, v))[0])
-                      for k, v in zip(keys, views)]  # fmt: skip
+            records = [rec.chunk_parts(ns_name, k, v) for k, v in zip(keys, views)]
+            placed = list(zip(keys, self.log.append_many(rec.REC_CHUNK, records)))  # few writevs, from the slab
+            records.clear()
         except BaseException:
             views.clear()
             self.cancel_run(ns_name, slots)
@@ -116,10 +117,12 @@ class Writes:
         placed: list[tuple[Key, Location]] = []
         try:
             self._make_disk_room(sum(lengths) + 64 * len(lengths))
-            for (key, data), view in zip(new.items(), views):
+            for data, view in zip(new.values(), views):
                 view[:] = data
-                loc, _ = self.log.append(rec.REC_CHUNK, rec.chunk_parts(ns_name, key, data, checks.get(key)))
-                placed.append((key, loc))
+            # one writev per run of records, from the slab copies (the frame's buffer can go)
+            records = [rec.chunk_parts(ns_name, key, view, checks.get(key)) for key, view in zip(new, views)]
+            placed = list(zip(new, self.log.append_many(rec.REC_CHUNK, records)))
+            records.clear()
         except BaseException:
             with self.lock:  # records already appended were never live: garbage for the compactor
                 for s in slots:
