@@ -73,7 +73,3 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"bench results complete: {path} ({r['mode']} run, rdma_used={r['rdma_used']})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

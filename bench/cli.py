@@ -1,4 +1,8 @@
-"""`rdmakv bench` / `python -m bench`: RDMA vs TCP vs v1 single blob, against the link's limit."""
+"""`rdmakv bench [SUITE]` (or `python -m bench`), the one entry point of every benchmark.
+
+Without a suite name: the core suite (RDMA vs TCP vs v1 single blob, against the link's limit).
+With one: that suite's own options follow (`rdmakv bench SUITE --help`); `rdmakv bench --list`
+names them all. Each suite is a module of this package with a ``main(argv) -> int``."""
 
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 from rdmakv import progress
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.rdma.device import rdma_here
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, report, saves, suites, tcp_limit
 
-QUICK = {
+QUICK: dict[str, Any] = {  # each suite's parameters: counts and lists of sizes
     "walls_runs": 10,
     "sizes": [256, 1024],
     "windows": [8, 64, 256],
@@ -32,7 +38,7 @@ QUICK = {
     "cpu_saves": 10,
     "load_restores": 20,
 }
-FULL = {
+FULL: dict[str, Any] = {
     "walls_runs": 30,
     "sizes": [256, 1024, 4096, 16384],
     "windows": [8, 64, 256],
@@ -51,17 +57,6 @@ FULL = {
 }
 
 
-def _client_rdma() -> tuple[bool, str]:
-    from rdmakv import rdma
-
-    ok, why = rdma.pyverbs_status()
-    if not ok:
-        return False, f"pyverbs not importable ({why})"
-    if not rdma.list_devices():
-        return False, "no RDMA device on this host"
-    return True, ""
-
-
 def run(args: argparse.Namespace) -> dict:
     params = dict(QUICK if args.quick else FULL)
     if args.runs:
@@ -72,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     extra = ["--fsync", args.fsync, "--transport", "tcp" if args.transport == "tcp" else "auto"]
     server = ServerProcess(data_dir, args.capacity, *extra, key_hex=key).start()
     try:
-        ok, why = _client_rdma()
+        ok, why = rdma_here()
         rdma = args.transport != "tcp" and server.rdma and ok
         reason = "" if rdma else (why or ("disabled (--transport tcp)" if args.transport == "tcp" else
                                           "server found no RDMA device"))
@@ -141,10 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark save/restore over TCP and RDMA READ against the v1 single-blob baseline and the "
         "link's own limit (perftest, raw pyverbs). Writes results.json, report.md and PNG plots. Without an "
         "RDMA device it runs the TCP/v1 parts and says why RDMA was skipped. In a machine without RDMA run it "
-        "in the soft-RoCE guest: rdmakv rxe-vm -- rdmakv bench --quick. `rdmakv bench lifecycle` runs the "
-        "long-running-cache soak instead (see rdmakv bench lifecycle --help); `rdmakv bench ttft` the next turn's "
-        "time to first token with a Qwen2.5-0.5B-shaped model (see rdmakv bench ttft --help); `rdmakv bench lmcache` "
-        "LMCache's engine through rdmakv and LMCache's own tiers (see rdmakv bench lmcache --help).",
+        "in the soft-RoCE guest: rdmakv rxe-vm -- rdmakv bench --quick. Other suites: rdmakv bench SUITE "
+        "(rdmakv bench --list names them; rdmakv bench SUITE --help shows a suite's options).",
     )
     p.add_argument("--quick", action="store_true", help="small run (< 3 min in the UML guest); CI uses it")
     p.add_argument("--out", default="bench/out/latest", help="output directory (default bench/out/latest)")
@@ -159,19 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# suite -> (module of this package, what it measures); each module has main(argv) -> int
+SUITES: dict[str, tuple[str, str]] = {
+    "lifecycle": ("lifecycle", "the store as a months-long cache: a soak with churn, restarts and pressure"),
+    "ttft": ("ttft", "the next turn's time to first token with a Qwen2.5-0.5B-shaped model (llama-server)"),
+    "ttft-rdma": ("ttft_rdma", "the auto-cache's restore without llama-server, RDMA READ vs TCP (in the guest)"),
+    "ttft-report": ("ttft_report", "re-render bench/results/ttft (e.g. once rdma.json was added)"),
+    "lmcache": ("lmcache", "LMCache's engine through rdmakv and through LMCache's own tiers"),
+    "llama": ("llama", "llama-server slot save/restore through rdmakv llama-proxy vs local files"),
+    "kvstore-abi": ("kvstore_abi", "the kv_store_v1 library from C against the Python API"),
+    "cluster": ("cluster", "cluster figures on this host over TCP"),
+    "two-node": ("two_node", "a cluster across two rxe guests"),
+    "placement": ("placement", "how many chunks a join or a leave moves"),
+    "metrics-cost": ("metrics_cost", "what Prometheus metrics cost a server"),
+    "fuzz": ("fuzz", "the protocol fuzzer against a real rdmakv serve, for long runs"),
+    "throughput": ("throughput", "large sessions against the disk's and the link's limits (host; --rdma in the guest)"),
+    "throughput-compare": ("throughput_report", "the before/after table of two throughput results.json"),
+    "throughput-profile": ("throughput_profile", "the top entries of py-spy raw stacks"),
+    "check": ("check", "check a results.json against the targets (CI)"),
+}
+
+
 def cli(argv: list[str]) -> int:
-    if argv and argv[0] == "lifecycle":
-        from . import lifecycle
+    if argv and argv[0] == "--list":
+        width = max(map(len, SUITES))
+        print("\n".join(f"{name:<{width}}  {what}" for name, (_, what) in SUITES.items()))
+        return 0
+    if argv and argv[0] in SUITES:
+        import importlib
 
-        return lifecycle.cli(argv[1:])
-    if argv and argv[0] == "ttft":
-        from . import ttft
-
-        return ttft.main(argv[1:])
-    if argv and argv[0] == "lmcache":  # in .venv-lmcache (it re-runs itself there)
-        from . import lmcache
-
-        return lmcache.cli(argv[1:])
+        module = importlib.import_module(f"{__package__}.{SUITES[argv[0]][0]}")
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     result = run(args)
     path = os.path.join(args.out, "results.json")
@@ -190,5 +201,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-def main() -> int:
-    return cli(sys.argv[1:])
+def main(argv: list[str] | None = None) -> int:
+    return cli(sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,4 @@
-"""Cluster figures on this host, TCP: `python -m bench.cluster [--runs 20] [--out DIR]`.
+"""Cluster figures on this host, TCP: `rdmakv bench cluster [--runs 20] [--out DIR]`.
 
 A real etcd and real `rdmakv serve` processes on loopback. Measures, in one run:
 - save (cold and warm) and restore latency of one session on a single server against a
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import rdmakv
 from rdmakv import kvgen
+from rdmakv.client.store import connect as connect_node
 from rdmakv.cluster.client import ClusterStore
 from rdmakv.cluster.etcd_server import Etcd, free_port
 from rdmakv.cluster.membership import members
 from rdmakv.cluster.repair import check, repair
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .envinfo import collect
 from .plots import pyplot
@@ -76,7 +77,7 @@ def latency(tmp: Path, runs: int) -> dict:
     single = ServerProcess(str(tmp / "single"), "512MiB", "--fsync", "never", "--transport", "tcp",
                            key_hex=KEY).start()  # fmt: skip
     try:
-        with rdmakv.connect(single.url("bench"), key=KEY, transport="tcp", window=64) as st:
+        with connect_node(single.url("bench"), key=KEY, transport="tcp", window=64) as st:
             one = timed_ops(st.save, st.restore, runs, 1000)
     finally:
         single.stop()
@@ -126,7 +127,7 @@ def loss_and_repair(tmp: Path, sessions: int, ttl: int) -> dict:
                 time.sleep(0.2)
             out["auto_repair_done_after_kill_s"] = round(time.monotonic() - t_kill, 3)
             def node_stats() -> list[dict]:
-                return [rdmakv.connect(n.url("bench"), key=KEY, transport="tcp").stats().get("cluster", {})
+                return [connect_node(n.url("bench"), key=KEY, transport="tcp").stats().get("cluster", {})
                         for n in nodes if n is not victim]  # fmt: skip
 
             stats = node_stats()
@@ -205,7 +206,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench cluster", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--sessions", type=int, default=30, help="sessions saved before the kill")
     p.add_argument("--lease-ttl", type=int, default=5)
@@ -225,7 +226,3 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print(report(r))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

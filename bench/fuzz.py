@@ -1,4 +1,4 @@
-"""A protocol fuzzer against a real `rdmakv serve` (`python -m bench.fuzz --frames 100000`).
+"""A protocol fuzzer against a real `rdmakv serve` (`rdmakv bench fuzz --frames 100000`).
 
 Two kinds of input: (a) unauthenticated garbage (random bytes, broken and oversized headers,
 half frames) and (b) authenticated, well-MAC'd frames whose payloads are mutated copies of
@@ -16,7 +16,6 @@ import os
 import random
 import socket
 import struct
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from fallback_tcp.framed import FramedSocket, client_handshake
 from rdmakv import kvgen
 from rdmakv.errors import ConnectionLost, RdmakvError, ServerError
 from rdmakv.hashing import chunk_key
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 from rdmakv.wire import chunking
 from rdmakv.wire import messages as msg
 from rdmakv.wire.protocol import HEADER, Op, encode_header, plain_frame
@@ -199,7 +198,7 @@ def rss_mib(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="rdmakv bench fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", help="write the result as JSON here")
@@ -212,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         rss0 = rss_mib(srv.pid())
         out = Fuzzer(srv.port, bytes.fromhex(key), args.seed).run(args.frames)
         time.sleep(3)  # handshake timeouts close the stragglers
+        assert srv.proc is not None  # (started)
         out |= {"rss_start_mib": rss0, "rss_after_mib": rss_mib(srv.pid()), "server_alive": srv.proc.poll() is None}
-        import rdmakv
+        from rdmakv.client.store import connect as connect_node
 
-        with rdmakv.connect(srv.url("probe"), key=key, transport="tcp") as st:  # a normal client still works
+        with connect_node(srv.url("probe"), key=key, transport="tcp") as st:  # a normal client still works
             kv = kvgen.generate(kvgen.token_stream(9, 64), kvgen.ModelShape("p", 2, 32, 32))
             st.save("p", kv)
             out["probe_ok"] = st.restore("p").equals(kv)
@@ -227,7 +227,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return 0 if not out["findings"] and out["probe_ok"] and not out["server_internal_errors"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """The kv_store_v1 library from C: session files for the C consumer, compiling it, running it, and
-its figures beside the Python API (``python -m bench.kvstore_abi``, also part of ``bench.llama``).
+its figures beside the Python API (``rdmakv bench kvstore-abi``, also part of ``bench.llama``).
 
 The consumer (tests/kvstore_abi/consumer.c) is what the chunked-save engine does; the tests
 drive it for correctness and the benches for save/restore figures beside the Python API, on one
@@ -14,7 +14,6 @@ import os
 import statistics
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,7 +41,9 @@ def engine_hash(chunk: memoryview, hash_alg: str = "xxh3", little_endian: bool =
     if hash_alg == "blake3":
         from rdmakv.hashing import key_function
 
-        return key_function(HASH_BLAKE3_256)(chunk)
+        key = key_function(HASH_BLAKE3_256)(chunk)
+        assert isinstance(key, bytes)  # (a BLAKE3-256 key is its digest)
+        return key
     digest = xxhash.xxh3_64_digest(chunk)
     return digest[::-1] if little_endian else digest
 
@@ -105,10 +106,10 @@ def bench(consumer: Path, lib_dir: Path, uri: str, sessions_file: Path, runs: in
 
 def python_walls(store_url: str, key: str, runs: int, seed0: int = 100) -> dict:
     """The same sessions through the Python API: cold save, warm save, restore medians (ms)."""
-    import rdmakv
+    from rdmakv.client.store import connect as connect_node
 
     t: dict[str, list[float]] = {"cold_save": [], "warm_save": [], "restore": []}
-    with rdmakv.connect(store_url, key=key, transport="tcp", window=64) as st:
+    with connect_node(store_url, key=key, transport="tcp", window=64) as st:
         for i in range(runs + 1):
             kv = kvgen.generate(kvgen.token_stream(seed0 + i, 256), kvgen.QWEN25_05B)
             t0 = time.perf_counter()
@@ -169,11 +170,11 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rdmakv.store.spawn import ServerProcess
+    from rdmakv.store.server.spawn import ServerProcess
 
     from . import envinfo
 
-    p = argparse.ArgumentParser(prog="python -m bench.kvstore_abi", description=__doc__)
+    p = argparse.ArgumentParser(prog="rdmakv bench kvstore-abi", description=__doc__)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", default="bench/out/kvstore_abi", help="directory for kvstore_abi.json and .md")
     a = p.parse_args(argv)
@@ -193,7 +194,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "kvstore_abi.md").write_text(report(r))
     print(report(r))
     return 0 if r["c_consumer_via_library"].get("ok") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

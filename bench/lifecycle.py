@@ -1,4 +1,4 @@
-"""`rdmakv bench lifecycle` (or `python -m bench.lifecycle`): the store as a long-running cache.
+"""`rdmakv bench lifecycle`: the store as a long-running cache.
 
 Three parts, against a real `rdmakv serve` on loopback (default `--fsync manifest`):
 
@@ -29,11 +29,12 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import xxhash
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 from rdmakv.units import fmt_bytes, parse_size
 
 from . import envinfo
@@ -54,21 +55,21 @@ def _shape():
 def _digest(kv) -> int:
     h = xxhash.xxh3_64()
     for a in kv.k + kv.v:
-        h.update(np.ascontiguousarray(a))
+        h.update(np.ascontiguousarray(a).data)
     return h.intdigest()
 
 
 def _client(idx: int, url_base: str, key: str, seconds: float, conversations: int, out: mp.Queue) -> None:
     """One soak client: its own conversations, saved every turn and restored right after."""
-    import rdmakv
     from rdmakv import kvgen
+    from rdmakv.client.store import connect as connect_node
     from rdmakv.errors import RdmakvError, StoreFullError
 
     rng = random.Random(idx)
     shape = _shape()
     samples: list[tuple[float, str, str, float]] = []  # (t, op, tier, seconds)
-    counts = {"saves": 0, "restores": 0, "wrong": 0, "store_full": 0, "errors": 0, "deletes": 0}
-    stores = {ns: rdmakv.connect(f"{url_base}/{ns}", key=key, transport="tcp", window=64) for ns in NAMESPACES}
+    counts: dict[str, Any] = {"saves": 0, "restores": 0, "wrong": 0, "store_full": 0, "errors": 0, "deletes": 0}
+    stores = {ns: connect_node(f"{url_base}/{ns}", key=key, transport="tcp", window=64) for ns in NAMESPACES}
     convs: dict[str, tuple[str, list[int], int]] = {}  # name -> (ns, tokens, digest)
     serial = 0
     t0 = time.monotonic()
@@ -131,7 +132,7 @@ def _disk(path: str) -> int:
 
 
 def soak(server: ServerProcess, key: str, data_dir: str, capacity: int, seconds: float, clients: int) -> dict:
-    import rdmakv
+    from rdmakv.client.store import connect as connect_node
 
     conv_bytes = (1 + 16 + MAX_TURNS * TURN_TOKENS) * _shape().bytes_per_token
     per_client = max(1, int(3 * capacity / conv_bytes / clients))  # working set: 3x the memory tier
@@ -143,7 +144,7 @@ def soak(server: ServerProcess, key: str, data_dir: str, capacity: int, seconds:
     t0 = time.monotonic()
     for p in procs:
         p.start()
-    results = []
+    results: list[dict] = []
     while len(results) < clients and (any(p.is_alive() for p in procs) or not q.empty()):
         timeline.append({"t": round(time.monotonic() - t0, 1), "rss": _rss(server.pid()), "disk": _disk(data_dir)})
         try:
@@ -164,7 +165,7 @@ def soak(server: ServerProcess, key: str, data_dir: str, capacity: int, seconds:
         samples += s
     stats = {}
     for ns in NAMESPACES:
-        with rdmakv.connect(f"rdmakv://127.0.0.1:{server.port}/{ns}", key=key, transport="tcp") as st:
+        with connect_node(f"rdmakv://127.0.0.1:{server.port}/{ns}", key=key, transport="tcp") as st:
             stats[ns] = st.stats()
     mem = [s[3] for s in samples if s[1] == "restore" and s[2] == "memory"]
     disk = [s[3] for s in samples if s[1] == "restore" and s[2] == "disk"]
@@ -194,11 +195,11 @@ def soak(server: ServerProcess, key: str, data_dir: str, capacity: int, seconds:
 
 
 def _commit_worker(idx: int, url: str, key: str, runs: int, out: mp.Queue) -> None:
-    import rdmakv
     from rdmakv import kvgen
+    from rdmakv.client.store import connect as connect_node
 
     kv = kvgen.generate(kvgen.token_stream(1000 + idx, 256), kvgen.QWEN25_05B)
-    with rdmakv.connect(url, key=key, transport="tcp", window=64) as st:
+    with connect_node(url, key=key, transport="tcp", window=64) as st:
         st.save(f"w{idx}", kv)  # cold once; every later save of the same state is warm
         saves, restores = [], []
         for _ in range(runs):
@@ -222,7 +223,7 @@ def group_commit(server: ServerProcess, key: str, runs: int) -> dict:
         t0 = time.perf_counter()
         for p in procs:
             p.start()
-        got = []
+        got: list[dict] = []
         deadline = time.monotonic() + 600
         while len(got) < n and time.monotonic() < deadline and (any(p.is_alive() for p in procs) or not q.empty()):
             try:
@@ -232,6 +233,7 @@ def group_commit(server: ServerProcess, key: str, runs: int) -> dict:
         for p in procs:
             p.join(30)
         if len(got) < n:
+            assert server.proc is not None  # (started)
             server.proc.send_signal(signal.SIGUSR1)
             time.sleep(2)
             tail = "".join(server.log[-300:])
@@ -250,8 +252,8 @@ def replay_history(overwrites: int = 500) -> dict:
     """The issue's history case: one 256-token session overwritten ``overwrites`` times plus as
     many save/delete pairs; data-dir size and restart time against a fresh store holding the
     same live data. Replay must scale with live data, not with history."""
-    import rdmakv
     from rdmakv import kvgen
+    from rdmakv.client.store import connect as connect_node
 
     out = {}
     key = os.urandom(32).hex()
@@ -259,7 +261,7 @@ def replay_history(overwrites: int = 500) -> dict:
         d = tempfile.mkdtemp(prefix="rdmakv-history-")
         srv = ServerProcess(d, "256MiB", "--fsync", "never", "--transport", "tcp", key_hex=key).start()
         try:
-            with rdmakv.connect(srv.url("h"), key=key, transport="tcp", window=64) as st:
+            with connect_node(srv.url("h"), key=key, transport="tcp", window=64) as st:
                 if history:
                     for i in range(overwrites):
                         st.save("hot", kvgen.generate(kvgen.token_stream(10_000 + i, 256), kvgen.QWEN25_05B))
@@ -404,5 +406,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+def main(argv: list[str] | None = None) -> int:
+    return cli(sys.argv[1:] if argv is None else argv)

@@ -55,7 +55,7 @@ def _result_row(out: str, size: int) -> list[str]:
 
 def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict:
     """ib_read_bw (average MB/s) and ib_read_lat (typical us) for messages of ``size`` bytes."""
-    out = {"bytes": size, "iterations": iters}
+    out: dict[str, float | None] = {"bytes": size, "iterations": iters}
     bw = _result_row(_perftest("ib_read_bw", size, iters, dev, gid_index, addr, 18515), size)
     # columns: #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]
     out["bw_avg_MBps"] = float(bw[3])
@@ -73,7 +73,7 @@ def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     from rdmakv import rdma
 
     dev = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
-    pd_s, pd_c = dev.alloc_pd(), dev.alloc_pd()
+    pd_s, pd_c = rdma.alloc_pd(dev), rdma.alloc_pd(dev)
     src = mmap.mmap(-1, size)
     dst = mmap.mmap(-1, size)
     src_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))

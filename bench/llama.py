@@ -1,4 +1,4 @@
-"""`python -m bench.llama`: llama-server slot save/restore through `rdmakv llama-proxy` vs local files.
+"""`rdmakv bench llama`: llama-server slot save/restore through `rdmakv llama-proxy` vs local files.
 
 Starts a real llama-server (the build from tests/build_llama_server.sh) on a random-weight
 GGUF written with the ``gguf`` package, a real `rdmakv serve`, and the proxy as a subprocess,
@@ -16,7 +16,6 @@ and, for a 4-turn chat saved after every turn, the bytes the store holds for the
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -28,42 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, llama_slots
+from .llama_harness import Http, byte_tokens
 from .stats import summary
-
-N_SPECIAL = 3  # the test GGUF's vocab: unk/bos/eos, then 256 byte tokens
-
-
-class Http:
-    """A keep-alive HTTP/1.1 connection, so each timed call is one request, not a TCP handshake."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, float]:
-        data = json.dumps(body).encode() if body is not None else None
-        t0 = time.perf_counter()
-        self.conn.request(method, path, data, {"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
-        raw = resp.read()
-        dt = time.perf_counter() - t0
-        return resp.status, json.loads(raw or b"{}"), dt
-
-    def ok(self, method: str, path: str, body: dict | None = None) -> tuple[dict, float]:
-        status, res, dt = self.call(method, path, body)
-        if status != 200:
-            raise RuntimeError(f"{method} {path} -> {status}: {res}")
-        return res, dt
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def byte_tokens(rng: random.Random, n: int) -> list[int]:
-    """Random byte-token ids: token prompts skip tokenization, so every turn re-uses the exact tokens."""
-    return [N_SPECIAL + rng.randrange(256) for _ in range(n)]
 
 
 def llama_version(binary: Path) -> str:
@@ -75,10 +43,8 @@ def llama_version(binary: Path) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from tests import llama_fixtures as lf
-    except ImportError as e:  # the helpers live with the tests: run from a source checkout
-        raise SystemExit(f"bench.llama: run from the repository root (needs tests/llama_fixtures.py): {e}") from e
+    from . import llama_harness as lf
+
     binary = lf.find_llama_server()
     if binary is None:
         raise SystemExit("bench.llama: llama-server not built: run tests/build_llama_server.sh")
@@ -247,7 +213,7 @@ def save_restore_walls(direct: Http, proxy: Http, local: Http, slot_dir: Path, a
 
 def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: argparse.Namespace) -> dict[str, Any]:
     """A 4-turn chat in one slot, saved through the proxy after every turn."""
-    import rdmakv
+    from rdmakv.client.store import connect as connect_node
 
     rng = random.Random(2)
     conv = [1, *byte_tokens(rng, args.system_tokens)]  # BOS + system prompt
@@ -266,7 +232,7 @@ def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: 
                       "prompt_cache_n": res["timings"]["cache_n"], "chunks_total": rep["chunks_total"],
                       "chunks_sent": rep["chunks_sent"], "chunks_skipped": rep["chunks_skipped"]})
     direct.ok("POST", "/slots/0?action=erase")
-    with rdmakv.connect(store.url("chat"), key) as s:
+    with connect_node(store.url("chat"), key) as s:
         st = s.stats()
     files = sum(t["file_bytes"] for t in turns)
     stored = st["chunk_bytes"] + st["manifest_bytes"]
@@ -282,7 +248,7 @@ def chat_bytes(direct: Http, proxy: Http, store: ServerProcess, key: str, args: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.llama", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench llama", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20; one more warms up)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--out-dir", help="write results.json, report.md and walls.png into this directory")
@@ -310,7 +276,3 @@ def main(argv: list[str] | None = None) -> int:
 
         llama_report.write(result, Path(args.out_dir))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Parts of `python -m bench.llama`: slots at once through the proxy, and the kv_store_v1 library.
+"""Parts of `rdmakv bench llama`: slots at once through the proxy, and the kv_store_v1 library.
 
 - ``slot_throughput``: one llama-server with 4 slots, each holding the same-size state; save +
   restore rounds through the proxy from 1 client on 1 slot, then from 4 clients on 4 slots at
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import kvstore_abi as ka
+from .llama_harness import Http, byte_tokens
 
 SLOTS = 4
 
@@ -53,8 +54,6 @@ def _rounds(http_cls, port: int, slot: int, name: str, rounds: int, expect: int)
 
 
 def slot_throughput(lf, binary: Path, model: Path, work: Path, store, key: str, args: argparse.Namespace) -> dict:
-    from .llama import Http, byte_tokens  # (bench.llama imports this module)
-
     slot_dir = work / "slots4"
     slot_dir.mkdir()
     rounds = max(args.runs, 4)

@@ -1,4 +1,4 @@
-"""`python -m bench.lmcache` (or `rdmakv bench lmcache`): LMCache's own engine storing and
+"""`rdmakv bench lmcache`: LMCache's own engine storing and
 retrieving the same workload through each tier, side by side in one run.
 
 Tiers: rdmakv over RDMA (where there is a device: run it in the rxe guest) and over TCP,
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("rdmakv-rdma", "rdmakv-tcp", "lm", "redis", "local-disk")
@@ -40,13 +41,13 @@ def _ensure_lmcache(argv: list[str]) -> None:
         import lmcache  # noqa: F401
     except ImportError:
         if VENV.exists() and Path(sys.executable) != VENV:
-            os.execv(str(VENV), [str(VENV), "-m", "bench.lmcache", *argv])
+            os.execv(str(VENV), [str(VENV), "-m", "bench", "lmcache", *argv])
         raise SystemExit("bench.lmcache needs LMCache: run ./dev setup (it makes .venv-lmcache)") from None
     if os.environ.get("PYTHONHASHSEED") != "0" or "LMCACHE_LOG_LEVEL" not in os.environ:
         # engines in different processes must agree on keys; LMCache's INFO lines would drown the report
         env = dict(os.environ, PYTHONHASHSEED="0", LMCACHE_TRACK_USAGE="false")
         env.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
-        os.execve(sys.executable, [sys.executable, "-m", "bench.lmcache", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "bench", "lmcache", *argv], env)
 
 
 def make_tier(name: str, work: Path, key: str):
@@ -75,7 +76,7 @@ class Timed:
             finally:
                 self.spent += time.perf_counter() - t0
 
-        cpu_engine.CpuKV.batched_to_gpu = timed
+        cpu_engine.CpuKV.batched_to_gpu = timed  # type: ignore[method-assign,assignment]  # timed: wraps it
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -162,7 +163,7 @@ def _restarts(tier, model) -> dict:
     """A prompt stored, the server restarted (SIGTERM, then SIGKILL): what a new engine finds."""
     from rdmakv.lmcache.cpu_engine import kv_for, make_engine, prompt
 
-    out = {}
+    out: dict[str, Any] = {}
     for how, stop in (("clean", tier.stop), ("killed", tier.kill)):
         tokens = prompt(777 + len(out), 1024)
         engine = make_engine(tier.config(), model)
@@ -246,21 +247,14 @@ def limits(sizes: list[int], runs: int, rdma: bool) -> dict:
     return out
 
 
-def _rdma_here() -> tuple[bool, str]:
-    from rdmakv import rdma
-
-    ok, why = rdma.pyverbs_status()
-    if not ok:
-        return False, f"pyverbs not importable ({why})"
-    if not rdma.list_devices():
-        return False, "no RDMA device here (run it in the guest: rdmakv rxe-vm --mem 8G -- python -m bench.lmcache)"
-    return True, ""
-
-
 def run(args: argparse.Namespace) -> dict:
+    from rdmakv.rdma.device import rdma_here
+
     from . import envinfo
 
-    rdma, why = _rdma_here()
+    rdma, why = rdma_here()
+    if not rdma and why == "no RDMA device on this host":
+        why += " (run it in the guest: rdmakv rxe-vm --mem 8G -- rdmakv bench lmcache)"
     tiers = [t for t in args.tiers if not t.startswith("rdmakv-rdma") or rdma]
     work = Path(tempfile.mkdtemp(prefix="rdmakv-bench-lmcache-"))
     key = os.urandom(32).hex()
@@ -278,8 +272,8 @@ def run(args: argparse.Namespace) -> dict:
     result["tiers"] = {}
     for name in tiers:
         print(f"bench.lmcache: {name} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "bench.lmcache", "--worker", name, "--work", str(work), "--runs", str(args.runs),
-               "--sizes", *map(str, args.sizes)]  # fmt: skip
+        cmd = [sys.executable, "-m", "bench", "lmcache", "--worker", name, "--work", str(work),
+               "--runs", str(args.runs), "--sizes", *map(str, args.sizes)]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RDMAKV_BENCH_KEY=key),
                            timeout=args.tier_timeout)  # fmt: skip
         line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
@@ -308,7 +302,7 @@ def _version(pkg: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.lmcache", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench lmcache", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/out/lmcache", help="output directory (default bench/out/lmcache)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per tier and size (default 20)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192], help="prompt sizes in tokens")
@@ -331,7 +325,7 @@ def cli(argv: list[str]) -> int:
         args.tier, args.key = args.worker, os.environ["RDMAKV_BENCH_KEY"]
         try:
             print(json.dumps(worker(args), default=float), flush=True)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a worker reports whatever ended it, then exits
             import traceback
 
             traceback.print_exc()
@@ -353,9 +347,5 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-def main() -> int:
-    return cli(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli(sys.argv[1:] if argv is None else argv)

@@ -32,11 +32,11 @@ def _stored(result: dict, tier: str) -> dict[str, int]:
 def targets(result: dict) -> dict:
     out: dict = {}
     for size in _sizes(result):
-        remote = {t: _med(result, t, size, "retrieve") for t in REMOTE}
-        remote = {t: v for t, v in remote.items() if v is not None}
+        meds = {t: _med(result, t, size, "retrieve") for t in REMOTE}
+        remote = {t: v for t, v in meds.items() if v is not None}
         if not remote:
             continue
-        fastest = min(remote, key=remote.get)
+        fastest = min(remote, key=remote.__getitem__)
         for t in RDMAKV:
             mine = _med(result, t, size, "retrieve")
             if mine is not None:
@@ -46,7 +46,7 @@ def targets(result: dict) -> dict:
         bytes_by.update(_stored(result, tier))
     others = {k: v for k, v in bytes_by.items() if not k.startswith("rdmakv")}
     if others:
-        least = min(others, key=others.get)
+        least = min(others, key=others.__getitem__)
         for k, v in bytes_by.items():
             if k.startswith("rdmakv"):
                 out[f"{k} bytes for the shared prefix / least of the others ({least}) < 1"] = round(
@@ -144,7 +144,7 @@ def _shared_logical(result: dict) -> str:
 
 
 def _how(tier: str) -> str:
-    return {"redis": "sum of STRLEN of its keys", "lm": "the server process's RSS growth",
+    return {"redis": "sum of STRLEN of its keys", "lm": "value bytes PUT for distinct keys (its server has no LIST)",
             "local-disk": "file sizes under both engines' directories"}.get(
         tier, "chunk and manifest bytes (STATS), one namespace per window")  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""What Prometheus metrics cost a server: `python -m bench.metrics_cost [--runs 300] [--out DIR]`.
+"""What Prometheus metrics cost a server: `rdmakv bench metrics-cost [--runs 300] [--out DIR]`.
 
 The same warm saves and TCP restores of one session against a real `rdmakv serve` without and
 with `--metrics-listen` (alternating rounds, so drift hits both), and the time of one scrape
@@ -14,10 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import rdmakv
 from rdmakv import kvgen
+from rdmakv.client.store import connect as connect_node
 from rdmakv.cluster.etcd_server import free_port
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .envinfo import collect
 from .plots import pyplot
@@ -28,7 +28,7 @@ KEY = "6b" * 32
 
 def _ops(url: str, runs: int, kv) -> tuple[list[float], list[float]]:
     saves, restores = [], []
-    with rdmakv.connect(url, key=KEY, transport="tcp", window=64) as st:
+    with connect_node(url, key=KEY, transport="tcp", window=64) as st:
         st.save("s", kv)
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -42,7 +42,7 @@ def _ops(url: str, runs: int, kv) -> tuple[list[float], list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench metrics-cost", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--out", default="bench/results/operations")
     args = p.parse_args(argv)
@@ -53,16 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         metered = ServerProcess(f"{d}/b", "256MiB", "--fsync", "never", "--transport", "tcp", "--metrics-listen",
                                 f"127.0.0.1:{mport}", key_hex=KEY).start()  # fmt: skip
         try:
-            res = {"off": ([], []), "on": ([], [])}
+            res: dict[str, tuple[list[float], list[float]]] = {"off": ([], []), "on": ([], [])}
             for _ in range(5):  # alternate rounds
                 for label, srv in (("off", plain), ("on", metered)):
-                    s, r = _ops(srv.url("bench"), args.runs // 5, kv)
-                    res[label][0].extend(s)
-                    res[label][1].extend(r)
+                    saves_s, restores_s = _ops(srv.url("bench"), args.runs // 5, kv)
+                    res[label][0].extend(saves_s)
+                    res[label][1].extend(restores_s)
             scrape = {}
             for n in (1, 16, 64):
                 for i in range(n):
-                    with rdmakv.connect(metered.url(f"ns{i}"), key=KEY, transport="tcp") as st:
+                    with connect_node(metered.url(f"ns{i}"), key=KEY, transport="tcp") as st:
                         st.put_blob("b", b"x")
                 times = []
                 for _ in range(20):
@@ -105,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print("\n".join(lines))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

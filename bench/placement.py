@@ -1,4 +1,4 @@
-"""Placement at scale, on paper: `python -m bench.placement [--chunks 10000000] [--nodes 100 1000]`.
+"""Placement at scale, on paper: `rdmakv bench placement [--chunks 10000000] [--nodes 100 1000]`.
 
 Runs the client's own rendezvous placement (rdmakv.cluster.placement: the same score function,
 vectorised) over N simulated members and C random chunk keys with R copies, and reports:
@@ -175,7 +175,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.placement", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench placement", description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=10_000_000)
     p.add_argument("--nodes", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--replicas", type=int, default=2)
@@ -204,7 +204,3 @@ def main(argv: list[str] | None = None) -> int:
         print("[placement] matplotlib missing: no plot")
     print(f"[placement] wrote {out}/results.json, report.md, moved.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -113,6 +113,8 @@ def markdown(r: dict) -> str:
           f"{_fmt(ref['shared_prefix_save_wire'])} |")
         w("")
         w(f"Chat turns (KV tokens after each turn): {s['chat_turns']}; the reference does not give its turn lengths.")
+        if s.get("remeasured"):
+            w(f"This section was {s['remeasured']}.")
         w("")
         w("| storage (bytes stored) | ours | reference |")
         w("|---|---|---|")

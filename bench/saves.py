@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import rdmakv
+from rdmakv.client.store import connect as connect_node
 
 from .stats import summary
 from .suites import Ctx, session
@@ -67,7 +68,7 @@ def _server_cpu(ctx: Ctx, saves_n: int) -> dict:
 
 def _saver(url: str, key: str, transport: str, idx: int, stop, count) -> None:
     n = 0
-    with rdmakv.connect(url, key=key, transport=transport, window=64) as st:
+    with connect_node(url, key=key, transport=transport, window=64) as st:
         while not stop.is_set():
             st.save(f"load{idx}", session(256, 300_000 + 100 * idx + n))  # a new session: cold
             n += 1

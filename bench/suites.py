@@ -10,14 +10,17 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xxhash
 
 import rdmakv
-from rdmakv import demo, kvgen
+from rdmakv import kvgen
+from rdmakv.cli import demo
+from rdmakv.client.store import connect as connect_node
 from rdmakv.kvgen import QWEN25_05B
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from .stats import summary
 
@@ -46,7 +49,7 @@ class Ctx:
         return self.server.url(ns)
 
     def connect(self, ns: str, transport: str, window: int = 64, **kw) -> rdmakv.Store:
-        return rdmakv.connect(self.url(ns), key=self.key, transport=transport, window=window, **kw)
+        return connect_node(self.url(ns), key=self.key, transport=transport, window=window, **kw)
 
     def transports(self) -> list[str]:
         return ["tcp", "rdma"] if self.rdma else ["tcp"]
@@ -100,7 +103,9 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
     if ctx.rdma:  # the RDMA restore with its lookup over TCP (GET_MANIFEST), as before the index
         samples["restore_rdma_tcp_lookup"] = []
         stores["rdma_tcp_lookup"] = ctx.connect("walls", "rdma")
-        stores["rdma_tcp_lookup"].rdma.one_sided = False
+        lookup_by_tcp = stores["rdma_tcp_lookup"].rdma
+        assert lookup_by_tcp is not None  # (connected by RDMA)
+        lookup_by_tcp.one_sided = False
     tcp = stores["tcp"]
     tmp = tempfile.mkdtemp(dir=ctx.out_dir, prefix="v1-")
     v1 = os.path.join(tmp, "session.v1")
@@ -117,13 +122,13 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
                 ctx.record(f"walls.{label}", "tcp", rep.transport)
             for t, st in stores.items():
                 t0 = time.perf_counter()
-                _, rep = st.restore("ref", report=True)
+                _, rrep = st.restore("ref", report=True)
                 samples[f"restore_{t}"].append(time.perf_counter() - t0)
-                ctx.record(f"walls.restore_{t}", "tcp" if t == "tcp" else "rdma", rep.transport)
+                ctx.record(f"walls.restore_{t}", "tcp" if t == "tcp" else "rdma", rrep.transport)
                 if t == "rdma":
-                    lookups[rep.lookup] = lookups.get(rep.lookup, 0) + 1
+                    lookups[rrep.lookup] = lookups.get(rrep.lookup, 0) + 1
                 if t == "rdma":
-                    reads = rep.reads_posted
+                    reads = rrep.reads_posted
             t0 = time.perf_counter()
             _v1_save(v1, ref, fsync)
             samples["v1_save"].append(time.perf_counter() - t0)
@@ -134,7 +139,7 @@ def walls(ctx: Ctx, runs: int, fsync: bool) -> dict:
         for st in stores.values():
             st.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    out = {k: summary(v) for k, v in samples.items()}
+    out: dict[str, Any] = {k: summary(v) for k, v in samples.items()}
     out["kv_bytes"] = ref.nbytes
     out["window"] = 64
     out["rdma_reads_per_restore"] = reads
@@ -165,16 +170,16 @@ def scaling(ctx: Ctx, sizes: list[int], windows: list[int], fixed: int, runs: in
         kv = session(n, 7)
         reps = max(3, runs if n <= 1024 else runs // 3 if n <= 4096 else 5)
         row: dict = {"tokens": n, "bytes": kv.nbytes, "runs": reps}
-        with ctx.connect("scale", "tcp", 64) as w:
-            w.save(f"s{n}", kv)
+        with ctx.connect("scale", "tcp", 64) as writer:
+            writer.save(f"s{n}", kv)
         del kv
         for t in ctx.transports():
             with ctx.connect("scale", t, 64) as st:
                 samples, rep = _restore_samples(ctx, f"scaling.by_size.{n}.{t}", t, st, f"s{n}", reps)
             row[t] = {**summary(samples), "reads_posted": rep.reads_posted, "chunks": rep.chunks}
         by_size.append(row)
-        with ctx.connect("scale", "tcp", 64) as w:
-            w.delete_manifest(f"s{n}")  # free the slab (and the guest's RAM) for what follows
+        with ctx.connect("scale", "tcp", 64) as writer:
+            writer.delete_manifest(f"s{n}")  # free the slab (and the guest's RAM) for what follows
     by_window = []
     kv = session(fixed, 8)
     for w in windows:
@@ -210,7 +215,7 @@ def server_cpu(ctx: Ctx, restores: int) -> dict:
 
 def _concurrent_client(args: tuple) -> tuple[int, float, float, dict]:
     url, key, transport, name, reps, start_at = args
-    with rdmakv.connect(url, key=key, transport=transport, window=64) as st:
+    with connect_node(url, key=key, transport=transport, window=64) as st:
         st.restore(name)
         while time.time() < start_at:
             time.sleep(0.001)
@@ -279,7 +284,7 @@ def tuning(ctx: Ctx, runs: int) -> dict:
     with ctx.connect("tune", "tcp") as w:
         w.save("s", kv)
     for window in (16, 32, 64):
-        cold, rest = [], []
+        cold: list[float] = []
         with ctx.connect(f"tune-w{window}", "tcp", pipeline_window=window) as st:
             for i in range(runs):
                 cold.append(st.save(f"c{i}", session(256, 9000 + i)).wall_s)
@@ -288,6 +293,7 @@ def tuning(ctx: Ctx, runs: int) -> dict:
     if ctx.rdma:
         with ctx.connect("tune", "rdma") as st:
             r = st.rdma
+            assert r is not None and r.requester is not None  # (connected by RDMA)
             for label, merge, max_read in (
                 ("merge_1MiB", True, 1 << 20),
                 ("merge_256KiB", True, 256 << 10),
@@ -327,8 +333,10 @@ def tuning(ctx: Ctx, runs: int) -> dict:
 def _per_wr_cost(st: rdmakv.Store) -> dict:
     """Post 1000 tiny READs in one call: the per-WR software cost dominates."""
     r = st.rdma
+    assert r is not None and r.requester is not None  # (connected by RDMA)
     buf, addr, lkey = r.pool.alloc(64 * 1000)
     _, loc, _ = st.channel.get_manifest("s", want_locations=True)
+    assert loc is not None  # (asked for)
     reg = loc.regions[0]
     ops = [(int(reg["addr"]) + 64 * i, int(reg["rkey"]), [(addr + 64 * i, 64, lkey)]) for i in range(1000)]
     r.requester.read(ops)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 from .stats import summary
 
@@ -30,6 +31,7 @@ def raw_transfer(nbytes: int, runs: int) -> dict:
     received into a preallocated buffer (what the TCP path could do with no protocol at all)."""
     proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(nbytes)], stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None  # (a pipe)
         port = int(proc.stdout.readline())
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -57,7 +59,7 @@ def variants(ctx, runs: int) -> dict:
     ref = session(256, 7)
     combos = [(mac, alg) for mac in ("hmac-sha256", "blake3") for alg in ("xxh3", "blake3")]
     stores = {c: ctx.connect(f"tcp-{c[0]}-{c[1]}", "tcp", mac=c[0], hash_alg=c[1]) for c in combos}
-    samples = {c: {"restore": [], "cold_save": []} for c in combos}
+    samples: dict[tuple[str, str], dict[str, list[float]]] = {c: {"restore": [], "cold_save": []} for c in combos}
     colds = [session(256, 5000 + i) for i in range(runs)]
     transports = set()
     try:
@@ -74,7 +76,7 @@ def variants(ctx, runs: int) -> dict:
     finally:
         for st in stores.values():
             st.close()
-    out = {f"{mac}+{alg}": {k: summary(v) for k, v in s.items()} for (mac, alg), s in samples.items()}
+    out: dict[str, Any] = {f"{mac}+{alg}": {k: summary(v) for k, v in s.items()} for (mac, alg), s in samples.items()}
     out["transports"] = sorted(transports)
     out["kv_bytes"] = ref.nbytes
     return out

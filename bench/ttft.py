@@ -1,4 +1,4 @@
-"""`python -m bench.ttft`: time to first token of a conversation's next turn, with a model of
+"""`rdmakv bench ttft`: time to first token of a conversation's next turn, with a model of
 Qwen2.5-0.5B's dimensions, four ways.
 
 For each context size C (default 1k, 4k, 16k tokens) a history H of C tokens is prefilled once;
@@ -10,7 +10,7 @@ cached). Its time to first token (TTFT: request sent to the first streamed event
 3. ``slot_file``: llama-server's own slot file restore (its file on the slot dir), then the turn;
 4. ``proxy_tcp``: `rdmakv llama-proxy --auto-cache` in front, the store over TCP (loopback).
 
-Case 5 (RDMA) runs in the rxe guest: ``python -m bench.ttft_rdma`` (the store fetch alone).
+Case 5 (RDMA) runs in the rxe guest: ``rdmakv bench ttft_rdma`` (the store fetch alone).
 Every process is real; the model is a random-weight GGUF written with the ``gguf`` package
 (``--model-dir``, not committed). Writes results.json, report.md and ttft.png (bench.ttft_report).
 """
@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo, ttft_limits
 from .llama import llama_version
@@ -107,7 +107,7 @@ def saves_done(metrics_port: int) -> float:
     return 0.0
 
 
-def wait_saves(metrics_port: int, n: int, timeout: float = 600) -> None:
+def wait_saves(metrics_port: int, n: float, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while saves_done(metrics_port) < n:
         if time.monotonic() > deadline:
@@ -211,10 +211,8 @@ def summarize(samples: list[float]) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from tests import llama_fixtures as lf
-    except ImportError as e:
-        raise SystemExit(f"bench.ttft: run from the repository root (needs tests/llama_fixtures.py): {e}") from e
+    from . import llama_harness as lf
+
     binary = lf.find_llama_server()
     if binary is None:
         raise SystemExit("bench.ttft: llama-server not built: run tests/build_llama_server.sh")
@@ -296,7 +294,3 @@ def main(argv: list[str] | None = None) -> int:
         ttft_report.write(result, out)
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

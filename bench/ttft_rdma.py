@@ -1,7 +1,7 @@
-"""`python -m bench.ttft_rdma`: the auto-cache's restore without llama-server, by RDMA READ vs TCP.
+"""`rdmakv bench ttft-rdma`: the auto-cache's restore without llama-server, by RDMA READ vs TCP.
 
-Run it in the rxe guest (``rdmakv rxe-vm --mem 4G -- python -m bench.ttft_rdma ...``). For each
-slot file (``--slot-files DIR``: the ``slot-C.bin`` that ``python -m bench.ttft
+Run it in the rxe guest (``rdmakv rxe-vm --mem 4G -- rdmakv bench ttft-rdma ...``). For each
+slot file (``--slot-files DIR``: the ``slot-C.bin`` that ``rdmakv bench ttft
 --keep-slot-files DIR`` kept, else Qwen2.5-0.5B-shaped files of random bytes), its prefix
 entry is registered in a store in the guest; then, alternating, the proxy's own restore path
 writes the slot file llama-server would load: over a connection that reads by RDMA (READs into
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rdmakv.store.spawn import ServerProcess
+from rdmakv.store.server.spawn import ServerProcess
 
 from . import envinfo
 
@@ -57,8 +57,8 @@ def slot_files(args: argparse.Namespace) -> dict[int, bytes]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import rdmakv
-    from rdmakv.kvstate import RestoreReport
+    from rdmakv.client.reports import RestoreReport
+    from rdmakv.client.store import connect as connect_node
     from rdmakv.llama import prefix_entry as pe
     from rdmakv.llama import prefix_names as pn
     from rdmakv.llama import prefix_store as ps
@@ -77,8 +77,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out = []
     try:
         url = store.url("ttft-rdma")
-        with rdmakv.connect(url, key, transport="rdma", window=WINDOW) as by_rdma, \
-                rdmakv.connect(url, key, transport="tcp", window=WINDOW) as by_tcp:  # fmt: skip
+        with connect_node(url, key, transport="rdma", window=WINDOW) as by_rdma, \
+                connect_node(url, key, transport="tcp", window=WINDOW) as by_tcp:  # fmt: skip
             for c, data in files.items():
                 cut = pe.cut(slotfile.parse(data), WINDOW)
                 ps.register(by_tcp, cut, h0)
@@ -94,7 +94,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             entry, pieces = ps.fetch_entry(by_rdma, name, rep)
                             scratch.write(path, pe.synthesize(entry, pieces))
                         else:
-                            _, _, m = ps.fetch_into_map(by_tcp, name, mapped, path, None, rep)
+                            got = ps.fetch_into_map(by_tcp, name, mapped, path, None, rep)
+                            assert got is not None  # (the entry was just registered)
+                            _, _, m = got
                             mapped.give_back(path, m)
                         dt = time.perf_counter() - t0
                         if how == "rdma":
@@ -125,7 +127,7 @@ def _summary(xs: list[float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ttft_rdma", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench ttft-rdma", description=__doc__.splitlines()[0])
     p.add_argument("--slot-files", help="directory of slot-C.bin files (from bench.ttft --keep-slot-files)")
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 16384],
                    help="context sizes when no slot files are given")
@@ -140,7 +142,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Markdown report and plot for `python -m bench.ttft --out-dir DIR` (plus bench.ttft_rdma's JSON
+"""Markdown report and plot for `rdmakv bench ttft --out-dir DIR` (plus bench.ttft_rdma's JSON
 when it sits beside it as rdma.json)."""
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def write(r: dict[str, Any], out: Path) -> None:
     plot(r, out / "ttft.png", rdma)
 
 
-if __name__ == "__main__":  # re-render from results.json (e.g. once rdma.json has been added)
-    import sys
-
-    d = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/ttft")
+def main(argv: list[str] | None = None) -> int:
+    """Re-render DIR's report and plot from its results.json (default bench/results/ttft)."""
+    d = Path(argv[0] if argv else "bench/results/ttft")
     write(json.loads((d / "results.json").read_text()), d)
+    return 0

@@ -1,4 +1,4 @@
-"""A cluster across two rxe guests: `python -m bench.two_node [--runs 20] [--out DIR]`.
+"""A cluster across two rxe guests: `rdmakv bench two-node [--runs 20] [--out DIR]`.
 
 Boots the two-node UML harness (``rxe_vm.run(..., nodes=2)``: one guest per host core, a real
 link between them) and runs this module's guest side in both:
@@ -110,7 +110,7 @@ def run(runs: int, out_json: Path, timeout: float = 600) -> dict:
     repo = Path(__file__).resolve().parents[1]
     out_json.parent.mkdir(parents=True, exist_ok=True)  # bench/out/ is not in a fresh clone
     out_json.unlink(missing_ok=True)
-    rc = rxe_vm.run([sys.executable, "-m", "bench.two_node", "--guest-side", "--runs", str(runs), "--json",
+    rc = rxe_vm.run([sys.executable, "-m", "bench", "two-node", "--guest-side", "--runs", str(runs), "--json",
                      str(out_json)], nodes=2, cwd=str(repo), timeout=timeout, mem="2G",
                     env={"PYTHONPATH": str(repo)})  # fmt: skip
     if rc != 0 or not out_json.exists():
@@ -145,7 +145,7 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.two_node", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rdmakv bench two-node", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", default="bench/results/two-node")
     p.add_argument("--guest-side", action="store_true", help=argparse.SUPPRESS)
@@ -166,7 +166,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cluster.md").write_text(report(r))
     print(report(r))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -96,6 +96,7 @@ class FramedSocket:
         """One message: a frame, or continuation frames when it exceeds the peer's limit."""
         assert self.auth is not None
         size = msg_size(parts)
+        frames: Sequence[Sequence[bytes | memoryview]]
         frames = [list(parts)] if size <= self.peer_max_frame else split_message(parts, self.peer_max_frame)
         n = 0
         for i, fparts in enumerate(frames):

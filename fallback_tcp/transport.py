@@ -21,6 +21,7 @@ from rdmakv.wire import messages as msg
 from rdmakv.wire import writes as wr
 from rdmakv.wire.messages import Key, key_hex
 from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_MORE, FLAG_RESPONSE, MAC_BLAKE3, Op
+from rdmakv.wire.runs import contiguous_runs
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
 
@@ -127,13 +128,14 @@ class TcpChannel:
             except RdmakvError as e:
                 self._close_with(e)
                 raise
-        self._close_with(ProtocolError(f"response {header.req_id} (opcode {header.op}) does not answer request "
-                                       f"{req_id}; the connection is out of step and was closed"))  # fmt: skip
-        raise self._closed_by  # type: ignore[misc]
+        raise self._close_with(ProtocolError(f"response {header.req_id} (opcode {header.op}) does not answer "
+                                             f"request {req_id}; the connection is out of step and was "
+                                             "closed"))  # fmt: skip
 
-    def _close_with(self, error: RdmakvError) -> None:
+    def _close_with(self, error: RdmakvError) -> RdmakvError:
         self._closed_by = error
         self.fs.close()
+        return error
 
     def request(self, op: int, parts: Sequence[bytes | memoryview]) -> memoryview:
         """One round trip; the reply view is valid until the next receive."""
@@ -181,7 +183,7 @@ class TcpChannel:
     def exists(self, keys: np.ndarray) -> np.ndarray:
         return msg.dec_bitmap(self.request(Op.EXISTS, [msg.enc_keys(keys)]))
 
-    def put_chunks(self, keys: Sequence[int], chunks: Sequence[bytes | memoryview]) -> tuple[int, int]:
+    def put_chunks(self, keys: Sequence[Key], chunks: Sequence[bytes | memoryview]) -> tuple[int, int]:
         """Pipelined batch put; returns (stored, already present)."""
         frames: list[list[bytes | memoryview]] = []
         start, size = 0, 0
@@ -250,7 +252,7 @@ class TcpChannel:
         left.extend(i for i in batch if i not in got)
         return first_error
 
-    def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: Sequence[memoryview]) -> set:
+    def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: _Places) -> set[int]:
         """Receive one GET_CHUNKS reply with its chunk bytes landing in ``dests`` (the MAC is
         checked over them as they lie); a continued or unusual reply takes the general path."""
         fs = self.fs
@@ -288,8 +290,7 @@ class TcpChannel:
         except OSError as e:
             raise ConnectionLost(f"connection to the server lost: {e}") from e
         except (ProtocolError, msg.CodecError) as e:  # the byte stream is out of step now: nothing more can be read
-            self._close_with(ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}"))
-            raise self._closed_by from e
+            raise self._close_with(ConnectionLost(f"GET_CHUNKS reply broke the protocol: {e}")) from e
         if absent:
             raise msg_missing(absent[0])
         got = set()
@@ -438,22 +439,12 @@ class _Places:
         return self.dest[o : o + self.lengths[i]]
 
     def runs(self, idx: list[int]) -> list[memoryview]:
-        out: list[memoryview] = []
-        start = end = -1
-        for i in idx:
-            o, n = self.offsets[i], self.lengths[i]
-            if o == end:
-                end += n
-                continue
-            if start >= 0:
-                out.append(self.dest[start:end])
-            start, end = o, o + n
-        if start >= 0:
-            out.append(self.dest[start:end])
-        return out
+        """The places of chunks ``idx`` (in reply order) as one view per back-to-back stretch."""
+        runs = contiguous_runs([0] * len(idx), [self.offsets[i] for i in idx], [self.lengths[i] for i in idx])
+        return [self.dest[start : start + n] for _, start, n in runs]
 
 
-def msg_missing(key: int) -> RdmakvError:
+def msg_missing(key: Key) -> RdmakvError:
     from rdmakv.errors import NotFoundError
 
     return NotFoundError(f"chunk {key_hex(key)} is no longer stored on the server")

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .client.reports import KVState, RestoreReport, SaveReport
+from .errors import (
     AuthError,
     IntegrityError,
     MissingChunksError,
@@ -19,10 +20,9 @@ from .errors import (  # noqa: E402
     RdmakvError,
     StoreFullError,
 )
-from .kvstate import KVState, RestoreReport, SaveReport  # noqa: E402
 
 if TYPE_CHECKING:
-    from .client import Store
+    from .client.store import Store
     from .cluster.client import ClusterStore
 
 _LAZY = {"Store"}
@@ -32,21 +32,21 @@ CLUSTER_SCHEME = "rdmakv+etcd://"
 def connect(url: str, *args: Any, **kwargs: Any) -> Store | ClusterStore:
     """Open a store: ``rdmakv://HOST:PORT/NAMESPACE`` (one server, ``rdmakvs://`` with TLS) or
     ``rdmakv+etcd://HOST:2379/CLUSTER/NAMESPACE`` (a cluster: its members read from etcd and
-    watched). See :func:`rdmakv.client.connect` and :func:`rdmakv.cluster.client.connect_cluster`."""
+    watched). See :func:`rdmakv.client.store.connect` and :func:`rdmakv.cluster.client.connect_cluster`."""
     if url.startswith(CLUSTER_SCHEME):
         from .cluster.client import connect_cluster
 
         return connect_cluster(url, *args, **kwargs)
-    from .client import connect as connect_one
+    from .client.store import connect as connect_one
 
     return connect_one(url, *args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import client
+        from .client import store
 
-        return getattr(client, name)
+        return getattr(store, name)
     raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
 
 

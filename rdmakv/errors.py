@@ -47,6 +47,7 @@ class NotFoundError(RdmakvError, KeyError):
     """An unknown manifest name."""
 
     code = 7
+    deleted = False  # (a cluster's lookup: True when the session was deleted, not lost)
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want a plain message
         return str(self.args[0]) if self.args else "not found"
@@ -125,6 +126,36 @@ class SessionChangedError(RdmakvError):
     code = 17
 
 
+class RdmaError(RdmakvError):
+    """A verbs call failed (post, QP transition, registration...)."""
+
+    code = 18
+
+
+class RdmaUnavailable(RdmaError):
+    """RDMA cannot be used here; the message says exactly why."""
+
+    code = 19
+
+
+class ReadTimeout(RdmaError, TimeoutError):
+    """READs did not complete in time; the Requester is unusable (they may still land)."""
+
+    code = 20
+
+
+class ClusterError(RdmakvError):
+    """etcd could not be reached or answered nonsense."""
+
+    code = 22
+
+
+# Codes of errors defined beside the code that raises them (they never cross the wire):
+# 21 WorkCompletionError (rdma.errors), 23 ConfigError (cli.serve_config), 24 KeysFileError
+# (wire.keyring), 25 DataDirInUse (store.engine.datadir), 26 PoolBusyError (llama.store_pool),
+# 27 SlotFileError (llama.slot_format), 28 PrefixEntryError (llama.prefix_entry).
+# tests/test_errors.py checks that every RdmakvError has a code of its own.
+
 ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
     cls.code: cls
     for cls in (
@@ -145,5 +176,9 @@ ERRORS_BY_CODE: dict[int, type[RdmakvError]] = {
         BusyError,
         StaleMembersError,
         SessionChangedError,
+        RdmaError,
+        RdmaUnavailable,
+        ReadTimeout,
+        ClusterError,
     )
 }

@@ -16,9 +16,13 @@ The three kinds can sit in one dict without ever colliding (int, 32 bytes, 65 by
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typing-only (collections.abc.Buffer is 3.12+)
 
 HASH_XXH3_64 = 1
 HASH_BLAKE3_256 = 2
@@ -44,13 +48,13 @@ Check = int | bytes  # an opaque key's checksum of its bytes
 chunk_key = xxhash.xxh3_64_intdigest
 
 
-def _blake3_key(data) -> bytes:
+def _blake3_key(data: Buffer) -> bytes:
     import blake3
 
     return blake3.blake3(data).digest()
 
 
-def key_function(alg: int) -> Callable[[object], Key]:
+def key_function(alg: int) -> Callable[[Buffer], Key]:
     if alg == HASH_XXH3_64:
         return chunk_key
     if alg == HASH_BLAKE3_256:
@@ -102,7 +106,7 @@ def is_opaque(alg: int) -> bool:
     return alg in OPAQUE_ALGS
 
 
-def check_function(alg: int) -> Callable[[object], Check]:
+def check_function(alg: int) -> Callable[[Buffer], Check]:
     """The checksum the store keeps beside an opaque key of ``alg``."""
     if alg == KEY_OPAQUE_XXH3:
         return chunk_key

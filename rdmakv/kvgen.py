@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .kvstate import KVState
+from .client.reports import KVState
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ModelShape:
         return self.n_layer * (self.n_embd_k + self.n_embd_v) * np.dtype(self.dtype).itemsize
 
 
-# DESIGN §1: Qwen2.5-0.5B-Instruct, 24 layers, 2 KV heads x 64 dims, float16.
+# docs/data-model.md §1: Qwen2.5-0.5B-Instruct, 24 layers, 2 KV heads x 64 dims, float16.
 QWEN25_05B = ModelShape("Qwen2.5-0.5B-Instruct", 24, 128, 128)
 
 

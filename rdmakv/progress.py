@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,8 +66,8 @@ def bar(total: int | None, desc: str, unit: str = "it", quiet: bool = False, **k
 
 def track(items: Iterable, desc: str, total: int | None = None, unit: str = "it", quiet: bool = False) -> Iterator:
     """``items``, counted on a bar as they are consumed."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
+    if total is None and isinstance(items, Sized):
+        total = len(items)
     b = bar(total, desc, unit, quiet)
     try:
         for item in items:
@@ -86,7 +86,7 @@ def stages(title: str, names: list[str], quiet: bool = False, status=None):
             bar_format="{desc}: {n_fmt}/{total_fmt} stages {postfix}, {elapsed} elapsed")  # fmt: skip
     stop = threading.Event()
     t0 = time.monotonic()
-    state = {"n": 0, "name": ""}
+    state: dict[str, Any] = {"n": 0, "name": ""}  # (the stage number, its name)
 
     def show() -> None:
         b.set_postfix_str(f"[{state['name']}]" + (f" {status()}" if status is not None else ""))

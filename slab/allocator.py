@@ -293,9 +293,10 @@ class Slab:
             slot = self._alloc_large(region, size, length)
             if slot is not None:
                 return slot
-        region = self._new_region(size, run_bytes)
-        if region is None:
+        fresh = self._new_region(size, run_bytes)
+        if fresh is None:
             raise SlabFullError(f"slab full: no room for a {length}-byte chunk")
+        region = fresh
         if self._small(size, region):
             span = self._take_span(size, region, region.free_spans[0])
             return self._bump(span, length)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rdmakv.store.spawn import ServerProcess as _ServerProcess
+from rdmakv.store.server.spawn import ServerProcess as _ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_HEX = "7f" * 32
@@ -25,7 +25,7 @@ class ServerProcess(_ServerProcess):
 @pytest.fixture(scope="module")
 def server_bin() -> Path:
     """The cached real llama-server binary (tests/build_llama_server.sh builds it)."""
-    from . import llama_fixtures as lf
+    from bench import llama_harness as lf
 
     binary = lf.find_llama_server()
     if binary is None:

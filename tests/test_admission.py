@@ -101,7 +101,7 @@ def test_a_stalled_save_loses_its_room_and_the_save_waiting_for_it_goes_on(fresh
     while it is active: the save that waits for that room gets it once the first has stalled for
     the stall limit, well inside the wait bound; a save larger than the memory tier is refused at
     once."""
-    from rdmakv.store.admission import SAVE_STALL_S
+    from rdmakv.store.engine.admission import SAVE_STALL_S
 
     srv = fresh_server("32MiB")
     big = _longer(_kv(1), 8)  # 24 MiB

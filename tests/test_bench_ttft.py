@@ -20,7 +20,7 @@ def test_ttft_bench_runs_and_reports(tmp_path: Path, server_bin: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "ttft"
     r = subprocess.run(
-        [sys.executable, "-m", "bench.ttft", "--tiny", "--contexts", "300,600", "--runs", "2", "--prefill-runs", "2",
+        [sys.executable, "-m", "bench", "ttft", "--tiny", "--contexts", "300,600", "--runs", "2", "--prefill-runs", "2",
          "--settle", "0", "--out-dir", str(out), "--keep-slot-files", str(tmp_path / "slots")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdmakv import kvgen
+from rdmakv.client.reports import KVState
 from rdmakv.errors import AuthError, CodecError, ManifestError, ProtocolError, TooLargeError
 from rdmakv.hashing import (
     HASH_BLAKE3_256,
@@ -22,8 +23,7 @@ from rdmakv.hashing import (
     keys_array,
     opaque_key,
 )
-from rdmakv.kvstate import KVState
-from rdmakv.store import records as rec
+from rdmakv.store.engine import records as rec
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 from rdmakv.wire import messages as msg
@@ -292,3 +292,23 @@ def test_bitmap_and_names():
     assert msg.dec_name_only(msg.enc_name_only("sess/ü 1")) == "sess/ü 1"
     with pytest.raises(CodecError):
         msg.enc_name("")
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 64), st.integers(1, 16), st.booleans()), max_size=20))
+def test_contiguous_runs_cover_every_item_once_and_join_only_back_to_back(items):
+    from rdmakv.wire.runs import contiguous_runs
+
+    groups, starts, lengths, joinable = (list(x) for x in zip(*items)) if items else ([], [], [], [])
+    runs = contiguous_runs(groups, starts, lengths, joinable)
+    assert sum(n for _, _, n in runs) == sum(lengths)
+    i = 0
+    for g, s, n in runs:  # each run is a prefix of the remaining items, each joined one back to back
+        assert (groups[i], starts[i]) == (g, s)
+        end, covered = s + lengths[i], lengths[i]
+        i += 1
+        while covered < n:
+            assert groups[i] == g and starts[i] == end and joinable[i - 1]
+            end, covered = end + lengths[i], covered + lengths[i]
+            i += 1
+    assert i == len(items)

@@ -1,6 +1,6 @@
 """A bounded protocol fuzzer in CI: unauthenticated garbage and well-MAC'd mutated requests
 against a real server. It must never crash, hang or answer with an internal error, and a
-normal client must work afterwards. The long run: `python -m bench.fuzz --frames 200000`."""
+normal client must work afterwards. The long run: `rdmakv bench fuzz --frames 200000`."""
 
 from __future__ import annotations
 

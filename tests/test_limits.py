@@ -153,8 +153,8 @@ def test_out_of_file_descriptors_refuses_and_the_server_lives_on(tmp_path):
     hits EMFILE; the waiting client is told so, and the server serves again once fds free up."""
     script = textwrap.dedent(f"""
         import os, resource, socket, sys, time
-        from rdmakv.store.engine import Engine
-        from rdmakv.store.server import Server, ServerLimits
+        from rdmakv.store.engine.core import Engine
+        from rdmakv.store.server.eventloop import Server, ServerLimits
         e = Engine({str(tmp_path / 'd')!r}, 16 << 20); e.open()
         srv = Server(e, bytes.fromhex({KEY_HEX!r}), limits=ServerLimits(max_connections=5000)).start()
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 import rdmakv
+from bench import llama_harness as lf
 from rdmakv.llama import prefix_entry as pe
 from rdmakv.llama import prefix_store as ps
 from rdmakv.llama import slotfile
 
-from . import llama_fixtures as lf
 from .conftest import KEY_HEX
 
 pytestmark = pytest.mark.llama

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 import rdmakv
+from bench import llama_harness as lf
 from rdmakv.llama import slotfile
 from rdmakv.llama.slotstore import get_slotfile, put_slotfile
 
-from . import llama_fixtures as lf
 from .conftest import KEY_HEX
 
 pytestmark = pytest.mark.llama

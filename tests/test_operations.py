@@ -81,7 +81,7 @@ def test_metrics_after_real_saves_and_restores(tmp_path):
 
 
 def test_namespace_labels_are_bounded(tmp_path):
-    from rdmakv.store import metrics
+    from rdmakv.store.server import metrics
 
     port = free_port()
     srv = ServerProcess(str(tmp_path / "d"), "64MiB", "--transport", "tcp", "--metrics-listen",
@@ -251,3 +251,37 @@ def test_the_systemd_unit_verifies_and_the_example_config_loads(tmp_path):
         assert out.returncode == 0 and not out.stderr.strip(), out.stderr
     out = _serve("--config", str(ROOT / "contrib" / "rdmakv.toml"), "--print-config")
     assert out.returncode == 0 and 'data_dir = "/var/lib/rdmakv"' in out.stdout, out.stderr
+
+
+def test_metrics_endpoint_takes_host_port_and_bracketed_ipv6() -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from rdmakv.metrics_http import MetricsEndpoint
+
+    reg = CollectorRegistry()
+    Counter("rdmakv_probe", "a probe", registry=reg).inc()
+    ep = MetricsEndpoint(reg)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        ep.listen("9100")
+    hosts = ["127.0.0.1"] + (["[::1]"] if socket.has_ipv6 and _ipv6_loopback() else [])
+    for host in hosts:
+        _, port = ep.listen(f"{host}:0")
+        try:
+            body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+            assert "rdmakv_probe_total 1.0" in body
+        finally:
+            ep.close()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

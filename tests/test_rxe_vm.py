@@ -66,7 +66,7 @@ def test_cwd_is_shared_read_write(tmp_path):
 
 def test_doctor_lists_rxe0(capfd):
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    rc = rxe_vm.run([sys.executable, "-m", "rdmakv.doctor", "--json"], cwd=str(REPO), env=env, timeout=120)
+    rc = rxe_vm.run([sys.executable, "-m", "rdmakv.cli.doctor", "--json"], cwd=str(REPO), env=env, timeout=120)
     out, _ = capfd.readouterr()
     assert rc == 0
     report = json.loads(out)

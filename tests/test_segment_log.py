@@ -13,10 +13,10 @@ import xxhash
 
 from rdmakv import kvgen
 from rdmakv.errors import DiskFullError
-from rdmakv.store import records as rec
-from rdmakv.store.datadir import DataDirInUse
-from rdmakv.store.engine import Engine
-from rdmakv.store.segment_log import SegmentLog
+from rdmakv.store.engine import records as rec
+from rdmakv.store.engine.core import Engine
+from rdmakv.store.engine.datadir import DataDirInUse
+from rdmakv.store.engine.segment_log import SegmentLog
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 

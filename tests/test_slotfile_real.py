@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import llama_harness as lf
 from rdmakv.hashing import chunk_key
 from rdmakv.llama import slotfile
-
-from . import llama_fixtures as lf
 
 pytestmark = pytest.mark.llama
 

@@ -5,7 +5,7 @@
 # ib_read_lat (2 B) and then ib_read_bw (64 KiB); node 0 pings node 1 and runs the clients
 # against it over the vec0 link, retrying each client until node 1's server listens (the
 # guests boot in parallel and node 1 may be a few hundred ms behind). perftest's -n (iteration
-# count), not -D: duration mode miscounts under emulation (RXE.md). -F: UML's cpuinfo has no
+# count), not -D: duration mode miscounts under emulation (docs/rdma-path.md §5). -F: UML's cpuinfo has no
 # frequency scaling to complain about. Environment knobs: LAT_ITERS, BW_ITERS.
 set -u
 : "${RDMAKV_NODE:?run me through rdmakv rxe-vm --nodes 2}"

@@ -17,7 +17,7 @@ from .repair import check, repair
 def node_usage(addr: str, key: str | None, namespace: str | None = None) -> dict:
     """STATS of one member, asked in ``namespace`` (else ``_status``, which the node then lists,
     empty); the store-wide part needs an admin key."""
-    from ..client import connect
+    from ..client.store import connect
 
     try:
         with connect(f"rdmakv://{addr}/{namespace or '_status'}", key=key, transport="tcp", timeout=3) as st:
@@ -46,15 +46,15 @@ def cli(argv: list[str]) -> int:
 
     key = os.environ.get("RDMAKV_AUTH_KEY") or None
     if args.cmd == "repair":
-        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
-            print(json.dumps(repair(st, quiet=args.quiet), indent=2))
+        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as cs:
+            print(json.dumps(repair(cs, quiet=args.quiet), indent=2))
         return 0
     rows = {addr: {**info, **node_usage(addr, key, args.namespace)}
             for addr, info in sorted(members(args.cluster).items())}  # fmt: skip
     replication = None
     if args.namespace:
-        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as st:
-            replication = check(st)
+        with ClusterStore(args.cluster, args.namespace, key=key, replicas=args.replicas, watch=False) as cs:
+            replication = check(cs)
     if args.json:
         print(json.dumps({"cluster": args.cluster, "members": rows, "replication": replication}, indent=2))
         return 0

@@ -25,7 +25,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..client import Store, connect
+from ..client.reports import KVState, RestoreReport
+from ..client.restore import fill_located
+from ..client.store import Store, connect
+from ..client.transport import Fallback
 from ..errors import (
     ConnectionLost,
     MissingChunksError,
@@ -34,7 +37,6 @@ from ..errors import (
     SessionChangedError,
     StaleMembersError,
 )
-from ..kvstate import KVState, RestoreReport
 from ..wire import chunking
 from ..wire import manifest as mf
 from ..wire.cluster_part import (
@@ -247,7 +249,7 @@ class ClusterStore:
                 self.refresh()  # the name's nodes may have changed since the list was read
         e = NotFoundError(f"session {name!r} is not in cluster {self.cluster_url} namespace {self.ns!r}"
                           + (" (deleted)" if deleted else ""))  # fmt: skip
-        e.deleted = deleted  # type: ignore[attr-defined]
+        e.deleted = deleted
         raise e
 
     def restore(self, name: str, report: bool = False):
@@ -259,7 +261,7 @@ class ClusterStore:
         buf = np.empty(layout.total_bytes, dtype=np.uint8)
         self.fetch_into(name, m, layout.chunk_table()[2], buf, rep)
         rep.wall_s = time.perf_counter() - t0
-        kv = chunking.assemble(layout, memoryview(buf))
+        kv = chunking.assemble(layout, buf.data)
         return (kv, rep) if report else kv
 
     def fetch_into(self, name: str, m: mf.Manifest, offsets: np.ndarray, buf: np.ndarray, rep: ClusterReport,
@@ -322,30 +324,29 @@ class ClusterStore:
 
     def _fetch_node(self, node: str, name: str, m: mf.Manifest, keys: list, idx: list[int], offsets: np.ndarray,
                     buf: np.ndarray) -> tuple[list[int], str]:  # fmt: skip
-        """One node's share (``keys``: ``m.keys`` as a list): READs at the locations its part
-        lists (RDMA), else one batched GET. Returns (chunks it lacked, transport)."""
+        """One node's share (``keys``: ``m.keys`` as a list), each chunk landing in place in
+        ``buf``: READs at the locations the node's part lists (RDMA), else one batched GET.
+        Returns (chunks it lacked, transport)."""
         st = self._store(node)
-        if st.rdma is not None and st.rdma.usable:
-            data, loc, _ = st.channel.get_manifest(name, want_locations=True)
-            part = mf.decode(data)
-            pos = {k: j for j, k in enumerate(part.keys.tolist())}
-            have = [i for i in idx if keys[i] in pos]
-            pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
-            r = RestoreReport()
-            got, offs = st.fetch_located(part.keys[pidx], part.lengths[pidx], loc, pidx, r)
-            src = np.asarray(got)
-            for i, o, n in zip(have, offs.tolist(), part.lengths[pidx].tolist()):
-                d = int(offsets[i])
-                buf[d : d + n] = src[o : o + n]
-            return [i for i in idx if keys[i] not in pos], r.transport
-        got = st.get_chunks([keys[i] for i in idx])
-        missing = []
-        for i, data in zip(idx, got):
-            if data is None:
+        r = RestoreReport()
+        if st.active_transport == "rdma":
+            found = st.rdma.lookup(name, r, one_sided=False)  # type: ignore[union-attr]
+            if not isinstance(found, Fallback):
+                part = mf.decode(found.manifest)
+                pos = {k: j for j, k in enumerate(part.keys.tolist())}
+                have = [i for i in idx if keys[i] in pos]
+                pidx = np.array([pos[keys[i]] for i in have], dtype=np.int64)
+                locs = found.locations.subset(pidx) if found.locations is not None else None
+                fill_located(st.transports(), part.keys[pidx], part.lengths[pidx], offsets[have], locs, r, into=buf)
+                return [i for i in idx if keys[i] not in pos], r.transport
+        chunks = st.get_chunks([keys[i] for i in idx])  # absent chunks answer None: they fail over
+        missing: list[int] = []
+        for i, chunk in zip(idx, chunks):
+            if chunk is None:
                 missing.append(i)
             else:
                 d = int(offsets[i])
-                buf[d : d + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                buf[d : d + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         return missing, "tcp"
 
     # --- the rest of the store API ----------------------------------------------------------

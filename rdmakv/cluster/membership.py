@@ -14,16 +14,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import RdmakvError
+from ..errors import ClusterError
 
 DEFAULT_LEASE_TTL = 5  # seconds: how long a dead node stays in the member list at most
 ETCD_TIMEOUT_S = 3.0  # every etcd request gives up after this
-
-
-class ClusterError(RdmakvError):
-    """etcd could not be reached or answered nonsense."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ def members(url: str) -> dict[str, dict]:
     c = parse_cluster_url(url)
     try:
         rows = _client(c).get_prefix(c.prefix)
-    except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+    except Exception as e:
         raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
     out = {}
     for value, meta in rows:
@@ -82,7 +79,7 @@ class Registration:
         self.value = json.dumps({"addr": advertise, "ttl": ttl, **info})  # watchers check as often as the TTL
         self.ttl = ttl
         self.say = say
-        self.lease = None
+        self.lease: Any = None  # an etcd3gw Lease (untyped) while registered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.client = _client(self.c)
@@ -101,7 +98,7 @@ class Registration:
         try:
             self.lease = self.client.lease(self.ttl)
             self.client.put(self.key, self.value, lease=self.lease)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.registered = False
             raise ClusterError(f"registering {self.key} in etcd at {self.c.host}:{self.c.port} failed: {e}") from e
         self.registered = True
@@ -211,7 +208,7 @@ class MemberWatch:
         c = self.c
         try:
             rows = _client(c).get_prefix(c.prefix)
-        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+        except Exception as e:
             self.etcd_ok = False
             raise ClusterError(f"etcd at {c.host}:{c.port} unreachable: {e}") from e
         self.etcd_ok = True
@@ -266,7 +263,7 @@ class MemberWatch:
             reply = client.post(client.get_url("/kv/range"), json={
                 "key": _encode(self.c.prefix), "range_end": _encode(_increment_last_byte(self.c.prefix)),
                 "sort_order": "DESCEND", "sort_target": "MOD", "limit": 1, "keys_only": True})  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many kinds
+        except Exception as e:
             self.etcd_ok = False
             raise ClusterError(f"etcd at {self.c.host}:{self.c.port} unreachable: {e}") from e
         newest = max((int(kv.get("mod_revision", 0)) for kv in reply.get("kvs", [])), default=0)
@@ -306,7 +303,7 @@ class MemberWatch:
         try:
             stream = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
                                          timeout=(ETCD_TIMEOUT_S, None))  # fmt: skip
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ClusterError(f"etcd at {self.c.host}:{self.c.port}: cannot watch: {e}") from e
         self._stream = stream
 

@@ -19,6 +19,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from ..errors import AuthError, CodecError, NotFoundError, RdmakvError, SessionChangedError, StaleMembersError
 from ..wire import manifest as mf
@@ -39,13 +41,13 @@ class NodeAgent:
         self.registration = Registration(url, advertise, {"listen": listen, "replicas": replicas}, ttl=ttl, say=say)
         self.view = MemberWatch(url, on_change=self._changed)
         self.auto_repair = auto_repair
-        self.server = None
+        self.server: Any = None  # the store's Server, from start() (the cluster sits below the store)
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.repairs = 0
         self.repairing = False
-        self.last_repair: dict = {}
+        self.last_repair: dict[str, Any] = {}
         self.stale_refused = 0
         self.changed_refused = 0
         self.deleted_refused = 0
@@ -171,8 +173,8 @@ class NodeAgent:
 
         self.repairing = True
         t0 = time.monotonic()
-        total = {"members": len(self.view.members), "sessions": 0, "under_replicated": 0, "chunks_sent": 0,
-                 "bytes_sent": 0, "parts_dropped": 0, "lost": 0, "still_under_replicated": 0,
+        total: dict[str, Any] = {"members": len(self.view.members), "sessions": 0, "under_replicated": 0,
+                 "chunks_sent": 0, "bytes_sent": 0, "parts_dropped": 0, "lost": 0, "still_under_replicated": 0,
                  "work_seconds": 0.0, "failed": []}  # fmt: skip
         try:
             engine = self.server.engine
@@ -195,7 +197,7 @@ class NodeAgent:
                         if i and self._stop.wait(REPAIR_SETTLE_S):
                             break
                         if names:
-                            out = repair(cs, names, whole_of=lambda n, ns=ns: self._local_whole(ns, n))
+                            out = repair(cs, names, whole_of=partial(self._local_whole, ns))
                             for k in ("sessions", "under_replicated", "chunks_sent", "bytes_sent", "parts_dropped",
                                       "still_under_replicated"):  # fmt: skip
                                 total[k] += out[k]
@@ -225,7 +227,8 @@ class NodeAgent:
         of those it holds the whole manifest of)."""
         engine = self.server.engine
         live = self.view.members
-        first, rest = [], []
+        first: list[str] = []
+        rest: list[str] = []
         for row in engine.list(ns):
             try:
                 data = engine.peek_manifest(ns, row["name"])
@@ -245,7 +248,7 @@ class NodeAgent:
         body = dec_part_body(m.body) if m.kind == mf.KIND_PART else None
         if body is None or not body.whole:
             e = NotFoundError(f"this node holds no whole manifest of {name!r}")
-            e.deleted = body is not None and body.deleted  # type: ignore[attr-defined]
+            e.deleted = body is not None and body.deleted
             raise e
         return body.whole
 

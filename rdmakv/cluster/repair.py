@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def repair_session(cs: ClusterStore, name: str, whole: bytes, members: list[str]
         buf = np.empty(sum(sizes), dtype=np.uint8)
         cs.fetch_into(name, m, offsets, buf, ClusterReport(), want=idx, ranks=len(cs.live()))
         moved["bytes"] += len(buf)
-        view = memoryview(buf)
+        view = buf.data
         return {i: view[int(o) : int(o) + n] for i, o, n in zip(idx, pos.tolist(), sizes)}
 
     rep = cs.save_placed(name, m, [None] * m.n_chunks, members, fill=fill, not_after=read_at + DELETE_MARK_TTL_S / 2)
@@ -69,7 +70,7 @@ def repair(cs: ClusterStore, names: Iterable[str] | None = None, quiet: bool = T
     names = sorted(cs.list() if names is None else names)
     live = cs.live()
     whole_of = whole_of or (lambda n: cs.whole_manifest(n)[0])
-    out = {"members": live, "sessions": 0, "under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0,
+    out: dict[str, Any] = {"members": live, "sessions": 0, "under_replicated": 0, "chunks_sent": 0, "bytes_sent": 0,
            "parts_dropped": 0, "changed": 0, "deleted": 0, "lost": [], "failed": [],
            "still_under_replicated": 0}  # fmt: skip
     for name in track(names, f"repairing over {len(live)} members", unit="session", quiet=quiet):
@@ -108,7 +109,7 @@ def check(cs: ClusterStore, names: Iterable[str] | None = None) -> dict:
     cs.refresh()
     live = cs.live()
     names = sorted(cs.list() if names is None else names)
-    out = {"members": live, "sessions": 0, "under_replicated_sessions": 0, "under_replicated_chunks": 0,
+    out: dict[str, Any] = {"members": live, "sessions": 0, "under_replicated_sessions": 0, "under_replicated_chunks": 0,
            "lost": []}  # fmt: skip
     for name in names:
         try:

@@ -26,15 +26,15 @@ RUNTIME_PACKAGES = (
 #: cli() exit status when the harness itself fails (not the command).
 HARNESS_FAILURE = 125
 
-_PREFIX = "rdmakv rxe-vm"
+PREFIX = "rdmakv rxe-vm"
 
 
 class GuestError(RuntimeError):
     """The guest could not be prepared, booted, or did not report the command's status."""
 
 
-def _log(msg: str) -> None:
-    print(f"{_PREFIX}: {msg}", file=sys.stderr, flush=True)
+def log_step(msg: str) -> None:
+    print(f"{PREFIX}: {msg}", file=sys.stderr, flush=True)
 
 
 def host_has_rdma() -> bool:
@@ -71,7 +71,7 @@ def ensure_packages(packages) -> None:
     cmd = "apt-get install -y " + " ".join(missing)
     if os.geteuid() != 0:
         raise GuestError(f"missing packages {' '.join(missing)} and not root; run: sudo {cmd}")
-    _log(f"installing missing packages: {' '.join(missing)}")
+    log_step(f"installing missing packages: {' '.join(missing)}")
     apt_env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
         # apt's chatter goes to stderr so that our stdout stays the command's stdout.
@@ -95,7 +95,7 @@ def sbin_tool(name: str) -> str:
 # Cache directories
 
 
-def _writable_dir(path: pathlib.Path) -> bool:
+def writable_dir(path: pathlib.Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -104,7 +104,7 @@ def _writable_dir(path: pathlib.Path) -> bool:
 
 
 @contextlib.contextmanager
-def _builder_lock(path: pathlib.Path, waiting: str):
+def builder_lock(path: pathlib.Path, waiting: str):
     """Hold the exclusive flock of a cache builder's lock file ``path``. When another process
     holds it, log "waiting for another process ``waiting``" and wait; then yields True (that
     process has just built or fetched what it guards), else False."""
@@ -113,7 +113,7 @@ def _builder_lock(path: pathlib.Path, waiting: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log(f"waiting for another process {waiting}")
+            log_step(f"waiting for another process {waiting}")
             fcntl.flock(lock, fcntl.LOCK_EX)
             waited = True
         yield waited
@@ -125,12 +125,12 @@ def cache_root() -> pathlib.Path:
     if env:
         return pathlib.Path(env).expanduser()
     system = pathlib.Path("/var/cache/rdmakv")
-    if _writable_dir(system):
+    if writable_dir(system):
         return system
     return pathlib.Path.home() / ".cache" / "rdmakv"
 
 
-def _cache_roots() -> list[pathlib.Path]:
+def cache_roots() -> list[pathlib.Path]:
     roots = [cache_root()]
     if not os.environ.get("RDMAKV_CACHE") and pathlib.Path("/var/cache/rdmakv") not in roots:
         roots.append(pathlib.Path("/var/cache/rdmakv"))  # what a root run prepared, read-only

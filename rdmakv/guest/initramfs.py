@@ -9,10 +9,10 @@ import pathlib
 import subprocess
 from typing import TYPE_CHECKING
 
-from .host import GUEST_DIR, GuestError, _cache_roots, _writable_dir, cache_root, sbin_tool
+from .host import GUEST_DIR, GuestError, cache_root, cache_roots, sbin_tool, writable_dir
 
 if TYPE_CHECKING:
-    from .qemu import QemuKernel
+    from .qemu_kernel import QemuKernel
 
 #: Modules the initramfs loads (plus their dependencies, in `modprobe --show-depends` order)
 #: to reach the 9p root; everything else is modprobe'd by stage 2 from the shared module tree.
@@ -72,13 +72,13 @@ def ensure_qemu_initrd(kernel: QemuKernel) -> pathlib.Path:
     """Return the cached initramfs for ``kernel`` (``qemu-KVER-KEY/initrd.cpio``), building it
     (~4 MB, well under a second) when missing. Uncompressed: nothing to inflate under TCG."""
     name = f"qemu-{kernel.kver}-{qemu_initrd_key(kernel)}"
-    for root in _cache_roots():
+    for root in cache_roots():
         if (root / name / "initrd.cpio").is_file():
             return root / name / "initrd.cpio"
     if not QEMU_BUSYBOX.is_file():
         raise GuestError(f"{QEMU_BUSYBOX} missing (package busybox-static)")
     d = cache_root() / name
-    if not _writable_dir(d):
+    if not writable_dir(d):
         raise GuestError(f"cannot create {d} for the QEMU guest initramfs (set RDMAKV_CACHE)")
     dirm, filem, exem = 0o040755, 0o100644, 0o100755
     entries: list[tuple[str, int, bytes, int, int]] = [

@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..progress import stages as progress_stages
-from .host import GUEST_DIR, GuestError, _builder_lock, _log, _writable_dir, cache_root, ensure_packages
+from .host import GUEST_DIR, GuestError, builder_lock, cache_root, ensure_packages, log_step, writable_dir
 
 KERNEL_INPUTS = ("uml.config", "build-uml.sh", "uml-xstate.patch")  # order matters for the cache key
 
@@ -102,21 +102,21 @@ def ensure_kernel(rebuild: bool = False) -> pathlib.Path:
             return k
     root = cache_root()
     key = kernel_key()
-    if not _writable_dir(root):
+    if not writable_dir(root):
         raise GuestError(f"UML kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
     out = root / f"uml-{key}"
     kernel = out / "linux"
-    with _builder_lock(root / f"uml-{key}.lock", f"building the UML kernel into {out}") as waited:
+    with builder_lock(root / f"uml-{key}.lock", f"building the UML kernel into {out}") as waited:
         if waited:
             rebuild = False  # whoever held the lock just built it
         if kernel.is_file() and not rebuild:
             return kernel
         ensure_packages(BUILD_PACKAGES)
-        _log(f"building the UML guest kernel (rxe) into {out}; takes ~5 min on 2 cores")
+        log_step(f"building the UML guest kernel (rxe) into {out}; takes ~5 min on 2 cores")
         t0 = time.monotonic()
         # build-uml.sh replaces the kernel atomically (install + mv): a failed rebuild keeps the old one.
         rc = _run_build(out)
         if rc != 0 or not kernel.is_file():
             raise GuestError(f"UML kernel build failed (build-uml.sh status {rc})")
-        _log(f"UML kernel built in {time.monotonic() - t0:.0f} s: {kernel}")
+        log_step(f"UML kernel built in {time.monotonic() - t0:.0f} s: {kernel}")
         return kernel

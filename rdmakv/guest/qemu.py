@@ -17,16 +17,17 @@ import zlib
 from .host import (
     RUNTIME_PACKAGES,
     GuestError,
-    _builder_lock,
-    _cache_roots,
-    _log,
-    _writable_dir,
+    builder_lock,
     cache_root,
+    cache_roots,
     ensure_packages,
+    log_step,
     sbin_tool,
+    writable_dir,
 )
 from .initramfs import ensure_qemu_initrd
-from .runner import _copy_stage_scripts, _guest_env, _guest_run, _mem_bytes, _write_run_files
+from .qemu_kernel import QemuKernel
+from .runner import copy_stage_scripts, guest_env, guest_run, mem_bytes, write_run_files
 
 # --------------------------------------------------------------------------------------------
 # QEMU TCG guest (fallback for machines where the UML kernel cannot be built)
@@ -35,7 +36,7 @@ from .runner import _copy_stage_scripts, _guest_env, _guest_run, _mem_bytes, _wr
 # initramfs (busybox-static + the 9p/virtio/overlay modules; qemu-init.sh) mounts the host root
 # read-only over 9p with a tmpfs overlay and switch_roots into qemu-stage2.sh, which loads
 # rdma_rxe and runs the command like stage2.sh does. Always TCG: /dev/kvm on these machines is
-# a stub that hangs a guest kernel in its decompressor (RXE.md).
+# a stub that hangs a guest kernel in its decompressor (docs/rdma-path.md §4).
 
 #: Host packages the QEMU guest needs on top of RUNTIME_PACKAGES.
 QEMU_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod")
@@ -63,37 +64,6 @@ QEMU_KERNEL_ARGS = (
 )
 
 
-class QemuKernel:
-    """A stock Debian kernel package extracted into the cache: ``boot/vmlinuz-KVER`` and the
-    depmod'ed module tree ``lib/modules/KVER`` under :attr:`root`."""
-
-    def __init__(self, root: pathlib.Path, kver: str) -> None:
-        self.root = root
-        self.kver = kver
-
-    @property
-    def vmlinuz(self) -> pathlib.Path:
-        return self.root / "boot" / f"vmlinuz-{self.kver}"
-
-    @property
-    def boot_image(self) -> pathlib.Path:
-        """What QEMU boots: the uncompressed ``vmlinux`` (PVH entry) when we could extract it,
-        else the bzImage. Under TCG the bzImage's own xz decompressor takes ~5 s."""
-        vmlinux = self.root / "boot" / f"vmlinux-{self.kver}"
-        return vmlinux if vmlinux.is_file() else self.vmlinuz
-
-    @property
-    def modules_dir(self) -> pathlib.Path:
-        """The directory holding ``KVER/`` (shared read-only as the guest's /lib/modules)."""
-        for d in (self.root / "lib" / "modules", self.root / "usr" / "lib" / "modules"):
-            if (d / self.kver).is_dir():
-                return d
-        return self.root / "lib" / "modules"
-
-    def __repr__(self) -> str:
-        return f"QemuKernel({str(self.root)!r}, {self.kver!r})"
-
-
 _QEMU_MARKER = ".rdmakv-kver"  # written last into an extracted kernel dir: it is complete
 
 
@@ -104,7 +74,7 @@ def cached_qemu_kernel() -> QemuKernel | None:
     ``rdmakv rxe-vm --guest qemu --rebuild`` fetches the one linux-image-amd64 currently names.
     """
     best: tuple[float, QemuKernel] | None = None
-    for root in _cache_roots():
+    for root in cache_roots():
         for d in sorted(root.glob("qemu-linux-*")):
             marker = d / _QEMU_MARKER
             try:
@@ -167,7 +137,7 @@ def _stock_kernel_package() -> str:
         raise GuestError("apt-cache not found: the QEMU guest needs a Debian/Ubuntu host")
     pkg = lookup()
     if pkg is None and os.geteuid() == 0:
-        _log("apt-get update (to find the kernel package linux-image-amd64 depends on)")
+        log_step("apt-get update (to find the kernel package linux-image-amd64 depends on)")
         subprocess.run(["apt-get", "update"], stdin=subprocess.DEVNULL, stdout=2)
         pkg = lookup()
     if pkg is None:
@@ -187,9 +157,9 @@ def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
         if k is not None:
             return k
     root = cache_root()
-    if not _writable_dir(root):
+    if not writable_dir(root):
         raise GuestError(f"QEMU guest kernel not cached and cache dir {root} is not writable (set RDMAKV_CACHE)")
-    with _builder_lock(root / "qemu-linux.lock", f"extracting the QEMU guest kernel into {root}") as waited:
+    with builder_lock(root / "qemu-linux.lock", f"extracting the QEMU guest kernel into {root}") as waited:
         if waited:
             rebuild = False  # whoever held the lock just fetched it
         if not rebuild:
@@ -200,7 +170,7 @@ def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
         pkg = _stock_kernel_package()
         kver = pkg.removeprefix("linux-image-")
         t0 = time.monotonic()
-        _log(f"fetching {pkg} for the QEMU guest into {root} (download ~70 MB, extract ~400 MB)")
+        log_step(f"fetching {pkg} for the QEMU guest into {root} (download ~70 MB, extract ~400 MB)")
         work = pathlib.Path(tempfile.mkdtemp(prefix=".qemu-linux-", dir=root))
         try:
             # As root, apt drops to the _apt user for downloads, which cannot write our 0700 dir.
@@ -224,7 +194,7 @@ def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
             if r.returncode != 0:
                 raise GuestError(f"depmod -b {modules_base} {kver} failed (status {r.returncode})")
             if not _extract_vmlinux(k):
-                _log("could not extract an uncompressed PVH vmlinux; booting the bzImage (~5 s slower)")
+                log_step("could not extract an uncompressed PVH vmlinux; booting the bzImage (~5 s slower)")
             (tree / _QEMU_MARKER).write_text(kver + "\n")
             dest = root / f"qemu-linux-{kver}_{re.sub(r'[^A-Za-z0-9.+~-]', '_', version)}"
             if dest.exists():
@@ -236,8 +206,8 @@ def ensure_qemu_kernel(rebuild: bool = False) -> QemuKernel:
             shutil.rmtree(work, ignore_errors=True)
         others = [d.name for d in root.glob("qemu-linux-*") if d != dest and d.is_dir()]
         if others:
-            _log(f"older QEMU guest kernels in {root} (unused now, removable): {' '.join(others)}")
-        _log(f"QEMU guest kernel {kver} ({version}) ready in {time.monotonic() - t0:.0f} s: {dest}")
+            log_step(f"older QEMU guest kernels in {root} (unused now, removable): {' '.join(others)}")
+        log_step(f"QEMU guest kernel {kver} ({version}) ready in {time.monotonic() - t0:.0f} s: {dest}")
         return QemuKernel(dest, kver)
 
 
@@ -274,23 +244,23 @@ def _mtime(path: pathlib.Path) -> float | None:
         return None
 
 
-def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
+def run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
     """run(guest="qemu"): boot the QEMU TCG guest, run ``command``, return its exit status."""
     ensure_packages(RUNTIME_PACKAGES + QEMU_PACKAGES)
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise GuestError("qemu-system-x86_64 not found on the host (package qemu-system-x86)")
     kernel, initrd = ensure_qemu_guest()
-    genv = _guest_env(env, "qemu")
+    genv = guest_env(env, "qemu")
 
-    with _guest_run("rdmakv-qemu-") as g:
+    with guest_run("rdmakv-qemu-") as g:
         io = g.io
         io.mkdir()
-        _copy_stage_scripts(io, QEMU_STAGE2)
-        _write_run_files(io, command, genv, workdir)
+        copy_stage_scripts(io, QEMU_STAGE2)
+        write_run_files(io, command, genv, workdir)
         # O_APPEND: QEMU's own messages (stderr) and the guest serial console (chardev with
         # append=on) share this file without overwriting each other.
-        g.log = open(g.console, "ab")
+        g.log = open(g.console, "ab")  # noqa: SIM115 - the guest's console log, closed when it ends
         w_out, w_err = g.open_pipes()
         for fd in (w_out, w_err):
             # QEMU drops whatever it still holds for a port when the guest powers off; a big
@@ -313,7 +283,7 @@ def _run_qemu(command, *, timeout: float, mem: str, workdir: str, env: dict | No
             # Never KVM: /dev/kvm here answers ioctls but the guest hangs in its decompressor.
             "-accel", "tcg,thread=multi", "-cpu", "max",
             "-smp", str(_qemu_smp()),
-            "-m", f"{max(256, _mem_bytes(mem) >> 20)}M",
+            "-m", f"{max(256, mem_bytes(mem) >> 20)}M",
             # No NIC at all: rxe runs on a dummy netdev, nothing leaves the guest.
             "-nic", "none",
             "-kernel", str(kernel.boot_image),

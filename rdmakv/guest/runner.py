@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .host import GUEST_DIR, GuestError, _log
+from .host import GUEST_DIR, GuestError, log_step
 
 #: Environment variables passed from the caller into the guest command (plus every RDMAKV_*).
 PASS_ENV = (
@@ -44,7 +44,7 @@ PASS_ENV = (
 )
 
 
-def _guest_env(env: dict | None, guest: str = "uml") -> dict[str, str]:
+def guest_env(env: dict | None, guest: str = "uml") -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("RDMAKV_")}
     out.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
     out.setdefault("PYTHONUNBUFFERED", "1")  # live output from Python commands through the pipe
@@ -65,7 +65,7 @@ def _nul_file(path: pathlib.Path, items) -> None:
     path.write_bytes(data)
 
 
-def _write_run_files(
+def write_run_files(
     io: pathlib.Path, command, genv: dict, workdir: str, net: tuple[str, list[str], str] | None = None
 ) -> None:
     """The io files both guests' stage 2 read: devlinks, net.ip, argv, env, cwd, trace.
@@ -81,7 +81,7 @@ def _write_run_files(
     if net is None:
         lines = ["link set lo up", "link add d0 type dummy"]
         # MTU 9000 lets rxe use a 4096-byte path MTU: a quarter of the packets (and of their
-        # ICRCs) per READ; RXE.md measured ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
+        # ICRCs) per READ; docs/rdma-path.md §5: ~30 % more READ bandwidth. RDMAKV_GUEST_MTU overrides.
         lines.append(f"link set d0 mtu {guest_mtu()}")
         lines += ["addr add 192.0.2.1/24 dev d0", "link set d0 up"]
     else:
@@ -154,14 +154,14 @@ def _pump(fd: int, stream, lines: LineSink | None = None) -> None:
         os.close(fd)
 
 
-def _read_float(path: pathlib.Path) -> float | None:
+def read_float(path: pathlib.Path) -> float | None:
     try:
         return float(path.read_text().strip())
     except (OSError, ValueError):
         return None
 
 
-def _tail(path: pathlib.Path, n: int = 25) -> str:
+def tail_of(path: pathlib.Path, n: int = 25) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -169,12 +169,12 @@ def _tail(path: pathlib.Path, n: int = 25) -> str:
     return "\n".join(lines[-n:]) or "(console log empty)"
 
 
-def _mem_bytes(mem: str) -> int:
+def mem_bytes(mem: str) -> int:
     n, unit = (mem[:-1], mem[-1]) if mem[-1] in "KMG" else (mem, "")
     return int(n) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
 
 
-def _killpg(pgid: int) -> None:
+def killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
 
@@ -192,7 +192,7 @@ def _uml_preexec() -> None:  # runs in the child between fork and exec
 STAGE2_COMMON = "stage2-common.sh"  # sourced by stage2.sh and qemu-stage2.sh from the io dir
 
 
-def _copy_stage_scripts(io: pathlib.Path, *names: str) -> None:
+def copy_stage_scripts(io: pathlib.Path, *names: str) -> None:
     """Copy the guest's stage scripts and the fragment both stage 2s source into the io dir."""
     for name in (*names, STAGE2_COMMON):
         dst = io / name
@@ -222,9 +222,9 @@ class PowerCut:
             if start is None and marker.exists():
                 start = now
             if start is not None and now - start >= self.after:
-                _killpg(proc.pid)
+                killpg(proc.pid)
                 proc.wait()
-                _log(f"power cut {self.after:.2f} s after {marker.name} appeared")
+                log_step(f"power cut {self.after:.2f} s after {marker.name} appeared")
                 return True
             time.sleep(0.005)
         return False
@@ -233,7 +233,7 @@ class PowerCut:
 class _GuestRun:
     """Host side of one guest boot (UML or QEMU): the temp dir with ``io/`` (shared with the
     guest) and ``console.log``, the open console log, the pipes that carry the command's stdout
-    and stderr, and the guest process. Made and cleaned up by :func:`_guest_run`."""
+    and stderr, and the guest process. Made and cleaned up by :func:`guest_run`."""
 
     def __init__(self, tmp: pathlib.Path) -> None:
         self.tmp = tmp
@@ -284,7 +284,8 @@ class _GuestRun:
         """After the guest process exited (or was killed): note the time, kill its stray helper
         processes, let the output threads drain."""
         self.t_exit = time.time()
-        _killpg(self.proc.pid)  # stray helper processes, if any
+        assert self.proc is not None  # (started)
+        killpg(self.proc.pid)  # stray helper processes, if any
         for t in self._pumps:
             t.join(timeout=5)
 
@@ -297,9 +298,10 @@ class _GuestRun:
             raise GuestError(f"guest setup failed: {err.read_text().strip()}")
         rc_file = self.io / "rc"
         if not rc_file.exists():
+            assert self.proc is not None  # (started)
             raise GuestError(
                 f"guest died without reporting a status ({what} exit status {self.proc.returncode}); "
-                f"console log tail:\n{_tail(self.console)}"
+                f"console log tail:\n{tail_of(self.console)}"
             )
         return int(rc_file.read_text().strip())
 
@@ -313,6 +315,7 @@ class _GuestRun:
         deadline = time.monotonic() + timeout
         self.start(argv, **popen_kwargs)
         proc = self.proc
+        assert proc is not None  # (just started)
         try:
             if power_cut is not None and power_cut.wait_and_cut(proc, deadline, self.io / "t_cmd"):
                 self.t_exit = time.time()
@@ -321,9 +324,10 @@ class _GuestRun:
                 return POWER_CUT
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
+            killpg(proc.pid)
             proc.wait()
-            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{_tail(self.console)}") from None
+            tail = tail_of(self.console)
+            raise GuestError(f"guest timed out after {timeout:g} s; console log tail:\n{tail}") from None
         self.ended()
         return self.result(what)
 
@@ -333,7 +337,7 @@ class _GuestRun:
         t_s2, t_cmd, t_end = (stamp(self.io / n) for n in ("t_stage2", "t_cmd", "t_end"))
         if t_s2 and t_cmd and t_end:
             t_launch, t_exit = self.t_launch, self.t_exit
-            _log(
+            log_step(
                 f"timings ({label}): boot to stage2 {t_s2 - t_launch:.3f} s, "
                 f"boot to command {t_cmd - t_launch:.3f} s, "
                 f"command {t_end - t_cmd:.3f} s, shutdown {t_exit - t_end:.3f} s, "
@@ -343,7 +347,7 @@ class _GuestRun:
 
 
 @contextlib.contextmanager
-def _guest_run(prefix: str, *closing):
+def guest_run(prefix: str, *closing):
     """A :class:`_GuestRun` in a new temp dir. On the way out, however that is: kill the guest's
     process group, close our fds, the console log and ``closing`` (None entries skipped), then
     remove the temp dir (kept, and said so, with $RDMAKV_VM_KEEP)."""
@@ -352,7 +356,7 @@ def _guest_run(prefix: str, *closing):
         yield g
     finally:
         if g.proc is not None and g.proc.returncode is None:
-            _killpg(g.proc.pid)
+            killpg(g.proc.pid)
             with contextlib.suppress(Exception):
                 g.proc.wait(timeout=10)
         for fd in g.fds:
@@ -364,6 +368,6 @@ def _guest_run(prefix: str, *closing):
             if f is not None:
                 f.close()
         if os.environ.get("RDMAKV_VM_KEEP", "") not in ("", "0"):
-            _log(f"kept guest temp dir {g.tmp} (console.log, io/)")
+            log_step(f"kept guest temp dir {g.tmp} (console.log, io/)")
         else:
             shutil.rmtree(g.tmp, ignore_errors=True)

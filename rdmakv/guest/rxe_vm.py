@@ -19,7 +19,7 @@ and ``RDMAKV_NODE_ADDRS``; node 0's status is the run's (``rdmakv.guest.uml_pair
 ``run(..., guest="qemu")`` is the fallback for machines where that kernel cannot be built:
 QEMU TCG (never KVM) boots Debian's stock kernel package, extracted into the same cache, with
 the host root shared read-only over 9p; same guest setup, ``RDMAKV_GUEST=qemu``, ~10 s to
-boot and everything 20-50x slower (``rdmakv.guest.qemu`` and /work/shared/RXE.md).
+boot and everything 20-50x slower (``rdmakv.guest.qemu`` and docs/rdma-path.md §4).
 
 Public API: :func:`run`, :func:`ensure_kernel`, :func:`host_has_rdma`, :func:`cli`,
 :class:`GuestError`; helpers :func:`cache_root`, :func:`kernel_key`, :func:`cached_kernel`;
@@ -41,9 +41,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .host import _PREFIX, HARNESS_FAILURE, GuestError, cache_root, host_has_rdma
+from .host import HARNESS_FAILURE, PREFIX, GuestError, cache_root, host_has_rdma
 from .kernel import cached_kernel, ensure_kernel, kernel_key
-from .qemu import _run_qemu, cached_qemu_kernel, ensure_qemu_guest
+from .qemu import cached_qemu_kernel, ensure_qemu_guest, run_qemu
 from .runner import POWER_CUT, PowerCut
 from .uml import run_uml
 from .uml_pair import NODE_ADDRS, run_uml_pair
@@ -128,7 +128,7 @@ def run(
     if guest == "qemu":
         if disks or power_cut:
             raise GuestError("disks and power cuts are for the UML guest only")
-        return _run_qemu(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
+        return run_qemu(command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose)
     return run_uml(
         command, timeout=timeout, mem=mem, workdir=workdir, env=env, verbose=verbose, disks=disks, power_cut=power_cut
     )
@@ -256,10 +256,10 @@ def cli(argv: list[str]) -> int:
         return 137 if rc == POWER_CUT else rc
     except GuestError as e:
         msg = str(e)
-        print(f"{_PREFIX}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{PREFIX}: error: {msg}", file=sys.stderr, flush=True)
         return HARNESS_FAILURE
     except KeyboardInterrupt:
-        print(f"{_PREFIX}: interrupted; guest killed", file=sys.stderr, flush=True)
+        print(f"{PREFIX}: interrupted; guest killed", file=sys.stderr, flush=True)
         return 130
 
 

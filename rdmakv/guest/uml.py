@@ -16,12 +16,12 @@ from .host import RUNTIME_PACKAGES, GuestError, ensure_packages
 from .kernel import ensure_kernel
 from .runner import (
     PowerCut,
-    _copy_stage_scripts,
-    _guest_env,
-    _guest_run,
-    _mem_bytes,
-    _read_float,
-    _write_run_files,
+    copy_stage_scripts,
+    guest_env,
+    guest_run,
+    mem_bytes,
+    read_float,
+    write_run_files,
 )
 
 
@@ -75,7 +75,7 @@ def _pick_cpu():
     """
     if os.environ.get("RDMAKV_UML_CPU"):
         return _env_cpus(), None
-    return _pick_cpus(1)[0]
+    return pick_cpus(1)[0]
 
 
 def _env_cpus() -> str:
@@ -93,7 +93,7 @@ def _expand_cpus(spec: str) -> list[int]:
     return out
 
 
-def _pick_cpus(n: int) -> list[tuple[int | str, object]]:
+def pick_cpus(n: int) -> list[tuple[int | str, object]]:
     """``n`` host cores for ``n`` guests, one each where the machine has that many; each as
     (cpu, open lock file or None). Free cores first (last core first, as :func:`_pick_cpu`),
     then cores another run holds: two guests on one core would halve each one's speed, which
@@ -113,7 +113,7 @@ def _pick_cpus(n: int) -> list[tuple[int | str, object]]:
         if len(picked) == n:
             break
         try:
-            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")
+            f = open(lock_dir / f"rdmakv-cpu{cpu}.lock", "a")  # noqa: SIM115 - held while the guest runs
         except OSError:
             busy.append(cpu)
             continue
@@ -132,7 +132,7 @@ def _pick_cpus(n: int) -> list[tuple[int | str, object]]:
 
 def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str, net=None) -> None:
     """Everything stage1.sh / stage2.sh read from the io dir (see their headers); ``net`` as
-    for :func:`_write_run_files`."""
+    for :func:`write_run_files`."""
     e = _fstab_escape
     root = f"{io}/root"
     (io / "fstab1").write_text(
@@ -155,10 +155,10 @@ def _write_guest_files(io: pathlib.Path, command, genv: dict, workdir: str, net=
     lines.append(f"{e(str(io))}/cpuinfo {e(root)}/proc/cpuinfo none bind,ro 0 0")
     (io / "fstab2").write_text("\n".join(lines) + "\n")
     (io / "cpuinfo").write_text(_guest_cpuinfo())
-    _write_run_files(io, command, genv, workdir, net)
+    write_run_files(io, command, genv, workdir, net)
 
 
-def _uml_host_env(mem: str, tmp: pathlib.Path, guests: int = 1) -> dict[str, str]:
+def uml_host_env(mem: str, tmp: pathlib.Path, guests: int = 1) -> dict[str, str]:
     """Environment of the UML process itself. UML backs guest RAM with a file in $TMPDIR, else
     /dev/shm; a small /dev/shm (containers often have 64 MB) would SIGBUS the guest, so then
     point TMPDIR at our temp dir instead (``guests`` running at once each need ``mem``)."""
@@ -170,12 +170,12 @@ def _uml_host_env(mem: str, tmp: pathlib.Path, guests: int = 1) -> dict[str, str
         shm_free = st.f_bavail * st.f_frsize
     except OSError:
         shm_free = 0
-    if shm_free < guests * _mem_bytes(mem):
+    if shm_free < guests * mem_bytes(mem):
         env["TMPDIR"] = str(tmp)
     return env
 
 
-def _check_host(workdir: str) -> pathlib.Path:
+def check_host(workdir: str) -> pathlib.Path:
     """What every UML run needs on the host; returns the kernel (built if missing)."""
     if "," in workdir:
         raise GuestError(f"cwd {workdir} contains a comma, which hostfs mount options cannot carry")
@@ -186,20 +186,20 @@ def _check_host(workdir: str) -> pathlib.Path:
     return ensure_kernel()
 
 
-def _prepare(g, command, genv: dict, workdir: str, net=None) -> tuple[int, int]:
+def prepare_guest(g, command, genv: dict, workdir: str, net=None) -> tuple[int, int]:
     """Fill a fresh guest temp dir (io files, stage scripts), open its console log and output
     pipes; returns the pipes' write ends (the guest's)."""
     io, tmp = g.io, g.tmp
     for d in (io / "rw", io / "root", tmp / "uml"):
         d.mkdir(parents=True)
-    _copy_stage_scripts(io, "stage1.sh", "stage2.sh")
+    copy_stage_scripts(io, "stage1.sh", "stage2.sh")
     _write_guest_files(io, command, genv, workdir, net)
-    g.log = open(g.console, "wb")
+    g.log = open(g.console, "wb")  # noqa: SIM115 - the guest's console log, closed when it ends
     return g.open_pipes()
 
 
-def _uml_argv(kernel: pathlib.Path, cpu, mem: str, g, w_out: int, w_err: int) -> list[str]:
-    """The UML command line for guest ``g`` (after :func:`_prepare`), pinned to ``cpu``."""
+def uml_argv(kernel: pathlib.Path, cpu, mem: str, g, w_out: int, w_err: int) -> list[str]:
+    """The UML command line for guest ``g`` (after :func:`prepare_guest`), pinned to ``cpu``."""
     return [
         "taskset", "-c", str(cpu),
         str(kernel),
@@ -232,13 +232,13 @@ def run_uml(
     for d in disks:
         if not os.path.isfile(d) or "," in d or "=" in d:
             raise GuestError(f"disk image {d!r} is not a file (or its path has a comma or '=')")
-    kernel = _check_host(workdir)
-    genv = _guest_env(env)
+    kernel = check_host(workdir)
+    genv = guest_env(env)
 
     cpu, cpu_lock = _pick_cpu()
-    with _guest_run("rdmakv-uml-", cpu_lock) as g:
-        w_out, w_err = _prepare(g, command, genv, workdir)
-        argv = _uml_argv(kernel, cpu, mem, g, w_out, w_err)
+    with guest_run("rdmakv-uml-", cpu_lock) as g:
+        w_out, w_err = prepare_guest(g, command, genv, workdir)
+        argv = uml_argv(kernel, cpu, mem, g, w_out, w_err)
         argv += [f"ubd{i}={os.path.realpath(d)}" for i, d in enumerate(disks)]
         rc = g.boot(
             argv,
@@ -247,8 +247,8 @@ def run_uml(
             power_cut=power_cut,
             pass_fds=(g.log.fileno(), w_out, w_err),
             cwd=g.tmp / "uml",  # a UML core dump (if any) lands in the temp dir
-            env=_uml_host_env(mem, g.tmp),
+            env=uml_host_env(mem, g.tmp),
         )
         if verbose:
-            g.log_timings(f"cpu {cpu}", _read_float)
+            g.log_timings(f"cpu {cpu}", read_float)
         return rc

@@ -2,7 +2,7 @@
 
 Guest i is pinned to its own host core and has a UML vector device ``vec0``; rxe0 goes on it
 and node i has 192.0.2.<i+1>/24. Unlike a veth pair inside one kernel (rxe over veth does not
-work on 6.1, RXE.md), every RoCE packet really leaves one kernel and enters the other. The
+work on 6.1, docs/rdma-path.md §4), every RoCE packet really leaves one kernel and enters the other. The
 link carries the Ethernet frames in UDP datagrams on the host's 127.0.0.1, in one of two ways
 ($RDMAKV_GUEST_LINK):
 
@@ -38,9 +38,9 @@ import subprocess
 import threading
 import time
 
-from .host import GuestError, _log
-from .runner import LineSink, _guest_env, _guest_run, _killpg, _read_float, _tail
-from .uml import _check_host, _pick_cpus, _prepare, _uml_argv, _uml_host_env
+from .host import GuestError, log_step
+from .runner import LineSink, guest_env, guest_run, killpg, read_float, tail_of
+from .uml import check_host, pick_cpus, prepare_guest, uml_argv, uml_host_env
 
 NODE_ADDRS = ("192.0.2.1", "192.0.2.2")
 #: How long node 1 may keep running after node 0's guest ended before it is killed.
@@ -124,7 +124,7 @@ def _vec_args(kind: str, mtu: int, stack: contextlib.ExitStack) -> list[tuple[st
         ]
     ports = _free_udp_ports(2)
     sessions = _session_ids()
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for node in range(2):
         src, dst = ports[node], ports[1 - node]
         tx, rx = sessions[node], sessions[1 - node]
@@ -155,7 +155,7 @@ def link_kind() -> str:
 
 
 def _node_env(env: dict | None, node: int) -> dict[str, str]:
-    genv = _guest_env(env)
+    genv = guest_env(env)
     genv.update(RDMAKV_NODE=str(node), RDMAKV_NODES="2", RDMAKV_NODE_ADDRS=",".join(NODE_ADDRS))
     return genv
 
@@ -171,34 +171,34 @@ def _node_result(g, node: int) -> int:
 def run_uml_pair(command, *, timeout: float, mem: str, workdir: str, env: dict | None, verbose: bool) -> int:
     """run(nodes=2): boot two UML guests linked by vec0, run ``command`` in both, return the
     run's status (see the module docstring). ``timeout`` bounds both guests together."""
-    kernel = _check_host(workdir)
+    kernel = check_host(workdir)
     kind = link_kind()
     mtu = int(os.environ.get("RDMAKV_LINK_MTU") or DEFAULT_LINK_MTU)
-    cpus = _pick_cpus(2)
+    cpus = pick_cpus(2)
     locks = [threading.Lock(), threading.Lock()]  # one per host stream, shared by both guests
     deadline = time.monotonic() + timeout
     with contextlib.ExitStack() as stack:
         vecs = _vec_args(kind, mtu, stack)
         guests = []
         for node, (cpu, cpu_lock) in enumerate(cpus):
-            # Each _guest_run kills its guest and removes its temp dir however we leave.
-            g = stack.enter_context(_guest_run(f"rdmakv-uml{node}-", cpu_lock))
-            w_out, w_err = _prepare(g, command, _node_env(env, node), workdir, _node_net(node, kind))
+            # Each guest_run kills its guest and removes its temp dir however we leave.
+            g = stack.enter_context(guest_run(f"rdmakv-uml{node}-", cpu_lock))
+            w_out, w_err = prepare_guest(g, command, _node_env(env, node), workdir, _node_net(node, kind))
             vec, vec_fds = vecs[node]
-            argv = _uml_argv(kernel, cpu, mem, g, w_out, w_err) + [vec]
+            argv = uml_argv(kernel, cpu, mem, g, w_out, w_err) + [vec]
             prefix = b"" if node == 0 else f"[node{node}] ".encode()
             g.start(
                 argv,
                 lines=(LineSink(prefix, locks[0]), LineSink(prefix, locks[1])),
                 pass_fds=(g.log.fileno(), w_out, w_err, *vec_fds),
                 cwd=g.tmp / "uml",
-                env=_uml_host_env(mem, g.tmp, guests=2),
+                env=uml_host_env(mem, g.tmp, guests=2),
             )
             guests.append(g)
         rc = _wait_pair(guests, deadline, timeout, verbose)
         if verbose:
             for node, g in enumerate(guests):
-                g.log_timings(f"node {node}, cpu {cpus[node][0]}", _read_float)
+                g.log_timings(f"node {node}, cpu {cpus[node][0]}", read_float)
             _log_pair_boot(guests, f"{kind} link, MTU {mtu}")
         return rc
 
@@ -217,7 +217,7 @@ def _wait_pair(guests: list, deadline: float, timeout: float, verbose: bool) -> 
         rc = _node_result(g1, 1)
         if rc != 0:
             during = "" if g0.proc.returncode is not None else " while node 0's was still running"
-            _log(f"node 1's command exited with status {rc}{during}")
+            log_step(f"node 1's command exited with status {rc}{during}")
         return rc
 
     while g0.proc.poll() is None:
@@ -233,7 +233,7 @@ def _wait_pair(guests: list, deadline: float, timeout: float, verbose: bool) -> 
         try:
             g1.proc.wait(timeout=max(0.0, min(NODE1_GRACE_S, remaining())))
         except subprocess.TimeoutExpired:
-            _killpg(g1.proc.pid)
+            killpg(g1.proc.pid)
             g1.proc.wait()
             g1.ended()
             killed = True
@@ -241,10 +241,10 @@ def _wait_pair(guests: list, deadline: float, timeout: float, verbose: bool) -> 
             rc1 = node1_ended()
     if killed:
         if verbose:
-            _log(f"node 1 still running {NODE1_GRACE_S:g} s after node 0 ended: stopped it")
+            log_step(f"node 1 still running {NODE1_GRACE_S:g} s after node 0 ended: stopped it")
         return rc0
     if rc1 and not rc0:
-        _log(f"node 0's command succeeded but node 1's exited with status {rc1}: the run fails with {rc1}")
+        log_step(f"node 0's command succeeded but node 1's exited with status {rc1}: the run fails with {rc1}")
         return rc1
     return rc0
 
@@ -252,15 +252,15 @@ def _wait_pair(guests: list, deadline: float, timeout: float, verbose: bool) -> 
 def _timeout(guests: list, timeout: float) -> None:
     running = [n for n, g in enumerate(guests) if g.proc.poll() is None]
     for g in guests:
-        _killpg(g.proc.pid)
+        killpg(g.proc.pid)
         g.proc.wait()
-    tails = "\n".join(f"node {n} console log tail:\n{_tail(g.console)}" for n, g in enumerate(guests))
+    tails = "\n".join(f"node {n} console log tail:\n{tail_of(g.console)}" for n, g in enumerate(guests))
     names = " and ".join(f"node {n}" for n in running)
     raise GuestError(f"two-node guest run timed out after {timeout:g} s ({names} still running); {tails}")
 
 
 def _log_pair_boot(guests: list, link: str) -> None:
-    t_cmd = [_read_float(g.io / "t_cmd") for g in guests]
-    if all(t_cmd):
+    t_cmd = [t for g in guests if (t := read_float(g.io / "t_cmd"))]
+    if len(t_cmd) == len(guests):  # every one started
         t0 = min(g.t_launch for g in guests)
-        _log(f"pair: both commands started {max(t_cmd) - t0:.3f} s after the first launch ({link})")
+        log_step(f"pair: both commands started {max(t_cmd) - t0:.3f} s after the first launch ({link})")

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..client.reports import RestoreReport
 from ..errors import NotFoundError, RdmakvError
-from ..kvstate import RestoreReport
 from . import completion_request as cr
 from . import prefix_entry as pe
 from . import prefix_names as pn
@@ -47,7 +47,7 @@ from .slot_table import SlotsBusyError, SlotTable, signature
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from .proxy import Proxy
+    from .upstream import Upstream
 
 UPSTREAM_CALL_S = 60.0  # one of the proxy's own calls to llama-server (tokenize, slots, save, restore)
 STORE_CALL_S = 10.0  # a lookup or a prefix fetch; past it the request goes on without the store
@@ -92,7 +92,7 @@ def log(message: str) -> None:
 
 
 class AutoCache:
-    def __init__(self, proxy: Proxy, window: int, cache_key: str = "", metrics: ProxyMetrics | None = None) -> None:
+    def __init__(self, proxy: Upstream, window: int, cache_key: str = "", metrics: ProxyMetrics | None = None) -> None:
         self.proxy, self.window, self.cache_key = proxy, window, cache_key
         self.metrics = metrics or ProxyMetrics()
         self.slots = SlotTable()
@@ -189,7 +189,7 @@ class AutoCache:
 
     # -- a completion --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        from .proxy import llama_error
+        from .upstream import llama_error
 
         raw = await request.read()
         req = cr.parse(request.path, raw)
@@ -343,7 +343,7 @@ class AutoCache:
                     if isinstance(parsed, dict):
                         parsed["rdmakv"] = report
                         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                        resp = web.json_response(parsed, headers=headers)
+                        resp: web.StreamResponse = web.json_response(parsed, headers=headers)
                     else:
                         resp = web.Response(status=up.status, body=raw, headers=headers)
                     await resp.prepare(request)  # sent before the background save starts
@@ -444,6 +444,7 @@ class AutoCache:
         """Cut the saved file and register its prefixes, then let the file go (a worker thread)."""
         scratch, parsed, m = saved
         saved = None
+        cut: pe.Cut | None = None
         try:
             cut = pe.cut(parsed, self.window)
             self.shape = cut.shape

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from ..progress import read_file, stages, write_all
 from ..wire.auth import KEY_ENV
@@ -14,7 +15,7 @@ from . import slotfile
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    data = open(args.file, "rb").read()
+    data = Path(args.file).read_bytes()
     try:
         info = slotfile.inspect(slotfile.parse(data))
     except slotfile.SlotFileError as e:
@@ -33,7 +34,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace):
-    from ..client import connect
+    from ..client.store import connect
 
     return connect(args.url, transport=args.transport, window=args.window)
 
@@ -54,7 +55,7 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from ..kvstate import RestoreReport
+    from ..client.reports import RestoreReport
     from .slotstore import get_slotfile
 
     rep = RestoreReport()

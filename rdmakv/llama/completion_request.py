@@ -92,7 +92,7 @@ def model_key(models: Any, extra: str = "") -> str:
     the operator's ``--cache-key``: prefixes are only ever reused under the same key."""
     data = models.get("data") if isinstance(models, dict) else None
     first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
-    meta = first.get("meta") if isinstance(first.get("meta"), dict) else {}
+    meta = found if isinstance(found := first.get("meta"), dict) else {}
     shape = {k: v for k, v in meta.items() if k != "n_ctx"}  # the context size is configuration
     name = os.path.basename(str(first.get("id", "")))
     return json.dumps({"model": name, "meta": shape, "key": extra}, sort_keys=True)

@@ -27,12 +27,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..client import Store, connect
+from ..client.reports import RestoreReport, SaveReport
+from ..client.store import Store, connect
 from ..errors import AuthError, BusyError, ConnectionLost, DiskFullError, NotFoundError, StoreFullError
 from ..hashing import (
     HASH_BLAKE3_256,
@@ -44,11 +45,10 @@ from ..hashing import (
     keys_array,
     opaque_key,
 )
-from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
-from ..wire.auth import KEY_ENV, parse_key
-from ..wire.keyring import KeyRing
-from ..wire.messages import NO_REGION
+from ..wire.auth import KEY_ENV
+from ..wire.keyring import client_key_from_env
+from ..wire.messages import NO_REGION, Locations
 
 # return codes of the C ABI (kv_store_abi.h says the same)
 KV_OK = 0
@@ -60,7 +60,6 @@ KV_AUTH = -5  # the key was refused
 KV_FULL = -6  # the store or its disk is full (of pinned or in-use data)
 KV_NO_MEMORY = -7  # malloc failed, or a bounded buffer is full
 
-KEY_FILE_ENV = "RDMAKV_KEY_FILE"
 MEMKV_KEY_ENV = "MEMKV_AUTH_KEY"  # the reference backend's variable: read when RDMAKV_AUTH_KEY is not set
 CACHE_ENV = "RDMAKV_KVSTORE_CACHE_BYTES"
 PENDING_ENV = "RDMAKV_KVSTORE_PENDING_BYTES"
@@ -123,22 +122,7 @@ def client_key(namespace: str) -> bytes:
     """``$RDMAKV_AUTH_KEY``, else ``$MEMKV_AUTH_KEY`` (the reference backend's name), else the
     namespace's key in ``$RDMAKV_KEY_FILE`` (64 hex characters, or a per-tenant keys file as
     ``rdmakv serve --keys`` reads)."""
-    for env in (KEY_ENV, MEMKV_KEY_ENV):
-        if os.environ.get(env):
-            try:
-                return parse_key(os.environ[env])
-            except ValueError as e:
-                raise AuthError(f"{env}: {e}") from None
-    path = os.environ.get(KEY_FILE_ENV)
-    if not path:
-        raise AuthError(f"no key: set {KEY_ENV} (64 hex characters), {MEMKV_KEY_ENV} or {KEY_FILE_ENV}")
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise AuthError(f"{KEY_FILE_ENV}={path}: {e.strerror}") from None
-    if "[[key]]" in text:
-        return KeyRing.parse(text, Path(path)).client_key(namespace)
-    return parse_key(text.strip())
+    return client_key_from_env(namespace, (KEY_ENV, MEMKV_KEY_ENV))
 
 
 class BackendOptions:
@@ -226,7 +210,7 @@ class KVStoreBackend:
         self._connect = store_factory or self._default_store
         self.lock = threading.Lock()
         self.table: dict[bytes, int] = {}  # engine key (store form) -> index in the last manifest read
-        self.last: tuple[mf.Manifest, object] | None = None  # (manifest, Locations or None)
+        self.last: tuple[mf.Manifest, Locations | None] | None = None
         self.last_save: SaveReport | None = None
         self.last_prefetch: RestoreReport | None = None
         self.closed = False
@@ -299,7 +283,8 @@ class KVStoreBackend:
         chunks = pending.chunks()
         want = [i for i, h in zip(todo, have.tolist()) if not h]
         if want:
-            store.channel.put_chunks(pending.keys[want].tolist(), [chunks[i] for i in want])
+            sending = [c for i in want if (c := chunks[i]) is not None]  # (every one: none of them was sent)
+            store.channel.put_chunks(pending.keys[want].tolist(), sending)
         return KV_OK
 
     def delete_manifest(self, name: str) -> int:
@@ -309,7 +294,7 @@ class KVStoreBackend:
     # -- restores ----------------------------------------------------------------------
     def get_manifest(self, name: str) -> bytes:
         store = self._store()
-        rdma = store.rdma is not None and store.rdma.usable
+        rdma = store.active_transport == "rdma"
         data, loc, _ = store.channel.get_manifest(name, want_locations=rdma)
         m = mf.decode(data)
         if m.kind != mf.KIND_ENGINE:
@@ -324,7 +309,7 @@ class KVStoreBackend:
         if m.hash_alg == self.opts.alg:
             return m.keys.tolist()
         if m.hash_alg == HASH_XXH3_64:
-            order = "little" if self.opts.little_endian else "big"
+            order: Literal["little", "big"] = "little" if self.opts.little_endian else "big"
             return [opaque_key(int(k).to_bytes(8, order), self.opts.alg) for k in m.keys.tolist()]
         if m.hash_alg == HASH_BLAKE3_256:
             return [opaque_key(k, self.opts.alg) for k in m.keys.tolist()]
@@ -363,7 +348,7 @@ class KVStoreBackend:
         arr = keys_array(keys, self.opts.alg)
         out: list[Fetched] = []
         rest = list(range(len(keys)))
-        if store.rdma is not None and store.rdma.usable:
+        if store.active_transport == "rdma":
             loc = store.channel.locate(arr)
             located = np.flatnonzero(loc.slots["region"] != NO_REGION)
             if len(located) and loc.lengths is not None:
@@ -410,7 +395,7 @@ class KVStoreBackend:
 
 
 def _namespace(url: str) -> str:
-    from ..url import parse_url
+    from ..client.url import parse_url
 
     return parse_url(url).namespace
 

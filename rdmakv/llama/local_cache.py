@@ -62,9 +62,9 @@ class LocalCache:
             self.entries[name] = Entry(dst, size, manifest_xxh3)
             self.used += size
             while self.used > self.capacity:
-                _, e = self.entries.popitem(last=False)
-                self.used -= e.size
-                gone.append(e.path)
+                _, evicted = self.entries.popitem(last=False)
+                self.used -= evicted.size
+                gone.append(evicted.path)
         for p in gone:
             p.unlink(missing_ok=True)
         return True

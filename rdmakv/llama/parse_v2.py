@@ -12,19 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .slot_format import (
-    _U32,
     MAX_BLOCKS,
     MAX_LAYERS,
     MAX_SEQ_IDS,
     MAX_STREAMS,
+    U32,
     KVBlock,
     SlotFileError,
+    SlotFormatFail,
+    SlotReader,
     Stream,
-    _check,
-    _Fail,
-    _Reader,
-    _rows_layer,
-    _trans_layer,
+    expect,
+    rows_layer,
+    trans_layer,
 )
 
 
@@ -67,11 +67,11 @@ def _candidates(version: int) -> list[_Layout]:
 
 def parse_state(buf: memoryview, start: int, version: int) -> tuple[str, int, list[KVBlock]]:
     """(layout label, cell-ext bytes, blocks) of the KV state at ``start``."""
-    fails: list[tuple[_Layout, _Fail]] = []
+    fails: list[tuple[_Layout, SlotFormatFail]] = []
     for lay in _candidates(version):
         try:
             blocks = _parse_blocks(buf, start, lay)
-        except _Fail as f:
+        except SlotFormatFail as f:
             fails.append((lay, f))
             continue
         return _label(lay, blocks), lay.ext_size, blocks
@@ -89,7 +89,7 @@ def _label(lay: _Layout, blocks: list[KVBlock]) -> str:
 
 
 def _no_layout_error(
-    buf: memoryview, start: int, version: int, fails: list[tuple[_Layout, _Fail]]
+    buf: memoryview, start: int, version: int, fails: list[tuple[_Layout, SlotFormatFail]]
 ) -> SlotFileError:
     what = _diagnose_recurrent(buf, start, version)
     if what:
@@ -112,10 +112,10 @@ def _diagnose_recurrent(buf: memoryview, start: int, version: int) -> str:
     try:
         _parse_blocks(buf, start, rec, multi_block=False)
         return "body looks like a recurrent (SSM/RWKV) memory state, not an attention KV cache"
-    except _Fail:
+    except SlotFormatFail:
         pass
     # Hybrid models: attention KV block(s) first, then a recurrent block.
-    r = _Reader(buf, start)
+    r = SlotReader(buf, start)
     kv = _candidates(version)[0]
     try:
         while r.left:
@@ -124,9 +124,9 @@ def _diagnose_recurrent(buf: memoryview, start: int, version: int) -> str:
             try:
                 _parse_blocks(buf, mark, rec, multi_block=False)
                 return f"hybrid memory: attention KV block then a recurrent block at offset {mark}"
-            except _Fail:
+            except SlotFormatFail:
                 continue
-    except _Fail:
+    except SlotFormatFail:
         pass
     return ""
 
@@ -134,7 +134,7 @@ def _diagnose_recurrent(buf: memoryview, start: int, version: int) -> str:
 def _parse_blocks(
     buf: memoryview, start: int, lay: _Layout, multi_block: bool = True
 ) -> list[KVBlock]:
-    r = _Reader(buf, start)
+    r = SlotReader(buf, start)
     blocks: list[KVBlock] = []
     while True:
         blocks.append(_parse_block(r, lay, len(blocks)))
@@ -142,27 +142,27 @@ def _parse_blocks(
             return blocks
         # 8 bytes is the smallest possible block (n_stream 1, cell_count 0)
         if not multi_block or len(blocks) >= MAX_BLOCKS or r.left < 8:
-            raise _Fail(r.pos, f"{r.left} trailing bytes after KV block {len(blocks) - 1}")
+            raise SlotFormatFail(r.pos, f"{r.left} trailing bytes after KV block {len(blocks) - 1}")
 
 
-def _parse_block(r: _Reader, lay: _Layout, index: int) -> KVBlock:
+def _parse_block(r: SlotReader, lay: _Layout, index: int) -> KVBlock:
     start = r.pos
     n_stream: int | None = None
     if lay.multi_stream:
         n_stream = r.u32(f"block {index} n_stream")
-        _check(1 <= n_stream <= MAX_STREAMS, start, f"implausible n_stream {n_stream}")
+        expect(1 <= n_stream <= MAX_STREAMS, start, f"implausible n_stream {n_stream}")
     streams = [_parse_stream(r, lay, s) for s in range(n_stream or 1)]
     return KVBlock(index, start, r.pos, n_stream, streams)
 
 
-def _parse_stream(r: _Reader, lay: _Layout, index: int) -> Stream:
+def _parse_stream(r: SlotReader, lay: _Layout, index: int) -> Stream:
     offset = r.pos
     n = r.u32(f"stream {index} cell_count")
     empty = np.zeros(0, dtype=np.int32)
     if n == 0 and not lay.empty_has_data:
         return Stream(index, 0, offset, empty)
     min_meta = 8 + lay.ext_size
-    _check(
+    expect(
         n <= r.left // min_meta,
         offset,
         f"stream {index} cell_count {n} cannot fit in the {r.left} bytes left",
@@ -177,13 +177,13 @@ def _parse_stream(r: _Reader, lay: _Layout, index: int) -> Stream:
 _Meta = tuple[np.ndarray, np.ndarray, list[int], np.ndarray | None]
 
 
-def _parse_meta(r: _Reader, n: int, ext: int) -> _Meta:
+def _parse_meta(r: SlotReader, n: int, ext: int) -> _Meta:
     if n == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.uint32), [], None
     start = r.pos
     r.need(8, "META cell 0")
-    (k,) = _U32.unpack_from(r.buf, start + 4)
-    _check(k <= MAX_SEQ_IDS, start + 4, f"META cell 0: implausible n_seq_id {k}")
+    (k,) = U32.unpack_from(r.buf, start + 4)
+    expect(k <= MAX_SEQ_IDS, start + 4, f"META cell 0: implausible n_seq_id {k}")
     rec = 8 + ext + 4 * k
     if n * rec <= r.left:
         # Fast path: every cell lists the same number of seq ids (always so for a seq save).
@@ -199,7 +199,7 @@ def _parse_meta(r: _Reader, n: int, ext: int) -> _Meta:
     return _parse_meta_slow(r, n, ext)
 
 
-def _parse_meta_slow(r: _Reader, n: int, ext: int) -> _Meta:
+def _parse_meta_slow(r: SlotReader, n: int, ext: int) -> _Meta:
     pos = np.empty(n, np.int32)
     nseq = np.empty(n, np.uint32)
     exts = np.empty((n, ext), np.uint8) if ext else None
@@ -207,7 +207,7 @@ def _parse_meta_slow(r: _Reader, n: int, ext: int) -> _Meta:
     for i in range(n):
         pos[i] = r.i32(f"META cell {i} pos")
         k = r.u32(f"META cell {i} n_seq_id")
-        _check(k <= MAX_SEQ_IDS, r.pos - 4, f"META cell {i}: implausible n_seq_id {k}")
+        expect(k <= MAX_SEQ_IDS, r.pos - 4, f"META cell {i}: implausible n_seq_id {k}")
         nseq[i] = k
         at = r.skip(ext, f"META cell {i} ext")
         if exts is not None:
@@ -217,20 +217,20 @@ def _parse_meta_slow(r: _Reader, n: int, ext: int) -> _Meta:
     return pos, nseq, sorted(seqs), exts
 
 
-def _parse_data(r: _Reader, st: Stream, lay: _Layout) -> None:
+def _parse_data(r: SlotReader, st: Stream, lay: _Layout) -> None:
     at = r.pos
     st.v_trans = r.u32("v_trans")
-    _check(st.v_trans in (0, 1), at, f"v_trans must be 0 or 1, found {st.v_trans}")
+    expect(st.v_trans in (0, 1), at, f"v_trans must be 0 or 1, found {st.v_trans}")
     st.n_layer = r.u32("n_layer")
-    _check(1 <= st.n_layer <= MAX_LAYERS, at + 4, f"implausible n_layer {st.n_layer}")
+    expect(1 <= st.n_layer <= MAX_LAYERS, at + 4, f"implausible n_layer {st.n_layer}")
     if lay.rot_fields:
         st.n_rot_k = r.u32("n_rot_k")
         st.n_rot_v = r.u32("n_rot_v")
     n = st.cell_count
-    st.k_layers = [_rows_layer(r, n, "K", il, 8) for il in range(st.n_layer)]
+    st.k_layers = [rows_layer(r, n, "K", il, 8) for il in range(st.n_layer)]
     if not lay.v_layers:
         return
     if st.v_trans:
-        st.v_layers = [_trans_layer(r, n, il, 4, None) for il in range(st.n_layer)]
+        st.v_layers = [trans_layer(r, n, il, 4, None) for il in range(st.n_layer)]
     else:
-        st.v_layers = [_rows_layer(r, n, "V", il, 8) for il in range(st.n_layer)]
+        st.v_layers = [rows_layer(r, n, "V", il, 8) for il in range(st.n_layer)]

@@ -20,6 +20,7 @@ models) raises ``Unsupported`` naming why, and the auto-cache stores nothing for
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,8 @@ _U32 = struct.Struct("<I")
 
 class PrefixEntryError(SlotFileError):
     """An entry body or chunk set that does not describe a loadable prefix."""
+
+    code = 28
 
 
 class Unsupported(ValueError):
@@ -219,7 +222,7 @@ class Cut:
         chunks: list[Buffer] = []
         tags: list[int] = []
         ids: list[tuple] = []
-        tok = memoryview(self.tokens).cast("B")
+        tok = self.tokens.data.cast("B")
         for w in range(n_win):
             end = min((w + 1) * self.window, length)
             chunks.append(tok[4 * w * self.window : 4 * end])
@@ -269,14 +272,14 @@ def cut(slot: SlotFile, window: int) -> Cut:
 # --------------------------------------------------------------------------- writing a slot file
 
 
-def entry_tokens(entry: Entry, chunks: list[Buffer]) -> np.ndarray:
+def entry_tokens(entry: Entry, chunks: Sequence[Buffer]) -> np.ndarray:
     """The entry's token ids (from its token chunks; lengths checked)."""
     n_win = len(window_counts(entry.n_tokens, entry.window))
     _check_chunks(entry, chunks)
     return np.frombuffer(b"".join(memoryview(c).cast("B") for c in chunks[:n_win]), "<i4")
 
 
-def _check_chunks(entry: Entry, chunks: list[Buffer]) -> None:
+def _check_chunks(entry: Entry, chunks: Sequence[Buffer]) -> None:
     want = chunk_lengths(entry)
     if len(chunks) != len(want):
         raise PrefixEntryError(f"prefix entry of {entry.n_tokens} tokens needs {len(want)} chunks, got {len(chunks)}")
@@ -321,7 +324,7 @@ def _plan(entry: Entry, n_stream: int | None) -> list[bytes | int | tuple[int, i
     return plan
 
 
-def synthesize(entry: Entry, chunks: list[Buffer], n_stream: int | None = None) -> list[Buffer]:
+def synthesize(entry: Entry, chunks: Sequence[Buffer], n_stream: int | None = None) -> list[Buffer]:
     """The slot file of the entry, as consecutive parts (views of the chunks where rows allow).
 
     ``n_stream``: the target server's stream count (default: the saving server's); the cells go

@@ -40,7 +40,7 @@ def as_tokens(tokens) -> np.ndarray:
 
 def window_chain(h0: bytes, tokens: np.ndarray, window: int, limit: int = MAX_PREFIX_WINDOWS) -> list[bytes]:
     """``[h_1, ..., h_K]`` for the K = min(len // W, limit) whole windows of ``tokens``."""
-    raw = memoryview(as_tokens(tokens)).cast("B")
+    raw = as_tokens(tokens).data.cast("B")
     step = 4 * window
     out: list[bytes] = []
     h = h0
@@ -58,7 +58,7 @@ def prefix_digest(h0: bytes, chain: list[bytes], tokens: np.ndarray, length: int
     base = chain[k - 1] if k else h0
     if not rest:
         return base
-    tail = memoryview(as_tokens(tokens[k * window : length])).cast("B")
+    tail = as_tokens(tokens[k * window : length]).data.cast("B")
     return xxhash.xxh3_128_digest(base + tail)
 
 

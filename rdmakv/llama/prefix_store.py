@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client import Store
+from ..client.reports import RestoreReport
+from ..client.store import Store
 from ..errors import MissingChunksError, StoreFullError
 from ..hashing import key_function, keys_array
-from ..kvstate import RestoreReport
 from ..wire import manifest as mf
 from . import prefix_entry as pe
 from . import prefix_names as pn
@@ -91,7 +91,7 @@ def fetch_into_map(store: Store, name: str, mapped: MappedScratch, path: Path, n
         try:
             for at, raw in fixed:
                 view[at : at + len(raw)] = raw
-            store.fill_tcp(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by its key
+            store.tcp.fill_view(manifest.keys, manifest.lengths, offsets, view)  # every chunk checked by its key
             tokens = np.frombuffer(view, "<i4", entry.n_tokens, 12).copy()  # the token chunks come first
         finally:
             view.release()

@@ -46,9 +46,13 @@ from .completion_request import ENDPOINTS as COMPLETION_ENDPOINTS
 from .local_cache import LocalCache
 from .scratch import ScratchFiles, remove, sweep, work_dir
 from .store_pool import DEFAULT_POOL_SIZE, StorePool
+from .upstream import llama_error
 
 if TYPE_CHECKING:  # aiohttp is optional: imported where it is used
+    import aiohttp
     from aiohttp import web
+
+    from .auto_cache import AutoCache
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -57,21 +61,15 @@ HOP_BY_HOP = {
 SLOT_PATH = re.compile(r"^(?P<prefix>.*)/slots/(?P<id>[^/]+)$")
 
 
-def llama_error(status: int, message: str, etype: str) -> web.Response:
-    from aiohttp import web
-
-    return web.json_response({"error": {"code": status, "message": message, "type": etype}}, status=status)
-
-
 class Proxy:
     def __init__(self, upstream: str, slot_dir: str, store: StorePool, local: LocalCache | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.slot_dir = Path(slot_dir)
         self.store = store
         self.local = local
-        self.session = None
+        self.session: aiohttp.ClientSession | None = None
         self.scratch = ScratchFiles(self.slot_dir)
-        self.auto = None  # rdmakv.llama.auto_cache.AutoCache with --auto-cache
+        self.auto: AutoCache | None = None  # with --auto-cache
 
     async def start(self) -> None:
         import aiohttp
@@ -102,6 +100,7 @@ class Proxy:
 
     async def forward_body(self, request, body: bytes):
         """``request`` to llama-server with ``body`` (a context manager giving its response)."""
+        assert self.session is not None  # (started)
         return self.session.request(
             request.method, self.upstream + request.path_qs, headers=self.clean_headers(request.headers), data=body
         )
@@ -210,7 +209,7 @@ class Proxy:
         try:
             report, parse_error = self.store.run(put_slotfile, name, memoryview(m))
         finally:
-            if size:
+            if isinstance(m, mmap.mmap):  # (size > 0)
                 _close_map(m)
         split_s = time.perf_counter() - t0 - report.wall_s
         cached = self.local is not None and self.local.adopt(name, scratch, report.manifest_xxh3)
@@ -231,7 +230,7 @@ class Proxy:
     async def slot_restore(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import ClientError, web
 
-        from ..kvstate import RestoreReport
+        from ..client.reports import RestoreReport
 
         body = await request.read()
         name = self._filename(body)
@@ -282,6 +281,7 @@ class Proxy:
 
         entry = self.local.get(name) if self.local is not None else None
         if entry is not None:
+            assert self.local is not None  # (the entry came from it)
             try:
                 current = self.store.run(manifest_xxh3, name)
                 verified = True
@@ -304,7 +304,7 @@ class Proxy:
         return "store", size, mx, True
 
     def _done_with(self, scratch: Path, keep_as: str | None, mx: int) -> None:
-        if keep_as is None or not self.local.adopt(keep_as, scratch, mx):
+        if keep_as is None or self.local is None or not self.local.adopt(keep_as, scratch, mx):
             self.scratch.release(scratch)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ..metrics_http import MetricsEndpoint
+
 
 class ProxyMetrics:
     def __init__(self) -> None:
@@ -27,20 +29,11 @@ class ProxyMetrics:
         self.restore_seconds = Histogram("rdmakv_llama_proxy_restore_seconds", "fetching a prefix and loading it "
                                          "into a slot", registry=r,
                                          buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))  # fmt: skip
-        self._http = None
+        self.endpoint = MetricsEndpoint(self.registry)
 
     def listen(self, addr: str) -> tuple[str, int]:
-        """Serve /metrics on ``HOST:PORT`` (port 0: any) from a thread; returns the bound address."""
-        from prometheus_client import start_http_server
-
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--metrics-listen wants HOST:PORT, got {addr!r}")
-        self._http, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
-        return self._http.server_address[:2]
+        """Serve /metrics on ``HOST:PORT`` (port 0: any); returns the bound address."""
+        return self.endpoint.listen(addr)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        self.endpoint.close()

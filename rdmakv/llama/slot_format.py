@@ -1,7 +1,7 @@
 """The slot-file model shared by every version's parser: limits, errors, the parsed structure
 (blocks, streams, layer regions) and a bounds-checked reader.
 
-Format facts: ``shared/llama-slot-format.md``.
+Format facts: ``docs/llama-slot-format.md``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ GGML_TYPE_NAMES = {
     29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
 }  # fmt: skip
 
-_U32 = struct.Struct("<I")
+U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
-_U64 = struct.Struct("<Q")
-_HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+HEADER = struct.Struct("<III")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -50,6 +50,8 @@ def ggml_type_name(type_id: int) -> str:
 
 class SlotFileError(CodecError):
     """Bytes that are not a slot file this codec can chunk (or a bad manifest body)."""
+
+    code = 27
 
     def __init__(self, message: str, offset: int | None = None) -> None:
         super().__init__(message)
@@ -135,7 +137,7 @@ class SlotFile:
 # --------------------------------------------------------------------------- reader
 
 
-class _Fail(Exception):
+class SlotFormatFail(Exception):
     """A candidate layout does not fit; carries where and why."""
 
     def __init__(self, offset: int, message: str) -> None:
@@ -144,7 +146,7 @@ class _Fail(Exception):
         self.message = message
 
 
-class _Reader:
+class SlotReader:
     __slots__ = ("buf", "pos", "end")
 
     def __init__(self, buf: memoryview, pos: int) -> None:
@@ -158,11 +160,11 @@ class _Reader:
 
     def need(self, n: int, what: str) -> None:
         if n > self.left:
-            raise _Fail(self.pos, f"{what}: needs {n} bytes, only {self.left} left")
+            raise SlotFormatFail(self.pos, f"{what}: needs {n} bytes, only {self.left} left")
 
     def u32(self, what: str) -> int:
         self.need(4, what)
-        (v,) = _U32.unpack_from(self.buf, self.pos)
+        (v,) = U32.unpack_from(self.buf, self.pos)
         self.pos += 4
         return int(v)
 
@@ -174,7 +176,7 @@ class _Reader:
 
     def u64(self, what: str) -> int:
         self.need(8, what)
-        (v,) = _U64.unpack_from(self.buf, self.pos)
+        (v,) = U64.unpack_from(self.buf, self.pos)
         self.pos += 8
         return int(v)
 
@@ -188,37 +190,37 @@ class _Reader:
         return start
 
 
-def _check(cond: bool, offset: int, message: str) -> None:
+def expect(cond: bool, offset: int, message: str) -> None:
     if not cond:
-        raise _Fail(offset, message)
+        raise SlotFormatFail(offset, message)
 
 
 # --------------------------------------------------------------------------- layer regions (every version)
 
 
-def _layer_type(r: _Reader, kind: str, il: int) -> int:
+def _layer_type(r: SlotReader, kind: str, il: int) -> int:
     at = r.pos
     t = r.i32(f"{kind} layer {il} type")
-    _check(0 <= t < MAX_TYPE_ID, at, f"{kind} layer {il}: implausible ggml type {t}")
+    expect(0 <= t < MAX_TYPE_ID, at, f"{kind} layer {il}: implausible ggml type {t}")
     return t
 
 
-def _rows_layer(r: _Reader, n: int, kind: str, il: int, width: int) -> LayerRegion:
+def rows_layer(r: SlotReader, n: int, kind: str, il: int, width: int) -> LayerRegion:
     hoff = r.pos
     t = _layer_type(r, kind, il)
     row = r.uint(width, f"{kind} layer {il} row size")
-    _check(1 <= row <= MAX_ROW_BYTES, hoff + 4, f"{kind} layer {il}: implausible row size {row}")
+    expect(1 <= row <= MAX_ROW_BYTES, hoff + 4, f"{kind} layer {il}: implausible row size {row}")
     doff = r.skip(n * row, f"{kind} layer {il} data ({n} rows x {row} B)")
     return LayerRegion(kind, il, t, hoff, doff, row, cell_count=n)
 
 
-def _trans_layer(r: _Reader, n: int, il: int, el_width: int, n_embd: int | None) -> LayerRegion:
+def trans_layer(r: SlotReader, n: int, il: int, el_width: int, n_embd: int | None) -> LayerRegion:
     hoff = r.pos
     t = _layer_type(r, "V", il)
     el = r.uint(el_width, f"V layer {il} element size")
-    _check(1 <= el <= 8, hoff + 4, f"V layer {il}: implausible transposed element size {el}")
+    expect(1 <= el <= 8, hoff + 4, f"V layer {il}: implausible transposed element size {el}")
     if n_embd is None:
         n_embd = r.u32(f"V layer {il} n_embd_v_gqa")
-        _check(1 <= n_embd <= MAX_N_EMBD, hoff + 8, f"V layer {il}: implausible n_embd {n_embd}")
+        expect(1 <= n_embd <= MAX_N_EMBD, hoff + 8, f"V layer {il}: implausible n_embd {n_embd}")
     doff = r.skip(n * n_embd * el, f"V layer {il} transposed data ({n_embd} x {n} x {el} B)")
     return LayerRegion("V", il, t, hoff, doff, n_embd * el, True, el, n_embd, n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,16 +12,16 @@ import numpy as np
 import xxhash
 
 from .slot_chunks import (
-    _BODY_HEAD,
-    _BODY_MAGIC,
-    _BODY_VERSION,
-    _MODE_OPAQUE,
-    _MODE_PARSED,
-    _REGION_DTYPE,
-    _WIN_DTYPE,
-    _Plan,
+    BODY_HEAD,
+    BODY_MAGIC,
+    BODY_VERSION,
+    MODE_OPAQUE,
+    MODE_PARSED,
+    REGION_DTYPE,
+    WIN_DTYPE,
+    SlotPlan,
 )
-from .slot_format import MAX_BODY_PAYLOAD, MAX_ROW_BYTES, Buffer, SlotFileError, _Fail, _Reader
+from .slot_format import MAX_BODY_PAYLOAD, MAX_ROW_BYTES, Buffer, SlotFileError, SlotFormatFail, SlotReader
 
 
 @dataclass
@@ -32,7 +33,7 @@ class _Body:
     window: int = 0
     layout: str = ""
     skeleton: bytes = b""
-    plans: list[_Plan] = field(default_factory=list)
+    plans: list[SlotPlan] = field(default_factory=list)
     regions: np.ndarray | None = None
 
 
@@ -40,40 +41,41 @@ def describe_body(body: bytes) -> dict[str, Any]:
     """What a manifest body says (for operators): opaque or parsed, sizes, layout."""
     b = _decode_body(body)
     out: dict[str, Any] = {"file_size": b.file_size, "file_xxh3": f"{b.file_hash:016x}"}
-    if b.mode == _MODE_OPAQUE:
+    if b.mode == MODE_OPAQUE:
         return out | {"opaque": True, "error": b.error}
-    n_chunks = sum(len(b.plans[int(s)].windows) for s in b.regions["stream"])  # type: ignore[index]
+    assert b.regions is not None  # (a parsed body has its regions)
+    n_chunks = sum(len(b.plans[int(s)].windows) for s in b.regions["stream"])
     return out | {"opaque": False, "layout": b.layout, "window": b.window, "n_chunks": n_chunks}
 
 
 def _decode_body(body: Buffer) -> _Body:
     body = bytes(body)
-    if len(body) < _BODY_HEAD.size:
+    if len(body) < BODY_HEAD.size:
         raise SlotFileError(f"slot-file manifest body too short ({len(body)} bytes)")
-    magic, version, mode, _, size, fhash = _BODY_HEAD.unpack_from(body)
-    if magic != _BODY_MAGIC or version != _BODY_VERSION:
+    magic, version, mode, _, size, fhash = BODY_HEAD.unpack_from(body)
+    if magic != BODY_MAGIC or version != BODY_VERSION:
         raise SlotFileError(f"not a slot-file manifest body (magic {magic!r}, version {version})")
-    if mode == _MODE_OPAQUE:
-        return _Body(mode, size, fhash, error=body[_BODY_HEAD.size :].decode("utf-8", "replace"))
-    if mode != _MODE_PARSED:
+    if mode == MODE_OPAQUE:
+        return _Body(mode, size, fhash, error=body[BODY_HEAD.size :].decode("utf-8", "replace"))
+    if mode != MODE_PARSED:
         raise SlotFileError(f"slot-file manifest body has unknown mode {mode}")
     try:
         # the payload is the file's non-KV bytes plus small tables: never more than the file,
         # and never more than MAX_BODY_PAYLOAD whatever the body claims
         limit = min(size + (1 << 20), MAX_BODY_PAYLOAD)
         z = zlib.decompressobj()
-        payload = z.decompress(body[_BODY_HEAD.size :], limit)
+        payload = z.decompress(body[BODY_HEAD.size :], limit)
         if z.unconsumed_tail:
             raise SlotFileError(f"slot-file manifest body inflates past its declared {size}-byte file")
         if not z.eof:
             raise zlib.error("incomplete or truncated stream")
         return _decode_payload(_Body(mode, size, fhash), memoryview(payload))
-    except (zlib.error, _Fail, ValueError) as e:
+    except (zlib.error, SlotFormatFail, ValueError) as e:
         raise SlotFileError(f"corrupt slot-file manifest body: {e}") from None
 
 
 def _decode_payload(b: _Body, p: memoryview) -> _Body:
-    r = _Reader(p, 0)
+    r = SlotReader(p, 0)
     b.window = r.u32("window")
     (n,) = struct.unpack_from("<H", p, r.skip(2, "layout length"))
     at = r.skip(n, "layout")
@@ -88,12 +90,12 @@ def _decode_payload(b: _Body, p: memoryview) -> _Body:
         order = None
         if not ordered:
             order = np.frombuffer(p, "<u4", n, r.skip(4 * n, "order")).astype(np.int64)
-        wins = np.frombuffer(p, _WIN_DTYPE, nwin, r.skip(nwin * _WIN_DTYPE.itemsize, "windows"))
+        wins = np.frombuffer(p, WIN_DTYPE, nwin, r.skip(nwin * WIN_DTYPE.itemsize, "windows"))
         if int(wins["count"].sum(dtype=np.int64)) != n:
             raise ValueError(f"window counts do not add up to {n} cells")
-        b.plans.append(_Plan(n, order, wins))
+        b.plans.append(SlotPlan(n, order, wins))
     nreg = r.u32("region count")
-    b.regions = np.frombuffer(p, _REGION_DTYPE, nreg, r.skip(nreg * _REGION_DTYPE.itemsize, "regions"))
+    b.regions = np.frombuffer(p, REGION_DTYPE, nreg, r.skip(nreg * REGION_DTYPE.itemsize, "regions"))
     if r.left:
         raise ValueError(f"{r.left} trailing bytes")
     _check_regions(b.regions, len(b.plans))
@@ -116,11 +118,11 @@ def rebuild(body: Buffer, chunks: list[Buffer]) -> bytes:
     return b"".join(rebuild_parts(body, chunks))
 
 
-def rebuild_parts(body: Buffer, chunks: list[Buffer]) -> list[Buffer]:
+def rebuild_parts(body: Buffer, chunks: Sequence[Buffer]) -> list[Buffer]:
     """The original file as consecutive parts (views of the body and chunks where the layout
     allows), checked against the recorded size and xxh3: a writer needs no joined copy."""
     b = _decode_body(body)
-    if b.mode == _MODE_OPAQUE:
+    if b.mode == MODE_OPAQUE:
         want = 1 if b.file_size else 0
         if len(chunks) != want:
             raise SlotFileError(f"opaque slot file needs {want} chunk(s), got {len(chunks)}")
@@ -145,7 +147,7 @@ def rebuild_parts(body: Buffer, chunks: list[Buffer]) -> list[Buffer]:
     return parts
 
 
-def _assemble(b: _Body, chunks: list[Buffer]) -> list[Buffer]:
+def _assemble(b: _Body, chunks: Sequence[Buffer]) -> list[Buffer]:
     assert b.regions is not None
     counts = [len(b.plans[int(s)].windows) for s in b.regions["stream"]]
     if len(chunks) != sum(counts):
@@ -164,7 +166,7 @@ def _assemble(b: _Body, chunks: list[Buffer]) -> list[Buffer]:
     return [p for p in out if memoryview(p).nbytes]
 
 
-def _region_bytes(reg: np.void, plan: _Plan, parts: list[Buffer], first: int) -> list[Buffer]:
+def _region_bytes(reg: np.void, plan: SlotPlan, parts: Sequence[Buffer], first: int) -> list[Buffer]:
     row = int(reg["row"])
     for i, (part, count) in enumerate(zip(parts, plan.windows["count"], strict=True)):
         if len(memoryview(part).cast("B")) != int(count) * row:

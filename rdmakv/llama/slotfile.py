@@ -1,7 +1,7 @@
 """llama.cpp sequence-state ("ggsq") slot-file codec: parse, chunk, rebuild. The entry point.
 
 Pure: bytes in, objects out (``load`` is the only helper that touches a path).
-The format facts are in ``shared/llama-slot-format.md``; in short, a slot file is::
+The format facts are in ``docs/llama-slot-format.md``; in short, a slot file is::
 
     u32 magic 'ggsq' | u32 version | u32 n_words | n_words x i32 token words | KV state
 
@@ -28,12 +28,12 @@ from .parse_v1 import parse_v1
 from .parse_v2 import parse_state
 from .slot_chunks import make_tag, parse_tag, split, split_opaque
 from .slot_format import (
-    _HEADER,
-    _U32,
+    HEADER,
     MAGIC_GGSN,
     MAGIC_GGSQ,
     SUPPORTED_VERSIONS,
     TOKEN_NULL,
+    U32,
     Buffer,
     KVBlock,
     LayerRegion,
@@ -73,9 +73,9 @@ __all__ = [
 def parse(data: Buffer) -> SlotFile:
     """Parse a ggsq slot file; raise SlotFileError naming what was found."""
     buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-    if len(buf) < _HEADER.size:
+    if len(buf) < HEADER.size:
         raise SlotFileError(f"file too short for a ggsq header ({len(buf)} bytes, need 12)", 0)
-    magic, version, n_words = _HEADER.unpack_from(buf, 0)
+    magic, version, n_words = HEADER.unpack_from(buf, 0)
     _check_magic(magic, bytes(buf[:4]))
     if version not in SUPPORTED_VERSIONS:
         raise SlotFileError(
@@ -83,11 +83,11 @@ def parse(data: Buffer) -> SlotFile:
             f"(this build reads {', '.join(map(str, SUPPORTED_VERSIONS))})",
             4,
         )
-    body_start = _HEADER.size + 4 * n_words
+    body_start = HEADER.size + 4 * n_words
     if body_start > len(buf):
         raise SlotFileError(
             f"ggsq v{version}: header declares {n_words} token words ({4 * n_words} bytes) "
-            f"but the file has only {len(buf) - _HEADER.size} bytes after the header",
+            f"but the file has only {len(buf) - HEADER.size} bytes after the header",
             8,
         )
     if body_start == len(buf):
@@ -96,7 +96,7 @@ def parse(data: Buffer) -> SlotFile:
             f"(file ends at offset {body_start})",
             body_start,
         )
-    words = np.frombuffer(buf, dtype="<i4", count=n_words, offset=_HEADER.size)
+    words = np.frombuffer(buf, dtype="<i4", count=n_words, offset=HEADER.size)
     tokens, packed, note = _decode_tokens(words)
     layout, ext, blocks = _parse_state(buf, body_start, version)
     return SlotFile(buf, version, layout, words, tokens, packed, note, ext, blocks)
@@ -152,7 +152,7 @@ def _decode_packed(words: np.ndarray) -> np.ndarray:
     for m in range(n_media):
         if off + 4 > 4 * len(words):
             raise ValueError(f"packed token blob: media chunk {m} header past the end")
-        off += 4 + _U32.unpack_from(raw, off)[0]
+        off += 4 + U32.unpack_from(raw, off)[0]
     if (off + 3) // 4 != len(words):
         raise ValueError(f"packed token blob: {4 * len(words) - off} unexpected trailing bytes")
     return words[3 : 3 + n_tok]

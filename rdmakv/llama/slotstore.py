@@ -7,9 +7,9 @@ from collections import OrderedDict
 
 import xxhash
 
-from ..client import Store
+from ..client.reports import RestoreReport, SaveReport
+from ..client.store import Store
 from ..errors import MissingChunksError
-from ..kvstate import RestoreReport, SaveReport
 from ..wire import manifest as mf
 from . import prefix_entry, slotfile
 
@@ -52,13 +52,13 @@ RECENT = RecentManifests()
 
 
 def put_slotfile(
-    store: Store, name: str, data: bytes | memoryview, window: int | None = None,
+    store: Store, name: str, data: bytes | bytearray | memoryview, window: int | None = None,
     recent: RecentManifests | None = RECENT,
 ) -> tuple[SaveReport, str]:  # fmt: skip
     """Store a slot file; returns (report, parse error or ""). Unparseable files are kept whole."""
     window = window or store.window
     ident = (xxhash.xxh3_128_digest(data), window, store.hash_alg) if recent is not None else None
-    hit = recent.get(ident) if recent is not None else None
+    hit = recent.get(ident) if recent is not None and ident is not None else None
     if hit is not None:
         try:  # every chunk is still stored: one round trip, nothing cut or hashed
             return store.save_manifest(name, hit[0], [None] * hit[0].n_chunks), hit[1]
@@ -68,7 +68,7 @@ def put_slotfile(
     chunks = [c for _, c in cut]
     manifest = store.build_object(mf.KIND_SLOTFILE, body, chunks, [t for t, _ in cut])
     report = store.save_manifest(name, manifest, chunks)
-    if recent is not None:
+    if recent is not None and ident is not None:
         recent.put(ident, manifest, error or "")
     return report, error or ""
 

@@ -24,6 +24,8 @@ DEFAULT_POOL_WAIT_S = 30.0
 class PoolBusyError(RdmakvError):
     """Every connection stayed busy for the whole wait."""
 
+    code = 26
+
 
 class StorePool:
     def __init__(self, url: str, transport: str, window: int, size: int = DEFAULT_POOL_SIZE,
@@ -63,7 +65,7 @@ class StorePool:
             self._cv.notify()
 
     def _connect(self) -> Any:
-        from ..client import connect
+        from ..client.store import connect
 
         return connect(self.url, transport=self.transport, window=self.window, timeout=30)
 

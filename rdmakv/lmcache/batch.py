@@ -17,14 +17,16 @@ This is what LMCache's batched calls become, without LMCache (testable on any bu
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from ..client import Store
+from ..client.reports import RestoreReport
+from ..client.store import Store
+from ..client.transport import Dest, Fallback
 from ..errors import ConnectionLost, RdmakvError
-from ..kvstate import RestoreReport
 from ..wire import batches
 from ..wire import manifest as mf
 from ..wire.messages import Locations
@@ -59,7 +61,7 @@ def save_many(store: Store, items: Sequence[tuple[str, mf.Manifest, Sequence[mem
                 out.failed.append((todo[i][0], f"{o.message} (code {o.code})"))
         if not cold:
             return out
-        if store.rdma is not None and store.rdma.usable and store.rdma_writes:
+        if store.active_transport == "rdma" and store.rdma_writes:
             for i, _ in cold:  # the native save: reservation, WRITE, COMMIT
                 name, m, chunks = todo[i]
                 try:
@@ -100,7 +102,7 @@ def lookup_many(store: Store, names: Sequence[str], rep: RestoreReport, *, one_s
     """Each name's manifest (and locations when the connection reads by RDMA), or None when it
     is not stored. One-sided first (unless ``one_sided`` is False); one GET_MANIFESTS for the rest."""
     out: list[Located | None] = [None] * len(names)
-    rdma = store.rdma if store.rdma is not None and store.rdma.usable else None
+    rdma = store.rdma if store.active_transport == "rdma" else None
     if one_sided and rdma is not None and rdma.index is not None and rdma.one_sided:
         from ..rdma.errors import RdmaError
 
@@ -120,7 +122,7 @@ def lookup_many(store: Store, names: Sequence[str], rep: RestoreReport, *, one_s
 
 def _lookup_tcp(store: Store, names: Sequence[str], idx: list[int], out: list[Located | None],
                 rep: RestoreReport) -> None:  # fmt: skip
-    want = store.rdma is not None and store.rdma.usable
+    want = store.active_transport == "rdma"
     mark = store.channel.mark()
     for start in range(0, len(idx), batches.MAX_BATCH):
         part = idx[start : start + batches.MAX_BATCH]
@@ -136,16 +138,6 @@ def _lookup_tcp(store: Store, names: Sequence[str], idx: list[int], out: list[Lo
     rep.round_trips += rts
 
 
-@dataclass
-class Dest:
-    """Where fetched values go: ``view`` (uint8) is a buffer whose first byte is at ``addr``;
-    ``lkey`` is its registration on the store's RDMA connection (None: TCP only)."""
-
-    view: np.ndarray
-    addr: int
-    lkey: int | None = None
-
-
 def read_many(store: Store, values: Sequence[tuple[mf.Manifest, Locations | None, int]], dest: Dest,
               rep: RestoreReport, *, strict: bool = False) -> str:  # fmt: skip
     """Every chunk of each (manifest, locations, offset of the value in ``dest``) into place,
@@ -156,19 +148,27 @@ def read_many(store: Store, values: Sequence[tuple[mf.Manifest, Locations | None
     keys = np.concatenate([m.keys for m, _, _ in values])
     lengths = np.concatenate([m.lengths for m, _, _ in values])
     offsets = np.concatenate([m.packed_offsets() + np.uint64(at) for m, _, at in values])
-    rdma = store.rdma if store.rdma is not None and store.rdma.usable else None
+    rdma = store.rdma if store.active_transport == "rdma" else None
     locs = [loc for _, loc, _ in values if loc is not None]
     loc = merge_locations(locs) if rdma is not None and dest.lkey is not None and len(locs) == len(values) else None
-    if rdma is not None and dest.lkey is not None and loc is not None:
-        got = rdma.read_into(keys, lengths, offsets, loc, dest.view, dest.addr, dest.lkey, rep, strict=strict)
-        if got != "failed":
+    if rdma is not None and loc is not None:
+        got = _counted(store, rep, lambda: rdma.fill(keys, lengths, offsets, loc, dest, rep, strict=strict))
+        if not isinstance(got, Fallback):
             return got
-    mark = store.channel.mark()
-    store.fill_tcp(keys, lengths, offsets, memoryview(dest.view))
-    nbytes, rts = store.channel.usage_since(mark)
-    rep.transport, rep.bytes, rep.round_trips = "tcp", rep.bytes + nbytes, rep.round_trips + rts
-    rep.chunks += len(keys)
+        rep.fallback_reason = rep.fallback_reason or got.reason
+    _counted(store, rep, lambda: store.tcp.fill(keys, lengths, offsets, None, dest, rep))
     return "ok"
+
+
+def _counted(store: Store, rep: RestoreReport, step: Callable[[], Any]) -> Any:
+    """``step()``, with the bytes and round trips it cost on the store's channel in ``rep``."""
+    mark = store.channel.mark()
+    try:
+        return step()
+    finally:
+        nbytes, rts = store.channel.usage_since(mark)
+        rep.bytes += nbytes
+        rep.round_trips += rts
 
 
 def merge_locations(locs: Sequence[Locations]) -> Locations | None:

@@ -37,9 +37,9 @@ from lmcache.v1.protocol import RemoteMetadata
 from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext, extract_plugin_type
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
-from ..client import Store, connect
+from ..client.reports import RestoreReport
+from ..client.store import Store, connect
 from ..errors import AuthError, CodecError, ManifestError, RdmakvError
-from ..kvstate import RestoreReport
 from ..wire import manifest as mf
 from . import batch, values
 from .lanes import Lane, Unavailable
@@ -139,7 +139,7 @@ class RdmakvConnector(RemoteConnector):
         connection has RDMA (the server does nothing), one HAS_MANIFESTS for what they leave."""
         names = [values.value_name(k.to_string()) for k in keys]
         n = 0
-        rdma = store.rdma if store.rdma is not None and store.rdma.usable else None
+        rdma = store.rdma if store.active_transport == "rdma" else None
         if rdma is not None and rdma.index is not None and rdma.one_sided:
             from ..rdma.errors import RdmaError
 
@@ -183,7 +183,7 @@ class RdmakvConnector(RemoteConnector):
         try:
             for i, (key_string, found) in enumerate(zip(strings, located)):
                 checked = self._check(key_string, found.manifest) if found is not None else None
-                if checked is None:
+                if checked is None or found is None:  # (found is None: checked is too)
                     continue
                 m, meta = checked
                 obj = self.local_cpu_backend.allocate(meta.shapes, meta.dtypes, meta.fmt)
@@ -191,7 +191,7 @@ class RdmakvConnector(RemoteConnector):
                     self.counters["allocation_failures"] += 1
                     break
                 objs[i] = obj
-                plan.append((m, found, obj))  # type: ignore[arg-type]
+                plan.append((m, found, obj))
             if self._read(store, plan, rep, strict=any(f.one_sided for _, f, _ in plan)) == "moved":
                 _release(objs)
                 return self._fetch(store, keys, one_sided=False)  # a chunk moved under the READs
@@ -214,19 +214,26 @@ class RdmakvConnector(RemoteConnector):
                 raise CodecError(f"a {mf.KIND_NAMES[m.kind]} manifest, not an LMCache value")
             body = values.decode_body(m.body)
         except (CodecError, ManifestError) as e:
-            return self._mismatch(f"the stored value is unreadable: {e}", key_string)
+            self._mismatch(f"the stored value is unreadable: {e}", key_string)
+            return None
         if body.key_string != key_string:
-            return self._mismatch(f"the stored value under its name belongs to {body.key_string!r}", key_string)
+            self._mismatch(f"the stored value under its name belongs to {body.key_string!r}", key_string)
+            return None
         if len(body.header) != self.remote_metadata_bytes:
             theirs, ours = len(body.header), self.remote_metadata_bytes
-            return self._mismatch(f"a stored header of {theirs} bytes; this engine's are {ours} (another number "
-                                  "of KV groups)", key_string)  # fmt: skip
+            self._mismatch(f"a stored header of {theirs} bytes; this engine's are {ours} (another number "
+                           "of KV groups)", key_string)  # fmt: skip
+            return None
         try:
             meta = RemoteMetadata.deserialize(body.header)
         except Exception as e:  # noqa: BLE001 - LMCache's decoder raises anything for a bad header
-            return self._mismatch(f"the stored header does not decode: {e!r}", key_string)
+            self._mismatch(f"the stored header does not decode: {e!r}", key_string)
+            return None
         why = self._metadata_mismatch(meta, m.total_bytes)
-        return self._mismatch(f"the stored value has {why}", key_string) if why else (m, meta)
+        if why:
+            self._mismatch(f"the stored value has {why}", key_string)
+            return None
+        return m, meta
 
     def _metadata_mismatch(self, meta: RemoteMetadata, stored: int) -> str:
         if meta.fmt != self.meta_fmt:
@@ -260,7 +267,7 @@ class RdmakvConnector(RemoteConnector):
                 inside.append((m, found.loc, at))
             else:
                 outside.append((m, obj))
-        if inside and batch.read_many(store, inside, buf, rep, strict=strict) == "moved":  # type: ignore[arg-type]
+        if inside and buf is not None and batch.read_many(store, inside, buf, rep, strict=strict) == "moved":
             return "moved"
         for m, obj in outside:
             view = np.frombuffer(obj.byte_array, dtype=np.uint8)
@@ -351,7 +358,7 @@ class RdmakvConnector(RemoteConnector):
 
     # -- the rest of the interface ---------------------------------------------------------
     async def list(self) -> list[str]:
-        rows = await self._guarded("list", [], self.gets, lambda st: st.list(values.NAME_PREFIX))
+        rows: list[dict[str, Any]] = await self._guarded("list", [], self.gets, lambda st: st.list(values.NAME_PREFIX))
         return [row["name"] for row in rows]
 
     def remove_sync(self, key: CacheEngineKey) -> bool:
@@ -402,19 +409,20 @@ class RdmakvConnector(RemoteConnector):
     async def _guarded(self, what: str, default: T, lane: Lane, fn: Callable[[Store], T]) -> T:
         try:
             return await asyncio.wrap_future(lane.submit(fn))
-        except Unavailable:
-            self.counters[f"{what}_unavailable"] += 1
         except Exception as e:  # noqa: BLE001 - nothing may escape into LMCache
-            self.counters[f"{what}_errors"] += 1
-            self._say(f"{what} failed: {type(e).__name__}: {e}")
-        return default
+            return self._failed(what, default, e)
 
     def _wait(self, what: str, default: T, fn: Callable[[Store], T]) -> T:
         try:
             return self.gets.call(fn, self.settings.timeout + 5)
-        except Unavailable:
-            self.counters[f"{what}_unavailable"] += 1
         except Exception as e:  # noqa: BLE001 - nothing may escape into LMCache
+            return self._failed(what, default, e)
+
+    def _failed(self, what: str, default: T, e: Exception) -> T:
+        """A call that failed: counted (the store unreachable, or an error, said once per call)."""
+        if isinstance(e, Unavailable):
+            self.counters[f"{what}_unavailable"] += 1
+        else:
             self.counters[f"{what}_errors"] += 1
             self._say(f"{what} failed: {type(e).__name__}: {e}")
         return default

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from ..client import Store
+from ..client.store import Store
 from ..errors import BusyError, ConnectionLost, RdmakvError
 
 log = logging.getLogger("rdmakv.lmcache")
@@ -116,7 +116,7 @@ class Lane:
         if self.on_connect is not None:
             try:
                 self.on_connect(store)
-            except Exception as e:  # noqa: BLE001 - a hook failing is a failed connect, reported
+            except Exception as e:
                 store.close()
                 self._failed_connect(f"setting the connection up failed: {e}")
                 raise Unavailable(self.down_reason) from e

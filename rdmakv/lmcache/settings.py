@@ -16,17 +16,13 @@ characters, or a keys file with the namespace's ``[[key]]`` (as ``rdmakv serve -
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import RdmakvError
-from ..url import StoreURL, parse_url
-from ..wire.auth import KEY_ENV, parse_key
-from ..wire.keyring import KeyRing
+from ..client.url import StoreURL, parse_url
+from ..errors import AuthError
+from ..wire.keyring import client_key_from_env
 
-KEY_FILE_ENV = "RDMAKV_KEY_FILE"
 OPTIONS = ("transport", "window", "timeout", "pin", "ttl", "hash_alg", "mac")
 DEFAULT_WINDOW = 64
 MAX_WINDOW = 1 << 20
@@ -99,22 +95,7 @@ def _number(q: dict, name: str, default, low, high, setting: str, kind):
 
 def load_key(namespace: str) -> bytes:
     """The client key for ``namespace``; SettingsError saying what is missing or wrong."""
-    value = os.environ.get(KEY_ENV)
-    if value:
-        try:
-            return parse_key(value)
-        except RdmakvError as e:
-            raise SettingsError(f"{KEY_ENV} is not a usable key: {e}") from None
-    path = os.environ.get(KEY_FILE_ENV)
-    if not path:
-        raise SettingsError(f"no key: set {KEY_ENV} (64 hex characters) or {KEY_FILE_ENV} (a keys file)")
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise SettingsError(f"{KEY_FILE_ENV}={path}: {e.strerror}") from None
-    try:
-        if "[[key]]" in text:
-            return KeyRing.parse(text, Path(path)).client_key(namespace)
-        return parse_key(text.strip())
-    except RdmakvError as e:
-        raise SettingsError(f"{KEY_FILE_ENV}={path}: {e}") from None
+        return client_key_from_env(namespace)
+    except AuthError as e:
+        raise SettingsError(str(e)) from None

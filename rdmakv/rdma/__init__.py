@@ -1,9 +1,10 @@
-"""The verbs glue: device and caps, PD/MR, RC QPs, the READ requester, READ plans, the server's
-exporter and the client's restorer. Only this package touches pyverbs, imported lazily."""
+"""The verbs glue: device and caps, PD/MR, RC QPs, the READ requester, READ plans and the
+client's restorer (the server's exporter builds on it from rdmakv.store.server). Only this
+package touches pyverbs, imported lazily."""
 
-from .device import Device, DeviceCaps, list_devices, pyverbs_status
+from .device import Device, DeviceCaps, list_devices, probe_device, pyverbs_status, rdma_here
 from .errors import RdmaError, RdmaUnavailable, ReadTimeout, WorkCompletionError
-from .memory import MemoryRegion, ProtectionDomain
+from .memory import MemoryRegion, ProtectionDomain, alloc_pd
 from .qp import QPInfo, Responder
 from .requester import ReadOp, ReadStats, Requester, Sge
 
@@ -22,6 +23,9 @@ __all__ = [
     "Responder",
     "Sge",
     "WorkCompletionError",
+    "alloc_pd",
     "list_devices",
+    "probe_device",
     "pyverbs_status",
+    "rdma_here",
 ]

@@ -13,23 +13,21 @@ import atexit
 import contextlib
 import errno
 import importlib
+import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from .errors import RdmaError, RdmaUnavailable
 
-if TYPE_CHECKING:
-    from .memory import ProtectionDomain
-
 # --------------------------------------------------------------------------- pyverbs loading
 
-_pv: _Pyverbs | None = None
+_pv: Pyverbs | None = None
 _pv_error: str | None = None
 _pv_lock = threading.Lock()
 
 
-class _Pyverbs:
+class Pyverbs:
     """The pyverbs modules we use, resolved once."""
 
     def __init__(self) -> None:
@@ -53,20 +51,20 @@ class _Pyverbs:
         self.version = getattr(importlib.import_module("pyverbs"), "__version__", "")
 
 
-def _load() -> _Pyverbs:
+def load_pyverbs() -> Pyverbs:
     global _pv, _pv_error
     if _pv is not None:
         return _pv
     with _pv_lock:
         if _pv is None and _pv_error is None:
             try:
-                _pv = _Pyverbs()
+                _pv = Pyverbs()
             except ImportError as exc:
                 _pv_error = (
                     f"pyverbs is not importable ({exc}); install Debian's "
                     "python3-pyverbs and use a venv made with --system-site-packages"
                 )
-            except Exception as exc:  # a broken build raises odd things (ABI mismatch)
+            except Exception as exc:  # noqa: BLE001 - a broken build raises odd things (ABI mismatch)
                 _pv_error = f"pyverbs failed to load: {type(exc).__name__}: {exc}"
     if _pv is None:
         raise RdmaUnavailable(_pv_error or "pyverbs failed to load")
@@ -76,13 +74,13 @@ def _load() -> _Pyverbs:
 def pyverbs_status() -> tuple[bool, str]:
     """(usable, explanation). Only checks that pyverbs imports, not that a device exists."""
     try:
-        pv = _load()
+        pv = load_pyverbs()
     except RdmaUnavailable as exc:
         return False, str(exc)
     return True, f"pyverbs {pv.version or '(unknown version)'} ({pv.e.__name__})"
 
 
-def _errno_text(exc: BaseException) -> str:
+def errno_text(exc: BaseException) -> str:
     code = getattr(exc, "error_code", None)
     if code:
         return f"{exc} [{errno.errorcode.get(code, code)}]"
@@ -91,10 +89,37 @@ def _errno_text(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- devices
 
+DEVICE_ENV = "RDMAKV_RDMA_DEVICE"  # names the device to use when a host has several
+
+
+def rdma_here() -> tuple[bool, str]:
+    """Whether this host can do RDMA at all (pyverbs and a device), without opening anything;
+    (False, why not) otherwise."""
+    ok, why = pyverbs_status()
+    if not ok:
+        return False, why
+    if not list_devices():
+        return False, "no RDMA device on this host"
+    return True, ""
+
+
+def probe_device() -> tuple[Device | None, str]:
+    """The one device probe, for the server's exporter and the client's restorer alike: the
+    device ``RDMAKV_RDMA_DEVICE`` names (else the first one), or (None, why there is none)."""
+    ok, why = pyverbs_status()
+    if not ok:
+        return None, why  # already says "pyverbs is not importable (...)"
+    if not list_devices():
+        return None, "no RDMA device on this host"
+    try:
+        return Device.open(os.environ.get(DEVICE_ENV) or None), ""
+    except RdmaError as e:
+        return None, str(e)
+
 
 def list_devices() -> list[str]:
     """Names of the RDMA devices the kernel exposes (empty when there are none)."""
-    pv = _load()
+    pv = load_pyverbs()
     try:
         return [dev.name.decode() for dev in pv.device.get_device_list()]
     except pv.err.PyverbsError:
@@ -102,7 +127,7 @@ def list_devices() -> list[str]:
         return []
 
 
-_MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
+MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
 _PORT_ACTIVE = 4
 _LINK_ETHERNET = 2
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -143,7 +168,7 @@ def _gid_to_bytes(gid_str: str) -> bytes:
     return bytes.fromhex(gid_str.replace(":", ""))
 
 
-def _gid_from_bytes(pv: _Pyverbs, raw: bytes) -> Any:
+def gid_from_bytes(pv: Pyverbs, raw: bytes) -> Any:
     h = raw.hex()
     return pv.addr.GID(":".join(h[i : i + 4] for i in range(0, 32, 4)))
 
@@ -190,7 +215,7 @@ class Device:
 
     @classmethod
     def _open_uncached(cls, name: str | None) -> Device:
-        pv = _load()
+        pv = load_pyverbs()
         names = list_devices()
         if not names:
             raise RdmaUnavailable(
@@ -205,7 +230,7 @@ class Device:
             try:
                 ctx = pv.device.Context(name=cand)
             except pv.err.PyverbsError as exc:
-                reasons.append(f"{cand}: cannot open ({_errno_text(exc)})")
+                reasons.append(f"{cand}: cannot open ({errno_text(exc)})")
                 continue
             try:
                 caps = cls._pick_port(pv, ctx, cand)
@@ -217,7 +242,7 @@ class Device:
         raise RdmaUnavailable("no usable RDMA port: " + "; ".join(reasons))
 
     @staticmethod
-    def _pick_port(pv: _Pyverbs, ctx: Any, name: str) -> DeviceCaps:
+    def _pick_port(pv: Pyverbs, ctx: Any, name: str) -> DeviceCaps:
         e = pv.e
         attr = ctx.query_device()
         why = []
@@ -268,7 +293,7 @@ class Device:
                 link_layer=int(pattr.link_layer),
                 lid=int(pattr.lid),
                 active_mtu=mtu,
-                mtu_bytes=_MTU_BYTES.get(mtu, 0),
+                mtu_bytes=MTU_BYTES.get(mtu, 0),
                 max_msg_sz=int(pattr.max_msg_sz),
                 max_sge=int(attr.max_sge),
                 max_sge_rd=int(attr.max_sge_rd),
@@ -287,14 +312,6 @@ class Device:
             raise RdmaError(f"device {self.caps.name} is closed")
         return self._ctx
 
-    def alloc_pd(self) -> ProtectionDomain:
-        from .memory import ProtectionDomain  # memory builds on this module
-
-        pv = _load()
-        try:
-            return ProtectionDomain(self, pv.pd.PD(self.context))
-        except pv.err.PyverbsError as exc:
-            raise RdmaError(f"{self.caps.name}: ibv_alloc_pd failed: {_errno_text(exc)}") from exc
 
     def close(self) -> None:
         """Close the context and, through pyverbs, everything still open under it.

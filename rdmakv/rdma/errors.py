@@ -1,20 +1,11 @@
-"""Errors of the verbs layer (all RdmakvError subclasses, so callers can catch one base)."""
+"""Errors of the verbs layer (all RdmakvError subclasses, so callers can catch one base). The
+ones a server can send live in rdmakv.errors, so the TCP client can name them from a code."""
 
 from __future__ import annotations
 
-from rdmakv.errors import RdmakvError
+from rdmakv.errors import RdmaError, RdmaUnavailable, ReadTimeout
 
-
-class RdmaError(RdmakvError):
-    """A verbs call failed (post, QP transition, registration...)."""
-
-
-class RdmaUnavailable(RdmaError):
-    """RDMA cannot be used here; the message says exactly why."""
-
-
-class ReadTimeout(RdmaError, TimeoutError):
-    """READs did not complete in time; the Requester is unusable (they may still land)."""
+__all__ = ["RdmaError", "RdmaUnavailable", "ReadTimeout", "WorkCompletionError"]
 
 
 class WorkCompletionError(RdmaError):
@@ -23,6 +14,8 @@ class WorkCompletionError(RdmaError):
     The RC QP is in the error state afterwards: the Requester that raised it refuses further
     reads (create a new one, or fall back to TCP for that connection).
     """
+
+    code = 21
 
     def __init__(self, status: int, status_name: str, vendor_err: int, op_index: int | None, detail: str = "") -> None:
         self.status = status

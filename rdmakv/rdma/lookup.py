@@ -9,7 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from ..kvstate import RestoreReport
+from ..client.reports import RestoreReport
 from ..wire.lookup_index import ENTRY, dec_blob, entry_check, home, name_hash
 from ..wire.messages import Locations, dec_locations
 from .requester import ReadOp, Sge

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from .device import Device, _errno_text, _load
+from .device import Device, errno_text, load_pyverbs
 from .errors import RdmaError
 
 
@@ -46,6 +46,15 @@ class MemoryRegion:
         )
 
 
+def alloc_pd(device: Device) -> ProtectionDomain:
+    """A new protection domain on ``device`` (memory builds on the device module, never the reverse)."""
+    pv = load_pyverbs()
+    try:
+        return ProtectionDomain(device, pv.pd.PD(device.context))
+    except pv.err.PyverbsError as exc:
+        raise RdmaError(f"{device.caps.name}: ibv_alloc_pd failed: {errno_text(exc)}") from exc
+
+
 class ProtectionDomain:
     """One PD; a namespace's regions and its clients' Responder QPs share one."""
 
@@ -68,7 +77,7 @@ class ProtectionDomain:
         LOCAL_WRITE always (READ destinations need it); REMOTE_READ if asked.
         ``keepalive`` is held until the MR is closed.
         """
-        pv = _load()
+        pv = load_pyverbs()
         caps = self.device.caps
         if address <= 0:
             # pyverbs allocates a buffer of its own when the address is falsy.
@@ -85,7 +94,7 @@ class ProtectionDomain:
             hint = ""
             if getattr(exc, "error_code", None) in (errno.ENOMEM, errno.EPERM, errno.EFAULT):
                 hint = "; registration pins pages: raise RLIMIT_MEMLOCK (ulimit -l) and check the range is mapped"
-            raise RdmaError(f"ibv_reg_mr({address:#x}, {length}) failed: {_errno_text(exc)}{hint}") from exc
+            raise RdmaError(f"ibv_reg_mr({address:#x}, {length}) failed: {errno_text(exc)}{hint}") from exc
         region = MemoryRegion(mr, address, length, keepalive)
         self._children.append(region)
         return region

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .device import _MTU_BYTES, DeviceCaps, _errno_text, _gid_from_bytes, _load, _Pyverbs
+from .device import MTU_BYTES, DeviceCaps, Pyverbs, errno_text, gid_from_bytes, load_pyverbs
 from .errors import RdmaError
 from .memory import ProtectionDomain
 from .rxe_quirks import RETRY_CNT
@@ -41,7 +41,7 @@ class QPInfo:
             raise ValueError(f"psn {self.psn} is not 24-bit")
         if not isinstance(self.gid, bytes) or len(self.gid) != 16:
             raise ValueError("gid must be 16 bytes")
-        if self.mtu not in _MTU_BYTES:
+        if self.mtu not in MTU_BYTES:
             raise ValueError(f"mtu {self.mtu} is not an IBV_MTU_* value (1..5)")
         if not 0 <= self.lid < 1 << 16:
             raise ValueError(f"lid {self.lid} is not 16-bit")
@@ -69,8 +69,8 @@ DEFAULT_RNR_RETRY = 3
 MIN_RNR_TIMER = 12
 
 
-def _rc_connect(
-    pv: _Pyverbs,
+def rc_connect(
+    pv: Pyverbs,
     qp: Any,
     caps: DeviceCaps,
     local_psn: int,
@@ -85,7 +85,7 @@ def _rc_connect(
     """RESET/INIT -> RTR -> RTS for an RC QP towards ``remote``."""
     e = pv.e
     if caps.is_roce:
-        gr = pv.addr.GlobalRoute(dgid=_gid_from_bytes(pv, remote.gid), sgid_index=caps.gid_index, hop_limit=64)
+        gr = pv.addr.GlobalRoute(dgid=gid_from_bytes(pv, remote.gid), sgid_index=caps.gid_index, hop_limit=64)
         ah = pv.addr.AHAttr(port_num=caps.port, is_global=1, gr=gr, dlid=remote.lid)
     else:
         ah = pv.addr.AHAttr(port_num=caps.port, dlid=remote.lid)
@@ -109,10 +109,10 @@ def _rc_connect(
         qp.to_rtr(attr)
         qp.to_rts(attr)
     except pv.err.PyverbsError as exc:
-        raise RdmaError(f"RC QP {qp.qp_num:#x} -> RTS towards QP {remote.qpn:#x} failed: {_errno_text(exc)}") from exc
+        raise RdmaError(f"RC QP {qp.qp_num:#x} -> RTS towards QP {remote.qpn:#x} failed: {errno_text(exc)}") from exc
 
 
-def _new_psn() -> int:
+def new_psn() -> int:
     return random.getrandbits(24)
 
 
@@ -125,6 +125,9 @@ class Responder:
     slab's MRs never carry it), and its invalidation before the chunks are checked.
     """
 
+    _qp: Any  # pyverbs objects (untyped); None once closed
+    _cq: Any
+
     def __init__(
         self,
         pd: ProtectionDomain,
@@ -133,7 +136,7 @@ class Responder:
         ack_timeout: int = DEFAULT_ACK_TIMEOUT,
         retry_cnt: int = DEFAULT_RETRY_CNT,
     ) -> None:
-        pv = _load()
+        pv = load_pyverbs()
         e = pv.e
         self._pd = pd
         caps = pd.device.caps
@@ -147,12 +150,12 @@ class Responder:
             cap = pv.qp.QPCap(max_send_wr=4, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
             init = pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self._cq, rcq=self._cq, cap=cap)
             self._qp = pv.qp.QP(pd.pd, init)
-            psn = _new_psn()
+            psn = new_psn()
             rd_atom = max(1, min(caps.max_qp_rd_atom, 255))
             self.local_info = QPInfo(
                 qpn=self._qp.qp_num, psn=psn, gid=caps.gid, mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom
             )
-            _rc_connect(
+            rc_connect(
                 pv,
                 self._qp,
                 caps,
@@ -167,7 +170,7 @@ class Responder:
             )
         except pv.err.PyverbsError as exc:
             self.close()
-            raise RdmaError(f"creating the responder QP failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"creating the responder QP failed: {errno_text(exc)}") from exc
         except BaseException:
             self.close()
             raise
@@ -180,14 +183,14 @@ class Responder:
     def open_window(self, mr: Any, addr: int, length: int, timeout: float = 2.0) -> int:
         """Bind a new type-2 memory window over [addr, addr+length) of ``mr`` (a MemoryRegion
         registered with mw_bind) with REMOTE_WRITE, on this QP only; returns its rkey."""
-        pv = _load()
+        pv = load_pyverbs()
         e = pv.e
         if self._qp is None:
             raise RdmaError("responder is closed")
         try:
             mw = pv.mr.MW(self._pd.pd, e.IBV_MW_TYPE_2)
         except pv.err.PyverbsError as exc:
-            raise RdmaError(f"ibv_alloc_mw(type 2) failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"ibv_alloc_mw(type 2) failed: {errno_text(exc)}") from exc
         try:
             info = pv.mr.MWBindInfo(mr._mr, addr, length, e.IBV_ACCESS_REMOTE_WRITE)
             wr = pv.wr.SendWR(opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
@@ -201,7 +204,7 @@ class Responder:
 
     def close_window(self, rkey: int, timeout: float = 2.0) -> None:
         """Invalidate the window (a WRITE through it now fails with a remote access error)."""
-        pv = _load()
+        pv = load_pyverbs()
         e = pv.e
         mw = self._windows.pop(rkey, None)
         if mw is None:
@@ -215,11 +218,11 @@ class Responder:
             mw.close()
 
     def _post(self, wr: Any, what: str, timeout: float) -> None:
-        pv = _load()
+        pv = load_pyverbs()
         try:
             self._qp.post_send(wr)
         except pv.err.PyverbsError as exc:
-            raise RdmaError(f"posting the {what} failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"posting the {what} failed: {errno_text(exc)}") from exc
         deadline = time.monotonic() + timeout
         while True:
             n, wcs = self._cq.poll(1)

@@ -15,6 +15,7 @@ Python over a list that merging keeps short.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..wire.messages import NO_REGION
 
 @dataclass
 class ReadPlan:
-    reads: list[tuple[int, int, list[tuple[int, int, int]]]]  # (remote addr, rkey, [(laddr, len, lkey)])
+    reads: Sequence[tuple[int, int, Sequence[tuple[int, int, int]]]]  # (remote addr, rkey, [(laddr, len, lkey)])
     chunk_index: np.ndarray  # indices (into the unique-chunk arrays) covered, in READ order
     n_reads: int
     n_sges: int

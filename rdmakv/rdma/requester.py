@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .device import Device, _errno_text, _load, _Pyverbs
+from .device import Device, Pyverbs, errno_text, load_pyverbs
 from .errors import RdmaError, ReadTimeout, WorkCompletionError
 from .memory import ProtectionDomain
-from .qp import DEFAULT_ACK_TIMEOUT, DEFAULT_RETRY_CNT, QPInfo, _new_psn, _rc_connect
+from .qp import DEFAULT_ACK_TIMEOUT, DEFAULT_RETRY_CNT, QPInfo, new_psn, rc_connect
 from .rxe_quirks import find_channel_fd, splits_mixed_sges, uniform_pieces
 
 
@@ -60,6 +60,10 @@ class Requester:
     Not thread-safe: one caller at a time.
     """
 
+    _qp: Any  # pyverbs objects (untyped); None once closed
+    _cq: Any
+    _channel: Any
+
     def __init__(
         self,
         device: Device,
@@ -79,7 +83,7 @@ class Requester:
         ``post_api``: "ex" (ibv_wr_* batch), "legacy" (linked ibv_send_wr chain) or "auto".
         ``timing``: fill ``last_stats`` times (each clock read is a 15-40 us syscall in UML).
         """
-        pv = _load()
+        pv = load_pyverbs()
         e = pv.e
         if pd.device is not device:
             raise ValueError("pd was allocated on another device")
@@ -128,11 +132,11 @@ class Requester:
             self._qp = self._create_qp(pv, post_api, ctx, depth)
         except pv.err.PyverbsError as exc:
             self.close()
-            raise RdmaError(f"creating the requester QP failed: {_errno_text(exc)}") from exc
+            raise RdmaError(f"creating the requester QP failed: {errno_text(exc)}") from exc
         except BaseException:
             self.close()
             raise
-        self._psn = _new_psn()
+        self._psn = new_psn()
         rd_atom = max(1, min(caps.max_qp_rd_atom, 255))
         self.local_info = QPInfo(
             qpn=self._qp.qp_num, psn=self._psn, gid=caps.gid, mtu=caps.active_mtu, lid=caps.lid, rd_atomic=rd_atom
@@ -142,7 +146,7 @@ class Requester:
         self._WRITE = int(e.IBV_WR_RDMA_WRITE)
         pd._adopt(self)
 
-    def _create_qp(self, pv: _Pyverbs, post_api: str, ctx: Any, depth: int) -> Any:
+    def _create_qp(self, pv: Pyverbs, post_api: str, ctx: Any, depth: int) -> Any:
         e = pv.e
         cap = pv.qp.QPCap(max_send_wr=depth, max_recv_wr=1, max_send_sge=self.max_sge, max_recv_sge=1)
         if post_api not in ("auto", "ex", "legacy"):
@@ -172,7 +176,7 @@ class Requester:
         qp.to_init(self._init_attr(pv))
         return qp
 
-    def _init_attr(self, pv: _Pyverbs) -> Any:
+    def _init_attr(self, pv: Pyverbs) -> Any:
         attr = pv.qp.QPAttr(port_num=self.device.caps.port)
         attr.qp_access_flags = 0  # nobody reads from or writes to the client over this QP
         attr.pkey_index = 0
@@ -210,7 +214,7 @@ class Requester:
             raise RdmaError("requester is already connected")
         caps = self.device.caps
         init_depth = max(1, min(caps.max_qp_init_rd_atom, remote.rd_atomic, 255))
-        _rc_connect(
+        rc_connect(
             self._pv,
             self._qp,
             caps,
@@ -339,8 +343,8 @@ class Requester:
         try:
             qp.wr_complete()
         except self._pv.err.PyverbsError as exc:
-            self._broken = f"post failed: {_errno_text(exc)}"
-            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {_errno_text(exc)}") from exc
+            self._broken = f"post failed: {errno_text(exc)}"
+            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {errno_text(exc)}") from exc
         self._seq = seq
         stats.post_s += clock() - t1
         stats.build_s += t1 - t0
@@ -376,8 +380,8 @@ class Requester:
         try:
             self._qp.post_send(nxt, None)
         except pv.err.PyverbsError as exc:
-            self._broken = f"post failed: {_errno_text(exc)}"
-            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {_errno_text(exc)}") from exc
+            self._broken = f"post failed: {errno_text(exc)}"
+            raise RdmaError(f"posting {count} {'WRITE' if write else 'READ'} WRs failed: {errno_text(exc)}") from exc
         finally:
             del chain
         self._seq += count

@@ -16,16 +16,17 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..bufpool import BufferPool
+from ..client.bufpool import BufferPool
+from ..client.reports import RestoreReport
+from ..client.transport import Dest, Fallback, Filled, Found, TcpTransport
 from ..errors import RdmakvError
-from ..hashing import verified
-from ..kvstate import RestoreReport
+from ..hashing import chunk_key, verified
 from ..wire.messages import NO_REGION, Locations, dec_locations
 from ..wire.writes import INDEX_INFO_SIZE, dec_index_info
-from .device import Device, list_devices, pyverbs_status
+from .device import Device, probe_device
 from .errors import RdmaError
-from .exporter import DEVICE_ENV
 from .lookup import OneSidedIndex
+from .memory import MemoryRegion, alloc_pd
 from .qp import QPInfo
 from .readplan import plan_reads
 from .requester import ReadOp, Requester, Sge
@@ -36,14 +37,22 @@ MAX_READ_BYTES = 1 << 20
 
 
 class RdmaRestorer:
-    def __init__(self, store, device: Device) -> None:
-        self.store = store
+    """The RDMA transport of a restore (``rdmakv.client.transport.Transport``): lookups by a READ
+    of the published index (or GET_MANIFEST with locations over the connection's TCP channel),
+    fills by one READ plan into memory registered in this connection's PD. Chunks that fail
+    verification are re-located and read again, then fetched over TCP through ``tcp``."""
+
+    name = "rdma"
+
+    def __init__(self, tcp: TcpTransport, device: Device) -> None:
+        self.tcp = tcp
+        self.channel = tcp.channel
         self.device = device
-        self.pd = device.alloc_pd()
+        self.pd = alloc_pd(device)
         self.requester: Requester | None = None
         try:
             self.requester = Requester(device, self.pd, post_api=os.environ.get("RDMAKV_POST_API", "auto"))
-            reply = store.channel.rdma_connect(self.requester.local_info.to_bytes())
+            reply = self.channel.rdma_connect(self.requester.local_info.to_bytes())
             self.requester.connect(QPInfo.from_bytes(reply[: QPInfo.SIZE]))
             at = QPInfo.SIZE + INDEX_INFO_SIZE
             addr, rkey, entries, probe = dec_index_info(reply[QPInfo.SIZE : at])
@@ -68,103 +77,62 @@ class RdmaRestorer:
             self.requester = None
         self.usable = False
 
-    def latch(self, reason: str) -> None:
+    def latch(self, reason: str) -> Fallback:
         """Stop using RDMA on this connection; every later restore goes over TCP."""
         self.usable = False
         self.latched_reason = reason
-        self.store.rdma_reason = reason
+        return Fallback(reason)
 
-    # -- restore -----------------------------------------------------------------------
-    def fetch(self, name: str, rep: RestoreReport, kv: bool, **hooks):
-        """(manifest, KV layout or None, restore buffer, chunk offsets) by READs, or None when this
-        connection has just switched to TCP (the report says why)."""
-        ch = self.store.channel
-        if self.index is not None and self.one_sided and not hooks:
-            got = self._fetch_one_sided(name, rep, kv)
-            if got is not None or not self.usable:
-                return got
-        mark = ch.mark()
-        data, loc, rep.tier = ch.get_manifest(name, want_locations=True)
-        m, layout, offsets, total = self.store.restore_target(data, kv)
-        buf = self.read_located(m.keys, m.lengths, offsets, total, loc, rep, mark, **hooks)
-        return None if buf is None else (m, layout, buf, offsets)
-
-    def _fetch_one_sided(self, name: str, rep: RestoreReport, kv: bool):
-        """The restore with no request to the server, or None (then over the TCP lookup): the
-        name is not in the index, the index kept changing, or a chunk moved since it was read."""
-        mark = self.store.channel.mark()
-        try:
-            found = self.index.lookup(name, rep)
-        except RdmaError as e:
-            self.latch(f"RDMA READ of the lookup index failed ({e}); this connection now uses TCP")
-            rep.fallback_reason = self.latched_reason
-            return None
-        if found is None:
-            return None
-        data, loc = found
-        m, layout, offsets, total = self.store.restore_target(data, kv)
-        try:
-            buf = self.read_located(m.keys, m.lengths, offsets, total, loc, rep, mark, strict=True)
-        except _Moved:
-            rep.index_fallbacks += 1
-            return None
-        if buf is not None:
-            rep.lookup = "one-sided"
-            return m, layout, buf, offsets
-        return None
-
-    def read_located(
-        self, keys, lengths, offsets, total: int, loc: Locations | None, rep: RestoreReport, mark,
-        strict: bool = False, **hooks,
-    ) -> np.ndarray | None:  # fmt: skip
-        """Chunks at ``loc`` READ into a new buffer at ``offsets``; None when this connection has
-        just switched to TCP (the report says why). ``mark``: the channel mark the round trips
-        and bytes of this restore are counted from."""
-        ch = self.store.channel
+    # -- the Transport interface ----------------------------------------------------------
+    def lookup(self, name: str, rep: RestoreReport, *, one_sided: bool = True) -> Found | Fallback:
+        """Found with the chunks' locations: by READ of the index when it has ``name`` (and
+        ``one_sided``), else by GET_MANIFEST with locations; a Fallback once RDMA is off."""
+        if not self.usable:
+            return Fallback(self.latched_reason)
+        if self.index is not None and self.one_sided and one_sided:
+            try:
+                got = self.index.lookup(name, rep)
+            except RdmaError as e:
+                return self.latch(f"RDMA READ of the lookup index failed ({e}); this connection now uses TCP")
+            if got is not None:
+                return Found(got[0], got[1], "memory", one_sided=True)
+        data, loc, tier = self.channel.get_manifest(name, want_locations=True)
+        rep.tier = tier
         if loc is None:
-            self.latch("server returned no chunk locations (its RDMA session is gone)")
-            return None
-        buf, laddr, lkey = self.pool.alloc(total)
-        if "after_locate" in hooks:
-            hooks["after_locate"]()
-        try:
-            self._fill(keys, lengths, offsets, loc, buf, laddr, lkey, rep, strict)
-        except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
-            self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
-            rep.fallback_reason = self.latched_reason
-            rep.round_trips += ch.usage_since(mark)[1]
-            return None
-        rep.transport = "rdma"
-        rep.chunks = len(keys)
-        nbytes, rts = ch.usage_since(mark)
-        rep.bytes += nbytes
-        rep.round_trips += rts
-        return buf
+            return self.latch("server returned no chunk locations (its RDMA session is gone)")
+        return Found(data, loc, tier)
 
-    def read_into(
-        self, keys, lengths, offsets, loc: Locations, dest: np.ndarray, laddr: int, lkey: int, rep: RestoreReport,
-        *, strict: bool = False,
-    ) -> str:  # fmt: skip
-        """READ chunks at ``loc`` straight into memory the caller registered in this connection's
-        PD (``self.pd``): ``dest`` (a uint8 array whose first byte is at ``laddr``, ``lkey`` its
-        registration), chunk i at ``offsets[i]``. Each chunk is verified; a chunk not where
-        ``loc`` said is re-located (or fetched over TCP) unless ``strict``. Returns "ok",
-        "moved" (``strict``: ``loc`` is stale, nothing read is to be trusted) or "failed" (an
-        RDMA error: this connection now uses TCP, the report says why)."""
-        mark = self.store.channel.mark()
+    def buffer(self, nbytes: int) -> Dest:
+        view, addr, lkey = self.pool.alloc(nbytes)
+        return Dest(view, addr, lkey)
+
+    def adopt(self, view: np.ndarray) -> Dest:
+        """``view`` (a caller's uint8 array) registered in this connection's PD, so that READs land
+        in it; ``release`` the Dest when done (the registration pins its pages)."""
+        mr = self.pd.register_buffer(view, remote_read=False)
+        return Dest(view, mr.addr, mr.lkey, mr)
+
+    def release(self, dest: Dest) -> None:
+        if isinstance(dest.registration, MemoryRegion):  # made by ``adopt`` for this Dest alone
+            self.pd.deregister(dest.registration)
+            dest.registration = None
+
+    def fill(self, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, locations: Locations | None,
+             dest: Dest, rep: RestoreReport, *, strict: bool = False) -> Filled | Fallback:  # fmt: skip
+        """READ chunks at ``locations`` into ``dest`` (registered on this connection) at
+        ``offsets``, each verified. "moved" when ``strict`` and a chunk is not where
+        ``locations`` said (nothing read is to be trusted then); a Fallback on an RDMA error
+        (this connection now uses TCP)."""
+        if not self.usable:
+            return Fallback(self.latched_reason)
+        if locations is None or dest.lkey is None:
+            return Fallback("no chunk locations" if locations is None else "destination not registered for RDMA")
         try:
-            self._fill(keys, lengths, offsets, loc, dest, laddr, lkey, rep, strict)
+            self._fill(keys, lengths, offsets, locations, dest.view, dest.addr, dest.lkey, rep, strict)
         except _Moved:
-            rep.index_fallbacks += 1
             return "moved"
-        except RdmaError as e:
-            self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
-            rep.fallback_reason = self.latched_reason
-            return "failed"
-        finally:
-            nbytes, rts = self.store.channel.usage_since(mark)
-            rep.bytes += nbytes
-            rep.round_trips += rts
+        except RdmaError as e:  # WorkCompletionError, ReadTimeout, a dead QP
+            return self.latch(f"RDMA READ failed ({e}); this connection now uses TCP")
         rep.transport = "rdma"
         rep.chunks += len(keys)
         return "ok"
@@ -185,13 +153,13 @@ class RdmaRestorer:
         ulen = lengths[first].astype(np.int64)
         udest = offsets[first].astype(np.int64)
         sub = loc.subset(first)
-        view = memoryview(buf)
+        view = buf.data
         bad = self._read(uniq, ulen, udest, sub, view, laddr, lkey, rep)
         if len(bad) and strict:  # a one-sided lookup's version holds nothing: start over by TCP
             raise _Moved()
         if len(bad):
             rep.retried_chunks += len(bad)
-            fresh = self.store.channel.locate(uniq[bad])
+            fresh = self.channel.locate(uniq[bad])
             present = fresh.slots["region"] != NO_REGION
             idx = bad[present]
             again = fresh.subset(np.flatnonzero(present))
@@ -200,7 +168,7 @@ class RdmaRestorer:
             tcp = np.concatenate([still, gone])
             if len(tcp):
                 rep.fallback_chunks += len(tcp)
-                self.store.fill_tcp(uniq[tcp], ulen[tcp].astype(np.uint32), udest[tcp].astype(np.uint64), view)
+                self.tcp.fill_view(uniq[tcp], ulen[tcp].astype(np.uint32), udest[tcp].astype(np.uint64), view)
         if len(first) != len(keys):  # the same chunk at several positions: copy from the first
             for i in np.flatnonzero(offsets != udest[inverse]).tolist():
                 src = int(udest[inverse[i]])
@@ -216,7 +184,10 @@ class RdmaRestorer:
         assert self.requester is not None
         rep.reads_posted += self.requester.read(plan.reads)
         rep.bytes += plan.bytes_read
-        failed = [i for i, k, d, n, c in checks if not verified(k, view[d : d + n], c)]
+        if keys.dtype == np.uint64:  # xxh3-64 content keys: the hash itself, no dispatch per chunk
+            failed = [i for i, k, d, n, _ in checks if chunk_key(view[d : d + n]) != k]
+        else:
+            failed = [i for i, k, d, n, c in checks if not verified(k, view[d : d + n], c)]
         if not failed:
             return missing
         return np.concatenate([missing, np.array(failed, dtype=np.int64)])
@@ -258,17 +229,14 @@ class _Moved(Exception):
     """A chunk of a one-sidedly looked-up version is no longer where its entry said."""
 
 
-def open_restorer(store) -> tuple[RdmaRestorer | None, str]:
-    """Connect the RDMA path if both ends can; else (None, why not)."""
-    if not store.server_info.get("rdma"):
+def open_restorer(tcp: TcpTransport, server_info: dict) -> tuple[RdmaRestorer | None, str]:
+    """Connect the RDMA path over ``tcp``'s connection if both ends can; else (None, why not)."""
+    if not server_info.get("rdma"):
         return None, "server has no RDMA device (it serves TCP only)"
-    ok, why = pyverbs_status()
-    if not ok:
-        return None, f"pyverbs is not importable here ({why})"
-    if not list_devices():
-        return None, "no RDMA device on this host"
+    device, why = probe_device()
+    if device is None:
+        return None, why
     try:
-        device = Device.open(os.environ.get(DEVICE_ENV) or None)
-        return RdmaRestorer(store, device), ""
+        return RdmaRestorer(tcp, device), ""
     except (RdmaError, RdmakvError, ValueError) as e:
         return None, f"RDMA_CONNECT failed: {e}"

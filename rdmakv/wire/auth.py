@@ -1,4 +1,4 @@
-"""The shared auth key and per-connection key derivation (DESIGN §4)."""
+"""The shared auth key and per-connection key derivation (docs/protocol.md, Auth keys)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from ..hashing import (
     keys_array,
     verified,
 )
-from .codec import _U8, _U32, Reader
+from .codec import U8, U32, Reader
 
 MAX_KEYS = 1 << 22
 
@@ -81,7 +82,7 @@ def _alg(r: Reader) -> int:
 def enc_keys(keys: np.ndarray | Sequence[Key], alg: int | None = None) -> bytes:
     alg = alg or alg_of(keys)
     arr = keys_array(keys, alg)
-    return _U8.pack(alg) + _U32.pack(len(arr)) + arr.tobytes()
+    return U8.pack(alg) + U32.pack(len(arr)) + arr.tobytes()
 
 
 def read_keys(r: Reader, max_keys: int) -> np.ndarray:
@@ -102,7 +103,7 @@ def dec_keys(data: bytes | memoryview, max_keys: int = MAX_KEYS) -> np.ndarray:
 
 
 def enc_bitmap(flags: np.ndarray) -> bytes:
-    return _U32.pack(len(flags)) + np.packbits(flags.astype(bool)).tobytes()
+    return U32.pack(len(flags)) + np.packbits(flags.astype(bool)).tobytes()
 
 
 def dec_bitmap(data: bytes | memoryview) -> np.ndarray:
@@ -136,7 +137,7 @@ def enc_put_chunks(keys: Sequence[Key], chunks: Sequence[bytes | memoryview]) ->
     table = np.empty(len(keys), dtype=_entry_dtype(alg))
     table["key"] = keys_array(keys, alg)
     table["length"] = [memoryview(c).nbytes for c in chunks]
-    return [_U8.pack(alg) + _U32.pack(len(keys)) + table.tobytes(), *chunks]
+    return [U8.pack(alg) + U32.pack(len(keys)) + table.tobytes(), *chunks]
 
 
 def dec_put_chunks(data: bytes | memoryview) -> list[tuple[Key, memoryview]]:
@@ -159,7 +160,7 @@ def dec_put_chunks(data: bytes | memoryview) -> list[tuple[Key, memoryview]]:
 
 
 def enc_put_result(stored: int, existed: int) -> bytes:
-    return _U32.pack(stored) + _U32.pack(existed)
+    return U32.pack(stored) + U32.pack(existed)
 
 
 def dec_put_result(data: bytes | memoryview) -> tuple[int, int]:
@@ -192,8 +193,8 @@ def enc_chunks(
         if checks is None or len(checks) != len(served):
             raise CodecError("GET_CHUNKS reply of opaque keys without a check for each chunk")
         vals = [_check_value(alg, c) for c in checks]
-        table["check"] = vals if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(vals), "V32")
-    head = _U8.pack(alg) + _U32.pack(len(served)) + _U32.pack(len(absent)) + table.tobytes()
+        table["check"] = vals if alg == KEY_OPAQUE_XXH3 else np.frombuffer(b"".join(cast(list[bytes], vals)), "V32")
+    head = U8.pack(alg) + U32.pack(len(served)) + U32.pack(len(absent)) + table.tobytes()
     body = payload if payload is not None else [c for _, c in served]
     return [head, keys_array(absent, alg).tobytes(), *body]
 

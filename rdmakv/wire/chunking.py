@@ -14,9 +14,9 @@ from functools import cached_property
 
 import numpy as np
 
+from ..client.reports import KVState
 from ..errors import ManifestError
 from ..hashing import HASH_XXH3_64, key_function, keys_array
-from ..kvstate import KVState
 from .manifest import KIND_KV, Manifest
 
 DEFAULT_WINDOW = 256
@@ -32,10 +32,6 @@ KIND_K, KIND_V = 0, 1
 
 def make_tag(layer: int, kind: int, window: int) -> int:
     return (layer << 33) | (kind << 32) | window
-
-
-def split_tag(tag: int) -> tuple[int, int, int]:
-    return tag >> 33, (tag >> 32) & 1, tag & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ class KVLayout:
             has = 1 if n else 0
             v_tags = ((layer << 33) | (KIND_V << 32))[:, :has]
             v_len = (rows[:, 1:] * n)[:, :has]
-            v_off = base[:, 1:][:, :has]
+            v_off: np.ndarray = base[:, 1:][:, :has]
         else:
             v_tags = (layer << 33) | (KIND_V << 32) | wins[None, :]
             v_len = rows[:, 1:] * counts[None, :]
@@ -154,7 +150,7 @@ def split(kv: KVState, window: int = DEFAULT_WINDOW, hash_alg: int = HASH_XXH3_6
 
 
 def _bytes_view(a: np.ndarray) -> memoryview:
-    return memoryview(a).cast("B")
+    return a.data.cast("B")
 
 
 def encode_body(layout: KVLayout) -> bytes:

@@ -9,9 +9,9 @@ import numpy as np
 from ..errors import CodecError
 
 MAX_NAME = 255
-_U8 = struct.Struct("<B")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
+U8 = struct.Struct("<B")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
 
 
 class Reader:
@@ -30,13 +30,13 @@ class Reader:
         return out
 
     def u8(self) -> int:
-        return _U8.unpack(self.take(1))[0]
+        return int(U8.unpack(self.take(1))[0])
 
     def u16(self) -> int:
-        return _U16.unpack(self.take(2))[0]
+        return int(U16.unpack(self.take(2))[0])
 
     def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
+        return int(U32.unpack(self.take(4))[0])
 
     def array(self, dtype: np.dtype, count: int) -> np.ndarray:
         return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)
@@ -79,4 +79,4 @@ def read_name(r: Reader) -> str:
 
 def enc_name(name: str) -> bytes:
     raw = validate_name(name)
-    return _U8.pack(len(raw)) + raw
+    return U8.pack(len(raw)) + raw

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AuthError, BusyError, ProtocolError, RdmakvError, TooLargeError
-from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, decode_header
+from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, Mac, decode_header
 
 SMALL_BUFFER = 4 << 10  # what an idle connection keeps
 READ_AHEAD = 64 << 10  # bytes asked of the socket beyond the current frame, at most
@@ -42,6 +42,17 @@ class Frame:
     header: Header
     payload: memoryview  # valid until the reader is fed again
     refused: RdmakvError | None = None  # read and dropped (payload empty): answer the request with this
+
+
+def _unshared(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` is alive (the payload of a frame handed out earlier, still in
+    use), so that its bytes may be moved. A bytearray with views refuses any change of size: pop
+    one byte and put it back (O(1): no copy, no allocation)."""
+    try:
+        buf.append(buf.pop())
+    except BufferError:
+        return False
+    return True
 
 
 class FrameReader:
@@ -67,7 +78,7 @@ class FrameReader:
         self._big_got = 0  # bytes of it received
         self._handed: tuple[Frame, mmap.mmap] | None = None  # the last large frame returned, and its buffer
         self._refused: RdmakvError | None = None  # the current frame is being read and dropped
-        self._skip_mac = None  # its MAC, fed the dropped payload as it arrives
+        self._skip_mac: Mac | None = None  # its MAC, fed the dropped payload as it arrives
         self._skipped = 0  # payload bytes of it dropped so far
 
     @property
@@ -104,20 +115,24 @@ class FrameReader:
         plus a little read-ahead for small frames. A refused frame is dropped as it comes, a
         read-ahead's worth at a time."""
         if self._filling_big():
+            assert self._big is not None
             return min(len(self._big) - self._big_got, READ_STEP)
         if self._big is not None:  # whole, not yet taken out: what comes next is the next frame's
             return HEADER.size + SMALL_BUFFER
         need = max(1, self._frame_size() - self.buffered)
         if self._refused is not None:
             return min(need, READ_AHEAD)
-        if need >= READ_AHEAD:
-            return min(need, READ_STEP)
+        if need >= READ_STEP:
+            return READ_STEP
+        # with the start of the next frame: back-to-back frames (a save's PUT_CHUNKS) then reuse
+        # this buffer instead of shrinking it and growing it again for each one
         return need + min(READ_AHEAD, SMALL_BUFFER)
 
     def buffer(self) -> memoryview:
         """A writable view to receive into (``recv_into``), at least ``wanted()`` bytes long."""
         want = self.wanted()
         if self._filling_big():
+            assert self._big is not None
             return memoryview(self._big)[self._big_got : self._big_got + want]
         if len(self._buf) - self._end < want:
             self._compact(want)
@@ -149,7 +164,12 @@ class FrameReader:
         if live + want > size:
             # grow geometrically (amortised copies), never past what the frame needs
             size = max(live + want, min(2 * size, self._frame_size() + SMALL_BUFFER), SMALL_BUFFER)
-        if size != len(self._buf) or self._start:
+        if size == len(self._buf) and self._start and _unshared(self._buf):
+            view = memoryview(self._buf)  # room enough: move the live bytes to the front, no allocation
+            view[:live] = view[self._start : self._end]  # (memoryview copies overlapping bytes safely)
+            view.release()
+            self._start, self._end = 0, live
+        elif size != len(self._buf) or self._start:
             new = bytearray(size)
             new[:live] = memoryview(self._buf)[self._start : self._end]  # (a slice of the bytearray would copy)
             self._buf = new
@@ -177,6 +197,7 @@ class FrameReader:
         view = memoryview(self._buf)
         payload = view[base + HEADER.size : base + HEADER.size + h.length]
         if not h.plain:  # (which kind of frame may come was checked on the header)
+            assert self.auth is not None
             self.auth.verify(view[base : base + HEADER.size], payload, view[base + size - TAG_LEN : base + size])
         self._start += size
         self._header = None
@@ -215,6 +236,7 @@ class FrameReader:
             return None
         view = memoryview(big)
         payload = view[HEADER.size : HEADER.size + h.length]
+        assert self.auth is not None  # a large frame is an authenticated one
         self.auth.verify(view[: HEADER.size], payload, view[len(big) - TAG_LEN :])
         view.release()
         self._big, self._header = None, None
@@ -226,9 +248,11 @@ class FrameReader:
         """Consume what arrived of a refused frame; the frame (payload empty) once its tag is in
         and checked."""
         view = memoryview(self._buf)
+        mac = self._skip_mac
+        assert mac is not None  # set with _refused
         take = min(self.buffered, h.length - self._skipped)
         if take:
-            self._skip_mac.update(view[self._start : self._start + take])
+            mac.update(view[self._start : self._start + take])
             self._start += take
             self._skipped += take
         if self._skipped < h.length or self.buffered < TAG_LEN:
@@ -236,7 +260,7 @@ class FrameReader:
             self._maybe_shrink()
             return None
         assert self.auth is not None
-        self.auth.check(self._skip_mac, view[self._start : self._start + TAG_LEN])
+        self.auth.check(mac, view[self._start : self._start + TAG_LEN])
         self._start += TAG_LEN
         refused, self._refused, self._skip_mac, self._header = self._refused, None, None, None
         return Frame(h, memoryview(b""), refused)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typing-only (collections.abc.Buffer is 3.12+)
 
 IOV_MAX = 512  # parts per sendmsg/writev (Linux allows 1024)
 
 
-def byte_views(parts: Sequence) -> list[memoryview]:
+def byte_views(parts: Sequence[Buffer]) -> list[memoryview]:
     """Byte views of the non-empty parts, in order (no copy)."""
     return [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
 

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AuthError, RdmakvError
-from .auth import KEY_BYTES, fingerprint, parse_key
+from .auth import KEY_BYTES, KEY_ENV, fingerprint, parse_key
 from .messages import validate_namespace
 
 
 class KeysFileError(RdmakvError):
     """The keys file cannot be used; the message names the file, the entry and the field."""
+
+    code = 24
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class KeyRing:
         return cls([KeyEntry(key, None, True, None, 0)], "the shared key (single-key mode)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> KeyRing:
+    def load(cls, path: str | os.PathLike[str]) -> KeyRing:
         p = Path(path)
         try:
             text = p.read_text()
@@ -92,10 +94,10 @@ class KeyRing:
             raise KeysFileError(f"{p}: no [[key]] tables")
         entries = [_entry(p, i, t) for i, t in enumerate(tables, 1)]
         seen: dict[bytes, int] = {}
-        for e in entries:
-            if e.key in seen:
-                raise KeysFileError(f"{p}: [[key]] #{e.index} repeats the key of #{seen[e.key]}")
-            seen[e.key] = e.index
+        for entry in entries:
+            if entry.key in seen:
+                raise KeysFileError(f"{p}: [[key]] #{entry.index} repeats the key of #{seen[entry.key]}")
+            seen[entry.key] = entry.index
         return cls(entries, str(p))
 
     def select(self, fp: bytes, namespace: str, today: dt.date | None = None) -> KeyEntry:
@@ -109,7 +111,7 @@ class KeyRing:
             raise AuthError(f"authentication failed: this key does not open namespace {namespace!r}")
         valid = [e for e in fits if e.valid_on(today)]
         if not valid:
-            raise AuthError(f"authentication failed: this key expired on {fits[0].not_after.isoformat()}")
+            raise AuthError(f"authentication failed: this key expired on {fits[0].not_after}")
         return valid[0]
 
     def client_key(self, namespace: str, today: dt.date | None = None) -> bytes:
@@ -188,3 +190,32 @@ def new_entry(namespace: str | None, *, admin: bool = False, not_after: str | No
     if node:
         lines.append("node = true")
     return "\n".join(lines) + "\n"
+
+
+KEY_FILE_ENV = "RDMAKV_KEY_FILE"  # a file with the client's key: 64 hex characters, or a keys file
+
+
+def client_key_from_env(namespace: str, envs: tuple[str, ...] = (KEY_ENV,)) -> bytes:
+    """A client's key for ``namespace``, as the integrations find it: the first of ``envs`` that is
+    set (64 hex characters), else the file ``$RDMAKV_KEY_FILE`` names (64 hex characters, or a
+    keys file as ``rdmakv serve --keys`` reads: the namespace's entry). AuthError saying which
+    variable or file is missing or wrong."""
+    for env in envs:
+        if os.environ.get(env):
+            try:
+                return parse_key(os.environ[env])
+            except (ValueError, RdmakvError) as e:
+                raise AuthError(f"{env} is not a usable key: {e}") from None
+    path = os.environ.get(KEY_FILE_ENV)
+    if not path:
+        raise AuthError(f"no key: set {' or '.join(envs)} (64 hex characters) or {KEY_FILE_ENV} (a keys file)")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise AuthError(f"{KEY_FILE_ENV}={path}: {e.strerror}") from None
+    try:
+        if "[[key]]" in text:
+            return KeyRing.parse(text, Path(path)).client_key(namespace)
+        return parse_key(text.strip())
+    except (ValueError, RdmakvError) as e:
+        raise AuthError(f"{KEY_FILE_ENV}={path}: {e}") from None

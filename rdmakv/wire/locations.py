@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import CodecError
 from ..hashing import CHECK_DTYPES, Check
-from .codec import _U8, _U32, Reader
+from .codec import U8, U32, Reader
 
 REGION_DTYPE = np.dtype([("id", "<u4"), ("addr", "<u8"), ("length", "<u8"), ("rkey", "<u4")])
 LOCATION_DTYPE = np.dtype([("region", "<u4"), ("offset", "<u8"), ("gen", "<u4"), ("size", "<u4")])
@@ -30,20 +30,20 @@ class Locations:
 
     def encode(self) -> bytes:
         parts = [
-            _U32.pack(len(self.regions)),
+            U32.pack(len(self.regions)),
             np.ascontiguousarray(self.regions, dtype=REGION_DTYPE).tobytes(),
-            _U32.pack(len(self.slots)),
+            U32.pack(len(self.slots)),
             np.ascontiguousarray(self.slots, dtype=LOCATION_DTYPE).tobytes(),
         ]
         if self.checks is None:
-            parts.append(_U8.pack(0))
+            parts.append(U8.pack(0))
         else:
             checks = np.ascontiguousarray(self.checks, CHECK_DTYPES[self.check_alg])
-            parts += [_U8.pack(self.check_alg), checks.tobytes()]
+            parts += [U8.pack(self.check_alg), checks.tobytes()]
         if self.lengths is None:
-            parts.append(_U8.pack(0))
+            parts.append(U8.pack(0))
         else:
-            parts += [_U8.pack(1), np.ascontiguousarray(self.lengths, dtype="<u4").tobytes()]
+            parts += [U8.pack(1), np.ascontiguousarray(self.lengths, dtype="<u4").tobytes()]
         return b"".join(parts)
 
     @classmethod
@@ -71,18 +71,23 @@ class Locations:
                          _copy(self.lengths))  # fmt: skip
 
     def subset(self, idx: np.ndarray) -> Locations:
-        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
-        return Locations(self.regions, self.slots[idx], pick(self.checks), self.check_alg, pick(self.lengths))
+        return Locations(self.regions, self.slots[idx], _pick(self.checks, idx), self.check_alg,
+                         _pick(self.lengths, idx))  # fmt: skip
 
     def check_list(self) -> list[Check | None]:
         """Each chunk's check (None where the keys verify themselves)."""
         if self.checks is None:
             return [None] * len(self.slots)
-        return self.checks.tolist()
+        checks: list[Check | None] = self.checks.tolist()
+        return checks
 
 
 def _copy(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a.copy()
+
+
+def _pick(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
 
 
 def make_regions(rows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:

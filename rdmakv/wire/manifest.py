@@ -89,9 +89,6 @@ class Manifest:
             offsets[1:] = np.cumsum(self.lengths[:-1], dtype=np.uint64)
         return offsets
 
-    def unique_keys(self) -> np.ndarray:
-        return np.unique(self.keys)
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Manifest):
             return NotImplemented

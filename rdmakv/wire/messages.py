@@ -38,7 +38,7 @@ from .chunk_messages import (
     struct_u32x2,
     verify_chunk,
 )
-from .codec import _U8, _U16, _U32, MAX_NAME, Reader, enc_name, read_name, validate_name, validate_namespace
+from .codec import MAX_NAME, U8, U16, U32, Reader, enc_name, read_name, validate_name, validate_namespace
 from .locations import LOCATION_DTYPE, NO_REGION, Locations, dec_locations, make_regions
 
 __all__ = [  # what this module offers, its own and re-exported
@@ -88,7 +88,7 @@ def dec_put_manifest(data: bytes | memoryview) -> tuple[str, memoryview, SaveOpt
 
 
 def enc_manifest_result(missing: np.ndarray) -> bytes:
-    return _U8.pack(0 if len(missing) == 0 else 1) + enc_keys(missing)
+    return U8.pack(0 if len(missing) == 0 else 1) + enc_keys(missing)
 
 
 def dec_manifest_result(data: bytes | memoryview) -> np.ndarray:
@@ -106,7 +106,7 @@ GET_WANT_LOCATIONS = 1
 
 
 def enc_get_manifest(name: str, flags: int = 0) -> bytes:
-    return _U8.pack(flags) + enc_name(name)
+    return U8.pack(flags) + enc_name(name)
 
 
 def dec_get_manifest(data: bytes | memoryview) -> tuple[str, int]:
@@ -123,7 +123,7 @@ TIERS = ("memory", "disk")  # where a restore found the session: in the slab, or
 def enc_manifest_reply(
     manifest: bytes, locations: Locations | bytes | None, tier: str = "memory"
 ) -> list[bytes | memoryview]:
-    parts: list[bytes | memoryview] = [_U32.pack(len(manifest)), manifest, _U8.pack(TIERS.index(tier))]
+    parts: list[bytes | memoryview] = [U32.pack(len(manifest)), manifest, U8.pack(TIERS.index(tier))]
     if locations is not None:
         parts.append(locations if isinstance(locations, bytes) else locations.encode())
     return parts
@@ -141,7 +141,7 @@ def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations 
 
 
 def enc_pin(name: str, pinned: bool) -> bytes:
-    return _U8.pack(int(pinned)) + enc_name(name)
+    return U8.pack(int(pinned)) + enc_name(name)
 
 
 def dec_pin(data: bytes | memoryview) -> tuple[str, bool]:
@@ -173,7 +173,7 @@ MAX_NAMES = 1 << 16  # names in one HAS_MANIFESTS (a 64 KiB-name request stays w
 def enc_names(names: Sequence[str]) -> bytes:
     if len(names) > MAX_NAMES:
         raise CodecError(f"{len(names)} names in one request exceeds {MAX_NAMES}")
-    return _U32.pack(len(names)) + b"".join(enc_name(n) for n in names)
+    return U32.pack(len(names)) + b"".join(enc_name(n) for n in names)
 
 
 def dec_names(data: bytes | memoryview, max_names: int = MAX_NAMES) -> list[str]:
@@ -194,7 +194,7 @@ def enc_list(prefix: str, after: str = "") -> bytes:
     p, a = prefix.encode("utf-8"), after.encode("utf-8")
     if len(p) > MAX_NAME or len(a) > MAX_NAME:
         raise CodecError("LIST prefix and cursor are at most 255 bytes")
-    return _U8.pack(len(p)) + p + _U8.pack(len(a)) + a
+    return U8.pack(len(p)) + p + U8.pack(len(a)) + a
 
 
 def dec_list(data: bytes | memoryview) -> tuple[str, str]:
@@ -223,7 +223,7 @@ def dec_json(data: bytes | memoryview) -> object:
 def enc_error(code: int, message: str, missing: np.ndarray | None = None) -> bytes:
     msg = message.encode("utf-8")[:4000]
     missing = missing if missing is not None else np.zeros(0, np.uint64)
-    return _U16.pack(code) + _U16.pack(len(msg)) + msg + enc_keys(missing[:MAX_ERROR_KEYS])
+    return U16.pack(code) + U16.pack(len(msg)) + msg + enc_keys(missing[:MAX_ERROR_KEYS])
 
 
 def dec_error(data: bytes | memoryview) -> tuple[int, str, np.ndarray]:
@@ -239,7 +239,7 @@ def enc_hello(nonce: bytes, namespace: str, fp: bytes, mac: int) -> bytes:
     ns = validate_namespace(namespace)
     if len(fp) != 16:
         raise CodecError("a key fingerprint is 16 bytes")
-    return nonce + _U16.pack(len(ns)) + ns + fp + _U8.pack(mac)
+    return nonce + U16.pack(len(ns)) + ns + fp + U8.pack(mac)
 
 
 def dec_hello(data: bytes | memoryview, nonce_len: int = 32) -> tuple[bytes, str, bytes, int]:

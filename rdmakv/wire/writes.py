@@ -94,7 +94,7 @@ def dec_index_info(data: bytes | memoryview) -> tuple[int, int, int, int]:
     return addr, rkey, entries, probe
 
 
-def enc_commit(reservation_id: int, put_manifest_parts: list) -> list:
+def enc_commit(reservation_id: int, put_manifest_parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
     return [_ID.pack(reservation_id), *put_manifest_parts]
 
 

@@ -24,7 +24,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import consumer_ctypes as cc  # noqa: E402 - beside this file, not a package
+import consumer_ctypes as cc
 
 BLOCK_TOKENS = 16
 SENTINEL = b"__prefix_index__"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import kvstore_abi as ka
-from rdmakv.kvstate import RestoreReport
+from rdmakv.client.reports import RestoreReport
 from rdmakv.llama.kvstore_backend import KV_OK, KVStoreBackend, Pending
 
 from ..conftest import KEY_HEX, ServerProcess, request_counts
@@ -149,7 +149,7 @@ def test_c_consumer_restores_over_reads(srv, tmp_path):
 def test_proxy_restores_slot_files_over_reads(srv, monkeypatch):
     """The proxy's pooled connections fetch a slot file's chunks by READ; the parts it writes
     are the file, byte for byte."""
-    from rdmakv.kvstate import RestoreReport
+    from rdmakv.client.reports import RestoreReport
     from rdmakv.llama.slotstore import get_slotfile_parts, put_slotfile
     from rdmakv.llama.store_pool import StorePool
 

@@ -121,7 +121,7 @@ def test_reads_past_the_index_or_into_another_namespaces_index_fail(srv):
 
 
 def test_many_lookups_in_two_postings_find_what_single_lookups_find(srv):
-    from rdmakv.kvstate import RestoreReport
+    from rdmakv.client.reports import RestoreReport
 
     with rdmakv.connect(srv.url("o-many"), key=KEY_HEX, transport="rdma", window=64) as st:
         for i in range(6):

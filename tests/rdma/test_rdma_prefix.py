@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv.kvstate import RestoreReport
+from rdmakv.client.reports import RestoreReport
 from rdmakv.llama import prefix_entry as pe
 from rdmakv.llama import prefix_names as pn
 from rdmakv.llama import prefix_store as ps

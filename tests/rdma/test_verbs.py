@@ -25,6 +25,7 @@ from rdmakv.rdma import (
     Responder,
     Sge,
     WorkCompletionError,
+    alloc_pd,
     pyverbs_status,
 )
 
@@ -47,7 +48,7 @@ def device() -> Device:
 @pytest.fixture
 def pds(device: Device) -> Iterator[tuple[ProtectionDomain, ProtectionDomain, ProtectionDomain]]:
     """(server namespace A, server namespace B, client) protection domains."""
-    made = [device.alloc_pd() for _ in range(3)]
+    made = [alloc_pd(device) for _ in range(3)]
     yield made[0], made[1], made[2]
     for pd in made:
         pd.close()

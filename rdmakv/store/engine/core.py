@@ -1,0 +1,424 @@
+"""The store itself, without sockets: namespaces, chunk index, two tiers, durable log.
+
+Semantics (docs/data-model.md §2, §4): chunks are immutable and content-addressed; sessions (manifests)
+are name-addressed and replaced atomically; a manifest is visible only when every chunk it
+names is present. The memory tier (slab) caches the disk tier (log); ``tiering`` decides what
+leaves which. ``index`` says which counts keep bytes alive.
+
+Locking: one engine lock around the index. It is never held across an fsync (commits share
+one through the log's group commit), a bulk copy of chunk bytes, or a log read: the work that
+needs bytes to stay put takes holds under the lock, does the copy without it, and lets go.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slab import CapacityBudget
+
+from ...errors import DiskFullError, ManifestError, RdmakvError
+from ...hashing import Key, key_hex, keys_array
+from ...wire import manifest as mf
+from ...wire.lookup_index import INDEX_ENTRIES
+from .. import logs
+from . import records as rec
+from .admission import Admission
+from .compactor import Compactor
+from .datadir import DataDirLock, Reserve, fs_free_bytes
+from .index import Holder, Namespace, Session, Tombstone
+from .live_bytes import LiveBytes
+from .maintenance import Maintenance
+from .namespaces import NamespaceTable, RegionHook, ReleaseHook
+from .orphans import Orphans
+from .published import PublishedIndex
+from .publishing import Publisher
+from .reads import Reads
+from .replay import replay
+from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
+from .stats import namespace_list, namespace_stats, store_stats
+from .tiering import Tiering
+from .writes import Writes
+
+DEFAULT_HIGH_WATERMARK = 0.9
+SAVE_HOLD_S = 60.0  # chunks of an uncommitted save stay this long after its last put
+RESTORE_HOLD_S = 30.0  # a restore's lookup keeps its version this long at most
+REGION_GRACE_S = 2.0  # an empty region is unregistered this long after it emptied
+MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is only read is never made)
+
+
+SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
+
+
+class Engine(Tiering, Reads, Writes):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        capacity: int,
+        *,
+        fsync: str = "manifest",
+        disk_capacity: int | None = None,
+        high_watermark: float = DEFAULT_HIGH_WATERMARK,
+        quotas: dict[str, int] | None = None,
+        region_bytes: int = 64 << 20,
+        span_bytes: int = 1 << 20,
+        segment_bytes: int | None = None,
+        compact_threshold: float = 0.5,
+        region_hook: RegionHook | None = None,
+        release_hook: ReleaseHook | None = None,
+        log: Callable[[str], None] | None = None,
+        max_namespaces: int = MAX_NAMESPACES,
+    ) -> None:
+        if not 0.1 <= high_watermark <= 1.0:
+            raise ValueError("high watermark must be between 0.1 and 1.0")
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.promote_lock = threading.Lock()
+        self.capacity = capacity
+        self.budget = CapacityBudget(capacity)
+        self.disk_capacity = disk_capacity or 4 * capacity
+        self.high_watermark = high_watermark
+        self.quotas = dict(quotas or {})
+        self.say = log or logs.say
+        self.damage: list[Damage] = []
+        # segments follow the disk budget, or the filesystem when it is the smaller of the two
+        room = min(self.disk_capacity, fs_free_bytes(self.dir) + sum(p.stat().st_size for p in self.dir.glob("seg-*")))
+        self.log = SegmentLog(
+            self.dir, fsync=fsync, segment_bytes=segment_bytes or segment_bytes_for(room), on_damage=self._on_damage
+        )
+        self.reserve = Reserve(self.dir, self.log.segment_bytes)
+        self.dir_lock = DataDirLock(self.dir)
+        self.publisher = Publisher(self._located)
+        self.spaces = NamespaceTable(self.budget, region_bytes=region_bytes, span_bytes=span_bytes, quotas=self.quotas,
+                                     max_namespaces=max_namespaces, exported=self.publisher.exports)  # fmt: skip
+        self.spaces.set_region_hook(region_hook, release_hook)
+        self.namespaces = self.spaces.by_name  # the table's own dict: name -> Namespace
+        self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.orphans = Orphans()  # chunks no session names, kept as cache: least recently used first
+        self.live = LiveBytes()
+        self.fs_free = 1 << 62
+        self.seq = 0
+        self.holders: set[Holder] = set()
+        self.local = self.new_holder()  # for in-process callers that pass none
+        self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
+        self.admission = Admission(self)  # reservations of saves in flight
+        self.replay_stats: dict[str, float] = {}
+        self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
+        self.compactor = Compactor(self, compact_threshold)
+        self.maintenance = Maintenance(self.upkeep, lambda line: self.say(line))
+        self._open = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def open(self, *, background: bool = True) -> None:
+        t0 = time.perf_counter()
+        self.dir_lock.acquire()
+        try:
+            self.fs_free = fs_free_bytes(self.dir)
+            with self.lock:
+                replay(self)
+                self.log.open_for_append()
+            if not self.reserve.refill():
+                self.say(f"rdmakv: warning: no room for the {self.reserve.size}-byte reserve in {self.dir}")
+            self.fs_free = fs_free_bytes(self.dir)
+            if self.fs_free + self.log.disk_bytes() < self.disk_capacity:
+                self.say(
+                    f"rdmakv: warning: the filesystem under {self.dir} has room for "
+                    f"{(self.fs_free + self.log.disk_bytes()) >> 20} MiB, less than --disk-capacity "
+                    f"{self.disk_capacity >> 20} MiB; the store evicts before it fills"
+                )
+        except BaseException:
+            self.dir_lock.release()
+            raise
+        self.replay_stats["replay_s"] = time.perf_counter() - t0
+        self._open = True
+        if background:
+            self.compactor.start()
+            self.maintenance.start()
+
+    def close(self) -> None:
+        self.maintenance.stop()
+        self.compactor.stop()
+        with self.lock:
+            self.log.close()
+            self._open = False
+        self.dir_lock.release()
+
+    def _on_damage(self, d: Damage) -> None:
+        self.damage.append(d)
+        self.say(f"rdmakv: log damage: {d}")
+
+    def new_holder(self) -> Holder:
+        h = Holder()
+        with self.lock:
+            self.holders.add(h)
+        return h
+
+    def release_holder(self, h: Holder) -> None:
+        """A connection is gone: let go of everything it held."""
+        with self.lock:
+            self._drop_restore_hold(h)
+            for (ns_name, key) in list(h.pending):
+                self.drop_pending(h, ns_name, key)
+            self.admission.end(h)
+            self.holders.discard(h)
+            self.admission.room_freed()
+
+    def _drop_restore_hold(self, h: Holder) -> None:
+        if h.restore is not None:
+            ns, s = h.restore
+            h.restore = None
+            self._unhold_session(ns, s)
+        batch, h.batch = h.batch, []
+        for ns, s in batch:
+            self._unhold_session(ns, s)
+
+    def drop_pending(self, h: Holder, ns_name: str, key: Key) -> None:
+        h.pending.pop((ns_name, key), None)
+        ns = self.namespaces[ns_name]
+        c = ns.chunks.get(key)
+        if c is not None:
+            if c.refs == 0 and c.holds == 1:
+                ns.counters["orphans_dropped"] += 1
+            self._unhold(ns, c)
+
+    # -- the log ---------------------------------------------------------------------------
+    def _append_small(self, rtype: int, parts: list[bytes | memoryview]) -> tuple[Location, int]:
+        """Append a small record that must get through on a full disk (tombstones, pins):
+        on ENOSPC the reserve is given up and the append tried once more."""
+        try:
+            return self.log.append(rtype, parts)
+        except DiskFullError:
+            if not self.reserve.give_up():
+                raise
+            self.say("rdmakv: disk full: gave up the reserve so that a delete or pin goes through")
+            return self.log.append(rtype, parts)
+
+    def _tombstone(self, ns: Namespace, name: str) -> int:
+        self.seq += 1
+        loc, lsn = self._append_small(rec.REC_DELETE, rec.delete_parts(ns.name, name, self.seq))
+        old = ns.tombstones.pop(name, None)
+        if old is not None:
+            self.live.dead(ns, old.loc)
+        ns.tombstones[name] = Tombstone(self.seq, loc)
+        ns.last_seq[name] = self.seq
+        self.live.live(ns, loc)
+        return lsn
+
+    # -- chunks ----------------------------------------------------------------------------
+    def exists(self, ns_name: str, keys: np.ndarray) -> np.ndarray:
+        with self.lock:
+            chunks = self.existing(ns_name).chunks
+            return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
+
+    # -- manifests -------------------------------------------------------------------------
+    def commit_manifest(
+        self,
+        ns_name: str,
+        name: str,
+        data: bytes,
+        holder: Holder | None = None,
+        *,
+        pin: bool = False,
+        ttl: float = 0.0,
+        transport: str = "tcp",
+    ) -> np.ndarray:
+        """Commit if every chunk is present; else return the missing keys (nothing changes).
+        ``transport``: how the save's missing chunks came ("rdma": WRITTEN), for the counters."""
+        saved_by = SAVES_BY_TRANSPORT[transport]
+        holder = holder or self.local
+        m = mf.decode(data)  # raises ManifestError
+        unique_arr, unique_lengths = mf.distinct_keys(m)
+        unique = unique_arr.tolist()
+        data = bytes(data)
+        now = time.time()
+        with self.lock:
+            ns = self.namespace(ns_name)
+            chunks = ns.chunks
+            missing = [(k, n) for k, n in zip(unique, unique_lengths) if k not in chunks]
+            if missing:
+                self.admission.admit(ns, holder, [n for _, n in missing])  # room for all of them, or wait
+                return keys_array([k for k, _ in missing[: self.max_missing]], m.hash_alg)
+            for k, length in zip(unique, unique_lengths):
+                if chunks[k].length != length:
+                    raise ManifestError(
+                        f"manifest says chunk {key_hex(k)} has {length} bytes; the stored chunk has "
+                        f"{chunks[k].length}"
+                    )
+            self._disk_room(ns, len(data) + 128)
+            self._make_room(ns, len(data), hard=True, holder=holder)
+            for k in unique:
+                chunks[k].holds += 1  # nothing may free them before the install below
+            self.seq += 1
+            seq = self.seq
+        expires = now + ttl if ttl > 0 else 0.0
+        try:
+            self._make_disk_room(len(data) + 128)
+            parts = rec.manifest_parts(
+                ns_name, name, seq, data, pinned=pin, expires_ms=int(expires * 1000), committed_ms=int(now * 1000)
+            )
+            loc, lsn = self.log.append(rec.REC_MANIFEST, parts)
+            if self.log.fsync_policy == "manifest":
+                self.log.sync_to(lsn)
+        except BaseException:
+            with self.lock:
+                for k in unique:
+                    self._unhold(ns, chunks[k])
+            raise
+        with self.lock:
+            ns.disk_records[name] += 1
+            s = Session(ns_name, name, seq, loc, m.n_chunks, unique_arr, m.total_bytes, len(data), now, expires, pin)
+            self._install(ns, s, data)
+            for k in unique:
+                self._unhold(ns, chunks[k])
+                if (ns_name, k) in holder.pending:
+                    self.drop_pending(holder, ns_name, k)
+            ns.counters["manifests_committed"] += 1
+            ns.counters[saved_by] += 1
+            ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
+            self.admission.end(holder)
+            self.admission.room_freed()  # its chunks are a committed session now: demotable
+        return np.zeros(0, dtype=np.uint64)
+
+    def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
+        """Make ``s`` the visible version of its name, unless a newer one got there first."""
+        if s.seq <= ns.last_seq.get(s.name, 0):
+            return  # superseded before it was installed: its record is garbage already
+        ns.last_seq[s.name] = s.seq
+        old = ns.sessions.get(s.name)
+        ns.sessions[s.name] = s
+        self.live.live(ns, s.loc)
+        tomb = ns.tombstones.pop(s.name, None)
+        if tomb is not None:
+            self.live.dead(ns, tomb.loc)  # a newer manifest outranks it on replay
+        for k in s.unique_keys():
+            c = ns.chunks[k]
+            c.refs += 1
+            if c.orphan:
+                self._unorphan(ns, c)
+                ns.counters["orphans_reused"] += 1
+        if data is not None:
+            self._charge_manifest(ns, s, data)
+            self._claim(ns, s)
+            s.complete = all(ns.chunks[k].slot is not None for k in s.unique_keys())
+        self._list(s)
+        if old is not None:
+            old.replaced = True  # its chunks that no other session names stay, as cache
+            self._retire(ns, old)
+
+    def delete_manifest(self, ns_name: str, name: str) -> None:
+        with self.lock:
+            ns = self.existing(ns_name)
+            s = self._lookup(ns, name)
+            lsn = self._tombstone(ns, name)
+            del ns.sessions[name]
+            self._retire(ns, s)
+            self._free_orphans_of(ns, name)
+            ns.counters["deletes"] += 1
+            self.admission.room_freed()
+        self.log.sync_to(lsn)
+        self.compactor.wake()
+
+    def set_pin(self, ns_name: str, name: str, pinned: bool) -> None:
+        with self.lock:
+            ns = self.existing(ns_name)
+            s = self._lookup(ns, name)
+            self.seq += 1
+            loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
+            if s.pin_loc is not None:
+                self.live.dead(ns, s.pin_loc)
+            s.pin_loc = loc
+            self.live.live(ns, loc)
+            self._unlist(s)
+            s.pinned = pinned
+            self._list(s)
+        self.log.sync_to(lsn)
+
+    def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return namespace_list(self.existing(ns_name), prefix, after, limit)
+
+    def store_stats(self) -> dict[str, Any]:
+        with self.lock:
+            return store_stats(self)
+
+    def stats(self, ns_name: str) -> dict[str, Any]:
+        with self.lock:
+            return namespace_stats(self.existing(ns_name))
+
+    def all_stats(self, limit: int) -> builtins.list[dict[str, Any]]:  # (list: the method above)
+        """Every namespace's figures, the ``limit`` largest by memory used (admin STATS, `rdmakv top`)."""
+        with self.lock:
+            spaces = sorted(self.namespaces.values(), key=lambda ns: -ns.used)[:limit]
+            return [namespace_stats(ns) for ns in spaces]
+
+
+    # -- namespaces ------------------------------------------------------------------------
+    def set_region_hook(self, hook: RegionHook | None, release: ReleaseHook | None = None) -> None:
+        """Install the RDMA registration hooks and register regions that already exist."""
+        with self.lock:
+            self.spaces.set_region_hook(hook, release)
+
+    def existing(self, name: str) -> Namespace:
+        """The namespace to read (an empty stand-in, not kept, when it holds nothing)."""
+        return self.spaces.existing(name)
+
+    def namespace(self, name: str, *, replaying: bool = False) -> Namespace:
+        """The namespace to write to, made on its first write. Under the engine lock."""
+        return self.spaces.writable(name, replaying=replaying)
+
+    # -- the one-sided index -----------------------------------------------------------------
+    def published_index(self, ns_name: str, entries: int = INDEX_ENTRIES) -> PublishedIndex:
+        with self.lock:
+            return self.publisher.index(ns_name, entries)
+
+    def publish(self, ns_name: str, name: str) -> bool:
+        """Point the namespace's index at ``name``'s current version (see Publisher.publish)."""
+        with self.lock:
+            ns = self.namespaces.get(ns_name)
+            return ns is not None and self.publisher.publish(ns, ns.sessions.get(name))
+
+    def upkeep(self) -> None:
+        """One round of background work (Maintenance runs it every second; tests call it)."""
+        now = time.monotonic()
+        try:
+            self.fs_free = fs_free_bytes(self.dir)
+        except OSError:
+            pass
+        with self.lock:
+            self._expire_due()
+            self.admission.expire_stalled(now, self.local)
+            for h in list(self.holders):
+                if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
+                    self._drop_restore_hold(h)
+                for (ns_name, key), at in list(h.pending.items()):
+                    if now - at > SAVE_HOLD_S:
+                        self.drop_pending(h, ns_name, key)
+            self.release_regions(now - REGION_GRACE_S)
+            limit = int(self.high_watermark * self.capacity)
+            used = self.mem_used()
+            any_ns = next(iter(self.namespaces.values()), None)
+            if used > limit and any_ns is not None:
+                self.demote_until(used - limit, any_ns, None)
+            if self.live.total > self.disk_limit() and any_ns is not None:
+                try:
+                    self._disk_room(any_ns, 0)
+                except RdmakvError:
+                    pass  # everything left is pinned or busy; saves will say so
+            garbage = self.log.disk_bytes() - self.live.total
+        if garbage > self.log.segment_bytes // 2:
+            self.compactor.wake()
+        if self.reserve.held < self.reserve.size:
+            self.reserve.refill()
+
+    def compact(self) -> dict[str, Any]:
+        """A full compaction pass, the open segment included (``rdmakv compact``)."""
+        return self.compactor.full_pass()

@@ -1,0 +1,48 @@
+"""`rdmakv bench throughput`'s pure parts: the profile's top entries, the report and the
+before/after table, the disk limit, and InfiniStore skipped with its reason when absent."""
+
+from __future__ import annotations
+
+from bench import throughput, throughput_peer, throughput_profile, throughput_report
+
+
+def test_top_entries_leave_out_idle_workers(tmp_path):
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "process 1;thread 2;_bootstrap (threading.py:995);_worker (thread.py:81) 60\n"
+        "process 1;thread 3;serve (server.py:10);put_chunks (engine.py:274) 30\n"
+        "process 1;thread 3;serve (server.py:10);append_many (segment_log.py:380) 10\n"
+    )
+    top = throughput_profile.top_entries(str(raw))
+    assert top["samples"] == 40 and top["waiting_samples"] == 60
+    assert top["own"][0] == {"frame": "put_chunks (engine.py:274)", "pct": 75.0}
+    assert {"frame": "serve (server.py:10)", "pct": 100.0} in top["inclusive"]
+
+
+def _result(save_ms: float, restore_ms: float) -> dict:
+    row = {"tokens": 4096, "bytes": 50_331_648, "runs": 3,
+           "fdatasync_limit": {"median_ms": 30.0}, "raw_socket_limit": {"median_ms": 20.0},
+           "cold_save_tcp": {"median_ms": save_ms, "server_cpu_s_per_GB": 5.0, "transports": {"tcp": 3}},
+           "restore_tcp": {"median_ms": restore_ms, "server_cpu_s_per_GB": 1.0, "transports": {"tcp": 3}}}  # fmt: skip
+    conc = {"tcp": {op: {"tokens": 4096, "ratio": 1.1, "one": {"aggregate_MBps": 100.0, "server_cpu_s_total": 1.0},
+                         "two": {"aggregate_MBps": 110.0, "server_cpu_s_total": 2.0}} for op in ("save", "restore")}}
+    return {"environment": {"cpus": 2}, "params": {"fsync": "manifest", "window": 64}, "rdma_used": False,
+            "sizes": {"rows": [row]}, "concurrency": conc}  # fmt: skip
+
+
+def test_report_puts_every_figure_beside_its_limit():
+    md = throughput_report.markdown(_result(90.0, 40.0))
+    assert "| 4,096 | 50,331,648 | cold save, TCP | 90.0 |" in md and "| 3.00× | ≤ 1.5× |" in md
+    assert "raw loopback socket | 20.0 |" in md and "| 2.00× | ≤ 1.5× |" in md
+    table = throughput_report.compare(_result(90.0, 40.0), _result(60.0, 40.0))
+    assert "| 4,096 | cold save, TCP | 90.0 | 3.00× | 60.0 | 2.00× | 1.50× |" in table
+
+
+def test_the_disk_limit_writes_and_syncs_the_bytes(tmp_path):
+    out = throughput.fdatasync_limit(str(tmp_path), memoryview(bytes(1 << 20)), 2)
+    assert out["n"] == 2 and out["bytes"] == 1 << 20 and not list(tmp_path.iterdir())
+
+
+def test_infinistore_is_skipped_with_its_reason_when_absent(monkeypatch, tmp_path):
+    monkeypatch.setenv("RDMAKV_INFINISTORE_PYTHON", str(tmp_path / "no-such-python"))
+    assert "is not there" in throughput_peer.run([], quick=True)["skipped"]
