@@ -15,7 +15,11 @@ from rdmakv.store.engine.segment_log import SegmentLog
 
 def _replayed(path) -> list[tuple[int, bytes]]:
     log = SegmentLog(path)
-    out = [(r.key, bytes(log.read_record(loc))[-len(r.body) :]) for r, loc in log.replay()]
+    out = []
+    for r, loc in log.replay():
+        raw = bytearray(loc.size)  # the whole record as it lies in its segment
+        log.segment(loc.segment).pread_into(loc.offset, memoryview(raw))
+        out.append((r.key, bytes(raw)[-len(r.body) :]))
     log.close()
     return out
 
