@@ -33,6 +33,16 @@ def server_bin() -> Path:
     return binary
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' random-weight llama GGUF (written once per module)."""
+    from bench import llama_harness as lf
+
+    pytest.importorskip("gguf", reason="the gguf package writes the test model")
+    pytest.importorskip("aiohttp", reason="the proxy needs aiohttp")
+    return lf.write_tiny_llama_gguf(tmp_path_factory.mktemp("model") / "tiny-llama.gguf")
+
+
 def request_counts(url: str) -> dict[str, int]:
     """What the server counted for the URL's namespace, per op (STATS ``requests``)."""
     import rdmakv

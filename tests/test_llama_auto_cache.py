@@ -40,13 +40,6 @@ def text(seed: int, n: int) -> str:
     return "".join(random.Random(seed).choices(string.ascii_lowercase, k=n))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gguf", reason="the gguf package writes the test model")
-    pytest.importorskip("aiohttp", reason="the proxy needs aiohttp")
-    return lf.write_tiny_llama_gguf(tmp_path_factory.mktemp("model") / "tiny-llama.gguf")
-
-
 class Stack:
     """llama-server and an auto-cache proxy (with its /metrics) on one slot dir."""
 

@@ -45,13 +45,6 @@ def text(seed: int, n: int) -> str:
 
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gguf", reason="the gguf package writes the test model")
-    pytest.importorskip("aiohttp", reason="the proxy needs aiohttp")
-    return lf.write_tiny_llama_gguf(tmp_path_factory.mktemp("model") / "tiny-llama.gguf")
-
-
 class Stack:
     """llama-server + proxy sharing one slot dir; the store is a real `rdmakv serve`."""
 

@@ -37,7 +37,7 @@ class BatchAppends:
     segment_bytes: int
     fsync_policy: str
 
-    def _rotate_locked(self) -> None: ...
+    def _room_for(self, total: int) -> None: ...
 
     def _undo(self, start: int, cause: OSError) -> None: ...
 
@@ -71,16 +71,7 @@ class BatchAppends:
         with self._lock:
             i = 0
             while i < len(staged):
-                if self.broken:
-                    raise StorageError(f"the log is not writable: {self.broken}")
-                total = staged[i][2]
-                if self._fd is None:
-                    self._rotate_locked()
-                elif self._size > 0 and self._size + total > self.segment_bytes:
-                    try:
-                        self._rotate_locked()
-                    except OSError as e:
-                        raise storage_error(e, "opening a new log segment") from e
+                self._room_for(staged[i][2])
                 assert self._fd is not None and self._active is not None
                 # the run of records that fits in this segment and in one writev
                 start, room, iov, j = self._size, self.segment_bytes - self._size, 0, i

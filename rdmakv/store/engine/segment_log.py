@@ -206,6 +206,19 @@ class SegmentLog(BatchAppends):
         with self._lock:
             self._rotate_locked()
 
+    def _room_for(self, total: int) -> None:
+        """(under the lock) An open segment with room for ``total`` more bytes (a full one is
+        sealed and a new one opened; a record larger than a segment gets a segment of its own)."""
+        if self.broken:
+            raise StorageError(f"the log is not writable: {self.broken}")
+        if self._fd is None:
+            self._rotate_locked()
+        elif self._size > 0 and self._size + total > self.segment_bytes:
+            try:
+                self._rotate_locked()
+            except OSError as e:
+                raise storage_error(e, "opening a new log segment") from e
+
     def _rotate_locked(self) -> None:
         if self._fd is not None:
             if self.fsync_policy != "never":
@@ -233,15 +246,7 @@ class SegmentLog(BatchAppends):
         header = encode_header(rtype, length, payload_checksum(parts))
         total = HEADER_SIZE + length
         with self._lock:
-            if self.broken:
-                raise StorageError(f"the log is not writable: {self.broken}")
-            if self._fd is None:
-                self._rotate_locked()
-            elif self._size > 0 and self._size + total > self.segment_bytes:
-                try:
-                    self._rotate_locked()
-                except OSError as e:
-                    raise storage_error(e, "opening a new log segment") from e
+            self._room_for(total)
             assert self._fd is not None and self._active is not None
             start = self._size
             try:
