@@ -51,6 +51,24 @@ def request_counts(url: str) -> dict[str, int]:
         return dict(st.stats()["requests"])
 
 
+def exit_code_in_a_child(body) -> int:
+    """Run ``body()`` in a forked child and return its exit code (``body``'s return value; 1 if it
+    raised). SIGXFSZ is ignored there, so a file-size limit the child sets (RLIMIT_FSIZE) makes a
+    write fail with EFBIG, as a full disk would, instead of killing it."""
+    import signal
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        code = 1
+        try:
+            code = body()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def run_concurrently(worker, n: int) -> list[BaseException]:
     """Run worker(0..n-1) on n threads; the exceptions they raised (empty = all passed)."""
     import threading

@@ -12,6 +12,8 @@ from rdmakv.store.engine import log_batches
 from rdmakv.store.engine import records as rec
 from rdmakv.store.engine.segment_log import SegmentLog
 
+from .conftest import exit_code_in_a_child
+
 
 def _replayed(path) -> list[tuple[int, bytes]]:
     log = SegmentLog(path)
@@ -62,31 +64,25 @@ def test_append_many_rotates_segments_like_append(tmp_path):
 def test_a_failed_batch_is_truncated_away(tmp_path):
     """EFBIG in the middle of a batch (child process, RLIMIT_FSIZE): nothing of the failing write
     stays in the segment; the log takes appends afterwards and replays clean."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
-        import resource
-        import signal
+    import resource
 
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        code = 1
+    def child() -> int:
+        log = SegmentLog(tmp_path)
+        log.open_for_append()
+        log.append_many(rec.REC_CHUNK, _records(2, 1000))
+        size0 = log._path(log.active_id).stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size0 + 3000, size0 + 3000))
         try:
-            log = SegmentLog(tmp_path)
-            log.open_for_append()
-            log.append_many(rec.REC_CHUNK, _records(2, 1000))
-            size0 = log._path(log.active_id).stat().st_size
-            resource.setrlimit(resource.RLIMIT_FSIZE, (size0 + 3000, size0 + 3000))
-            try:
-                log.append_many(rec.REC_CHUNK, _records(5, 1000, base=10))
-                code = 2
-            except DiskFullError:
-                size = log._path(log.active_id).stat().st_size
-                log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 99, b"c" * 500))
-                code = 0 if size == size0 else 3
-            log.close()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+            log.append_many(rec.REC_CHUNK, _records(5, 1000, base=10))
+            code = 2
+        except DiskFullError:
+            size = log._path(log.active_id).stat().st_size
+            log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 99, b"c" * 500))
+            code = 0 if size == size0 else 3
+        log.close()
+        return code
+
+    assert exit_code_in_a_child(child) == 0
     assert [k for k, _ in _replayed(tmp_path)] == [0, 1, 99]
 
 

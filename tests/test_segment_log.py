@@ -20,6 +20,8 @@ from rdmakv.store.engine.segment_log import SegmentLog
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 
+from .conftest import exit_code_in_a_child
+
 
 def _kv(seed, n=50):
     return kvgen.generate(kvgen.token_stream(seed, n), kvgen.ModelShape("t", 2, 32, 32))
@@ -148,30 +150,24 @@ def test_replaced_and_deleted_manifests_replay_to_the_final_state(tmp_path):
 def test_a_failed_append_is_truncated_away(tmp_path):
     """EFBIG from a file-size limit, in a child process: the half-written record must not stay in
     the segment, and later appends and the replay must not trip over it."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
-        import resource
-        import signal
+    import resource
 
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        code = 1
+    def child() -> int:
+        log = SegmentLog(tmp_path)
+        log.open_for_append()
+        log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 1, b"a" * 1000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
         try:
-            log = SegmentLog(tmp_path)
-            log.open_for_append()
-            log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 1, b"a" * 1000))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
-            try:
-                log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 2, b"b" * 5000))
-                code = 2
-            except DiskFullError:
-                size = log._path(log.active_id).stat().st_size
-                log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 3, b"c" * 1000))
-                code = 0 if size < 3000 else 3
-            log.close()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+            log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 2, b"b" * 5000))
+            code = 2
+        except DiskFullError:
+            size = log._path(log.active_id).stat().st_size
+            log.append(rec.REC_CHUNK, rec.chunk_parts("ns", 3, b"c" * 1000))
+            code = 0 if size < 3000 else 3
+        log.close()
+        return code
+
+    assert exit_code_in_a_child(child) == 0
     keys, damage = _replayed_keys(tmp_path)
     assert keys == [1, 3] and not damage
 

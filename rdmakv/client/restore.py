@@ -10,9 +10,12 @@ key, one node's share of a cluster session). Nothing here calls back into ``Stor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
+
+from fallback_tcp.transport import TcpChannel
 
 from ..wire import chunking
 from ..wire import manifest as mf
@@ -38,10 +41,21 @@ def fetch(transports: Sequence[Transport], name: str, rep: RestoreReport, target
     raise AssertionError("the last transport of a restore (TCP) never falls back")
 
 
+@contextmanager
+def charged(channel: TcpChannel, rep: RestoreReport) -> Iterator[None]:
+    """What the block costs on the connection's channel (bytes, round trips) goes in ``rep``."""
+    mark = channel.mark()
+    try:
+        yield
+    finally:
+        nbytes, rts = channel.usage_since(mark)
+        rep.bytes += nbytes
+        rep.round_trips += rts
+
+
 def _fetch_by(t: Transport, name: str, rep: RestoreReport, target: Callable[[bytes], Target],
               after_locate: Callable[..., object] | None) -> Fetched | Fallback:  # fmt: skip
-    mark = t.channel.mark()
-    try:
+    with charged(t.channel, rep):
         found = t.lookup(name, rep, one_sided=after_locate is None)
         if isinstance(found, Fallback):
             return found
@@ -64,10 +78,6 @@ def _fetch_by(t: Transport, name: str, rep: RestoreReport, target: Callable[[byt
         if found.one_sided:
             rep.lookup = "one-sided"
         return m, layout, dest.view, offsets
-    finally:
-        nbytes, rts = t.channel.usage_since(mark)
-        rep.bytes += nbytes
-        rep.round_trips += rts
 
 
 def fill_located(transports: Sequence[Transport], keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray,
@@ -77,15 +87,12 @@ def fill_located(transports: Sequence[Transport], keys: np.ndarray, lengths: np.
     caller's uint8 array: each chunk lands in place) or a new buffer of ``total`` bytes, at
     ``offsets``, by the first transport that can; returns the buffer."""
     for t in transports:
-        mark = t.channel.mark()
         dest = t.adopt(into) if into is not None else t.buffer(total)
         try:
-            got = t.fill(keys, lengths, offsets, locations, dest, rep)
+            with charged(t.channel, rep):
+                got = t.fill(keys, lengths, offsets, locations, dest, rep)
         finally:
             t.release(dest)
-            nbytes, rts = t.channel.usage_since(mark)
-            rep.bytes += nbytes
-            rep.round_trips += rts
         if not isinstance(got, Fallback):
             return dest.view
         rep.fallback_reason = rep.fallback_reason or got.reason
@@ -94,10 +101,7 @@ def fill_located(transports: Sequence[Transport], keys: np.ndarray, lengths: np.
 
 def packed(lengths: np.ndarray) -> tuple[np.ndarray, int]:
     """(offsets, total) of chunks laid back to back."""
-    offsets = np.zeros(len(lengths), dtype=np.uint64)
-    if len(lengths):
-        offsets[1:] = np.cumsum(lengths[:-1], dtype=np.uint64)
-    return offsets, int(lengths.sum(dtype=np.uint64))
+    return mf.packed_offsets(lengths), int(lengths.sum(dtype=np.uint64))
 
 
-__all__ = ["Dest", "Fallback", "Fetched", "Found", "fetch", "fill_located", "packed"]
+__all__ = ["Dest", "Fallback", "Fetched", "Found", "charged", "fetch", "fill_located", "packed"]

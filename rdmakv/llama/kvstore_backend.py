@@ -365,8 +365,7 @@ class KVStoreBackend:
             present = [(keys[i], d) for i, d in zip(rest, got) if d is not None]
             if present:
                 lengths = np.array([len(d) for _, d in present], dtype=np.uint32)
-                offsets = np.zeros(len(present), dtype=np.uint64)
-                offsets[1:] = np.cumsum(lengths[:-1], dtype=np.uint64)
+                offsets = mf.packed_offsets(lengths)
                 buf = np.frombuffer(b"".join(d for _, d in present), dtype=np.uint8)
                 out.append(Fetched(buf, b"".join(k for k, _ in present), offsets, lengths))
         return out

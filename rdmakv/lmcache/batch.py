@@ -17,13 +17,13 @@ This is what LMCache's batched calls become, without LMCache (testable on any bu
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from ..client.reports import RestoreReport
+from ..client.restore import charged
 from ..client.store import Store
 from ..client.transport import Dest, Fallback
 from ..errors import ConnectionLost, RdmakvError
@@ -123,19 +123,16 @@ def lookup_many(store: Store, names: Sequence[str], rep: RestoreReport, *, one_s
 def _lookup_tcp(store: Store, names: Sequence[str], idx: list[int], out: list[Located | None],
                 rep: RestoreReport) -> None:  # fmt: skip
     want = store.active_transport == "rdma"
-    mark = store.channel.mark()
-    for start in range(0, len(idx), batches.MAX_BATCH):
-        part = idx[start : start + batches.MAX_BATCH]
-        found, regions = store.get_manifests([names[i] for i in part], want_locations=want)
-        for i, f in zip(part, found):
-            if f.status == batches.FOUND:  # NOT_SERVED (a reply past the frame budget) counts as a miss
-                loc = None
-                if regions is not None and f.slots is not None:
-                    loc = Locations(regions, f.slots, f.checks, f.check_alg)
-                out[i] = Located(f.manifest, loc, False)
-    nbytes, rts = store.channel.usage_since(mark)
-    rep.bytes += nbytes
-    rep.round_trips += rts
+    with charged(store.channel, rep):
+        for start in range(0, len(idx), batches.MAX_BATCH):
+            part = idx[start : start + batches.MAX_BATCH]
+            found, regions = store.get_manifests([names[i] for i in part], want_locations=want)
+            for i, f in zip(part, found):
+                if f.status == batches.FOUND:  # NOT_SERVED (a reply past the frame budget) counts as a miss
+                    loc = None
+                    if regions is not None and f.slots is not None:
+                        loc = Locations(regions, f.slots, f.checks, f.check_alg)
+                    out[i] = Located(f.manifest, loc, False)
 
 
 def read_many(store: Store, values: Sequence[tuple[mf.Manifest, Locations | None, int]], dest: Dest,
@@ -152,23 +149,14 @@ def read_many(store: Store, values: Sequence[tuple[mf.Manifest, Locations | None
     locs = [loc for _, loc, _ in values if loc is not None]
     loc = merge_locations(locs) if rdma is not None and dest.lkey is not None and len(locs) == len(values) else None
     if rdma is not None and loc is not None:
-        got = _counted(store, rep, lambda: rdma.fill(keys, lengths, offsets, loc, dest, rep, strict=strict))
+        with charged(store.channel, rep):
+            got = rdma.fill(keys, lengths, offsets, loc, dest, rep, strict=strict)
         if not isinstance(got, Fallback):
             return got
         rep.fallback_reason = rep.fallback_reason or got.reason
-    _counted(store, rep, lambda: store.tcp.fill(keys, lengths, offsets, None, dest, rep))
+    with charged(store.channel, rep):
+        store.tcp.fill(keys, lengths, offsets, None, dest, rep)
     return "ok"
-
-
-def _counted(store: Store, rep: RestoreReport, step: Callable[[], Any]) -> Any:
-    """``step()``, with the bytes and round trips it cost on the store's channel in ``rep``."""
-    mark = store.channel.mark()
-    try:
-        return step()
-    finally:
-        nbytes, rts = store.channel.usage_since(mark)
-        rep.bytes += nbytes
-        rep.round_trips += rts
 
 
 def merge_locations(locs: Sequence[Locations]) -> Locations | None:

@@ -55,6 +55,14 @@ def chunk_dtype(hash_alg: int) -> np.dtype:
     return np.dtype([("key", key_dtype(hash_alg)), ("length", "<u4"), ("tag", "<u8")])
 
 
+def packed_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Offset of each chunk of ``lengths`` when they are laid back to back."""
+    offsets = np.zeros(len(lengths), dtype=np.uint64)
+    if len(lengths):
+        offsets[1:] = np.cumsum(lengths[:-1], dtype=np.uint64)
+    return offsets
+
+
 @dataclass(eq=False)
 class Manifest:
     kind: int
@@ -84,10 +92,7 @@ class Manifest:
 
     def packed_offsets(self) -> np.ndarray:
         """Offset of each chunk when the chunks are laid back to back in manifest order."""
-        offsets = np.zeros(self.n_chunks, dtype=np.uint64)
-        if self.n_chunks:
-            offsets[1:] = np.cumsum(self.lengths[:-1], dtype=np.uint64)
-        return offsets
+        return packed_offsets(self.lengths)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Manifest):
