@@ -245,8 +245,8 @@ def test_peek_manifest_reads_a_demoted_session_without_promoting_counting_or_reo
         want, _, _ = e.get_manifest("ns", "a")
         with e.lock:
             ns = e.namespaces["ns"]
-            e._demote(ns, ns.sessions["a"])  # now only in the log
-            lru = list(e.mem_lru)
+            e.tiers.demote(ns, ns.sessions["a"])  # now only in the log
+            lru = list(e.tiers.mem_lru)
             holds = ns.sessions["a"].holds  # the get_manifest above keeps its own until its next lookup
         before = e.stats("ns")
         assert e.peek_manifest("ns", "a") == want  # read back from the log record
@@ -255,6 +255,6 @@ def test_peek_manifest_reads_a_demoted_session_without_promoting_counting_or_reo
         for k in ("restores", "memory_hits", "disk_hits", "promotions", "resident_sessions"):
             assert after[k] == before[k], k
         assert not ns.sessions["a"].resident and ns.sessions["a"].holds == holds  # peek kept none
-        assert list(e.mem_lru) == lru
+        assert list(e.tiers.mem_lru) == lru
     finally:
         e.close()

@@ -15,22 +15,22 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slab import CapacityBudget
+from slab import CapacityBudget, Slot
 
 from ...errors import DiskFullError, ManifestError, RdmakvError
 from ...hashing import Key, key_hex, keys_array
 from ...wire import manifest as mf
+from ...wire.batches import Found
 from ...wire.lookup_index import INDEX_ENTRIES
+from ...wire.messages import Locations
 from .. import logs
 from . import records as rec
-from .admission import Admission
 from .compactor import Compactor
 from .datadir import DataDirLock, Reserve, fs_free_bytes
 from .index import Holder, Namespace, Session, Tombstone
@@ -38,13 +38,14 @@ from .live_bytes import LiveBytes
 from .maintenance import Maintenance
 from .namespaces import NamespaceTable, RegionHook, ReleaseHook
 from .orphans import Orphans
+from .promotion import Promotion
 from .published import PublishedIndex
 from .publishing import Publisher
-from .reads import Reads
+from .reads import ChunkViews, Reads
 from .replay import replay
 from .segment_log import Damage, Location, SegmentLog, segment_bytes_for
 from .stats import namespace_list, namespace_stats, store_stats
-from .tiering import Tiering
+from .tiering import Tiers
 from .writes import Writes
 
 DEFAULT_HIGH_WATERMARK = 0.9
@@ -57,7 +58,10 @@ MAX_NAMESPACES = 65_536  # namespaces that hold something at once (one that is o
 SAVES_BY_TRANSPORT = {"tcp": "saves_tcp", "rdma": "saves_rdma"}  # commit_manifest's counter per transport
 
 
-class Engine(Tiering, Reads, Writes):
+class Engine:
+    """The store: composes its parts (below) and holds the one lock they share. Its own are the
+    commit of a manifest and what changes a name (delete, pin), the holders, and the lifecycle."""
+
     def __init__(
         self,
         data_dir: str | Path,
@@ -81,7 +85,6 @@ class Engine(Tiering, Reads, Writes):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
-        self.promote_lock = threading.Lock()
         self.capacity = capacity
         self.budget = CapacityBudget(capacity)
         self.disk_capacity = disk_capacity or 4 * capacity
@@ -96,24 +99,28 @@ class Engine(Tiering, Reads, Writes):
         )
         self.reserve = Reserve(self.dir, self.log.segment_bytes)
         self.dir_lock = DataDirLock(self.dir)
-        self.publisher = Publisher(self._located)
+        self.publisher = Publisher(lambda ns, keys: self.reads.located(ns, keys))
         self.spaces = NamespaceTable(self.budget, region_bytes=region_bytes, span_bytes=span_bytes, quotas=self.quotas,
                                      max_namespaces=max_namespaces, exported=self.publisher.exports)  # fmt: skip
         self.spaces.set_region_hook(region_hook, release_hook)
         self.namespaces = self.spaces.by_name  # the table's own dict: name -> Namespace
-        self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
-        self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.orphans = Orphans()  # chunks no session names, kept as cache: least recently used first
         self.live = LiveBytes()
-        self.fs_free = 1 << 62
         self.seq = 0
         self.holders: set[Holder] = set()
         self.local = self.new_holder()  # for in-process callers that pass none
-        self.reserved_slots = 0  # slots of saves whose bytes are being written by RDMA
-        self.admission = Admission(self)  # reservations of saves in flight
         self.replay_stats: dict[str, float] = {}
         self.max_missing = 1 << 20  # keys a commit reports missing at once (the server fits it to a frame)
         self.compactor = Compactor(self, compact_threshold)
+        self.tiers = Tiers(lock=self.lock, spaces=self.spaces, budget=self.budget, capacity=capacity,
+                           disk_capacity=self.disk_capacity, high_watermark=high_watermark, quotas=self.quotas,
+                           log=self.log, reserve=self.reserve, live=self.live, orphans=self.orphans,
+                           publisher=self.publisher, holders=self.holders, directory=self.dir,
+                           compaction=self.compactor, tombstone=self.tombstone)  # fmt: skip
+        self.admission = self.tiers.admission  # reservations of saves in flight
+        self.promotion = Promotion(self.lock, self.tiers, self.log)
+        self.reads = Reads(self.lock, self.spaces, self.tiers, self.promotion, self.orphans, self.log)
+        self.writes = Writes(self.lock, self.spaces, self.tiers, self.admission, self.log, self.live)
         self.maintenance = Maintenance(self.upkeep, lambda line: self.say(line))
         self._open = False
 
@@ -122,17 +129,19 @@ class Engine(Tiering, Reads, Writes):
         t0 = time.perf_counter()
         self.dir_lock.acquire()
         try:
-            self.fs_free = fs_free_bytes(self.dir)
+            self.tiers.fs_free = fs_free_bytes(self.dir)
             with self.lock:
-                replay(self)
+                replayed = replay(self)
+                self.seq = replayed.seq
+                self.replay_stats.update(replayed.stats)
                 self.log.open_for_append()
             if not self.reserve.refill():
                 self.say(f"rdmakv: warning: no room for the {self.reserve.size}-byte reserve in {self.dir}")
-            self.fs_free = fs_free_bytes(self.dir)
-            if self.fs_free + self.log.disk_bytes() < self.disk_capacity:
+            fs_free = self.tiers.fs_free = fs_free_bytes(self.dir)
+            if fs_free + self.log.disk_bytes() < self.disk_capacity:
                 self.say(
                     f"rdmakv: warning: the filesystem under {self.dir} has room for "
-                    f"{(self.fs_free + self.log.disk_bytes()) >> 20} MiB, less than --disk-capacity "
+                    f"{(fs_free + self.log.disk_bytes()) >> 20} MiB, less than --disk-capacity "
                     f"{self.disk_capacity >> 20} MiB; the store evicts before it fills"
                 )
         except BaseException:
@@ -165,30 +174,12 @@ class Engine(Tiering, Reads, Writes):
     def release_holder(self, h: Holder) -> None:
         """A connection is gone: let go of everything it held."""
         with self.lock:
-            self._drop_restore_hold(h)
+            self.reads.drop_restore_hold(h)
             for (ns_name, key) in list(h.pending):
-                self.drop_pending(h, ns_name, key)
+                self.tiers.drop_pending(h, ns_name, key)
             self.admission.end(h)
             self.holders.discard(h)
             self.admission.room_freed()
-
-    def _drop_restore_hold(self, h: Holder) -> None:
-        if h.restore is not None:
-            ns, s = h.restore
-            h.restore = None
-            self._unhold_session(ns, s)
-        batch, h.batch = h.batch, []
-        for ns, s in batch:
-            self._unhold_session(ns, s)
-
-    def drop_pending(self, h: Holder, ns_name: str, key: Key) -> None:
-        h.pending.pop((ns_name, key), None)
-        ns = self.namespaces[ns_name]
-        c = ns.chunks.get(key)
-        if c is not None:
-            if c.refs == 0 and c.holds == 1:
-                ns.counters["orphans_dropped"] += 1
-            self._unhold(ns, c)
 
     # -- the log ---------------------------------------------------------------------------
     def _append_small(self, rtype: int, parts: list[bytes | memoryview]) -> tuple[Location, int]:
@@ -202,7 +193,8 @@ class Engine(Tiering, Reads, Writes):
             self.say("rdmakv: disk full: gave up the reserve so that a delete or pin goes through")
             return self.log.append(rtype, parts)
 
-    def _tombstone(self, ns: Namespace, name: str) -> int:
+    def tombstone(self, ns: Namespace, name: str) -> int:
+        """Log that ``name`` is gone (a delete, or an eviction) and forget its older records."""
         self.seq += 1
         loc, lsn = self._append_small(rec.REC_DELETE, rec.delete_parts(ns.name, name, self.seq))
         old = ns.tombstones.pop(name, None)
@@ -218,6 +210,55 @@ class Engine(Tiering, Reads, Writes):
         with self.lock:
             chunks = self.existing(ns_name).chunks
             return np.fromiter((k in chunks for k in keys.tolist()), dtype=bool, count=len(keys))
+
+    # -- the parts' public faces (callers hold an Engine; the parts stay behind it) -----------
+    def put_chunks(self, ns_name: str, items: Sequence[tuple[Key, memoryview]],
+                   holder: Holder | None = None) -> tuple[int, int]:  # fmt: skip
+        return self.writes.put_chunks(ns_name, items, holder or self.local)
+
+    def reserve_run(self, ns_name: str, lengths: list[int],
+                    holder: Holder | None = None) -> tuple[list[Slot], list[int]]:  # fmt: skip
+        return self.writes.reserve_run(ns_name, lengths, holder)
+
+    def cancel_run(self, ns_name: str, slots: list[Slot]) -> None:
+        self.writes.cancel_run(ns_name, slots)
+
+    def install_written(self, ns_name: str, keys: list[Key], slots: list[Slot],
+                        holder: Holder | None = None) -> tuple[int, int]:  # fmt: skip
+        return self.writes.install_written(ns_name, keys, slots, holder or self.local)
+
+    def get_manifest(self, ns_name: str, name: str, want_locations: bool = False,
+                     holder: Holder | None = None) -> tuple[bytes, bytes | None, str]:  # fmt: skip
+        return self.reads.get_manifest(ns_name, name, want_locations, holder or self.local)
+
+    def get_manifests(self, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None,
+                      max_bytes: int) -> tuple[list[Found], np.ndarray | None]:  # fmt: skip
+        return self.reads.get_manifests(ns_name, names, want_locations, holder or self.local, max_bytes)
+
+    def has_manifests(self, ns_name: str, names: Sequence[str]) -> np.ndarray:
+        return self.reads.has_manifests(ns_name, names)
+
+    def peek_manifest(self, ns_name: str, name: str) -> bytes:
+        return self.reads.peek_manifest(ns_name, name)
+
+    def read_chunks_into(self, ns_name: str, keys: Sequence[int],
+                         out: bytearray) -> tuple[bytearray, list[memoryview | None]]:  # fmt: skip
+        return self.reads.read_chunks_into(ns_name, keys, out)
+
+    def chunk_views(self, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:
+        return self.reads.chunk_views(ns_name, keys, max_bytes)
+
+    def locate(self, ns_name: str, keys: np.ndarray) -> Locations:
+        return self.reads.locate(ns_name, keys)
+
+    def mem_used(self) -> int:
+        return self.tiers.mem_used()
+
+    def pending_chunks(self) -> int:
+        return self.tiers.pending_chunks()
+
+    def fs_room(self) -> int:
+        return self.tiers.fs_room()
 
     # -- manifests -------------------------------------------------------------------------
     def commit_manifest(
@@ -253,15 +294,15 @@ class Engine(Tiering, Reads, Writes):
                         f"manifest says chunk {key_hex(k)} has {length} bytes; the stored chunk has "
                         f"{chunks[k].length}"
                     )
-            self._disk_room(ns, len(data) + 128)
-            self._make_room(ns, len(data), hard=True, holder=holder)
+            self.tiers.disk_room(ns, len(data) + 128)
+            self.tiers.make_room(ns, len(data), hard=True, holder=holder)
             for k in unique:
                 chunks[k].holds += 1  # nothing may free them before the install below
             self.seq += 1
             seq = self.seq
         expires = now + ttl if ttl > 0 else 0.0
         try:
-            self._make_disk_room(len(data) + 128)
+            self.tiers.make_disk_room(len(data) + 128)
             parts = rec.manifest_parts(
                 ns_name, name, seq, data, pinned=pin, expires_ms=int(expires * 1000), committed_ms=int(now * 1000)
             )
@@ -271,16 +312,16 @@ class Engine(Tiering, Reads, Writes):
         except BaseException:
             with self.lock:
                 for k in unique:
-                    self._unhold(ns, chunks[k])
+                    self.tiers.unhold(ns, chunks[k])
             raise
         with self.lock:
             ns.disk_records[name] += 1
             s = Session(ns_name, name, seq, loc, m.n_chunks, unique_arr, m.total_bytes, len(data), now, expires, pin)
-            self._install(ns, s, data)
+            self.install(ns, s, data)
             for k in unique:
-                self._unhold(ns, chunks[k])
+                self.tiers.unhold(ns, chunks[k])
                 if (ns_name, k) in holder.pending:
-                    self.drop_pending(holder, ns_name, k)
+                    self.tiers.drop_pending(holder, ns_name, k)
             ns.counters["manifests_committed"] += 1
             ns.counters[saved_by] += 1
             ns.counters["chunks_referenced"] += len(unique)  # with chunks_stored: the dedup ratio
@@ -288,8 +329,9 @@ class Engine(Tiering, Reads, Writes):
             self.admission.room_freed()  # its chunks are a committed session now: demotable
         return np.zeros(0, dtype=np.uint64)
 
-    def _install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
-        """Make ``s`` the visible version of its name, unless a newer one got there first."""
+    def install(self, ns: Namespace, s: Session, data: bytes | None) -> None:
+        """Make ``s`` the visible version of its name, unless a newer one got there first (a commit,
+        or replay)."""
         if s.seq <= ns.last_seq.get(s.name, 0):
             return  # superseded before it was installed: its record is garbage already
         ns.last_seq[s.name] = s.seq
@@ -303,25 +345,25 @@ class Engine(Tiering, Reads, Writes):
             c = ns.chunks[k]
             c.refs += 1
             if c.orphan:
-                self._unorphan(ns, c)
+                self.tiers.unorphan(ns, c)
                 ns.counters["orphans_reused"] += 1
         if data is not None:
-            self._charge_manifest(ns, s, data)
-            self._claim(ns, s)
+            self.tiers.charge_manifest(ns, s, data)
+            self.tiers.claim(ns, s)
             s.complete = all(ns.chunks[k].slot is not None for k in s.unique_keys())
-        self._list(s)
+        self.tiers.lru_add(s)
         if old is not None:
             old.replaced = True  # its chunks that no other session names stay, as cache
-            self._retire(ns, old)
+            self.tiers.retire(ns, old)
 
     def delete_manifest(self, ns_name: str, name: str) -> None:
         with self.lock:
             ns = self.existing(ns_name)
-            s = self._lookup(ns, name)
-            lsn = self._tombstone(ns, name)
+            s = self.reads.lookup(ns, name)
+            lsn = self.tombstone(ns, name)
             del ns.sessions[name]
-            self._retire(ns, s)
-            self._free_orphans_of(ns, name)
+            self.tiers.retire(ns, s)
+            self.tiers.free_orphans_of(ns, name)
             ns.counters["deletes"] += 1
             self.admission.room_freed()
         self.log.sync_to(lsn)
@@ -330,16 +372,16 @@ class Engine(Tiering, Reads, Writes):
     def set_pin(self, ns_name: str, name: str, pinned: bool) -> None:
         with self.lock:
             ns = self.existing(ns_name)
-            s = self._lookup(ns, name)
+            s = self.reads.lookup(ns, name)
             self.seq += 1
             loc, lsn = self._append_small(rec.REC_PIN, rec.pin_parts(ns_name, name, self.seq, s.seq, pinned))
             if s.pin_loc is not None:
                 self.live.dead(ns, s.pin_loc)
             s.pin_loc = loc
             self.live.live(ns, loc)
-            self._unlist(s)
+            self.tiers.lru_remove(s)
             s.pinned = pinned
-            self._list(s)
+            self.tiers.lru_add(s)
         self.log.sync_to(lsn)
 
     def list(self, ns_name: str, prefix: str = "", after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
@@ -389,28 +431,26 @@ class Engine(Tiering, Reads, Writes):
     def upkeep(self) -> None:
         """One round of background work (Maintenance runs it every second; tests call it)."""
         now = time.monotonic()
-        try:
-            self.fs_free = fs_free_bytes(self.dir)
-        except OSError:
-            pass
+        tiers = self.tiers
+        tiers.refresh_fs_free()
         with self.lock:
-            self._expire_due()
+            tiers.expire_due()
             self.admission.expire_stalled(now, self.local)
             for h in list(self.holders):
                 if (h.restore is not None or h.batch) and now - h.restore_at > RESTORE_HOLD_S:
-                    self._drop_restore_hold(h)
+                    self.reads.drop_restore_hold(h)
                 for (ns_name, key), at in list(h.pending.items()):
                     if now - at > SAVE_HOLD_S:
-                        self.drop_pending(h, ns_name, key)
-            self.release_regions(now - REGION_GRACE_S)
+                        tiers.drop_pending(h, ns_name, key)
+            tiers.release_regions(now - REGION_GRACE_S)
             limit = int(self.high_watermark * self.capacity)
-            used = self.mem_used()
+            used = tiers.mem_used()
             any_ns = next(iter(self.namespaces.values()), None)
             if used > limit and any_ns is not None:
-                self.demote_until(used - limit, any_ns, None)
-            if self.live.total > self.disk_limit() and any_ns is not None:
+                tiers.demote_until(used - limit, any_ns, None)
+            if self.live.total > tiers.disk_limit() and any_ns is not None:
                 try:
-                    self._disk_room(any_ns, 0)
+                    tiers.disk_room(any_ns, 0)
                 except RdmakvError:
                     pass  # everything left is pinned or busy; saves will say so
             garbage = self.log.disk_bytes() - self.live.total

@@ -3,9 +3,10 @@ locations for one-sided READs, and copying chunks out for TCP restores."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -18,17 +19,19 @@ from ...wire.batches import FOUND, NOT_FOUND, NOT_SERVED, REGION_BYTES, Found, f
 from ...wire.messages import LOCATION_DTYPE, NO_REGION, Locations, make_regions
 from ...wire.runs import contiguous_runs
 from .index import Chunk, Holder, Namespace, Session
-from .segment_log import Segment
-
-if TYPE_CHECKING:
-    from .core import Engine
+from .namespaces import NamespaceTable
+from .orphans import Orphans
+from .promotion import Promotion
+from .segment_log import Segment, SegmentLog
+from .tiering import Tiers
 
 
 class ChunkViews:
     """What ``chunk_views`` found; ``release()`` once the bytes are sent."""
 
-    def __init__(self, engine: Engine, ns_name: str) -> None:
-        self.engine = engine
+    def __init__(self, lock: threading.RLock, unhold: Callable[[Namespace, Chunk], None]) -> None:
+        self.lock = lock
+        self.unhold = unhold
         self.ns: Namespace | None = None
         self.served: list[tuple[Key, memoryview | None]] = []
         self.absent: list[Key] = []
@@ -42,10 +45,10 @@ class ChunkViews:
         self.served = []
         self.checks = []
         self.payload = []
-        with self.engine.lock:
+        with self.lock:
             for c in self.held:
                 assert self.ns is not None  # (set with the first held chunk)
-                self.engine._unhold(self.ns, c)
+                self.unhold(self.ns, c)
         self.held = []
         for seg in self.segments:
             seg.release()
@@ -61,35 +64,51 @@ def _runs(ns: Namespace, slots: list[Slot | None]) -> list[memoryview]:
     return [ns.slab.regions[r].view[start : start + n] for r, start, n in runs]
 
 
-# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
-# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
-# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
 class Reads:
-    """Mixin of Engine: everything a restore asks of the store."""
+    """Everything a restore asks of the store, and the holds a restore's lookup keeps on the
+    versions it found (``drop_restore_hold``). Keeps no state of its own beyond the holders'."""
 
-    def _lookup(self: Engine, ns: Namespace, name: str) -> Session:  # type: ignore[misc]
+    def __init__(self, lock: threading.RLock, spaces: NamespaceTable, tiers: Tiers, promotion: Promotion,
+                 orphans: Orphans, log: SegmentLog) -> None:  # fmt: skip
+        self.lock = lock
+        self.spaces = spaces
+        self.tiers = tiers
+        self.promotion = promotion
+        self.orphans = orphans
+        self.log = log
+
+    def drop_restore_hold(self, h: Holder) -> None:
+        """``h``'s last lookup (one session, or a GET_MANIFESTS batch) no longer needs its versions."""
+        if h.restore is not None:
+            ns, s = h.restore
+            h.restore = None
+            self.tiers.unhold_session(ns, s)
+        batch, h.batch = h.batch, []
+        for ns, s in batch:
+            self.tiers.unhold_session(ns, s)
+
+    def lookup(self, ns: Namespace, name: str) -> Session:
         s = ns.sessions.get(name)
         if s is not None and s.expired(time.time()):
             del ns.sessions[name]
-            self._retire(ns, s)
+            self.tiers.retire(ns, s)
             ns.counters["expirations"] += 1
             s = None
         if s is None:
             raise NotFoundError(f"no manifest named {name!r} in namespace {ns.name!r}")
         return s
 
-    def get_manifest(  # type: ignore[misc]
-        self: Engine, ns_name: str, name: str, want_locations: bool = False, holder: Holder | None = None
+    def get_manifest(
+        self, ns_name: str, name: str, want_locations: bool, holder: Holder
     ) -> tuple[bytes, bytes | None, str]:
         """(manifest, encoded chunk locations when asked, tier: "memory" or "disk").
 
         The lookup holds this version for the caller until its next lookup, so its chunks stay
         while it fetches them. A demoted session is promoted first (one extra log read)."""
-        holder = holder or self.local
         with self.lock:
-            ns = self.existing(ns_name)
-            s = self._lookup(ns, name)
-            self._drop_restore_hold(holder)
+            ns = self.spaces.existing(ns_name)
+            s = self.lookup(ns, name)
+            self.drop_restore_hold(holder)
             s.holds += 1
             holder.restore, holder.restore_at = (ns, s), time.monotonic()
             hit = self._count_lookup(ns, s, want_locations)
@@ -99,24 +118,24 @@ class Reads:
         with self.lock:
             version = ns.region_version
             if s.encoded_locations is None or s.encoded_locations[0] != version or not s.complete:
-                enc = self._located(ns, mf.keys_view(data).tolist()).encode()
-                self._cache_locations(ns, s, (version, enc) if s.complete else None)
+                enc = self.located(ns, mf.keys_view(data).tolist()).encode()
+                self.tiers.cache_locations(ns, s, (version, enc) if s.complete else None)
             else:
                 enc = s.encoded_locations[1]
         return data, enc, "memory" if hit else "disk"
 
-    def _manifest_of(self: Engine, ns: Namespace, s: Session, resident: bool) -> bytes:  # type: ignore[misc]
+    def _manifest_of(self, ns: Namespace, s: Session, resident: bool) -> bytes:
         """A looked-up (held) session's manifest: promoted first when it is not ``resident``, read
         from its log record when memory had no room for it."""
         if not resident:
-            self._promote(ns, s)
+            self.promotion.promote(ns, s)
         with self.lock:
             data = s.data
-        return data if data is not None else self.read_manifest(s)
+        return data if data is not None else self.promotion.read_manifest(s)
 
-    def _count_lookup(self: Engine, ns: Namespace, s: Session, want_locations: bool) -> bool:  # type: ignore[misc]
+    def _count_lookup(self, ns: Namespace, s: Session, want_locations: bool) -> bool:
         """A restore looked ``s`` up: recency and counters; whether it is wholly in memory."""
-        self._list(s)
+        self.tiers.lru_add(s)
         hit = s.complete
         ns.counters["restores"] += 1
         ns.counters["memory_hits" if hit else "disk_hits"] += 1
@@ -124,18 +143,17 @@ class Reads:
         ns.counters[f"lookups_{'rdma' if want_locations else 'tcp'}_{'memory' if hit else 'disk'}"] += 1
         return hit
 
-    def get_manifests(  # type: ignore[misc]
-        self: Engine, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder | None, max_bytes: int
+    def get_manifests(
+        self, ns_name: str, names: Sequence[str], want_locations: bool, holder: Holder, max_bytes: int
     ) -> tuple[list[Found], np.ndarray | None]:
         """Many restores' lookups in one (GET_MANIFESTS): (an entry per name, the region table
         when locations are asked). Every version found is held for the caller, together, until
         its next lookup, so its chunks stay while it fetches them; demoted ones are promoted.
         Names past ``max_bytes`` of reply are NOT_SERVED (the caller asks for them again)."""
-        holder = holder or self.local
         with self.lock:
-            self._drop_restore_hold(holder)
+            self.drop_restore_hold(holder)
             holder.restore_at = time.monotonic()
-            max_bytes -= 2 * len(self.namespace(ns_name).slab.regions) * REGION_BYTES  # the table goes beside
+            max_bytes -= 2 * len(self.spaces.writable(ns_name).slab.regions) * REGION_BYTES  # the table goes beside
         out: list[Found] = []
         total = 0
         for name in names:
@@ -143,7 +161,7 @@ class Reads:
                 out.append(Found(NOT_SERVED))
                 continue
             with self.lock:
-                ns = self.namespace(ns_name)
+                ns = self.spaces.writable(ns_name)
                 s = ns.sessions.get(name)
                 if s is None or s.expired(time.time()):
                     s = None
@@ -160,49 +178,49 @@ class Reads:
         if not want_locations:
             return out, None
         with self.lock:  # one region table for the whole reply, taken after every slot it must name
-            ns = self.namespace(ns_name)
+            ns = self.spaces.writable(ns_name)
             regions = self._region_table(ns)
             known = set(regions["id"].tolist())
             for f in (f for f in out if f.status == FOUND):
-                loc = self._located(ns, mf.keys_view(f.manifest).tolist(), regions=regions)
+                loc = self.located(ns, mf.keys_view(f.manifest).tolist(), regions=regions)
                 loc.slots["region"][~np.isin(loc.slots["region"], list(known))] = NO_REGION
                 f.slots, f.checks, f.check_alg = loc.slots, loc.checks, loc.check_alg
         return out, regions
 
-    def has_manifests(self: Engine, ns_name: str, names: Sequence[str]) -> np.ndarray:  # type: ignore[misc]
+    def has_manifests(self, ns_name: str, names: Sequence[str]) -> np.ndarray:
         """Which names are committed, unexpired sessions: a probe, so nothing is touched (no
         promotion, no move in the LRU, no hit counters, no hold)."""
         now = time.time()
         with self.lock:
-            sessions = self.existing(ns_name).sessions
+            sessions = self.spaces.existing(ns_name).sessions
             return np.fromiter(
                 ((s := sessions.get(n)) is not None and not s.expired(now) for n in names), dtype=bool, count=len(names)
             )
 
-    def peek_manifest(self: Engine, ns_name: str, name: str) -> bytes:  # type: ignore[misc]
+    def peek_manifest(self, ns_name: str, name: str) -> bytes:
         """A session's manifest without touching the session as a restore does: no promotion,
         no move in the LRU, no hit counters, no hold kept. For scans of every session (cluster
         repair), which must not warm up, reorder or count what they only read."""
         with self.lock:
-            ns = self.existing(ns_name)
-            s = self._lookup(ns, name)
+            ns = self.spaces.existing(ns_name)
+            s = self.lookup(ns, name)
             if s.data is not None:
                 return s.data
             s.holds += 1  # its log record must outlive the read
         try:
-            return self.read_manifest(s)
+            return self.promotion.read_manifest(s)
         finally:
             with self.lock:
-                self._unhold_session(ns, s)
+                self.tiers.unhold_session(ns, s)
 
-    def read_chunks_into(  # type: ignore[misc]
-        self: Engine, ns_name: str, keys: Sequence[int], out: bytearray
+    def read_chunks_into(
+        self, ns_name: str, keys: Sequence[int], out: bytearray
     ) -> tuple[bytearray, list[memoryview | None]]:
         """Copy chunks into ``out`` (grown when too small) and return (buffer, views of it); a
         chunk not in memory is read from the log. Bytes are copied without the engine lock."""
         plan: list[tuple[Chunk, Segment | None, int] | None] = []
         with self.lock:
-            ns = self.existing(ns_name)
+            ns = self.spaces.existing(ns_name)
             for k in keys:
                 c = ns.chunks.get(k)
                 if c is None:
@@ -238,19 +256,19 @@ class Reads:
             with self.lock:
                 for p in plan:
                     if p is not None:
-                        self._unhold(ns, p[0])
+                        self.tiers.unhold(ns, p[0])
             for p in plan:
                 if p is not None and p[1] is not None:
                     p[1].release()
 
-    def chunk_views(self: Engine, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:  # type: ignore[misc]
+    def chunk_views(self, ns_name: str, keys: Sequence[Key], max_bytes: int) -> ChunkViews:
         """For a GET_CHUNKS reply: each distinct key once, in order, up to ``max_bytes`` (at least
         one chunk). Chunks in memory are served from the slab itself (no copy; they are held
         until ``release``), the rest read from the log. Keys past the budget are left out."""
-        out = ChunkViews(self, ns_name)
+        out = ChunkViews(self.lock, self.tiers.unhold)
         disk: list[tuple[Chunk, Segment, int]] = []
         with self.lock:
-            ns = out.ns = self.existing(ns_name)
+            ns = out.ns = self.spaces.existing(ns_name)
             total = 0
             for k in dict.fromkeys(keys):
                 c = ns.chunks.get(k)
@@ -287,13 +305,13 @@ class Reads:
             out.payload = [v for _, v in out.served if v is not None]  # (every one is, now)
         return out
 
-    def locate(self: Engine, ns_name: str, keys: np.ndarray) -> Locations:  # type: ignore[misc]
+    def locate(self, ns_name: str, keys: np.ndarray) -> Locations:
         with self.lock:
-            ns = self.existing(ns_name)
-            return self._located(ns, keys.tolist(), with_lengths=True)
+            ns = self.spaces.existing(ns_name)
+            return self.located(ns, keys.tolist(), with_lengths=True)
 
-    def _located(  # type: ignore[misc]
-        self: Engine, ns: Namespace, keys: list[Key], with_lengths: bool = False, regions: np.ndarray | None = None
+    def located(
+        self, ns: Namespace, keys: list[Key], with_lengths: bool = False, regions: np.ndarray | None = None
     ) -> Locations:
         """The region table and where each key's chunk lies in the slab (NO_REGION: not in memory),
         with the store's check of each chunk when the keys are opaque, and with ``with_lengths``
@@ -322,7 +340,7 @@ class Reads:
                else np.frombuffer(b"".join(cast(list[bytes], checks)), "V32"))  # fmt: skip
         return Locations(table, out, arr, alg, lengths)
 
-    def _region_table(self: Engine, ns: Namespace) -> np.ndarray:  # type: ignore[misc]
+    def _region_table(self, ns: Namespace) -> np.ndarray:
         return make_regions(
             [(r.id, r.address, r.length, ns.rkeys.get(r.id, 0)) for r in ns.slab.regions.values()]
         )

@@ -11,8 +11,9 @@ is rewritten once in the current format.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from slab import class_size
 
@@ -20,11 +21,36 @@ from ...errors import ManifestError, StoreFullError
 from ...hashing import key_hex, verified
 from ...wire import manifest as mf
 from . import records as rec
-from .index import Chunk, Session, Tombstone
-from .segment_log import Location
+from .index import Chunk, Namespace, Session, Tombstone
+from .live_bytes import LiveBytes
+from .promotion import Promotion
+from .segment_log import Location, SegmentLog
+from .tiering import Tiers
 
-if TYPE_CHECKING:
-    from .core import Engine
+
+class ReplayHost(Protocol):
+    """What replay rebuilds (the engine): its namespaces and their sessions, through the same
+    ``install`` a commit uses, the live-byte accounting and the memory tier."""
+
+    log: SegmentLog
+    live: LiveBytes
+    namespaces: dict[str, Namespace]
+    tiers: Tiers
+    promotion: Promotion
+    say: Callable[[str], None]
+
+    def namespace(self, name: str, *, replaying: bool = False) -> Namespace: ...
+
+    def install(self, ns: Namespace, s: Session, data: bytes | None) -> None: ...
+
+
+@dataclass
+class Replayed:
+    """What a replay found: the highest sequence number in the log (the next commit's is one more)
+    and its figures (for the server's start-up line and STATS)."""
+
+    seq: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,7 +62,7 @@ class _Latest:
     manifest: mf.Manifest | None = None
 
 
-def replay(engine: Engine) -> None:
+def replay(engine: ReplayHost) -> Replayed:
     t0 = time.perf_counter()
     latest: dict[tuple[str, str], _Latest] = {}
     chunk_at: dict[tuple[str, int | bytes], tuple[Location, int | bytes | None]] = {}
@@ -74,7 +100,7 @@ def replay(engine: Engine) -> None:
             entry.record = rec.Record(r.rtype, r.ns, name=r.name, seq=seq, pinned=r.pinned,
                                       expires_ms=r.expires_ms, committed_ms=r.committed_ms)  # fmt: skip
         latest[ident] = entry
-    engine.seq = max([v1_seq, *(e.seq for e in latest.values()), *(p[0] for p in pins.values())], default=0)
+    seq = max([v1_seq, *(e.seq for e in latest.values()), *(p[0] for p in pins.values())], default=0)
     now = time.time()
     sessions: list[Session] = []
     for (ns_name, name), e in sorted(latest.items(), key=lambda kv: kv[1].seq):
@@ -113,27 +139,29 @@ def replay(engine: Engine) -> None:
         if pin is not None and pin[1] == e.seq:
             s.pinned, s.pin_loc = pin[2], pin[3]
             engine.live.live(ns, pin[3])
-        engine._install(ns, s, None)
+        engine.install(ns, s, None)
         sessions.append(s)
     loaded = _load_resident(engine, sessions)
-    engine.replay_stats.update(
+    stats = dict(
         manifests=float(len(sessions)), chunks=float(sum(len(n.chunks) for n in engine.namespaces.values())),
         resident=float(loaded), scan_s=time.perf_counter() - t0,
     )  # fmt: skip
     if v1:
         migrate_v1(engine)
+    return Replayed(seq, stats)
 
 
-def _load_resident(engine: Engine, sessions: list[Session]) -> int:
+def _load_resident(engine: ReplayHost, sessions: list[Session]) -> int:
     """Fill memory with the pinned, then the most recent, sessions up to the high watermark."""
-    limit = int(engine.high_watermark * engine.capacity)
+    tiers = engine.tiers
+    limit = int(tiers.high_watermark * tiers.capacity)
     order = sorted(sessions, key=lambda s: (not s.pinned, -s.seq))
     loaded = 0
     for s in order:
         ns = engine.namespaces[s.ns]
         todo = [ns.chunks[k] for k in s.unique_keys() if ns.chunks[k].slot is None]
         need = sum(class_size(c.length) for c in todo) + s.manifest_len
-        if engine.mem_used() + need > limit or (ns.quota is not None and ns.used + need > ns.quota):
+        if tiers.mem_used() + need > limit or (ns.quota is not None and ns.used + need > ns.quota):
             if s.pinned:
                 engine.say(f"rdmakv: pinned session {s.name!r} ({s.ns}) does not fit in memory; kept on disk")
             continue
@@ -150,16 +178,16 @@ def _load_resident(engine: Engine, sessions: list[Session]) -> int:
                 ok = False
         if not ok:
             engine.say(f"rdmakv: session {s.name!r} ({s.ns}): a chunk in the log does not match its key")
-        engine._charge_manifest(ns, s, engine.read_manifest(s))
-        engine._claim(ns, s)
+        tiers.charge_manifest(ns, s, engine.promotion.read_manifest(s))
+        tiers.claim(ns, s)
         s.complete = ok
         loaded += 1
     for s in sorted(sessions, key=lambda s: s.seq):
-        engine._list(s)
+        tiers.lru_add(s)
     return loaded
 
 
-def migrate_v1(engine: Engine) -> None:
+def migrate_v1(engine: ReplayHost) -> None:
     """Rewrite a format-1 log in the current format: every live record once, then the old
     segments go. Only at start-up, before anything else touches the log."""
     old = sorted(engine.log.segments)
@@ -172,7 +200,7 @@ def migrate_v1(engine: Engine) -> None:
             c.loc, _ = engine.log.append(rec.REC_CHUNK, rec.chunk_parts(ns.name, c.key, memoryview(data), c.check))
             engine.live.live(ns, c.loc)
         for s in ns.sessions.values():
-            manifest = engine.read_manifest(s)
+            manifest = engine.promotion.read_manifest(s)
             engine.live.dead(ns, s.loc)
             s.loc, _ = engine.log.append(rec.REC_MANIFEST, rec.manifest_parts(
                 ns.name, s.name, s.seq, manifest, pinned=s.pinned, expires_ms=int(s.expires_at * 1000),

@@ -15,51 +15,109 @@ Everything here runs with the engine lock held, except the log reads of a promot
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
-from slab import SlabFullError, Slot, class_size
+from slab import CapacityBudget, SlabFullError, Slot, class_size
 
-from ...errors import BusyError, DiskFullError, StorageError, StoreFullError
-from ...hashing import key_hex, verified
+from ...errors import DiskFullError, StoreFullError
+from ...hashing import Key
 from ...units import fmt_bytes
-from .datadir import fs_free_bytes
+from .admission import Admission
+from .datadir import Reserve, fs_free_bytes
 from .index import Chunk, Holder, Namespace, Session
+from .live_bytes import LiveBytes
+from .namespaces import NamespaceTable
+from .orphans import Orphans
+from .publishing import Publisher
+from .segment_log import SegmentLog
 
-if TYPE_CHECKING:
-    from .core import Engine
+
+class Compaction(Protocol):
+    """What the tiers ask of the compactor: take garbage off the disk, now or soon."""
+
+    def wake(self) -> None: ...
+
+    def make_room(self, nbytes: int) -> None: ...
 
 
-# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
-# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
-# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
-class Tiering:
-    """Mixin of Engine: the lifecycle of sessions and chunks across the two tiers."""
+class Tiers:
+    """The lifecycle of sessions and chunks across the two tiers: the LRU lists, the memory budget
+    and its admission of saves in flight, demotion, promotion, eviction and the orphan cache. Owns
+    ``mem_lru``, ``disk_lru`` and ``admission``; the engine's lock guards it."""
+
+    def __init__(
+        self, *, lock: threading.RLock, spaces: NamespaceTable, budget: CapacityBudget, capacity: int,
+        disk_capacity: int, high_watermark: float, quotas: dict[str, int], log: SegmentLog, reserve: Reserve,
+        live: LiveBytes, orphans: Orphans, publisher: Publisher, holders: set[Holder], directory: Path,
+        compaction: Compaction, tombstone: Callable[[Namespace, str], int],
+    ) -> None:  # fmt: skip
+        self.lock = lock
+        self.namespaces = spaces.by_name
+        self.budget = budget
+        self.capacity = capacity
+        self.disk_capacity = disk_capacity
+        self.high_watermark = high_watermark
+        self.quotas = quotas
+        self.log = log
+        self.reserve = reserve
+        self.live = live
+        self.orphans = orphans
+        self.publisher = publisher
+        self.holders = holders  # (the engine's: every connection's holds, for what uncommitted saves hold)
+        self.dir = directory
+        self.compaction = compaction
+        self.tombstone = tombstone  # an eviction is a delete the store decides on: the engine logs it
+        self.mem_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.fs_free = 1 << 62
+        self.admission = Admission(self)  # reservations of saves in flight
+
+    def refresh_fs_free(self) -> int:
+        try:
+            self.fs_free = fs_free_bytes(self.dir)
+        except OSError:
+            pass
+        return self.fs_free
+
+    def drop_pending(self, h: Holder, ns_name: str, key: Key) -> None:
+        """Let go of an uncommitted save's hold on a chunk (committed, or given up)."""
+        h.pending.pop((ns_name, key), None)
+        ns = self.namespaces[ns_name]
+        c = ns.chunks.get(key)
+        if c is not None:
+            if c.refs == 0 and c.holds == 1:
+                ns.counters["orphans_dropped"] += 1
+            self.unhold(ns, c)
 
     # -- chunks ---------------------------------------------------------------------------
-    def _drop_slot(self: Engine, ns: Namespace, c: Chunk) -> None:  # type: ignore[misc]
+    def drop_slot(self, ns: Namespace, c: Chunk) -> None:
         if c.slot is not None:
             ns.slab.free(c.slot)  # zeroed: deleted or demoted KV is not readable from memory
             c.slot = None
 
-    def _unhold(self: Engine, ns: Namespace, c: Chunk) -> None:  # type: ignore[misc]
+    def unhold(self, ns: Namespace, c: Chunk) -> None:
         c.holds -= 1
         self._settle(ns, c)
 
-    def _settle(self: Engine, ns: Namespace, c: Chunk) -> None:  # type: ignore[misc]
+    def _settle(self, ns: Namespace, c: Chunk) -> None:
         """Free what nothing needs any more: the slot, or the whole chunk (an orphan stays, as cache)."""
         if c.holds or c.orphan:
             return
         if c.refs == 0:
-            self._drop_slot(ns, c)
+            self.drop_slot(ns, c)
             if ns.chunks.get(c.key) is c:
                 del ns.chunks[c.key]
                 self.live.dead(ns, c.loc)
         elif c.rrefs == 0:
-            self._drop_slot(ns, c)
+            self.drop_slot(ns, c)
 
     # -- sessions -------------------------------------------------------------------------
-    def _claim(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
+    def claim(self, ns: Namespace, s: Session) -> None:
         """Make ``s`` resident: its chunks are wanted in memory (slots come with promotion)."""
         if s.resident:
             return
@@ -70,11 +128,11 @@ class Tiering:
             self.mem_lru[(s.ns, s.name)] = s
             self.mem_lru.move_to_end((s.ns, s.name))
 
-    def _demote(self: Engine, ns: Namespace, s: Session) -> int:  # type: ignore[misc]
+    def demote(self, ns: Namespace, s: Session) -> int:
         """Let ``s`` go from memory; returns the bytes freed."""
         before = ns.used
         s.resident = s.complete = False
-        self._cache_locations(ns, s, None)
+        self.cache_locations(ns, s, None)
         self.publisher.unpublish(ns, s)
         if self.mem_lru.get((s.ns, s.name)) is s:
             del self.mem_lru[(s.ns, s.name)]
@@ -86,11 +144,11 @@ class Tiering:
         ns.counters["demotions"] += 1
         return before - ns.used
 
-    def _retire(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
+    def retire(self, ns: Namespace, s: Session) -> None:
         """``s`` was deleted, replaced, evicted or expired: its record is garbage now, and its
         chunks go when the last restore holding it lets go."""
         self.publisher.unpublish(ns, s)
-        self._unlist(s)
+        self.lru_remove(s)
         self.live.dead(ns, s.loc)
         if s.pin_loc is not None:
             self.live.dead(ns, s.pin_loc)
@@ -101,7 +159,7 @@ class Tiering:
             return
         self._release(ns, s)
 
-    def _release(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
+    def _release(self, ns: Namespace, s: Session) -> None:
         ns.zombies.discard(s)
         was_resident = s.resident
         s.resident = s.complete = False
@@ -116,7 +174,7 @@ class Tiering:
         self._uncharge_manifest(ns, s)
 
     # -- the orphan cache ----------------------------------------------------------------
-    def _orphan(self: Engine, ns: Namespace, c: Chunk, name: str) -> None:  # type: ignore[misc]
+    def _orphan(self, ns: Namespace, c: Chunk, name: str) -> None:
         if c.orphan:
             return
         c.orphan = True
@@ -127,7 +185,7 @@ class Tiering:
         ns.orphan_bytes += c.length
         ns.counters["orphans_kept"] += 1
 
-    def _unorphan(self: Engine, ns: Namespace, c: Chunk) -> None:  # type: ignore[misc]
+    def unorphan(self, ns: Namespace, c: Chunk) -> None:
         """A session names ``c`` again (or it goes): it leaves the orphan cache."""
         if not c.orphan:
             return
@@ -142,7 +200,7 @@ class Tiering:
         ns.orphan_chunks -= 1
         ns.orphan_bytes -= c.length
 
-    def _shed_orphans(self: Engine, amount: int, requester: Namespace, only: Namespace | None = None) -> int:  # type: ignore[misc]
+    def _shed_orphans(self, amount: int, requester: Namespace, only: Namespace | None = None) -> int:
         """Memory pressure: free the slots of the least recently used orphans (they stay on disk)
         until ``amount`` bytes are freed; returns the bytes freed."""
         freed = 0
@@ -155,12 +213,12 @@ class Tiering:
             if only is None and self._within_quota(ns, requester):
                 continue
             freed += c.slot.size
-            self._drop_slot(ns, c)
+            self.drop_slot(ns, c)
             self.orphans.left_memory(ns_name, c)
             ns.counters["orphans_shed"] += 1
         return freed
 
-    def _evict_orphans(self: Engine, nbytes: int, limit: int, requester: Namespace) -> None:  # type: ignore[misc]
+    def _evict_orphans(self, nbytes: int, limit: int, requester: Namespace) -> None:
         """Disk pressure: drop the least recently used orphans (disk-only ones first) until
         ``nbytes`` more live log bytes fit under ``limit``."""
         for ns_name, c in self.orphans.all():
@@ -171,40 +229,40 @@ class Tiering:
                 continue
             self._drop_orphan(ns, c)
 
-    def _within_quota(self: Engine, owner: Namespace, requester: Namespace) -> bool:  # type: ignore[misc]
+    def _within_quota(self, owner: Namespace, requester: Namespace) -> bool:
         """Another tenant's memory pressure does not push ``owner`` below its quota."""
         return bool(self.quotas) and owner is not requester and owner.quota is not None and owner.used <= owner.quota
 
-    def _within_disk_quota(self: Engine, owner: Namespace, requester: Namespace) -> bool:  # type: ignore[misc]
+    def _within_disk_quota(self, owner: Namespace, requester: Namespace) -> bool:
         """The same for the disk tier: a quota's share of it is the quota's share of memory."""
         return bool(self.quotas) and owner is not requester and owner.quota is not None \
             and owner.disk_live * self.capacity <= owner.quota * self.disk_capacity
 
-    def _drop_orphan(self: Engine, ns: Namespace, c: Chunk) -> None:  # type: ignore[misc]
-        self._unorphan(ns, c)
-        self._drop_slot(ns, c)
+    def _drop_orphan(self, ns: Namespace, c: Chunk) -> None:
+        self.unorphan(ns, c)
+        self.drop_slot(ns, c)
         if ns.chunks.get(c.key) is c:
             del ns.chunks[c.key]
             self.live.dead(ns, c.loc)
         ns.counters["orphans_evicted"] += 1
 
-    def _free_orphans_of(self: Engine, ns: Namespace, name: str) -> None:  # type: ignore[misc]
+    def free_orphans_of(self, ns: Namespace, name: str) -> None:
         """``name`` was deleted: the chunks its earlier versions left as cache go too (zeroed; a
         read in progress lets go of its chunk first)."""
         for key in list(ns.orphans_by_name.get(name, ())):
             c = ns.chunks.get(key)
             if c is None:
                 continue
-            self._unorphan(ns, c)
+            self.unorphan(ns, c)
             self._settle(ns, c)  # refs 0 and no longer an orphan: gone now, or when its holds end
 
-    def _unlist(self: Engine, s: Session) -> None:  # type: ignore[misc]
+    def lru_remove(self, s: Session) -> None:
         ident = (s.ns, s.name)
         for lru in (self.mem_lru, self.disk_lru):
             if lru.get(ident) is s:  # a newer version of the name may hold the entry already
                 del lru[ident]
 
-    def _list(self: Engine, s: Session) -> None:  # type: ignore[misc]
+    def lru_add(self, s: Session) -> None:
         if s.pinned or s.dead:
             return
         ident = (s.ns, s.name)
@@ -214,18 +272,18 @@ class Tiering:
             self.mem_lru[ident] = s
             self.mem_lru.move_to_end(ident)
 
-    def _unhold_session(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
+    def unhold_session(self, ns: Namespace, s: Session) -> None:
         s.holds -= 1
         if s.holds == 0 and s.dead:
             self._release(ns, s)
 
     # -- memory ---------------------------------------------------------------------------
-    def _charge_manifest(self: Engine, ns: Namespace, s: Session, data: bytes) -> None:  # type: ignore[misc]
+    def charge_manifest(self, ns: Namespace, s: Session, data: bytes) -> None:
         s.data = data
         ns.manifest_bytes += len(data)
         self.budget.reserved += len(data)
 
-    def _cache_locations(self: Engine, ns: Namespace, s: Session, value: tuple[int, bytes] | None) -> None:  # type: ignore[misc]
+    def cache_locations(self, ns: Namespace, s: Session, value: tuple[int, bytes] | None) -> None:
         """Keep (or drop) a session's encoded location table, charged to the memory budget as its
         manifest is: it is as large as the manifest's chunk table. Not kept when there is no room."""
         old = s.encoded_locations
@@ -238,18 +296,18 @@ class Tiering:
             ns.manifest_bytes += len(value[1])
             self.budget.reserved += len(value[1])
 
-    def _uncharge_manifest(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
-        self._cache_locations(ns, s, None)
+    def _uncharge_manifest(self, ns: Namespace, s: Session) -> None:
+        self.cache_locations(ns, s, None)
         if s.data is not None:
             ns.manifest_bytes -= len(s.data)
             self.budget.release(len(s.data))
             s.data = None
 
-    def mem_used(self: Engine) -> int:  # type: ignore[misc]
+    def mem_used(self) -> int:
         return sum(ns.used for ns in self.namespaces.values())
 
-    def _make_room(  # type: ignore[misc]
-        self: Engine, ns: Namespace, need: int, protect: Session | None = None, *, hard: bool = False,
+    def make_room(
+        self, ns: Namespace, need: int, protect: Session | None = None, *, hard: bool = False,
         holder: Holder | None = None,
     ) -> None:  # fmt: skip
         """Demote until ``need`` more bytes fit under ns's quota and the high watermark, counting
@@ -274,8 +332,8 @@ class Tiering:
             if not self.demote_until(need, ns, protect):
                 raise self.admission.no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
-    def demote_until(  # type: ignore[misc]
-        self: Engine, amount: int, requester: Namespace, protect: Session | None, only: Namespace | None = None
+    def demote_until(
+        self, amount: int, requester: Namespace, protect: Session | None, only: Namespace | None = None
     ) -> int:
         """Free ``amount`` bytes of memory: orphans' slots first, then demote sessions, least
         recently used first, and only when that is not enough sessions a restore looked up.
@@ -297,18 +355,18 @@ class Tiering:
                     continue
                 if only is None and self._within_quota(owner, requester):
                     continue  # within its quota: another tenant's pressure does not push it out
-                freed += self._demote(owner, s)
+                freed += self.demote(owner, s)
         if freed:
             self.release_regions(None)
         return freed
 
-    def _alloc_run(  # type: ignore[misc]
-        self: Engine, ns: Namespace, lengths: list[int], protect: Session | None = None, holder: Holder | None = None
+    def alloc_run(
+        self, ns: Namespace, lengths: list[int], protect: Session | None = None, holder: Holder | None = None
     ) -> list[Slot]:
         """Slots for a run of chunks, demoting what it takes (``holder``: the save they are for,
         whose reservation they may use); SaveMustWait or StoreFullError when nothing can go."""
         need = sum(class_size(n) for n in lengths)
-        self._make_room(ns, need, protect, holder=holder)
+        self.make_room(ns, need, protect, holder=holder)
         released = False
         while True:
             try:
@@ -323,10 +381,10 @@ class Tiering:
             if not self.demote_until(need, ns, protect):
                 raise self.admission.no_room(ns, need, holder, f"memory capacity of {fmt_bytes(self.capacity)}")
 
-    def release_regions(self: Engine, older_than: float | None) -> int:  # type: ignore[misc]
+    def release_regions(self, older_than: float | None) -> int:
         return sum(n.slab.release_empty(older_than) for n in self.namespaces.values())
 
-    def full(self: Engine, ns: Namespace, need: int, limit: str) -> StoreFullError:  # type: ignore[misc]
+    def full(self, ns: Namespace, need: int, limit: str) -> StoreFullError:
         pinned = sum(s.total_bytes for s in ns.sessions.values() if s.pinned)
         busy = sum(1 for s in ns.sessions.values() if s.holds)
         return StoreFullError(
@@ -335,98 +393,22 @@ class Tiering:
             f"({busy} sessions being restored, {self.pending_chunks()} chunks of uncommitted saves)"
         )
 
-    def pending_chunks(self: Engine) -> int:  # type: ignore[misc]
+    def pending_chunks(self) -> int:
         return sum(len(h.pending) for h in self.holders)
 
-    # -- promotion ------------------------------------------------------------------------
-    def _promote(self: Engine, ns: Namespace, s: Session) -> bool:  # type: ignore[misc]
-        """Bring a session's chunks (and manifest) back into memory. Engine lock NOT held on entry.
-        Returns False when there is no room for it (then it is served from disk)."""
-        with self.promote_lock:
-            with self.lock:
-                if s.dead or s.complete:
-                    return s.complete
-                self._claim(ns, s)
-                todo = [ns.chunks[k] for k in s.unique_keys() if ns.chunks[k].slot is None]
-                need_manifest = s.manifest_len if s.data is None else 0
-                try:
-                    if need_manifest:
-                        self._make_room(ns, need_manifest, protect=s)
-                    slots = self._alloc_run(ns, [c.length for c in todo], protect=s) if todo else []
-                except (StoreFullError, BusyError):  # no room now (pinned, or saves in flight hold it)
-                    return False
-                for c, slot in zip(todo, slots):
-                    c.slot, c.ready = slot, False
-                    c.holds += 1
-                reads = [(c, ns.slab.view(slot), self.log.segment(c.loc.segment).acquire(), c.loc.body)
-                         for c, slot in zip(todo, slots)]  # fmt: skip
-            failed: list[Chunk] = []
-            data = None
-            try:
-                for c, view, seg, offset in reads:
-                    seg.pread_into(offset, view)
-                    if not verified(c.key, view, c.check):
-                        failed.append(c)
-                if need_manifest:
-                    data = self.read_manifest(s)
-            finally:
-                for _, _, seg, _ in reads:
-                    seg.release()
-                reads.clear()
-                with self.lock:
-                    for c in todo:
-                        c.ready = True
-                        if c in failed:
-                            self._drop_slot(ns, c)
-                        self._unhold(ns, c)
-                    if data is not None and s.data is None and not s.dead:
-                        self._charge_manifest(ns, s, data)
-                    ns.counters["promotions"] += 1
-                    ns.counters["promoted_chunks"] += len(todo)
-                    s.complete = not failed and s.resident and not s.dead and all(
-                        ns.chunks[k].slot is not None for k in s.unique_keys()
-                    )
-                    self._cache_locations(ns, s, None)
-            if failed:
-                raise StorageError(
-                    f"session {s.name!r}: {len(failed)} chunks read back from the log do not match their "
-                    f"keys (first {key_hex(failed[0].key)}); the data dir is damaged"
-                )
-            return s.complete
-
-    def read_manifest(self: Engine, s: Session) -> bytes:  # type: ignore[misc]
-        """A session's manifest bytes from its log record (the record's checksum is checked)."""
-        from .records import decode_header, payload_ok
-
-        with self.lock:  # the compactor may move the record: learn where it is and pin that file
-            loc = s.loc
-            seg = self.log.segment(loc.segment).acquire()
-        try:
-            raw = bytearray(loc.size)
-            seg.pread_into(loc.offset, memoryview(raw))
-        finally:
-            seg.release()
-        h = decode_header(raw)
-        if h is None or not payload_ok(h, memoryview(raw)[h.size :]):
-            raise StorageError(f"the log record of session {s.name!r} is damaged")
-        return bytes(memoryview(raw)[loc.body_offset :])
-
     # -- disk -----------------------------------------------------------------------------
-    def fs_room(self: Engine) -> int:  # type: ignore[misc]
+    def fs_room(self) -> int:
         """Bytes our segments may take on this filesystem: what they take now plus what is free,
         less the reserve and one segment of headroom for compaction."""
-        try:
-            self.fs_free = fs_free_bytes(self.dir)
-        except OSError:
-            pass
+        self.refresh_fs_free()
         return self.log.disk_bytes() + self.fs_free - self.reserve.size - self.log.segment_bytes
 
-    def disk_limit(self: Engine) -> int:  # type: ignore[misc]
+    def disk_limit(self) -> int:
         """Live bytes the disk tier may hold: the budget, or half the filesystem's room when that
         is less (the log may carry as much garbage as live data before compaction takes it)."""
         return max(0, min(self.disk_capacity, self.fs_room() // 2))
 
-    def _disk_room(self: Engine, ns: Namespace, nbytes: int) -> None:  # type: ignore[misc]
+    def disk_room(self, ns: Namespace, nbytes: int) -> None:
         """Evict least recently used sessions until ``nbytes`` more live log bytes fit."""
         limit = self.disk_limit()
         if self.live.total + nbytes <= limit:
@@ -441,7 +423,7 @@ class Tiering:
             if self._within_disk_quota(owner, ns):
                 continue  # within its quota's share of the disk tier
             self._evict(owner, s)
-        self.compactor.wake()
+        self.compaction.wake()
         if self.live.total + nbytes > limit:
             pinned = sum(x.total_bytes for n in self.namespaces.values() for x in n.sessions.values() if x.pinned)
             raise DiskFullError(
@@ -450,26 +432,26 @@ class Tiering:
                 f"what is left is pinned ({fmt_bytes(pinned)}) or being restored"
             )
 
-    def _make_disk_room(self: Engine, nbytes: int) -> None:  # type: ignore[misc]
+    def make_disk_room(self, nbytes: int) -> None:
         """Before an append, with no lock held: when the filesystem would not take ``nbytes``
         more, compact now (evictions made the garbage, this takes it off the disk)."""
         if self.log.disk_bytes() + nbytes > self.fs_room():
-            self.compactor.make_room(nbytes)
+            self.compaction.make_room(nbytes)
 
-    def _evict(self: Engine, ns: Namespace, s: Session) -> None:  # type: ignore[misc]
+    def _evict(self, ns: Namespace, s: Session) -> None:
         """Drop a session for disk room: a delete the store decides on (a tombstone, no fsync wait)."""
-        self._tombstone(ns, s.name)
+        self.tombstone(ns, s.name)
         del ns.sessions[s.name]
-        self._retire(ns, s)
+        self.retire(ns, s)
         ns.counters["evictions"] += 1
 
-    def _expire_due(self: Engine) -> int:  # type: ignore[misc]
+    def expire_due(self) -> int:
         now = time.time()
         n = 0
         for ns in self.namespaces.values():
             for s in [s for s in ns.sessions.values() if s.expired(now)]:
                 del ns.sessions[s.name]
-                self._retire(ns, s)  # no tombstone: replay drops an expired record by itself
+                self.retire(ns, s)  # no tombstone: replay drops an expired record by itself
                 ns.counters["expirations"] += 1
                 n += 1
         return n

@@ -4,58 +4,69 @@ this is the engine's part, with no sockets and no verbs."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from slab import Slot
 
 from ...errors import IntegrityError
 from ...hashing import Check, Key, check_of, is_opaque, key_alg, key_hex, matches
 from . import records as rec
+from .admission import Admission
 from .index import Chunk, Holder, Namespace
-from .segment_log import Location
+from .live_bytes import LiveBytes
+from .namespaces import NamespaceTable
+from .segment_log import Location, SegmentLog
+from .tiering import Tiers
 
-if TYPE_CHECKING:
-    from .core import Engine
 
-
-# Its methods take ``self: Engine``; mypy accepts an explicit self-type only when it is a supertype
-# of the class or a Protocol (python/mypy#7191), so each such def carries ``type: ignore[misc]`` for
-# that one check. The bodies are checked against Engine; the ignores go when the parts are composed.
 class Writes:
-    def reserve_run(  # type: ignore[misc]
-        self: Engine, ns_name: str, lengths: list[int], holder: Holder | None = None
+    """Chunks coming in: checked against their keys, given slots (the tiers make room), logged,
+    and held for their save's commit. Owns ``reserved_slots``, the slots of RDMA saves whose bytes
+    are being written."""
+
+    def __init__(self, lock: threading.RLock, spaces: NamespaceTable, tiers: Tiers, admission: Admission,
+                 log: SegmentLog, live: LiveBytes) -> None:  # fmt: skip
+        self.lock = lock
+        self.spaces = spaces
+        self.tiers = tiers
+        self.admission = admission
+        self.log = log
+        self.live = live
+        self.reserved_slots = 0
+
+    def reserve_run(
+        self, ns_name: str, lengths: list[int], holder: Holder | None
     ) -> tuple[list[Slot], list[int]]:
         """Slots for chunks a client will WRITE, laid out as a run in this order (contiguous
         where the slab can); returns (slots, each slot's address). StoreFullError as for puts;
         the slots come out of ``holder``'s admission."""
         with self.lock:
-            ns = self.namespace(ns_name)
-            self._disk_room(ns, sum(lengths) + 64 * len(lengths))
-            slots = self._alloc_run(ns, lengths, holder=holder)
+            ns = self.spaces.writable(ns_name)
+            self.tiers.disk_room(ns, sum(lengths) + 64 * len(lengths))
+            slots = self.tiers.alloc_run(ns, lengths, holder=holder)
             if holder is not None:
                 self.admission.consume(holder, sum(s.size for s in slots))
             addrs = [ns.slab.regions[s.region].address + s.offset for s in slots]
             self.reserved_slots += len(slots)
         return slots, addrs
 
-    def cancel_run(self: Engine, ns_name: str, slots: list[Slot]) -> None:  # type: ignore[misc]
+    def cancel_run(self, ns_name: str, slots: list[Slot]) -> None:
         """Give reserved slots back (freed slots are zeroed: nothing written stays)."""
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.spaces.writable(ns_name)
             for s in slots:
                 ns.slab.free(s)
             self.reserved_slots -= len(slots)
 
-    def install_written(  # type: ignore[misc]
-        self: Engine, ns_name: str, keys: list[Key], slots: list[Slot], holder: Holder | None = None
+    def install_written(
+        self, ns_name: str, keys: list[Key], slots: list[Slot], holder: Holder
     ) -> tuple[int, int]:
         """Check every written slot against its key, log the chunks from slab memory and make
         them live for this caller's commit. Nothing is kept when any slot does not match."""
-        holder = holder or self.local
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.spaces.writable(ns_name)
             views = [ns.slab.view(s) for s in slots]
         try:
             bad = [k for k, v in zip(keys, views) if not matches(k, v)]
@@ -67,7 +78,7 @@ class Writes:
                 for s in slots:  # the window covered the padding too: leave no client bytes there
                     if s.size > s.length:
                         ns.slab.regions[s.region].zero(s.offset + s.length, s.size - s.length)
-            self._make_disk_room(sum(s.length for s in slots) + 64 * len(slots))
+            self.tiers.make_disk_room(sum(s.length for s in slots) + 64 * len(slots))
             records = [rec.chunk_parts(ns_name, k, v) for k, v in zip(keys, views)]
             placed = list(zip(keys, self.log.append_many(rec.REC_CHUNK, records)))  # few writevs, from the slab
             records.clear()
@@ -81,12 +92,11 @@ class Writes:
             ns.counters["chunks_received"] += len(keys)
         return self._adopt_placed(ns, placed, slots, holder, 0, time.monotonic())
 
-    def put_chunks(  # type: ignore[misc]
-        self: Engine, ns_name: str, items: Sequence[tuple[Key, memoryview]], holder: Holder | None = None
+    def put_chunks(
+        self, ns_name: str, items: Sequence[tuple[Key, memoryview]], holder: Holder
     ) -> tuple[int, int]:
         """Store chunks (each checked against its key) and hold them for this caller's next
         commit; returns (stored, already present)."""
-        holder = holder or self.local
         checks: dict[Key, Check] = {}  # opaque keys: the store's own check of the bytes, kept beside the key
         for key, data in items:
             if is_opaque(key_alg(key)):
@@ -95,7 +105,7 @@ class Writes:
                 raise IntegrityError(f"chunk {key_hex(key)}: bytes do not hash to the key")
         now = time.monotonic()
         with self.lock:
-            ns = self.namespace(ns_name)
+            ns = self.spaces.writable(ns_name)
             ns.counters["chunks_received"] += len(items)
             new: dict[Key, memoryview] = {}
             existed = 0
@@ -110,13 +120,13 @@ class Writes:
                 ns.counters["chunks_deduped"] += existed
                 return 0, existed
             lengths = [memoryview(d).nbytes for d in new.values()]
-            self._disk_room(ns, sum(lengths) + 64 * len(lengths))
-            slots = self._alloc_run(ns, lengths, holder=holder)
+            self.tiers.disk_room(ns, sum(lengths) + 64 * len(lengths))
+            slots = self.tiers.alloc_run(ns, lengths, holder=holder)
             self.admission.consume(holder, sum(s.size for s in slots))
             views = [ns.slab.view(s) for s in slots]
         placed: list[tuple[Key, Location]] = []
         try:
-            self._make_disk_room(sum(lengths) + 64 * len(lengths))
+            self.tiers.make_disk_room(sum(lengths) + 64 * len(lengths))
             for data, view in zip(new.values(), views):
                 view[:] = data
             # one writev per run of records, from the slab copies (the frame's buffer can go)
@@ -132,8 +142,8 @@ class Writes:
             views.clear()
         return self._adopt_placed(ns, placed, slots, holder, existed, now, checks)
 
-    def _adopt_placed(  # type: ignore[misc]
-        self: Engine, ns: Namespace, placed: list[tuple[Key, Location]], slots: list[Slot], holder: Holder,
+    def _adopt_placed(
+        self, ns: Namespace, placed: list[tuple[Key, Location]], slots: list[Slot], holder: Holder,
         existed: int, now: float, checks: dict[Key, Check] | None = None,
     ) -> tuple[int, int]:  # fmt: skip
         """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
@@ -154,7 +164,7 @@ class Writes:
             ns.counters["chunks_deduped"] += existed
         return stored, existed
 
-    def _hold_pending(self: Engine, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:  # type: ignore[misc]
+    def _hold_pending(self, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:
         ident = (ns.name, c.key)
         if ident not in holder.pending:
             c.holds += 1
