@@ -293,9 +293,12 @@ def test_store_unreachable_requests_still_work_uncached(stack_factory, fresh_ser
     store.stop()
     st.llama.restart()
     for i in range(3):
-        res, headers = post(st.proxy.port, "/completion", {"prompt": history + text(81 + i, 9), "n_predict": 4})
+        # ignore_eos: the random tiny model may end or emit tokens that decode to nothing at once;
+        # served in full is what says the request worked
+        res, headers = post(st.proxy.port, "/completion",
+                            {"prompt": history + text(81 + i, 9), "n_predict": 4, "ignore_eos": True})  # fmt: skip
         assert res["timings"]["cache_n"] == 0 if i == 0 else res["timings"]["cache_n"] > 0
-        assert res["rdmakv"]["tokens_restored"] == 0 and len(res["content"]) > 0
+        assert res["rdmakv"]["tokens_restored"] == 0 and res["timings"]["predicted_n"] == 4
     assert st.proxy.log_tail().count("unreachable") == 1  # said once
     store.start()
     st.llama.restart()
