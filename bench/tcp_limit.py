@@ -26,9 +26,11 @@ _SENDER = textwrap.dedent("""
 """)
 
 
-def raw_transfer(nbytes: int, runs: int) -> dict:
+def raw_transfer(nbytes: int, runs: int, start_at: float | None = None) -> dict:
     """Per transfer: a 1-byte request, then ``nbytes`` from another process over loopback TCP,
-    received into a preallocated buffer (what the TCP path could do with no protocol at all)."""
+    received into a preallocated buffer (what the TCP path could do with no protocol at all).
+    ``start_at`` (a time.time()): the timed transfers wait for it, after the warm-up, so that
+    several of these in other processes run at once; "started"/"ended" say when they ran."""
     proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(nbytes)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None  # (a pipe)
@@ -37,7 +39,12 @@ def raw_transfer(nbytes: int, runs: int) -> dict:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = memoryview(bytearray(nbytes))
         samples = []
+        started = time.time()
         for i in range(runs + 3):
+            if i == 3 and start_at is not None:
+                while time.time() < start_at:
+                    time.sleep(0.001)
+                started = time.time()
             t0 = time.perf_counter()
             s.sendall(b"x")
             got = 0
@@ -45,8 +52,9 @@ def raw_transfer(nbytes: int, runs: int) -> dict:
                 got += s.recv_into(buf[got:])
             if i >= 3:  # warm-up
                 samples.append(time.perf_counter() - t0)
+        ended = time.time()
         s.close()
-        return summary(samples) | {"bytes": nbytes}
+        return summary(samples) | {"bytes": nbytes, "started": started, "ended": ended}
     finally:
         proc.kill()
         proc.wait()

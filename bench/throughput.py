@@ -27,7 +27,7 @@ import rdmakv
 from rdmakv.client.store import connect
 from rdmakv.store.server.spawn import ServerProcess
 
-from . import envinfo, tcp_limit
+from . import envinfo, scaling_limits, tcp_limit
 from .stats import summary
 from .suites import Ctx, session
 
@@ -264,6 +264,9 @@ def run(args: argparse.Namespace) -> dict:
                 _step(result, "rdma_limits", lambda: rdma_limits(ctx, result["sizes"]["rows"], args.quick))
             if args.concurrency_tokens:
                 _step(result, "concurrency", lambda: concurrency_part(ctx, args.concurrency_tokens, args.quick))
+                nbytes = session(args.concurrency_tokens, 70).nbytes
+                _step(result, "concurrency_limits",
+                      lambda: scaling_limits.limit_scaling(nbytes, 4 if args.quick else 8, data_dir))  # fmt: skip
         result["op_transports"] = ctx.ops
     finally:
         server.stop()

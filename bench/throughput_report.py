@@ -84,6 +84,15 @@ def markdown(r: dict[str, Any]) -> str:
                              f"{two['aggregate_MBps']:,.0f} | {s['ratio']:.2f}× | "
                              f"{one['server_cpu_s_total']:.2f} / {two['server_cpu_s_total']:.2f} |")  # fmt: skip
         lines.append("")
+    ceiling = r.get("concurrency_limits") or {}
+    if ceiling and "error" not in ceiling:
+        lines += ["The same machine's ceiling, measured in this run with no rdmakv in it (two streams at once vs "
+                  "one, each in its own process, same bytes per transfer):", "",
+                  "| limit | 1 stream MB/s | 2 streams MB/s | ratio |", "|---|---|---|---|"]  # fmt: skip
+        for name, label in (("raw_socket", "raw loopback socket"), ("fdatasync", "write + fdatasync")):
+            c = ceiling[name]
+            lines.append(f"| {label} | {c['one_MBps']:,.0f} | {c['two_MBps']:,.0f} | {c['ratio']:.2f}× |")
+        lines.append("")
     peer = r.get("infinistore")
     if peer:
         lines += _peer_lines(peer, rows)

@@ -46,3 +46,16 @@ def test_the_disk_limit_writes_and_syncs_the_bytes(tmp_path):
 def test_infinistore_is_skipped_with_its_reason_when_absent(monkeypatch, tmp_path):
     monkeypatch.setenv("RDMAKV_INFINISTORE_PYTHON", str(tmp_path / "no-such-python"))
     assert "is not there" in throughput_peer.run([], quick=True)["skipped"]
+
+
+def test_the_two_stream_ceiling_runs_both_limits_at_once_and_is_reported(tmp_path):
+    from bench import scaling_limits
+
+    out = scaling_limits.limit_scaling(1 << 20, 2, str(tmp_path), lead_s=0.5)
+    for name in ("raw_socket", "fdatasync"):
+        c = out[name]
+        assert c["one_MBps"] > 0 and c["two_MBps"] > 0 and c["ratio"] == c["two_MBps"] / c["one_MBps"]
+    assert not list(tmp_path.iterdir())  # its files are gone
+    r = _result(90.0, 40.0) | {"concurrency": {"tcp": {}}, "concurrency_limits": out}
+    md = throughput_report.markdown(r)
+    assert "| raw loopback socket |" in md and "| write + fdatasync |" in md
