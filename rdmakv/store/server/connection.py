@@ -157,7 +157,9 @@ class Connection:
         assert self.auth is not None
         if size < STREAM_MIN or self.tls is not None:
             return self._send_all(self.auth.seal(op, flags, req_id, parts), timeout)
-        return sum(self._send_raw(group, timeout) for group in self.auth.seal_stream(op, flags, req_id, parts))
+        deadline = time.monotonic() + timeout  # one deadline for the frame, as for a sealed one
+        return sum(self._send_raw(group, max(deadline - time.monotonic(), 0.0))
+                   for group in self.auth.seal_stream(op, flags, req_id, parts))  # fmt: skip
 
     def send_error(self, e: RdmakvError, req_id: int = 0, timeout: float = 1.0) -> None:
         """Tell the client why; sealed once keys exist (after that nothing plain is believed).
