@@ -25,6 +25,7 @@ from rdmakv.wire.protocol import (
     HEADER,
     MAC_BLAKE3,
     MAC_NAMES,
+    STREAM_PIECE,
     TAG_LEN,
     FrameAuth,
     Header,
@@ -181,9 +182,23 @@ class FramedSocket:
     def recv_verified(self, header: Header, done: Sequence[memoryview], rest: Sequence[memoryview]) -> None:
         """Receive the rest of a frame's payload straight into ``rest`` (its final places), then
         check the MAC over ``done`` (payload bytes read already) and ``rest``."""
+        if self.auth is None:
+            raise ProtocolError("authenticated frame before the handshake")
+        # each piece is hashed as soon as it is in (cache-warm), while the server hashes and sends
+        # the next one (see FrameAuth.seal_stream)
+        mac = self.auth.verifier(memoryview(self._hdr))  # one thread: see STREAM_PIECE
+        for d in done:
+            mac.update(d)
         for v in rest:
-            self._recv_exact(v)
-        self.verify_tag(header, [*done, *rest])
+            v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            for o in range(0, v.nbytes, STREAM_PIECE):
+                piece = v[o : o + STREAM_PIECE]
+                self._recv_exact(piece)
+                mac.update(piece)
+        tag = memoryview(self._tag)
+        self._recv_exact(tag)
+        self.auth.check(mac, tag)
+        self.bytes_received += HEADER.size + header.length + TAG_LEN
         self.frames_received += 1
 
     def assemble(self, header: Header, payload: memoryview) -> tuple[Header, memoryview] | None:

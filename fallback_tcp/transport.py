@@ -27,7 +27,7 @@ from .framed import FramedSocket, client_handshake, raise_error_frame
 
 DEFAULT_WINDOW = 64
 DEFAULT_BATCH_BYTES = 512 << 10
-DEFAULT_FETCH_BYTES = 8 << 20  # per GET_CHUNKS: one request for a typical session
+DEFAULT_FETCH_BYTES = 8 << 20  # per GET_CHUNKS (2-16 MiB restore alike since replies stream: protocol.STREAM_PIECE)
 
 
 class TcpChannel:

@@ -46,6 +46,25 @@ def test_frames_come_back_whole_however_the_stream_is_cut(payloads, cuts, alg):
     assert got == list(enumerate(payloads))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=0, max_size=6),
+    piece=st.integers(1, 4096),
+    alg=st.sampled_from([MAC_BLAKE3, MAC_HMAC_SHA256]),
+)
+def test_a_streamed_frame_is_the_sealed_frame_in_pieces(sizes, piece, alg):
+    parts = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    a, _ = _pair(alg)
+    b, _ = _pair(alg)
+    a.seal(Op.LIST, 0, 1, [b"x"])  # both at sequence number 1
+    b.seal(Op.LIST, 0, 1, [b"x"])
+    sealed = b"".join(bytes(p) for p in a.seal(Op.GET_CHUNKS, 1, 7, parts))
+    groups = list(b.seal_stream(Op.GET_CHUNKS, 1, 7, parts, piece))
+    assert b"".join(bytes(p) for g in groups for p in g) == sealed
+    assert all(sum(memoryview(p).nbytes for p in g[1 if i == 0 else 0 :]) <= piece for i, g in enumerate(groups[:-1]))
+    assert b.send_seq == a.send_seq == 2
+
+
 def test_a_tampered_or_plain_frame_after_keys_is_refused():
     tx, rx = _pair(MAC_BLAKE3)
     frame = bytearray(b"".join(bytes(p) for p in tx.seal(Op.GET_CHUNKS, 0, 1, [b"abc"])))

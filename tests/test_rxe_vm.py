@@ -22,6 +22,13 @@ pytestmark = [
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def test_a_large_guest_is_warned_of_a_low_max_map_count():
+    assert rxe_vm.map_count_warning("3G", 65530) is None
+    why = rxe_vm.map_count_warning("10G", 65530)
+    assert why is not None and "vm.max_map_count" in why and "255 MiB" in why
+    assert rxe_vm.map_count_warning("10G", 262144) is None
+
+
 def test_exit_status_propagates():
     assert rxe_vm.run(["sh", "-c", "exit 7"], timeout=120) == 7
 

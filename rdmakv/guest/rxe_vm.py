@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from .host import HARNESS_FAILURE, PREFIX, GuestError, cache_root, host_has_rdma
 from .kernel import cached_kernel, ensure_kernel, kernel_key
 from .qemu import cached_qemu_kernel, ensure_qemu_guest, run_qemu
-from .runner import POWER_CUT, PowerCut
+from .runner import POWER_CUT, PowerCut, mem_bytes
 from .uml import run_uml
 from .uml_pair import NODE_ADDRS, run_uml_pair
 
@@ -121,6 +121,8 @@ def run(
     workdir = os.path.realpath(cwd if cwd is not None else os.getcwd())
     if not os.path.isdir(workdir):
         raise GuestError(f"cwd {workdir} is not a directory")
+    if guest == "uml" and (why := map_count_warning(mem)):
+        print(f"{PREFIX}: {why}", file=sys.stderr, flush=True)
     if nodes == 2:
         if guest != "uml" or disks or power_cut:
             raise GuestError("two-node runs are for the UML guest only, without disks or power cuts")
@@ -136,6 +138,27 @@ def run(
 
 # --------------------------------------------------------------------------------------------
 # CLI
+
+
+def map_count_warning(mem: str, max_map_count: int | None = None) -> str | None:
+    """Why a large guest process may die, if it may. UML maps a guest process's pages into its
+    host process one mmap at a time (merged only where they happen to be adjacent), so a guest
+    process holding more than about vm.max_map_count pages is SIGKILLed ("UML ran out of memory on
+    the host side!" in the guest's dmesg) with most of the guest's RAM still free. The host's
+    default, 65,530, is 256 MiB of pages: bench throughput at 16,384 tokens (a 201 MB session,
+    its restore, the client's buffers) died of it in a 10G guest. Said only for a guest asked for
+    more than 16 times that (4 GiB at the default): one meant for large processes."""
+    if max_map_count is None:
+        try:
+            with open("/proc/sys/vm/max_map_count") as f:
+                max_map_count = int(f.read())
+        except (OSError, ValueError):
+            return None
+    if mem_bytes(mem) <= 16 * max_map_count * 4096:
+        return None
+    return (f"vm.max_map_count is {max_map_count}: a guest process using more than ~{max_map_count * 4096 >> 20} "
+            f"MiB may be SIGKILLed (dmesg: 'UML ran out of memory on the host side'); with --mem {mem}, "
+            "raise it first: sysctl -w vm.max_map_count=262144")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:

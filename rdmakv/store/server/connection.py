@@ -30,7 +30,19 @@ from ...wire.auth import NONCE_BYTES, derive_session_keys
 from ...wire.frames import Frame, FrameReader, MessageAssembler
 from ...wire.iovec import IOV_MAX, advance, byte_views
 from ...wire.keyring import KeyEntry
-from ...wire.protocol import FLAG_MORE, FLAG_RESPONSE, HEADER, HELLO_MAX, MAC_NAMES, FrameAuth, Header, Op, plain_frame
+from ...wire.protocol import (
+    FLAG_MORE,
+    FLAG_RESPONSE,
+    HEADER,
+    HELLO_MAX,
+    MAC_NAMES,
+    STREAM_MIN,
+    FrameAuth,
+    Header,
+    Op,
+    payload_size,
+    plain_frame,
+)
 from ..engine.admission import SaveMustWait
 from .context import ServerContext
 from .handlers import Handlers
@@ -128,15 +140,26 @@ class Connection:
         timeout = timeout if timeout is not None else self.server.limits.send_timeout
         size = sum(memoryview(p).nbytes for p in parts)
         if size <= limit:
-            return self._send_all(self.auth.seal(op, FLAG_RESPONSE, req_id, parts), timeout)
+            return self._send_frame(op, FLAG_RESPONSE, req_id, parts, size, timeout)
         from fallback_tcp.framed import split_message  # the one splitter both ends share
 
         frames = split_message(parts, limit)
         n = 0
         for i, fparts in enumerate(frames):
             more = FLAG_MORE if i < len(frames) - 1 else 0
-            n += self._send_all(self.auth.seal(op, FLAG_RESPONSE | more, req_id, fparts), timeout)
+            n += self._send_frame(op, FLAG_RESPONSE | more, req_id, fparts, payload_size(fparts), timeout)
         return n
+
+    def _send_frame(self, op: int, flags: int, req_id: int, parts: Sequence[bytes | memoryview], size: int,
+                    timeout: float) -> int:  # fmt: skip
+        """One sealed frame. A large one leaves as it is hashed (``seal_stream``): the client
+        receives and checks piece n while piece n+1 is hashed here."""
+        assert self.auth is not None
+        if size < STREAM_MIN or self.tls is not None:
+            return self._send_all(self.auth.seal(op, flags, req_id, parts), timeout)
+        deadline = time.monotonic() + timeout  # one deadline for the frame, as for a sealed one
+        return sum(self._send_raw(group, max(deadline - time.monotonic(), 0.0))
+                   for group in self.auth.seal_stream(op, flags, req_id, parts))  # fmt: skip
 
     def send_error(self, e: RdmakvError, req_id: int = 0, timeout: float = 1.0) -> None:
         """Tell the client why; sealed once keys exist (after that nothing plain is believed).
