@@ -1,5 +1,5 @@
 """The TCP path against its own limit: a raw loopback socket moving the same bytes, and the
-restore and cold save walls with each frame MAC (HMAC-SHA256, keyed BLAKE3) and each chunk key
+restore and cold save walls with each frame MAC (HMAC-SHA256, keyed BLAKE3, Poly1305) and each chunk key
 (xxh3-64, BLAKE3-256), side by side in one run."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def variants(ctx, runs: int) -> dict:
     from .suites import session
 
     ref = session(256, 7)
-    combos = [(mac, alg) for mac in ("hmac-sha256", "blake3") for alg in ("xxh3", "blake3")]
+    combos = [(mac, alg) for mac in ("hmac-sha256", "blake3", "poly1305") for alg in ("xxh3", "blake3")]
     stores = {c: ctx.connect(f"tcp-{c[0]}-{c[1]}", "tcp", mac=c[0], hash_alg=c[1]) for c in combos}
     samples: dict[tuple[str, str], dict[str, list[float]]] = {c: {"restore": [], "cold_save": []} for c in combos}
     colds = [session(256, 5000 + i) for i in range(runs)]

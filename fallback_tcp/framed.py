@@ -18,12 +18,12 @@ from rdmakv.wire.auth import NONCE_BYTES, derive_session_keys, fingerprint
 from rdmakv.wire.frames import MessageAssembler
 from rdmakv.wire.iovec import IOV_MAX, advance, byte_views
 from rdmakv.wire.protocol import (
+    DEFAULT_MAC,
     DEFAULT_MAX_FRAME,
     FLAG_MORE,
     FLAG_PLAIN,
     FLAG_RESPONSE,
     HEADER,
-    MAC_BLAKE3,
     MAC_NAMES,
     STREAM_PIECE,
     TAG_LEN,
@@ -231,7 +231,7 @@ def raise_error_frame(payload: memoryview) -> None:
     raise cls(message)
 
 
-def client_handshake(fs: FramedSocket, key: bytes, namespace: str, mac: int = MAC_BLAKE3) -> dict:
+def client_handshake(fs: FramedSocket, key: bytes, namespace: str, mac: int = DEFAULT_MAC) -> dict:
     """HELLO exchange, key derivation, then one authenticated AUTH round trip each way."""
     nonce = os.urandom(NONCE_BYTES)
     fs.send_plain(Op.HELLO, 0, 0, msg.enc_hello(nonce, namespace, fingerprint(key), mac))

@@ -20,7 +20,16 @@ from rdmakv.wire import batches
 from rdmakv.wire import messages as msg
 from rdmakv.wire import writes as wr
 from rdmakv.wire.messages import Key, key_hex
-from rdmakv.wire.protocol import DEFAULT_MAX_FRAME, FLAG_MORE, FLAG_RESPONSE, MAC_BLAKE3, Op
+from rdmakv.wire.protocol import (
+    DEFAULT_MAC,
+    DEFAULT_MAX_FRAME,
+    FLAG_MORE,
+    FLAG_RESPONSE,
+    MAC_BLAKE3,
+    MAC_POLY1305,
+    OLD_SERVER_MAC_REFUSAL,
+    Op,
+)
 from rdmakv.wire.runs import contiguous_runs
 
 from .framed import FramedSocket, client_handshake, raise_error_frame
@@ -45,13 +54,29 @@ class TcpChannel:
         window: int = DEFAULT_WINDOW,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         fetch_bytes: int = DEFAULT_FETCH_BYTES,
-        mac: int = MAC_BLAKE3,
+        mac: int = DEFAULT_MAC,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.namespace = namespace
         self.window = window
         self.batch_bytes = batch_bytes
         self.fetch_bytes = min(fetch_bytes, max_frame // 2)
+        self._req = 0
+        self._closed_by: RdmakvError | None = None  # why the connection was closed, once it was
+        self.round_trips = 0
+        try:
+            self.fs, self.server_info = self._open(host, port, namespace, key, timeout, max_frame, mac, tls)
+        except ProtocolError as e:
+            if mac != MAC_POLY1305 or not str(e).startswith(OLD_SERVER_MAC_REFUSAL):
+                raise
+            # a server from before Poly1305 (older rdmakv 0.1.0) refuses it: BLAKE3 is as safe
+            self.fs, self.server_info = self._open(host, port, namespace, key, timeout, max_frame, MAC_BLAKE3, tls)
+        self.mac = self.fs.auth.alg if self.fs.auth is not None else mac
+
+    @staticmethod
+    def _open(host: str, port: int, namespace: str, key: bytes, timeout: float | None, max_frame: int, mac: int,
+              tls: ssl.SSLContext | None) -> tuple[FramedSocket, dict]:  # fmt: skip
+        """A connected, authenticated socket and what the server said about itself."""
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
@@ -63,14 +88,11 @@ class TcpChannel:
             except (ssl.SSLError, OSError) as e:
                 sock.close()
                 raise AuthError(f"TLS with {host}:{port} failed: {getattr(e, 'reason', None) or e}") from e
-        self.fs = FramedSocket(sock, max_frame)
-        self._req = 0
-        self._closed_by: RdmakvError | None = None  # why the connection was closed, once it was
-        self.round_trips = 0
+        fs = FramedSocket(sock, max_frame)
         try:
-            self.server_info = client_handshake(self.fs, key, namespace, mac)
+            return fs, client_handshake(fs, key, namespace, mac)
         except BaseException:
-            self.fs.close()
+            fs.close()
             raise
 
     # -- counters ------------------------------------------------------------------------

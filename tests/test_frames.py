@@ -17,7 +17,17 @@ from rdmakv.llama.slotfile import SlotFileError
 from rdmakv.wire import chunking
 from rdmakv.wire import manifest as mf
 from rdmakv.wire.frames import SMALL_BUFFER, FrameReader, MessageAssembler
-from rdmakv.wire.protocol import FLAG_MORE, MAC_BLAKE3, MAC_HMAC_SHA256, FrameAuth, Op, plain_frame
+from rdmakv.wire.protocol import (
+    FLAG_MORE,
+    HEADER,
+    MAC_BLAKE3,
+    MAC_NAMES,
+    MAC_POLY1305,
+    TAG_LEN,
+    FrameAuth,
+    Op,
+    plain_frame,
+)
 
 
 def _pair(alg):
@@ -29,7 +39,7 @@ def _pair(alg):
 @given(
     payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=8),
     cuts=st.lists(st.integers(1, 700), min_size=1, max_size=40),
-    alg=st.sampled_from([MAC_BLAKE3, MAC_HMAC_SHA256]),
+    alg=st.sampled_from(sorted(MAC_NAMES)),
 )
 def test_frames_come_back_whole_however_the_stream_is_cut(payloads, cuts, alg):
     tx, rx = _pair(alg)
@@ -50,7 +60,7 @@ def test_frames_come_back_whole_however_the_stream_is_cut(payloads, cuts, alg):
 @given(
     sizes=st.lists(st.integers(0, 5000), min_size=0, max_size=6),
     piece=st.integers(1, 4096),
-    alg=st.sampled_from([MAC_BLAKE3, MAC_HMAC_SHA256]),
+    alg=st.sampled_from(sorted(MAC_NAMES)),
 )
 def test_a_streamed_frame_is_the_sealed_frame_in_pieces(sizes, piece, alg):
     parts = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
@@ -63,6 +73,37 @@ def test_a_streamed_frame_is_the_sealed_frame_in_pieces(sizes, piece, alg):
     assert b"".join(bytes(p) for g in groups for p in g) == sealed
     assert all(sum(memoryview(p).nbytes for p in g[1 if i == 0 else 0 :]) <= piece for i, g in enumerate(groups[:-1]))
     assert b.send_seq == a.send_seq == 2
+
+
+@pytest.mark.parametrize("alg", sorted(MAC_NAMES))
+def test_every_mac_refuses_a_tampered_replayed_reordered_or_reflected_frame(alg):
+    def frames(tx, n):
+        return [b"".join(bytes(p) for p in tx.seal(Op.GET_CHUNKS, 0, i, [b"payload %d" % i])) for i in range(n)]
+
+    def refused(rx, stream):
+        r = FrameReader(1 << 20, rx)
+        r.feed(stream)
+        with pytest.raises(AuthError):
+            while r.next_frame() is not None:
+                pass
+
+    f0, f1 = frames(_pair(alg)[0], 2)
+    tampered = bytearray(f0)
+    tampered[HEADER.size] ^= 1  # a payload bit
+    refused(_pair(alg)[1], bytes(tampered))
+    refused(_pair(alg)[1], f1)  # reordered: frame 1 first
+    refused(_pair(alg)[1], f0 + f0)  # replayed
+    refused(_pair(alg)[0], f0)  # reflected back to its sender (the other direction's key)
+    r = FrameReader(1 << 20, _pair(alg)[1])
+    r.feed(f0 + f1)
+    assert [bytes(r.next_frame().payload) for _ in range(2)] == [b"payload 0", b"payload 1"]
+
+
+def test_poly1305_frames_use_a_key_of_their_own_and_keep_the_tag_length():
+    tx, _ = _pair(MAC_POLY1305)
+    a = tx.seal(Op.LIST, 0, 1, [b"same"])[-1]
+    b = tx.seal(Op.LIST, 0, 1, [b"same"])[-1]  # the same frame at the next sequence number
+    assert len(a) == len(b) == TAG_LEN and a != b and a[16:] == b[16:] == bytes(16)
 
 
 def test_a_tampered_or_plain_frame_after_keys_is_refused():

@@ -202,7 +202,7 @@ def test_chunks_larger_than_a_frame_travel_in_continuation_frames(fresh_server):
         assert st.get_blob("blob") == blob
 
 
-@pytest.mark.parametrize("mac", ["blake3", "hmac-sha256"])
+@pytest.mark.parametrize("mac", ["poly1305", "blake3", "hmac-sha256"])
 def test_blake3_chunk_keys_and_both_macs(server, ns, mac):
     kv = _kv(9, 200)
     with rdmakv.connect(server.url(ns), key=KEY_HEX, transport="tcp", window=32, hash_alg="blake3", mac=mac) as st:

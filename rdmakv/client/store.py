@@ -60,12 +60,13 @@ def connect(
     timeout: float | None = 60.0,
     pipeline_window: int = 64,
     hash_alg: str | int = "xxh3",
-    mac: str = "blake3",
+    mac: str = "poly1305",
     tls_ca: str | None = None,
 ) -> Store:
     """Open a store. ``key`` defaults to ``$RDMAKV_AUTH_KEY``; ``window`` is W in tokens;
     ``hash_alg`` ("xxh3" or "blake3") keys the chunks this connection saves; ``mac``
-    ("blake3" or "hmac-sha256") authenticates its frames. An ``rdmakvs://`` URL speaks TLS,
+    ("poly1305", "blake3" or "hmac-sha256") authenticates its frames (a server from before
+    Poly1305 refuses it: then BLAKE3). An ``rdmakvs://`` URL speaks TLS,
     verifying the server against ``tls_ca`` (default ``$RDMAKV_TLS_CA``, else the system's CAs)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -86,7 +87,7 @@ class Store(LowLevel):
         timeout: float | None = 60.0,
         pipeline_window: int = 64,
         hash_alg: str | int = HASH_XXH3_64,
-        mac: str = "blake3",
+        mac: str = "poly1305",
         tls_ca: str | None = None,
     ) -> None:
         self.url = parse_url(url)

@@ -128,7 +128,7 @@ def client_key(namespace: str) -> bytes:
 class BackendOptions:
     """``rdmakv://host:port/ns`` (or the reference's ``memkv://host:port/ns``) with options
     ``check=xxh3|blake3`` (the store's check of each chunk; blake3 for collision resistance),
-    ``transport=auto|rdma|tcp``, ``mac=blake3|hmac-sha256``, ``window=N``. ``hash_alg`` (an alias
+    ``transport=auto|rdma|tcp``, ``mac=poly1305|blake3|hmac-sha256``, ``window=N``. ``hash_alg`` (an alias
     of ``check``) and ``hash_order=be|le`` are still accepted: ``hash_order`` says how sessions
     saved before keys were opaque (xxh3 keys stored as numbers) are read back."""
 
@@ -147,7 +147,7 @@ class BackendOptions:
         check = _choice(q, "check", ("xxh3", "blake3"), _choice(q, "hash_alg", ("xxh3", "blake3"), "xxh3"))
         self.alg = KEY_OPAQUE_BLAKE3 if check == "blake3" else KEY_OPAQUE_XXH3
         self.transport = _choice(q, "transport", ("auto", "rdma", "tcp"), "auto")
-        self.mac = _choice(q, "mac", ("blake3", "hmac-sha256"), "blake3")
+        self.mac = _choice(q, "mac", ("poly1305", "blake3", "hmac-sha256"), "poly1305")
         self.window = _positive(q, "window", 64)
         self.cache_bytes = _positive(os.environ, CACHE_ENV, DEFAULT_CACHE_BYTES)
         self.pending_bytes = _positive(os.environ, PENDING_ENV, DEFAULT_PENDING_BYTES)

@@ -8,7 +8,7 @@
   share more between LMCache chunks that hold a common prefix; larger ones cost fewer pieces.
 - ``timeout``: seconds a store request may take before the connection counts as down.
 - ``pin`` (0/1) and ``ttl`` (seconds): as for any rdmakv save.
-- ``hash_alg``: ``xxh3`` or ``blake3`` chunk keys; ``mac``: ``blake3`` or ``hmac-sha256``.
+- ``hash_alg``: ``xxh3`` or ``blake3`` chunk keys; ``mac``: ``poly1305`` (default), ``blake3`` or ``hmac-sha256``.
 
 The key is ``$RDMAKV_AUTH_KEY`` (64 hex characters), else ``$RDMAKV_KEY_FILE``: 64 hex
 characters, or a keys file with the namespace's ``[[key]]`` (as ``rdmakv serve --keys`` reads).
@@ -41,7 +41,7 @@ class Settings:
     pin: bool = False
     ttl: float | None = None
     hash_alg: str = "xxh3"
-    mac: str = "blake3"
+    mac: str = "poly1305"
 
     @property
     def store_url(self) -> str:
@@ -69,7 +69,7 @@ def parse_settings(text: object, setting: str = "url") -> Settings:
         pin=_choice(q, "pin", ("0", "1"), "0", setting) == "1",
         ttl=_number(q, "ttl", 0.0, 0, 10 * 365 * 86400, setting, float) or None,
         hash_alg=_choice(q, "hash_alg", ("xxh3", "blake3"), "xxh3", setting),
-        mac=_choice(q, "mac", ("blake3", "hmac-sha256"), "blake3", setting),
+        mac=_choice(q, "mac", ("poly1305", "blake3", "hmac-sha256"), "poly1305", setting),
     )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AuthError, BusyError, ProtocolError, RdmakvError, TooLargeError
-from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, Header, Mac, decode_header
+from .protocol import FLAG_MORE, HEADER, TAG_LEN, FrameAuth, FrameMac, Header, decode_header
 
 SMALL_BUFFER = 4 << 10  # what an idle connection keeps
 READ_AHEAD = 64 << 10  # bytes asked of the socket beyond the current frame, at most
@@ -78,7 +78,7 @@ class FrameReader:
         self._big_got = 0  # bytes of it received
         self._handed: tuple[Frame, mmap.mmap] | None = None  # the last large frame returned, and its buffer
         self._refused: RdmakvError | None = None  # the current frame is being read and dropped
-        self._skip_mac: Mac | None = None  # its MAC, fed the dropped payload as it arrives
+        self._skip_mac: FrameMac | None = None  # its MAC, fed the dropped payload as it arrives
         self._skipped = 0  # payload bytes of it dropped so far
 
     @property

@@ -1,8 +1,9 @@
 """Wire frames and their authentication (sans-IO: bytes in, objects out).
 
-Frame = header | payload | tag. The header is fixed-size; the tag is a MAC (HMAC-SHA256 or
-keyed BLAKE3, chosen in HELLO) under the direction's key of
-(u64 sequence number || header || payload). The
+Frame = header | payload | tag. The header is fixed-size; the tag is a MAC (HMAC-SHA256, keyed
+BLAKE3 or Poly1305, chosen in HELLO) under the direction's key of
+(u64 sequence number || header || payload); for Poly1305 the sequence number picks the frame's
+one-time key instead (keyed BLAKE3 of it under the direction's key). The
 sequence number is implicit (each side counts frames per direction), so a
 replayed, dropped or reordered frame fails the MAC, and a frame reflected back
 to its sender fails because each direction has its own key. Only the two
@@ -42,7 +43,15 @@ HELLO_MAX = 512  # a HELLO is a few hundred bytes: anything larger is refused be
 
 MAC_HMAC_SHA256 = 1
 MAC_BLAKE3 = 2
-MAC_NAMES = {MAC_HMAC_SHA256: "hmac-sha256", MAC_BLAKE3: "blake3"}
+MAC_POLY1305 = 3
+MAC_NAMES = {MAC_HMAC_SHA256: "hmac-sha256", MAC_BLAKE3: "blake3", MAC_POLY1305: "poly1305"}
+# What a client asks for unless told otherwise: the cheapest per byte. Measured on this project's
+# 2-core VM over 8 MiB: Poly1305 (OpenSSL, through cryptography) 6.3 GB/s, keyed BLAKE3 on one
+# thread 3.4 GB/s, HMAC-SHA256 1.6 GB/s; every restored or saved byte is MAC'd on both ends.
+DEFAULT_MAC = MAC_POLY1305
+# How a server that does not know the MAC a client asked for says so (the same words since 0.1): a
+# client that asked for Poly1305 then asks again for BLAKE3 (fallback_tcp.transport.TcpChannel).
+OLD_SERVER_MAC_REFUSAL = "unknown frame MAC algorithm id"
 MAC_BY_NAME = {v: k for k, v in MAC_NAMES.items()}
 
 
@@ -124,12 +133,37 @@ def _no_blake3_threads() -> None:
 os.register_at_fork(after_in_child=_no_blake3_threads)
 
 
-class Mac(Protocol):
-    """What a frame MAC needs of hmac's and blake3's hashers."""
+class FrameMac(Protocol):
+    """The MAC of one frame: fed the frame's bytes, then asked for its tag (TAG_LEN bytes)."""
 
     def update(self, data: Buffer, /) -> object: ...
-    def copy(self) -> Mac: ...
     def digest(self) -> bytes: ...
+
+
+class Mac(FrameMac, Protocol):
+    """What a frame MAC needs of hmac's and blake3's hashers: a keyed state copied per frame."""
+
+    def copy(self) -> Mac: ...
+
+
+class _Poly1305Frame:
+    """Poly1305 over one frame. Poly1305 must never use a key twice, so each frame gets its own:
+    keyed BLAKE3 of the frame's sequence number under the direction's key (each direction's key is
+    new per connection, and its sequence numbers never repeat). The 16-byte tag is padded with
+    zeros to TAG_LEN, so frames keep one layout whatever the MAC."""
+
+    def __init__(self, direction_key: bytes, seq: int) -> None:
+        import blake3
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        one_time_key = blake3.blake3(b"rdmakv/2 poly1305 frame " + _SEQ.pack(seq), key=direction_key).digest()
+        self._poly = Poly1305(one_time_key)
+
+    def update(self, data: Buffer, /) -> None:
+        self._poly.update(data)  # type: ignore[arg-type]  # (any contiguous buffer, as for blake3)
+
+    def digest(self) -> bytes:
+        return self._poly.finalize() + bytes(TAG_LEN - 16)
 
 
 THREADED_PART = 1 << 20  # a MAC update at least this large goes to BLAKE3's thread pool
@@ -165,6 +199,7 @@ class FrameAuth:
 
     def __init__(self, send_key: bytes, recv_key: bytes, alg: int = MAC_HMAC_SHA256) -> None:
         self.alg = alg
+        self._send_key, self._recv_key = send_key, recv_key
         self._send = _mac_base(send_key, alg)
         self._recv = _mac_base(recv_key, alg)
         threaded = alg == MAC_BLAKE3  # (the same MACs, computed on the thread pool for large parts)
@@ -178,8 +213,7 @@ class FrameAuth:
     ) -> list[bytes | memoryview]:
         """Header, payload parts and tag, ready for one scatter-gather send."""
         header = encode_header(op, flags, req_id, payload_size(parts))
-        mac = (self._send_mt if _big_parts(parts) else self._send).copy()
-        mac.update(_SEQ.pack(self.send_seq))
+        mac = self._begin(self._send_key, self._send_mt if _big_parts(parts) else self._send, self.send_seq)
         mac.update(header)
         for p in parts:
             mac.update(p)
@@ -196,8 +230,7 @@ class FrameAuth:
         sequence number is taken at once: a stream not sent to its end leaves the connection out of
         step (as any partly sent frame does), which then closes."""
         header = encode_header(op, flags, req_id, payload_size(parts))
-        mac = self._send.copy()  # one thread: see STREAM_PIECE
-        mac.update(_SEQ.pack(self.send_seq))
+        mac = self._begin(self._send_key, self._send, self.send_seq)  # one thread: see STREAM_PIECE
         mac.update(header)
         self.send_seq += 1
         return _hashed_groups(mac, header, parts, piece)
@@ -214,15 +247,22 @@ class FrameAuth:
             mac.update(p)
         self.check(mac, tag)
 
-    def verifier(self, header: bytes | memoryview, threaded: bool = False) -> Mac:
+    def verifier(self, header: bytes | memoryview, threaded: bool = False) -> FrameMac:
         """A MAC over the next received frame, fed its payload as it arrives (``update``); then
         ``check``. For a frame that is read and dropped rather than kept."""
-        mac = (self._recv_mt if threaded else self._recv).copy()
-        mac.update(_SEQ.pack(self.recv_seq))
+        mac = self._begin(self._recv_key, self._recv_mt if threaded else self._recv, self.recv_seq)
         mac.update(header)
         return mac
 
-    def check(self, mac: Mac, tag: bytes | memoryview) -> None:
+    def _begin(self, key: bytes, base: Mac, seq: int) -> FrameMac:
+        """The MAC of frame ``seq`` of one direction, before its header."""
+        if self.alg == MAC_POLY1305:
+            return _Poly1305Frame(key, seq)
+        mac = base.copy()
+        mac.update(_SEQ.pack(seq))
+        return mac
+
+    def check(self, mac: FrameMac, tag: bytes | memoryview) -> None:
         if not hmac.compare_digest(mac.digest(), bytes(tag)):
             raise AuthError(
                 "frame authentication failed (wrong key, tampered, replayed or reordered frame)"
@@ -231,7 +271,7 @@ class FrameAuth:
 
 
 def _hashed_groups(
-    mac: Mac, header: bytes, parts: Sequence[bytes | memoryview], piece: int
+    mac: FrameMac, header: bytes, parts: Sequence[bytes | memoryview], piece: int
 ) -> Iterator[list[bytes | memoryview]]:
     group: list[bytes | memoryview] = [header]
     size = 0

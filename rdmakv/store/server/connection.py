@@ -36,6 +36,7 @@ from ...wire.protocol import (
     HEADER,
     HELLO_MAX,
     MAC_NAMES,
+    OLD_SERVER_MAC_REFUSAL,
     STREAM_MIN,
     FrameAuth,
     Header,
@@ -332,7 +333,7 @@ class Connection:
                 raise ProtocolError(f"expected HELLO, got opcode {h.op}")
             client_nonce, ns, fp, mac = msg.dec_hello(payload)
             if mac not in MAC_NAMES:
-                raise ProtocolError(f"unknown frame MAC algorithm id {mac} (this server knows "
+                raise ProtocolError(f"{OLD_SERVER_MAC_REFUSAL} {mac} (this server knows "
                                     f"{', '.join(f'{k} {v}' for k, v in MAC_NAMES.items())})")  # fmt: skip
             entry = self.server.keyring.select(fp, ns)
             chosen = mac
