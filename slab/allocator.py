@@ -21,8 +21,7 @@ region ids are never reused.
 Regions start small (``min_region_bytes``) and double up to ``region_bytes``:
 a namespace that stores little pins little, one that stores much ends up with
 few large regions (few MRs). Small regions use small spans (1/16 of the
-region), so a 4 KiB namespace costs a 64 KiB region, not a megabyte. Regions of
-``HUGEPAGE_MIN_REGION`` and more ask for transparent huge pages.
+region), so a 4 KiB namespace costs a 64 KiB region, not a megabyte.
 """
 
 from __future__ import annotations
@@ -42,25 +41,6 @@ DEFAULT_SPAN_BYTES = 1 << 20
 MIN_REGION_BYTES = 64 << 10
 SPANS_PER_SMALL_REGION = 16
 MIN_SPAN_BYTES = 16 << 10
-# A region this large asks for transparent huge pages: the first write into it (a cold save's
-# chunks) then takes one page fault per 2 MiB instead of one per 4 KiB. Measured on this project's
-# 2-core VM, copying 48 MiB of 16 KiB chunks into a fresh mapping: 40 ms with 4 KiB pages, 9 ms
-# with huge pages, 7 ms into memory already touched. Smaller regions (a namespace that holds
-# little) keep 4 KiB pages, so a few chunks never pin a 2 MiB page.
-HUGEPAGE_MIN_REGION = 4 << 20
-
-
-def advise_huge_pages(mapping: mmap.mmap) -> bool:
-    """Ask the kernel to back ``mapping`` with transparent huge pages; False where it cannot (no
-    THP in the kernel, or none in this Python): then it keeps 4 KiB pages, as before."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
-        return False
-    try:
-        mapping.madvise(advice)
-    except OSError:
-        return False
-    return True
 
 
 class SlabFullError(MemoryError):
@@ -109,7 +89,6 @@ class Region:
         self.length = length
         self.span = span
         self._map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.huge_pages = length >= HUGEPAGE_MIN_REGION and advise_huge_pages(self._map)
         self.view = memoryview(self._map)
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.address = ctypes.addressof(self._anchor)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slab import CapacityBudget, Slab, SlabFullError, class_size
-from slab.allocator import HUGEPAGE_MIN_REGION
 
 
 def test_size_classes_fit_and_power_of_two_is_exact():
@@ -145,28 +142,3 @@ def test_a_thousand_small_namespaces_fit_in_256_mib():
     for sl in slabs:
         sl.alloc_run([1024] * 4)  # 4 KiB each
     assert budget.reserved <= 128 << 20
-
-
-def _thp_eligible(address: int) -> bool:
-    """The kernel's word (/proc/self/smaps) on whether the mapping at ``address`` may get huge pages."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    for i, line in enumerate(lines):
-        start = line.split("-", 1)[0]
-        if "-" in line.split(" ", 1)[0] and int(start, 16) == address:
-            for field in lines[i + 1 :]:
-                if field.startswith("THPeligible:"):
-                    return field.split()[1] == "1"
-    raise AssertionError(f"no mapping at {address:#x} in /proc/self/smaps")
-
-
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
-def test_large_regions_ask_for_huge_pages_and_small_ones_do_not():
-    s = Slab(CapacityBudget(64 << 20))
-    big = s.regions[s.alloc_run([16384] * 512)[0].region]  # an 8 MiB run: one region sized for it
-    assert big.length >= HUGEPAGE_MIN_REGION and big.huge_pages and _thp_eligible(big.address)
-    t = Slab(CapacityBudget(64 << 20))
-    small = t.regions[t.alloc(100).region]
-    assert small.length < HUGEPAGE_MIN_REGION and not small.huge_pages and not _thp_eligible(small.address)
