@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # typing-only (collections.abc.Buffer is 3.12+)
 
+import blake3
+from cryptography.hazmat.primitives import poly1305
+
 from ..errors import AuthError, ProtocolError, TooLargeError
 
 MAGIC = b"RDKV"
@@ -153,11 +156,8 @@ class _Poly1305Frame:
     zeros to TAG_LEN, so frames keep one layout whatever the MAC."""
 
     def __init__(self, direction_key: bytes, seq: int) -> None:
-        import blake3
-        from cryptography.hazmat.primitives.poly1305 import Poly1305
-
         one_time_key = blake3.blake3(b"rdmakv/2 poly1305 frame " + _SEQ.pack(seq), key=direction_key).digest()
-        self._poly = Poly1305(one_time_key)
+        self._poly = poly1305.Poly1305(one_time_key)
 
     def update(self, data: Buffer, /) -> None:
         self._poly.update(data)  # type: ignore[arg-type]  # (any contiguous buffer, as for blake3)
@@ -181,8 +181,6 @@ STREAM_PIECE = 1 << 20
 
 def _mac_base(key: bytes, alg: int, threaded: bool = False) -> Mac:
     if alg == MAC_BLAKE3:
-        import blake3
-
         # Large updates are hashed on several cores (BLAKE3's tree). Small ones stay on this one:
         # a hasher made with max_threads=AUTO is 3-5x slower on 16 KiB updates (bench throughput).
         threads = blake3.blake3.AUTO if threaded and _blake3_threads_ok else 1
