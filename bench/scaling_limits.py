@@ -24,6 +24,18 @@ def _raw_worker(args: tuple[int, int, float]) -> tuple[int, float, float]:
     return nbytes * reps, r["started"], r["ended"]
 
 
+def write_synced(path: str, data: memoryview) -> None:
+    """``data`` into a new file at ``path``, then fdatasync (what a durable save must do)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < data.nbytes:
+            done += os.write(fd, data[done:])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fdatasync_worker(args: tuple[int, int, float, str, int]) -> tuple[int, float, float]:
     nbytes, reps, start_at, directory, idx = args
     data = memoryview(bytes(nbytes))
@@ -31,15 +43,8 @@ def _fdatasync_worker(args: tuple[int, int, float, str, int]) -> tuple[int, floa
     def write_all() -> None:
         for i in range(reps):
             path = os.path.join(directory, f"scaling-{idx}-{i}.tmp")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                done = 0
-                while done < nbytes:
-                    done += os.write(fd, data[done:])
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(path)
+            write_synced(path, data)
+            os.unlink(path)
 
     return _timed(write_all, nbytes * reps, start_at)
 

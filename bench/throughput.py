@@ -48,14 +48,7 @@ def fdatasync_limit(directory: str, data: memoryview, runs: int) -> dict:
     for i in range(runs + 1):
         path = os.path.join(directory, f"limit-{i}.tmp")
         t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            done = 0
-            while done < data.nbytes:
-                done += os.write(fd, data[done:])
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        scaling_limits.write_synced(path, data)
         dt = time.perf_counter() - t0
         os.unlink(path)
         if i:  # the first one warms the page cache's allocator
