@@ -43,7 +43,9 @@ class Room(Protocol):
     """What admission needs of the memory tier (the engine)."""
 
     capacity: int
-    high_watermark: float
+
+    @property
+    def watermark_bytes(self) -> int: ...
     holders: set[Holder]
 
     def mem_used(self) -> int: ...
@@ -76,7 +78,7 @@ class Admission:
         want = need - holder.reserved
         if want <= 0:
             return
-        limit = int(room.high_watermark * room.capacity)
+        limit = room.watermark_bytes
         if need > limit:
             raise StoreFullError(
                 f"store full: a save of {fmt_bytes(need)} does not fit in the memory tier "

@@ -23,7 +23,7 @@ import numpy as np
 
 from slab import CapacityBudget, Slot
 
-from ...errors import DiskFullError, ManifestError, RdmakvError
+from ...errors import DiskFullError, ManifestError
 from ...hashing import Key, key_hex, keys_array
 from ...wire import manifest as mf
 from ...wire.batches import Found
@@ -88,7 +88,6 @@ class Engine:
         self.capacity = capacity
         self.budget = CapacityBudget(capacity)
         self.disk_capacity = disk_capacity or 4 * capacity
-        self.high_watermark = high_watermark
         self.quotas = dict(quotas or {})
         self.say = log or logs.say
         self.damage: list[Damage] = []
@@ -443,16 +442,7 @@ class Engine:
                     if now - at > SAVE_HOLD_S:
                         tiers.drop_pending(h, ns_name, key)
             tiers.release_regions(now - REGION_GRACE_S)
-            limit = int(self.high_watermark * self.capacity)
-            used = tiers.mem_used()
-            any_ns = next(iter(self.namespaces.values()), None)
-            if used > limit and any_ns is not None:
-                tiers.demote_until(used - limit, any_ns, None)
-            if self.live.total > tiers.disk_limit() and any_ns is not None:
-                try:
-                    tiers.disk_room(any_ns, 0)
-                except RdmakvError:
-                    pass  # everything left is pinned or busy; saves will say so
+            tiers.relieve_pressure()
             garbage = self.log.disk_bytes() - self.live.total
         if garbage > self.log.segment_bytes // 2:
             self.compactor.wake()

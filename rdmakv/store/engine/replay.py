@@ -154,7 +154,7 @@ def replay(engine: ReplayHost) -> Replayed:
 def _load_resident(engine: ReplayHost, sessions: list[Session]) -> int:
     """Fill memory with the pinned, then the most recent, sessions up to the high watermark."""
     tiers = engine.tiers
-    limit = int(tiers.high_watermark * tiers.capacity)
+    limit = tiers.watermark_bytes
     order = sorted(sessions, key=lambda s: (not s.pinned, -s.seq))
     loaded = 0
     for s in order:

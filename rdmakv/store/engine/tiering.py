@@ -24,7 +24,7 @@ from typing import Protocol
 
 from slab import CapacityBudget, SlabFullError, Slot, class_size
 
-from ...errors import DiskFullError, StoreFullError
+from ...errors import DiskFullError, RdmakvError, StoreFullError
 from ...hashing import Key
 from ...units import fmt_bytes
 from .admission import Admission
@@ -76,6 +76,26 @@ class Tiers:
         self.disk_lru: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.fs_free = 1 << 62
         self.admission = Admission(self)  # reservations of saves in flight
+
+    @property
+    def watermark_bytes(self) -> int:
+        """Memory the store may use before it demotes: the high watermark of ``capacity``."""
+        return int(self.high_watermark * self.capacity)
+
+    def relieve_pressure(self) -> None:
+        """Upkeep: demote until memory is under the high watermark, and evict until the disk tier
+        is within its limit (what is pinned or busy stays; saves then say so)."""
+        any_ns = next(iter(self.namespaces.values()), None)
+        if any_ns is None:
+            return
+        used = self.mem_used()
+        if used > self.watermark_bytes:
+            self.demote_until(used - self.watermark_bytes, any_ns, None)
+        if self.live.total > self.disk_limit():
+            try:
+                self.disk_room(any_ns, 0)
+            except RdmakvError:
+                pass  # everything left is pinned or busy; saves will say so
 
     def refresh_fs_free(self) -> int:
         try:
@@ -319,7 +339,7 @@ class Tiers:
             self.demote_until(ns.used + need - ns.quota, ns, protect, only=ns)
             if ns.used + need > ns.quota:
                 raise self.admission.no_room(ns, need, holder, f"namespace {ns.name!r} quota of {fmt_bytes(ns.quota)}")
-        limit = int(self.high_watermark * self.capacity)
+        limit = self.watermark_bytes
         others = self.admission.others_reserved(holder)
         if self.budget.reserved + others + need > limit:
             self.release_regions(None)
