@@ -192,6 +192,33 @@ def test_a_large_first_part_is_handed_to_the_message_not_copied():
     assert h.req_id == 9 and h.length == 9 << 20 and bytes(body) == b"".join(parts)
 
 
+@pytest.mark.parametrize("kept", ["frame", "a slice of its payload"])
+def test_a_handed_over_first_part_may_still_be_referenced_while_the_message_grows(kept):
+    """The server's worker keeps the first frame (its call's arguments) while it takes the next
+    ones that are already buffered: the buffer handed to the message must still grow (the
+    payload's view is released; a slice taken of it before makes the message move instead)."""
+    tx, rx = _pair(MAC_POLY1305)
+    r = FrameReader(4 << 20, rx)
+    a = MessageAssembler(16 << 20)
+    parts = [bytes([i + 1]) * (2 << 20) for i in range(3)]
+    for i, p in enumerate(parts):
+        r.feed(b"".join(bytes(x) for x in tx.seal(Op.PUT_CHUNKS, FLAG_MORE if i < 2 else 0, 4, [p])))
+    first = r.next_frame()
+    assert first is not None
+    pinned = first.payload[:10] if kept != "frame" else None
+    owned = r.detach(first)
+    assert owned is not None
+    whole = a.add(first.header, first.payload, owned)
+    while whole is None:
+        f = r.next_frame()
+        assert f is not None
+        whole = a.add(f.header, f.payload)
+    assert first is not None  # still alive here, as in the worker
+    assert bytes(whole[1]) == b"".join(parts)
+    assert pinned is None or bytes(pinned) == parts[0][:10]
+    assert (whole[1].obj is owned[0]) == (pinned is None)  # grown in place unless a slice pins it
+
+
 def test_continued_messages_are_joined_up_to_their_limit():
     from rdmakv.wire.protocol import Header
 

@@ -328,6 +328,7 @@ class MessageAssembler:
             self._first = h
             if owned is not None:
                 (self._parts, self._skip), self._size = owned, h.length
+                payload.release()  # the caller's view goes with the buffer (a live view pins a mapping's size)
                 return None
             self._parts, self._skip, self._size = anonymous(h.length), 0, 0
         elif h.op != self._first.op or h.req_id != self._first.req_id:
@@ -338,7 +339,7 @@ class MessageAssembler:
             raise TooLargeError(f"continued message exceeds the limit of {self.max_message} bytes")
         at = self._skip + self._size
         if len(self._parts) < at + h.length:
-            self._parts.resize(at + h.length)
+            self._grow(at + h.length)
         self._parts[at : at + h.length] = payload
         self._size += h.length
         if h.flags & FLAG_MORE:
@@ -346,3 +347,14 @@ class MessageAssembler:
         first, parts, skip, size = self._first, self._parts, self._skip, self._size
         self.drop()
         return Header(first.op, first.flags & ~FLAG_MORE, first.req_id, size), memoryview(parts)[skip : skip + size]
+
+    def _grow(self, size: int) -> None:
+        """Grow the message's mapping in place; if a view of it is still alive elsewhere (a slice
+        of a handed-over first part), mremap is refused: move to a new mapping instead."""
+        assert self._parts is not None
+        try:
+            self._parts.resize(size)
+        except BufferError:
+            moved = anonymous(size)
+            moved[: len(self._parts)] = self._parts
+            self._parts = moved
