@@ -15,7 +15,10 @@ from fallback_tcp.framed import raise_error_frame
 from rdmakv import errors
 from rdmakv.store.engine.core import Engine
 from rdmakv.store.server.eventloop import Server
+from rdmakv.store.server.limits import ServerLimits
 from rdmakv.wire import messages as msg
+from rdmakv.wire.frames import MessageAssembler
+from rdmakv.wire.protocol import FLAG_MORE
 
 # subclasses that share their parent's code on purpose (what the client sees is the parent)
 SHARED = {"SaveMustWait": errors.BusyError}  # a parked save whose wait ran out is answered BUSY
@@ -92,6 +95,37 @@ def test_an_internal_error_reaches_the_client_as_an_id_only(tmp_path) -> None:
         server.stop()
         engine.close()
 
+
+def test_a_bug_outside_a_handler_answers_an_internal_error_id(tmp_path, monkeypatch) -> None:
+    """A bug in the worker's frame handling, before any handler runs (here: joining a continued
+    message fails, as a mapping that could not grow did): the client is told "internal error
+    (id X)" and why the connection closes, not a bare reset; the log line with X has the detail."""
+    said: list[str] = []
+    key = os.urandom(32)
+    engine = Engine(tmp_path / "d", 64 << 20)
+    engine.open(background=False)
+    server = Server(engine, key, "127.0.0.1", 0, limits=ServerLimits(max_frame=1 << 20), log=said.append).start()
+    joining = MessageAssembler.add
+
+    def broken_add(self, h, payload, owned=None):
+        if self.pending and not h.flags & FLAG_MORE:  # the last part: all was read, the close is clean
+            raise RuntimeError("secret detail: mremap refused")
+        return joining(self, h, payload, owned)
+
+    monkeypatch.setattr(MessageAssembler, "add", broken_add)
+    try:
+        with rdmakv.connect(f"{server.url_base}/ns", key=key.hex(), transport="tcp") as st:
+            with pytest.raises(errors.ServerError) as info:
+                st.put_blob("big", bytes(3 << 20))
+        text = str(info.value)
+        assert "internal error (id " in text and "secret" not in text
+        error_id = text.split("internal error (id ", 1)[1].split(")", 1)[0]
+        lines = [line for line in said if error_id in line]
+        assert len(lines) == 1 and "secret detail" in lines[0]
+        assert server.internal_errors == 1
+    finally:
+        server.stop()
+        engine.close()
 
 
 def test_without_pyverbs_the_reason_is_said_once() -> None:

@@ -16,10 +16,16 @@ import os
 import sys
 import threading
 
+
+def log_safe(text: str) -> str:
+    """A client-supplied string as it may appear in a log line: escaped, bounded."""
+    return repr(text[:300])
+
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 # words that make an event a warning or an error (checked in this order)
 LEVEL_WORDS = (
-    ("error", ("internal error", "worker failed", "compaction failed", "maintenance failed")),
+    ("error", ("internal error", "compaction failed", "maintenance failed")),
     ("warning", ("warning", "disk full", "damage", "unreadable", "does not match", "out of file descriptors",
                  "unreachable", "refusing", "paused", "does not fit", "handshake failed", "TLS failed", "RDMA off",
                  "RLIMIT_NOFILE")),

@@ -45,6 +45,7 @@ from ...wire.protocol import (
     plain_frame,
 )
 from ..engine.admission import SaveMustWait
+from ..logs import log_safe
 from .context import ServerContext
 from .handlers import Handlers
 from .inflight import SMALL_FRAME
@@ -59,11 +60,6 @@ class Parked:
     def __init__(self, header: Header, payload: memoryview) -> None:
         self.header = header
         self.payload = payload
-
-
-def log_safe(text: str) -> str:
-    """A client-supplied string as it may appear in a log line: escaped, bounded."""
-    return repr(text[:300])
 
 
 class Connection:
@@ -173,6 +169,14 @@ class Connection:
                 self._send_all([plain_frame(Op.ERROR, FLAG_RESPONSE, req_id, body)], timeout)
         except (OSError, RdmakvError):
             pass
+
+    def internal_error(self, e: BaseException, where: str) -> ServerError:
+        """A bug met serving this connection: counted, and logged under an id with its detail
+        (which may name paths, keys or internals); the client is told only the id."""
+        self.server.internal_errors += 1
+        error_id = secrets.token_hex(4)
+        self.server.say(f"rdmakv: {self.peer}: internal error {error_id} {where}: {e!r}")
+        return ServerError(f"internal error (id {error_id})")
 
     # -- the in-flight budget and the byte-rate floor -------------------------------------------
     def _admit(self, h: Header) -> None:
@@ -470,12 +474,8 @@ class Connection:
             self.wait_until = 0.0
             op, parts = Op.ERROR, [msg.enc_error(e.code, str(e), getattr(e, "missing", None))]
         except Exception as e:  # noqa: BLE001 - a bug must not end the server; it is counted and logged
-            # the detail (which may name paths, keys or internals) stays in the server's log; the
-            # client gets an id an operator can find there
-            self.server.internal_errors += 1
-            error_id = secrets.token_hex(4)
-            self.server.say(f"rdmakv: {self.peer}: internal error {error_id} on op {h.op}: {e!r}")
-            op, parts = Op.ERROR, [msg.enc_error(ServerError.code, f"internal error (id {error_id})")]
+            bug = self.internal_error(e, f"on op {h.op}")
+            op, parts = Op.ERROR, [msg.enc_error(bug.code, str(bug))]
         try:
             sent = self.send(op, h.req_id, parts)
         except (OSError, RdmakvError):

@@ -240,7 +240,7 @@ class Server:
         try:
             keep = conn.resume(parked) if parked is not None else conn.serve(frame)  # type: ignore[arg-type]  # (a frame unless parked)
         except BaseException as e:  # noqa: BLE001 - never lose a connection in a worker silently
-            self.say(f"rdmakv: {conn.peer}: worker failed: {e!r}")
+            conn.send_error(conn.internal_error(e, "in a worker (connection closed)"))  # (request id 0: all of it)
             keep = False
         if isinstance(keep, Parked):  # stays busy and unread until it runs again
             with self._ready_lock:
