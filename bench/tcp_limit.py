@@ -4,7 +4,9 @@ restore and cold save walls with each frame MAC (HMAC-SHA256, keyed BLAKE3, Poly
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,30 +16,56 @@ from typing import Any
 from .stats import summary
 
 _SENDER = textwrap.dedent("""
-    import socket, sys
-    n = int(sys.argv[1])
-    data = bytes(n)
+    import socket, struct, sys
+    n, piece, mac = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    data = memoryview(bytes(n))
     ls = socket.create_server(("127.0.0.1", 0))
     print(ls.getsockname()[1], flush=True)
     c, _ = ls.accept()
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mac:
+        import blake3
+        from cryptography.hazmat.primitives import poly1305
+    seq = 0
     while c.recv(1):
-        c.sendall(data)
+        if not mac:
+            c.sendall(data)
+            continue
+        seq += 1
+        tag = poly1305.Poly1305(blake3.blake3(struct.pack(">Q", seq)).digest())
+        for at in range(0, n, piece):  # each piece hashed, then sent (what seal_stream does)
+            tag.update(data[at : at + piece])
+            c.sendall(data[at : at + piece])
+        c.sendall(tag.finalize())
 """)
 
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+MAC_PIECE = 1 << 20  # as protocol.STREAM_PIECE: the MAC runs over pieces of this size as they go
 
-def raw_transfer(nbytes: int, runs: int, start_at: float | None = None) -> dict:
+
+def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: bool = False,
+                 sync_dir: str | None = None) -> dict:  # fmt: skip
     """Per transfer: a 1-byte request, then ``nbytes`` from another process over loopback TCP,
     received into a preallocated buffer (what the TCP path could do with no protocol at all).
-    ``start_at`` (a time.time()): the timed transfers wait for it, after the warm-up, so that
-    several of these in other processes run at once; "started"/"ended" say when they ran."""
-    proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(nbytes)], stdout=subprocess.PIPE, text=True)
+    ``mac``: the same with the default frame MAC (Poly1305) computed by the sender on each piece
+    before it goes and checked by the receiver on each piece as it lands (the floor of an
+    authenticated transfer). ``sync_dir``: each received piece is also written to a new file
+    there, fdatasync'd at the end (the floor of a durable save: the bytes cross the socket and
+    reach the disk, with no per-chunk work at all). ``start_at`` (a time.time()): the timed
+    transfers wait for it, after the warm-up, so that several of these in other processes run at
+    once; "started"/"ended" say when they ran."""
+    import blake3
+    from cryptography.hazmat.primitives import poly1305
+
+    cmd = [sys.executable, "-c", _SENDER, str(nbytes), str(MAC_PIECE), "1" if mac else "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None  # (a pipe)
         port = int(proc.stdout.readline())
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = memoryview(bytearray(nbytes))
+        tag = bytearray(16)
         samples = []
         started = time.time()
         for i in range(runs + 3):
@@ -45,16 +73,37 @@ def raw_transfer(nbytes: int, runs: int, start_at: float | None = None) -> dict:
                 while time.time() < start_at:
                     time.sleep(0.001)
                 started = time.time()
+            fd = -1 if sync_dir is None else os.open(os.path.join(sync_dir, "raw-save.tmp"), _NEW_FILE, 0o644)
             t0 = time.perf_counter()
             s.sendall(b"x")
-            got = 0
-            while got < nbytes:
-                got += s.recv_into(buf[got:])
+            check = poly1305.Poly1305(blake3.blake3(struct.pack(">Q", i + 1)).digest()) if mac else None
+            for at in range(0, nbytes, MAC_PIECE if mac or sync_dir else nbytes):
+                piece = buf[at : at + MAC_PIECE] if mac or sync_dir else buf
+                got = 0
+                while got < piece.nbytes:
+                    got += s.recv_into(piece[got:])
+                if check is not None:
+                    check.update(piece)
+                if fd >= 0:
+                    os.write(fd, piece)
+            if check is not None:
+                got = 0
+                while got < 16:
+                    got += s.recv_into(memoryview(tag)[got:])
+                check.verify(bytes(tag))
+            if fd >= 0:
+                os.fdatasync(fd)
+            dt = time.perf_counter() - t0
+            if fd >= 0:
+                os.close(fd)
             if i >= 3:  # warm-up
-                samples.append(time.perf_counter() - t0)
+                samples.append(dt)
         ended = time.time()
         s.close()
-        return summary(samples) | {"bytes": nbytes, "started": started, "ended": ended}
+        if sync_dir is not None:
+            os.unlink(os.path.join(sync_dir, "raw-save.tmp"))
+        return summary(samples) | {"bytes": nbytes, "started": started, "ended": ended, "mac": mac,
+                                   "synced": sync_dir is not None}  # fmt: skip
     finally:
         proc.kill()
         proc.wait()

@@ -171,6 +171,10 @@ def host_part(ctx: Ctx, sizes: list[int], quick: bool, data_dir: str) -> dict:
         row: dict = {"tokens": n, "bytes": ref.nbytes, "runs": runs}
         row["fdatasync_limit"] = fdatasync_limit(data_dir, _kv_bytes(ref), runs)
         row["raw_socket_limit"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5))
+        # what the limits are made of: the same transfer with the frame MAC on both ends, and also
+        # written to disk as it lands (no per-chunk work): how far a protocol could get here
+        row["raw_socket_mac_floor"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5), mac=True)
+        row["raw_durable_save_floor"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5), mac=True, sync_dir=data_dir)
         with ctx.connect("tput", "tcp") as w:
             w.save(f"r{n}", ref)
         del ref
