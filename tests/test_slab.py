@@ -142,3 +142,50 @@ def test_a_thousand_small_namespaces_fit_in_256_mib():
     for sl in slabs:
         sl.alloc_run([1024] * 4)  # 4 KiB each
     assert budget.reserved <= 128 << 20
+
+
+def _resident_bytes(address: int) -> int:
+    """Rss of the mapping that starts at ``address`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = int(head.split("-")[0], 16) == address
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def _wait_resident(region, want: int, timeout: float = 10.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (got := _resident_bytes(region.address)) < want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return got
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_a_new_region_is_backed_ahead_of_its_first_writes(prefault):
+    """A save's first copies into a fresh region must not fault page by page on its path: the
+    slab backs each new region on a thread of its own (MADV_POPULATE_WRITE)."""
+    s = Slab(CapacityBudget(64 << 20), region_bytes=16 << 20, min_region_bytes=16 << 20, prefault=prefault)
+    slot = s.alloc(4096)
+    region = s.regions[slot.region]
+    got = _wait_resident(region, region.length, timeout=10.0 if prefault else 0.5)
+    assert (got == region.length) == prefault, got
+    s.close()
+
+
+def test_closing_a_region_stops_its_prefault():
+    from slab import Region
+
+    r = Region(0, 256 << 20, 1 << 20)
+    import threading
+
+    t = threading.Thread(target=r.prefault, args=(1 << 20,))
+    t.start()
+    r.close()  # waits for the step under way at most; later steps see it closed
+    t.join(10)
+    assert not t.is_alive()
