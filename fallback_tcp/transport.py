@@ -62,6 +62,7 @@ class TcpChannel:
         self.batch_bytes = batch_bytes
         self.fetch_bytes = min(fetch_bytes, max_frame // 2)
         self._req = 0
+        self._following: int | None = None  # a request whose chunks follow its reply, not yet taken
         self._closed_by: RdmakvError | None = None  # why the connection was closed, once it was
         self.round_trips = 0
         try:
@@ -119,6 +120,9 @@ class TcpChannel:
     def _send(self, op: int, parts: Sequence[bytes | memoryview]) -> int:
         if self._closed_by is not None:
             raise self._closed_by
+        if self._following is not None:  # chunks sent after a manifest that nobody took: read past them
+            req, self._following = self._following, None
+            self._recv(req)
         self._req += 1
         try:
             self.fs.send(op, 0, self._req, parts)
@@ -274,9 +278,12 @@ class TcpChannel:
         left.extend(i for i in batch if i not in got)
         return first_error
 
-    def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: _Places) -> set[int]:
+    def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: _Places,
+                          foreign: str = "refuse") -> set[int]:  # fmt: skip
         """Receive one GET_CHUNKS reply with its chunk bytes landing in ``dests`` (the MAC is
-        checked over them as they lie); a continued or unusual reply takes the general path."""
+        checked over them as they lie); a continued or unusual reply takes the general path.
+        A chunk not asked for breaks the protocol, unless ``foreign`` is "skip": then the reply is
+        read past (its MAC checked) and nothing is taken from it."""
         fs = self.fs
         if self._closed_by is not None:
             raise self._closed_by
@@ -303,6 +310,9 @@ class TcpChannel:
             for k, ln, _ in served:
                 i = index.get(k)
                 if i is None or lengths[i] != ln:
+                    if foreign == "skip":
+                        fs.recv_verified(h, [head, table], [memoryview(bytearray(h.length - 9 - table_len))])
+                        return set()
                     raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
                 idx.append(i)
             if 9 + table_len + sum(lengths[i] for i in idx) != h.length:
@@ -381,8 +391,34 @@ class TcpChannel:
     def get_manifest(self, name: str, want_locations: bool = False) -> tuple[bytes, msg.Locations | None, str]:
         """(manifest, chunk locations when asked and the server exports RDMA, tier)."""
         flags = msg.GET_WANT_LOCATIONS if want_locations else 0
-        data, loc, tier = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
+        data, loc, tier, _ = msg.dec_manifest_reply(self.request(Op.GET_MANIFEST, [msg.enc_get_manifest(name, flags)]))
         return bytes(data), None if loc is None else loc.copy(), tier
+
+    def get_manifest_with_chunks(self, name: str) -> tuple[bytes, str]:
+        """(manifest, tier), asking the server to send the session's first chunks right after it
+        (messages.GET_WITH_CHUNKS): ``take_following`` receives them into place, and any other
+        request first reads past them. A small session is restored in one round trip."""
+        req = self._send(Op.GET_MANIFEST, [msg.enc_get_manifest(name, msg.GET_WITH_CHUNKS)])
+        self.round_trips += 1
+        data, _, tier, follows = msg.dec_manifest_reply(self._recv(req))
+        self._following = req if follows else None
+        return bytes(data), tier
+
+    @property
+    def following(self) -> bool:
+        return self._following is not None
+
+    def take_following(
+        self, keys: Sequence[Key], lengths: Sequence[int], dest: memoryview, offsets: Sequence[int]
+    ) -> set[int]:
+        """The chunks that followed the last manifest, received straight into ``dest`` at
+        ``offsets`` (``keys``: that manifest's distinct keys); which of them came. If they are not
+        among ``keys`` (a fill for something else), they are read past and none came."""
+        req, self._following = self._following, None
+        if req is None:
+            return set()
+        index = {k: i for i, k in enumerate(keys)}
+        return self._recv_chunks_into(req, index, lengths, _Places(dest, offsets, lengths), foreign="skip")
 
     def has_manifests(self, names: Sequence[str]) -> np.ndarray:
         """Which of ``names`` are committed sessions: one round trip per 65,536 names."""

@@ -121,7 +121,8 @@ class TcpTransport:
         self.pool: BufferPool | None = None  # restore buffers; the RDMA path lends its registered pool
 
     def lookup(self, name: str, rep: RestoreReport, *, one_sided: bool = True) -> Found:
-        data, _, rep.tier = self.channel.get_manifest(name)
+        """The manifest, with the session's first chunks following it for ``fill`` to take."""
+        data, rep.tier = self.channel.get_manifest_with_chunks(name)
         return Found(data, None, rep.tier)
 
     def buffer(self, nbytes: int) -> Dest:
@@ -151,8 +152,12 @@ class TcpTransport:
         ukeys = uniq[order].tolist()
         ulens = lengths[first[order]].tolist()
         home = offsets[first[order]].tolist()
+        # (the chunks that followed this restore's manifest: they are this fill's first keys)
+        came = self.channel.take_following(ukeys, ulens, dest, home) if self.channel.following else set()
         todo = []
         for i, k in enumerate(ukeys):
+            if i in came:
+                continue
             cached = self.cache.take(k) if len(self.cache) else None
             if cached is not None:
                 dest[home[i] : home[i] + ulens[i]] = cached

@@ -103,6 +103,14 @@ def dec_manifest_result(data: bytes | memoryview) -> np.ndarray:
 
 
 GET_WANT_LOCATIONS = 1
+# GET_MANIFEST over TCP may ask for the session's chunks to follow its manifest: the server then
+# sends, right after the manifest reply and with the same request id, a GET_CHUNKS reply of the
+# session's first distinct chunks (in manifest order, up to FOLLOW_BYTES), so that a small
+# session is restored in one round trip. The manifest reply says whether one follows (its tier
+# byte's FOLLOWS bit). A server that does not know the flag ignores it, and nothing follows.
+GET_WITH_CHUNKS = 2
+FOLLOWS = 0x80
+FOLLOW_BYTES = 8 << 20  # as the client's GET_CHUNKS batches (fallback_tcp DEFAULT_FETCH_BYTES)
 
 
 def enc_get_manifest(name: str, flags: int = 0) -> bytes:
@@ -121,23 +129,32 @@ TIERS = ("memory", "disk")  # where a restore found the session: in the slab, or
 
 
 def enc_manifest_reply(
-    manifest: bytes, locations: Locations | bytes | None, tier: str = "memory"
+    manifest: bytes, locations: Locations | bytes | None, tier: str = "memory", follows: bool = False
 ) -> list[bytes | memoryview]:
-    parts: list[bytes | memoryview] = [U32.pack(len(manifest)), manifest, U8.pack(TIERS.index(tier))]
+    """``follows``: a GET_CHUNKS reply to the same request comes next (see GET_WITH_CHUNKS)."""
+    if follows and locations is not None:
+        raise ValueError("chunks follow a manifest reply without locations only")
+    tier_byte = TIERS.index(tier) | (FOLLOWS if follows else 0)
+    parts: list[bytes | memoryview] = [U32.pack(len(manifest)), manifest, U8.pack(tier_byte)]
     if locations is not None:
         parts.append(locations if isinstance(locations, bytes) else locations.encode())
     return parts
 
 
-def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations | None, str]:
+def dec_manifest_reply(data: bytes | memoryview) -> tuple[memoryview, Locations | None, str, bool]:
+    """(manifest, locations or None, tier, whether a GET_CHUNKS reply follows)."""
     r = Reader(data)
     manifest = r.take(r.u32())
     tier = r.u8()
+    follows = bool(tier & FOLLOWS)
+    tier &= ~FOLLOWS
     if tier >= len(TIERS):
         raise CodecError(f"unknown tier {tier} in a GET_MANIFEST reply")
     locations = None if r.pos == len(r.data) else Locations.decode(r)
     r.end()
-    return manifest, locations, TIERS[tier]
+    if follows and locations is not None:
+        raise CodecError("a GET_MANIFEST reply with locations says chunks follow it")
+    return manifest, locations, TIERS[tier], follows
 
 
 def enc_pin(name: str, pinned: bool) -> bytes:

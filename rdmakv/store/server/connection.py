@@ -47,19 +47,8 @@ from ...wire.protocol import (
 from ..engine.admission import SaveMustWait
 from ..logs import log_safe
 from .context import ServerContext
-from .handlers import Handlers
+from .handlers import Handlers, Parked
 from .inflight import SMALL_FRAME
-
-
-class Parked:
-    """A request the engine cannot admit yet (SaveMustWait): kept, unanswered, with the connection
-    unread, until the server retries it as room frees or its wait is over."""
-
-    __slots__ = ("header", "payload")
-
-    def __init__(self, header: Header, payload: memoryview) -> None:
-        self.header = header
-        self.payload = payload
 
 
 class Connection:
@@ -478,6 +467,8 @@ class Connection:
             op, parts = Op.ERROR, [msg.enc_error(bug.code, str(bug))]
         try:
             sent = self.send(op, h.req_id, parts)
+            if reply is not None and reply.then is not None and op != Op.ERROR:  # e.g. chunks after a manifest
+                sent += self.send(reply.then[0], h.req_id, reply.then[1].parts)
         except (OSError, RdmakvError):
             return False
         else:
@@ -485,8 +476,8 @@ class Connection:
             self._count("bytes_received", self.uncounted_in)  # (after the request: its first write makes it)
             self.uncounted_in = 0
         finally:
-            if reply is not None and reply.after is not None:
-                reply.after()
+            if reply is not None:
+                reply.done()
         return True
 
     def close(self) -> None:

@@ -30,7 +30,8 @@ from ...wire.keyring import KeyRing
 from ...wire.protocol import Op
 from .. import logs
 from ..engine.core import Engine
-from .connection import Connection, Parked, refuse
+from .connection import Connection, refuse
+from .handlers import Parked
 from .inflight import InflightBudget, default_inflight
 from .limits import ServerLimits
 

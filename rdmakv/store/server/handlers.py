@@ -17,8 +17,9 @@ import numpy as np
 from ... import __version__
 from ...errors import AuthError, NotFoundError, ProtocolError, RdmakvError
 from ...wire import batches
+from ...wire import manifest as mf
 from ...wire import messages as msg
-from ...wire.protocol import Op
+from ...wire.protocol import Header, Op
 from ..engine.admission import SaveMustWait
 from .context import RdmaSession, ServerContext
 from .write_path import WritePath
@@ -34,13 +35,36 @@ STATS_NAMESPACES = 64  # an admin's STATS lists this many namespaces (the larges
 
 
 class Reply:
-    """Reply parts, and what to do once they are sent (let go of held chunks)."""
+    """Reply parts, and what to do once they are sent (let go of held chunks); ``then``: a second
+    reply to the same request, sent right after this one as (opcode, reply)."""
 
-    __slots__ = ("parts", "after")
+    __slots__ = ("parts", "after", "then")
 
-    def __init__(self, parts: list, after: Callable[[], None] | None = None) -> None:
+    def __init__(self, parts: list, after: Callable[[], None] | None = None,
+                 then: tuple[int, Reply] | None = None) -> None:  # fmt: skip
         self.parts = parts
         self.after = after
+        self.then = then
+
+    def done(self) -> None:
+        """(once, whether or not it was all sent) Let go of what this reply and the next held."""
+        try:
+            if self.after is not None:
+                self.after()
+        finally:
+            if self.then is not None:
+                self.then[1].done()
+
+
+class Parked:
+    """A request the engine cannot admit yet (SaveMustWait): kept, unanswered, with the connection
+    unread, until the server retries it as room frees or its wait is over."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: Header, payload: memoryview) -> None:
+        self.header = header
+        self.payload = payload
 
 
 class Handlers:
@@ -172,13 +196,31 @@ class Handlers:
     def on_commit(self, payload: memoryview) -> list:
         return self.writes.commit(payload)
 
-    def on_get_manifest(self, payload: memoryview) -> list:
+    def on_get_manifest(self, payload: memoryview) -> Reply:
         name, flags = msg.dec_get_manifest(payload)
         want = bool(flags & msg.GET_WANT_LOCATIONS) and self.rdma_session is not None
         data, loc, tier = self.engine.get_manifest(self.ns, name, want, self.holder)
         if want:  # a lookup that came over TCP: the index was stale or lacked it (e.g. promoted since)
             self.engine.publish(self.ns, name)
-        return msg.enc_manifest_reply(data, loc, tier)
+        then = self._chunks_of(data) if flags & msg.GET_WITH_CHUNKS and loc is None and tier == "memory" else None
+        return Reply(msg.enc_manifest_reply(data, loc, tier, follows=then is not None), then=then)
+
+    def _chunks_of(self, manifest: bytes) -> tuple[int, Reply] | None:
+        """A TCP restore's chunks sent right after its manifest (GET_WITH_CHUNKS): the first
+        distinct ones, up to FOLLOW_BYTES, as a GET_CHUNKS reply; None when any is not here."""
+        keys = mf.decode(manifest).keys
+        budget = min(msg.FOLLOW_BYTES, self.server.limits.max_frame - 4096)
+        got = self.engine.chunk_views(self.ns, keys.tolist(), budget)
+        if got.absent or not got.served:  # (the restore asks for them itself, and hears why)
+            got.release()
+            return None
+        try:
+            served = cast("list[tuple[Key, memoryview]]", got.served)  # (chunk_views fills every view)
+            parts = msg.enc_chunks(served, got.absent, msg.alg_of(keys), got.payload, got.checks)
+        except BaseException:
+            got.release()
+            raise
+        return Op.GET_CHUNKS, Reply(parts, got.release)
 
     def on_put_manifests(self, payload: memoryview) -> list:
         """Each manifest committed as by PUT_MANIFEST; one manifest's failure is its own outcome."""
