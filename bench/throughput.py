@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="py-spy the server during cold saves and a restore")
     p.add_argument("--profile-sizes", default="4096,16384", help="session sizes profiled (default 4096,16384)")
     p.add_argument("--only-profile", action="store_true", help="run the profile and nothing else")
-    p.add_argument("--json-name", default="", help="file name of the JSON (default results[-rdma].json)")
+    p.add_argument("--json-name", default="", help="results go to NAME.json, .md, .png (default results[-rdma])")
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -323,7 +323,7 @@ def cli(argv: list[str]) -> int:
     result = run(args)
     from . import throughput_report
 
-    stem = args.json_name or ("results-rdma" if args.rdma else "results")
+    stem = args.json_name.removesuffix(".json") or ("results-rdma" if args.rdma else "results")
     path = os.path.join(args.out, f"{stem}.json")
     if not args.no_plots and not args.only_profile:
         result["plot"] = throughput_report.plot(result, os.path.join(args.out, f"{stem}.png"))
