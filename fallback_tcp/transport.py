@@ -279,11 +279,11 @@ class TcpChannel:
         return first_error
 
     def _recv_chunks_into(self, req_id: int, index: dict, lengths: Sequence[int], dests: _Places,
-                          foreign: str = "refuse") -> set[int]:  # fmt: skip
+                          skip_foreign: bool = False) -> set[int]:  # fmt: skip
         """Receive one GET_CHUNKS reply with its chunk bytes landing in ``dests`` (the MAC is
         checked over them as they lie); a continued or unusual reply takes the general path.
-        A chunk not asked for breaks the protocol, unless ``foreign`` is "skip": then the reply is
-        read past (its MAC checked) and nothing is taken from it."""
+        A chunk not asked for breaks the protocol, unless ``skip_foreign``: then the reply is read
+        past (its MAC checked) and nothing is taken from it."""
         fs = self.fs
         if self._closed_by is not None:
             raise self._closed_by
@@ -310,7 +310,7 @@ class TcpChannel:
             for k, ln, _ in served:
                 i = index.get(k)
                 if i is None or lengths[i] != ln:
-                    if foreign == "skip":
+                    if skip_foreign:
                         fs.recv_verified(h, [head, table], [memoryview(bytearray(h.length - 9 - table_len))])
                         return set()
                     raise ProtocolError(f"GET_CHUNKS reply holds chunk {key_hex(k)}, which was not asked for")
@@ -418,7 +418,7 @@ class TcpChannel:
         if req is None:
             return set()
         index = {k: i for i, k in enumerate(keys)}
-        return self._recv_chunks_into(req, index, lengths, _Places(dest, offsets, lengths), foreign="skip")
+        return self._recv_chunks_into(req, index, lengths, _Places(dest, offsets, lengths), skip_foreign=True)
 
     def has_manifests(self, names: Sequence[str]) -> np.ndarray:
         """Which of ``names`` are committed sessions: one round trip per 65,536 names."""
