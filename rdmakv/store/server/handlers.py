@@ -208,7 +208,7 @@ class Handlers:
     def _chunks_of(self, manifest: bytes) -> tuple[int, Reply] | None:
         """A TCP restore's chunks sent right after its manifest (GET_WITH_CHUNKS): the first
         distinct ones, up to FOLLOW_BYTES, as a GET_CHUNKS reply; None when any is not here."""
-        keys = mf.decode(manifest).keys
+        keys = mf.keys_view(manifest)  # (committed: decoded and checked once already)
         budget = min(msg.FOLLOW_BYTES, self.server.limits.max_frame - 4096)
         got = self.engine.chunk_views(self.ns, keys.tolist(), budget)
         if got.absent or not got.served:  # (the restore asks for them itself, and hears why)
