@@ -153,7 +153,7 @@ class TcpTransport:
         ulens = lengths[first[order]].tolist()
         home = offsets[first[order]].tolist()
         # (the chunks that followed this restore's manifest: they are this fill's first keys)
-        came = self.channel.take_following(ukeys, ulens, dest, home) if self.channel.following else set()
+        came = self.channel.take_following(ukeys, ulens, dest, home)
         todo = []
         for i, k in enumerate(ukeys):
             if i in came:

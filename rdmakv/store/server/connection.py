@@ -467,7 +467,7 @@ class Connection:
             op, parts = Op.ERROR, [msg.enc_error(bug.code, str(bug))]
         try:
             sent = self.send(op, h.req_id, parts)
-            if reply is not None and reply.then is not None and op != Op.ERROR:  # e.g. chunks after a manifest
+            if reply is not None and reply.then is not None:  # e.g. a restore's chunks after its manifest
                 sent += self.send(reply.then[0], h.req_id, reply.then[1].parts)
         except (OSError, RdmakvError):
             return False
