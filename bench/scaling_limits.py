@@ -28,9 +28,7 @@ def write_synced(path: str, data: memoryview) -> None:
     """``data`` into a new file at ``path``, then fdatasync (what a durable save must do)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        done = 0
-        while done < data.nbytes:
-            done += os.write(fd, data[done:])
+        tcp_limit.write_all(fd, data)
         os.fdatasync(fd)
     finally:
         os.close(fd)

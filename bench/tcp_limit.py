@@ -40,6 +40,13 @@ _SENDER = textwrap.dedent("""
 """)
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """All of ``data`` to ``fd`` (os.write may take less than it is given)."""
+    done = 0
+    while done < data.nbytes:
+        done += os.write(fd, data[done:])
 MAC_PIECE = 1 << 20  # as protocol.STREAM_PIECE: the MAC runs over pieces of this size as they go
 
 
@@ -85,7 +92,7 @@ def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: 
                 if check is not None:
                     check.update(piece)
                 if fd >= 0:
-                    os.write(fd, piece)
+                    write_all(fd, piece)
             if check is not None:
                 got = 0
                 while got < 16:
@@ -152,4 +159,4 @@ def tcp_limit(ctx, runs: int) -> dict:
     }
 
 
-__all__ = ["raw_transfer", "tcp_limit", "variants"]
+__all__ = ["raw_transfer", "tcp_limit", "variants", "write_all"]
