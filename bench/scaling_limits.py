@@ -3,6 +3,8 @@
 
 - raw socket: ``clients`` processes, each receiving the same bytes from its own sender process over
   loopback TCP into a preallocated buffer (bench.tcp_limit.raw_transfer's loop), all at once;
+- raw socket + MAC: the same with the frame MAC (Poly1305) on both ends of each stream, the least
+  CPU an authenticated transfer costs (with one server, both clients' MACs run in that process);
 - write + fdatasync: ``clients`` processes, each writing the same bytes into its own new file in
   the data dir's filesystem and fdatasyncing it, all at once.
 
@@ -18,9 +20,9 @@ import time
 from . import tcp_limit
 
 
-def _raw_worker(args: tuple[int, int, float]) -> tuple[int, float, float]:
-    nbytes, reps, start_at = args
-    r = tcp_limit.raw_transfer(nbytes, reps, start_at)  # (its sender started and warmed up first)
+def _raw_worker(args: tuple[int, int, float, bool]) -> tuple[int, float, float]:
+    nbytes, reps, start_at, mac = args
+    r = tcp_limit.raw_transfer(nbytes, reps, start_at, mac=mac)  # (its sender started and warmed up first)
     return nbytes * reps, r["started"], r["ended"]
 
 
@@ -66,14 +68,15 @@ def _at_once(worker, jobs: list[tuple]) -> float:
 
 
 def limit_scaling(nbytes: int, reps: int, directory: str, lead_s: float = 3.0) -> dict:
-    """{"raw_socket": {...}, "fdatasync": {...}}: aggregate MB/s of one and of two at once, and their ratio."""
+    """{"raw_socket": {...}, "raw_socket_mac": {...}, "fdatasync": {...}}: aggregate MB/s of one and of
+    two at once, and their ratio."""
     out = {}
-    for name in ("raw_socket", "fdatasync"):
+    for name in ("raw_socket", "raw_socket_mac", "fdatasync"):
         mbps = {}
         for clients in (1, 2):
             start_at = time.time() + lead_s  # the pool's processes (and senders) start before the clock does
-            if name == "raw_socket":
-                mbps[clients] = _at_once(_raw_worker, [(nbytes, reps, start_at)] * clients)
+            if name != "fdatasync":
+                mbps[clients] = _at_once(_raw_worker, [(nbytes, reps, start_at, name == "raw_socket_mac")] * clients)
             else:
                 jobs = [(nbytes, reps, start_at, directory, i) for i in range(clients)]
                 mbps[clients] = _at_once(_fdatasync_worker, jobs)

@@ -17,8 +17,10 @@ from .stats import summary
 
 _SENDER = textwrap.dedent("""
     import socket, struct, sys
-    n, piece, mac = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    n, piece, mac, chunk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
     data = memoryview(bytes(n))
+    if chunk:
+        import xxhash
     ls = socket.create_server(("127.0.0.1", 0))
     print(ls.getsockname()[1], flush=True)
     c, _ = ls.accept()
@@ -32,6 +34,8 @@ _SENDER = textwrap.dedent("""
             c.sendall(data)
             continue
         seq += 1
+        if chunk:  # a client computes each chunk's key before it sends
+            keys = [xxhash.xxh3_64_intdigest(data[at : at + chunk]) for at in range(0, n, chunk)]
         tag = poly1305.Poly1305(blake3.blake3(struct.pack(">Q", seq)).digest())
         for at in range(0, n, piece):  # each piece hashed, then sent (what seal_stream does)
             tag.update(data[at : at + piece])
@@ -47,24 +51,31 @@ def write_all(fd: int, data: memoryview) -> None:
     done = 0
     while done < data.nbytes:
         done += os.write(fd, data[done:])
+
+
 MAC_PIECE = 1 << 20  # as protocol.STREAM_PIECE: the MAC runs over pieces of this size as they go
 
 
 def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: bool = False,
-                 sync_dir: str | None = None) -> dict:  # fmt: skip
+                 sync_dir: str | None = None, chunk: int = 0) -> dict:  # fmt: skip
     """Per transfer: a 1-byte request, then ``nbytes`` from another process over loopback TCP,
     received into a preallocated buffer (what the TCP path could do with no protocol at all).
     ``mac``: the same with the default frame MAC (Poly1305) computed by the sender on each piece
     before it goes and checked by the receiver on each piece as it lands (the floor of an
     authenticated transfer). ``sync_dir``: each received piece is also written to a new file
     there, fdatasync'd at the end (the floor of a durable save: the bytes cross the socket and
-    reach the disk, with no per-chunk work at all). ``start_at`` (a time.time()): the timed
+    reach the disk, with no per-chunk work at all). ``chunk`` (with ``mac`` and ``sync_dir``): the
+    bytes work a save's design asks for, each in one native call and no other per-chunk work: the
+    sender computes each chunk's xxh3 key before it sends; the receiver copies each piece into a
+    second buffer (the slab), hashes every chunk there twice with xxh3 (the key check, the log
+    record's checksum) and writes the copy to the file. ``start_at`` (a time.time()): the timed
     transfers wait for it, after the warm-up, so that several of these in other processes run at
     once; "started"/"ended" say when they ran."""
     import blake3
+    import xxhash
     from cryptography.hazmat.primitives import poly1305
 
-    cmd = [sys.executable, "-c", _SENDER, str(nbytes), str(MAC_PIECE), "1" if mac else "0"]
+    cmd = [sys.executable, "-c", _SENDER, str(nbytes), str(MAC_PIECE), "1" if mac else "0", str(chunk)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None  # (a pipe)
@@ -72,6 +83,7 @@ def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: 
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = memoryview(bytearray(nbytes))
+        slab = memoryview(bytearray(nbytes)) if chunk else buf
         tag = bytearray(16)
         samples = []
         started = time.time()
@@ -91,6 +103,12 @@ def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: 
                     got += s.recv_into(piece[got:])
                 if check is not None:
                     check.update(piece)
+                if chunk:
+                    slab[at : at + piece.nbytes] = piece
+                    for c in range(at, at + piece.nbytes, chunk):
+                        xxhash.xxh3_64_intdigest(slab[c : c + chunk])  # the key check
+                        xxhash.xxh3_64_intdigest(slab[c : c + chunk])  # the record's checksum
+                    piece = slab[at : at + piece.nbytes]
                 if fd >= 0:
                     write_all(fd, piece)
             if check is not None:
@@ -110,7 +128,7 @@ def raw_transfer(nbytes: int, runs: int, start_at: float | None = None, *, mac: 
         if sync_dir is not None:
             os.unlink(os.path.join(sync_dir, "raw-save.tmp"))
         return summary(samples) | {"bytes": nbytes, "started": started, "ended": ended, "mac": mac,
-                                   "synced": sync_dir is not None}  # fmt: skip
+                                   "synced": sync_dir is not None, "chunk": chunk}  # fmt: skip
     finally:
         proc.kill()
         proc.wait()

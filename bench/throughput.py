@@ -34,6 +34,7 @@ from .suites import Ctx, session
 SIZES = [256, 4096, 16384]
 QUICK_SIZES = [256, 4096]
 GB = 1e9
+WINDOW = 64  # tokens per chunk (the engines' usual W)
 
 
 def _runs(n_tokens: int, quick: bool) -> int:
@@ -107,17 +108,17 @@ def restores(ctx: Ctx, name: str, runs: int, transport: str, label: str) -> dict
                 "server_cpu_s_per_GB": _per_gb(cpu, nbytes), "reads_posted": rep.reads_posted}  # fmt: skip
 
 
-def _client(args: tuple) -> tuple[int, float, float, dict]:
+def _client(args: tuple) -> tuple[int, float, float, dict, float]:
     """One process: ``reps`` cold saves of its own sessions, or ``reps`` restores of its session."""
     url, key, transport, op, idx, n_tokens, reps, start_at = args
-    with connect(url, key=key, transport=transport, window=64) as st:  # one node: a Store
+    with connect(url, key=key, transport=transport, window=WINDOW) as st:  # one node: a Store
         if op == "save":
             kvs = [session(n_tokens, 900_000 + 1000 * idx + i + int(start_at) % 997 * 10) for i in range(reps)]
         else:
             st.restore(f"c{idx}")
         while time.time() < start_at:
             time.sleep(0.001)
-        t0, total = time.time(), 0
+        t0, cpu0, total = time.time(), time.process_time(), 0
         seen: dict[str, int] = {}
         for i in range(reps):
             if op == "save":
@@ -128,21 +129,27 @@ def _client(args: tuple) -> tuple[int, float, float, dict]:
                 transport_used = restored.transport
                 total += kv.nbytes
             seen[transport_used] = seen.get(transport_used, 0) + 1
-        t1 = time.time()
+        t1, cpu = time.time(), time.process_time() - cpu0
         if op == "save":
             for i in range(reps):
                 st.delete_manifest(f"c{idx}-{i}")
-        return total, t0, t1, seen
+        return total, t0, t1, seen, cpu
 
 
 def concurrent(ctx: Ctx, op: str, clients: int, n_tokens: int, reps: int, transport: str = "tcp") -> dict:
-    """Aggregate MB/s of ``clients`` processes doing ``op`` at once, each on its own sessions."""
+    """Aggregate MB/s of ``clients`` processes doing ``op`` at once, each on its own sessions, and
+    the CPU they and the server spent while they ran ("cores_busy": CPU seconds / wall seconds).
+    On a machine of C cores, one client keeping B cores busy caps two clients at C / B times its
+    speed, whatever the protocol."""
     mpc = mp.get_context("spawn")  # forked children would share the parent's verbs state
     with mpc.Pool(clients) as pool:
         start_at = time.time() + 4.0 + (3.0 if op == "save" else 0.5) * clients * (n_tokens / 4096)
         jobs = [(ctx.url("tput"), ctx.key, transport, op, i, n_tokens, reps, start_at) for i in range(clients)]
+        pending = pool.map_async(_client, jobs)
+        while time.time() < start_at and not pending.ready():  # the clients' warm-up is not counted
+            time.sleep(0.001)
         c0 = ctx.server.cpu_ticks()
-        res = pool.map(_client, jobs)
+        res = pending.get()
         cpu = ctx.server.cpu_ticks() - c0
     total = sum(r[0] for r in res)
     wall = max(r[2] for r in res) - min(r[1] for r in res)
@@ -152,15 +159,19 @@ def concurrent(ctx: Ctx, op: str, clients: int, n_tokens: int, reps: int, transp
             seen[t] = seen.get(t, 0) + n
             ctx.record(f"throughput.concurrent.{op}.{clients}.{transport}", transport, t, n)
     late = max(r[1] for r in res) - start_at
+    server_cpu, client_cpu = cpu / os.sysconf("SC_CLK_TCK"), sum(r[4] for r in res)
     return {"clients": clients, "bytes": total, "wall_s": wall, "aggregate_MBps": total / wall / 1e6,
-            "transports": seen, "server_cpu_s_total": cpu / os.sysconf("SC_CLK_TCK"), "start_skew_s": late}  # fmt: skip
+            "transports": seen, "server_cpu_s_total": server_cpu, "client_cpu_s_total": client_cpu,
+            "cores_busy": (server_cpu + client_cpu) / wall, "start_skew_s": late}  # fmt: skip
 
 
 def _scaling(ctx: Ctx, op: str, n_tokens: int, reps: int, transport: str) -> dict:
     one = concurrent(ctx, op, 1, n_tokens, reps, transport)
     two = concurrent(ctx, op, 2, n_tokens, reps, transport)
+    cores = os.cpu_count() or 1
     return {"tokens": n_tokens, "reps_per_client": reps, "one": one, "two": two,
-            "ratio": two["aggregate_MBps"] / one["aggregate_MBps"]}  # fmt: skip
+            "ratio": two["aggregate_MBps"] / one["aggregate_MBps"], "cores": cores,
+            "cpu_cap": cores / one["cores_busy"]}  # fmt: skip
 
 
 def host_part(ctx: Ctx, sizes: list[int], quick: bool, data_dir: str) -> dict:
@@ -175,6 +186,10 @@ def host_part(ctx: Ctx, sizes: list[int], quick: bool, data_dir: str) -> dict:
         # written to disk as it lands (no per-chunk work): how far a protocol could get here
         row["raw_socket_mac_floor"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5), mac=True)
         row["raw_durable_save_floor"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5), mac=True, sync_dir=data_dir)
+        # and with the bytes work of the design (keys, the slab copy, two hashes), in native calls only
+        chunk = WINDOW * ref.k[0].nbytes // ref.k[0].shape[0]
+        row["raw_design_save_floor"] = tcp_limit.raw_transfer(ref.nbytes, max(runs, 5), mac=True, sync_dir=data_dir,
+                                                              chunk=chunk)  # fmt: skip
         with ctx.connect("tput", "tcp") as w:
             w.save(f"r{n}", ref)
         del ref
@@ -235,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     server = ServerProcess(data_dir, args.capacity, *extra, key_hex=key).start()
     result: dict = {"environment": envinfo.collect(), "data_dir": data_dir,
                     "params": {"sizes": sizes, "fsync": args.fsync, "capacity": args.capacity, "quick": args.quick,
-                               "window": 64, "concurrency_tokens": args.concurrency_tokens},
+                               "window": WINDOW, "concurrency_tokens": args.concurrency_tokens},
                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     t_all = time.perf_counter()
     try:

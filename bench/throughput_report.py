@@ -76,22 +76,30 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [f"Concurrency part failed: {conc['error']}", ""]
     elif conc:
         lines += ["## Two clients at once vs one (different sessions; target ≥ 1.6×)", "",
-                  "| transport | op | tokens | 1 client MB/s | 2 clients MB/s | ratio | server CPU s (1 / 2) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| transport | op | tokens | 1 client MB/s | 2 clients MB/s | ratio | server CPU s (1 / 2) | "
+                  "clients' CPU s (1 / 2) | cores busy (1 / 2) | CPU cap: cores ÷ cores busy with 1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t, ops in conc.items():
             for op, s in ops.items():
                 one, two = s["one"], s["two"]
                 lines.append(f"| {t} | {op} | {s['tokens']:,} | {one['aggregate_MBps']:,.0f} | "
                              f"{two['aggregate_MBps']:,.0f} | {s['ratio']:.2f}× | "
-                             f"{one['server_cpu_s_total']:.2f} / {two['server_cpu_s_total']:.2f} |")  # fmt: skip
-        lines.append("")
+                             f"{one['server_cpu_s_total']:.2f} / {two['server_cpu_s_total']:.2f} | "
+                             f"{_pair(one, two, 'client_cpu_s_total')} | {_pair(one, two, 'cores_busy')} | "
+                             f"{_ratio(s.get('cpu_cap'), 1.0)} |")  # fmt: skip
+        lines += ["", "Cores busy: the server's and the clients' CPU seconds over the wall, while the clients "
+                  "ran. One client that keeps B of the machine's C cores busy leaves two at most C ÷ B times "
+                  "its speed.", ""]  # fmt: skip
     ceiling = r.get("concurrency_limits") or {}
     if ceiling and "error" not in ceiling:
         lines += ["The same machine's ceiling, measured in this run with no rdmakv in it (two streams at once vs "
                   "one, each in its own process, same bytes per transfer):", "",
                   "| limit | 1 stream MB/s | 2 streams MB/s | ratio |", "|---|---|---|---|"]  # fmt: skip
-        for name, label in (("raw_socket", "raw loopback socket"), ("fdatasync", "write + fdatasync")):
-            c = ceiling[name]
+        for name, label in (("raw_socket", "raw loopback socket"), ("raw_socket_mac", "raw socket + frame MAC"),
+                            ("fdatasync", "write + fdatasync")):  # fmt: skip
+            c = ceiling.get(name)
+            if c is None:  # (a run from before this limit was measured)
+                continue
             lines.append(f"| {label} | {c['one_MBps']:,.0f} | {c['two_MBps']:,.0f} | {c['ratio']:.2f}× |")
         lines.append("")
     peer = r.get("infinistore")
@@ -105,25 +113,45 @@ def markdown(r: dict[str, Any]) -> str:
 
 def _floor_lines(rows: list[dict]) -> list[str]:
     """What the limits are made of: the raw transfer again with the frame MAC (Poly1305, in 1 MiB
-    pieces, hashed by the sender and checked by the receiver) and with each piece also written to
-    a file, fdatasync'd at the end; rdmakv's walls against those floors."""
+    pieces, hashed by the sender and checked by the receiver), with each piece also written to a
+    file, fdatasync'd at the end, and with the bytes work a save's design asks for (keys, the slab
+    copy, the key check and the record checksum, in native calls); rdmakv's walls against them."""
     have = [row for row in rows if "raw_socket_mac_floor" in row]
     if not have:
         return []
     lines = ["", "What the limits are made of (same run): the raw socket again with the frame MAC on both "
-             "ends, and with the bytes also written to disk as they land (write + fdatasync), with no "
-             "per-chunk work; rdmakv's walls against these floors.", "",
-             "| tokens | raw socket ms | + MAC ms | + MAC + disk ms | write + fdatasync ms | restore / (+ MAC) | "
-             "cold save / (+ MAC + disk) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "ends; with the bytes also written to disk as they land (write + fdatasync); and with the bytes "
+             "work of a save's design added (the sender's xxh3 keys; the receiver's copy into a second buffer, "
+             "two xxh3 passes per 16 KiB chunk, the write from that copy), each in one native call, with no "
+             "other per-chunk work. rdmakv's walls against these floors.", "",
+             "| tokens | raw socket ms | + MAC ms | + MAC + disk ms | + design work ms | write + fdatasync ms | "
+             "design floor / (write + fdatasync) | restore / (+ MAC) | cold save / (+ MAC + disk) | "
+             "cold save / design floor |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in have:
         mac, durable = row["raw_socket_mac_floor"]["median_ms"], row["raw_durable_save_floor"]["median_ms"]
+        design = row.get("raw_design_save_floor", {}).get("median_ms")
+        sync = row["fdatasync_limit"]["median_ms"]
         restore, save = row.get("restore_tcp", {}).get("median_ms"), row.get("cold_save_tcp", {}).get("median_ms")
         lines.append(
             f"| {row['tokens']:,} | {row['raw_socket_limit']['median_ms']:.1f} | {mac:.1f} | {durable:.1f} | "
-            f"{row['fdatasync_limit']['median_ms']:.1f} | {restore and f'{restore / mac:.2f}×' or '-'} | "
-            f"{save and f'{save / durable:.2f}×' or '-'} |"
+            f"{_ms(design)} | {sync:.1f} | {_ratio(design, sync)} | {_ratio(restore, mac)} | "
+            f"{_ratio(save, durable)} | {_ratio(save, design)} |"
         )
     return lines
+
+
+def _pair(one: dict, two: dict, key: str) -> str:
+    if key not in one or key not in two:  # (a run from before this was measured)
+        return "-"
+    return f"{one[key]:.2f} / {two[key]:.2f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(top: float | None, bottom: float | None) -> str:
+    return "-" if not top or not bottom else f"{top / bottom:.2f}×"
 
 
 def _peer_lines(peer: dict, rows: list[dict]) -> list[str]:
@@ -136,8 +164,10 @@ def _peer_lines(peer: dict, rows: list[dict]) -> list[str]:
     by_tokens = {row["tokens"]: row for row in rows}
     for pr in peer.get("rows", []):
         row = by_tokens.get(pr["tokens"], {})
-        for ours, theirs, label in (("restore_rdma", "rdma_read", "RDMA read"),
-                                    ("restore_tcp", "tcp_read", "TCP read")):
+        for ours, theirs, label in (
+            ("restore_rdma", "rdma_read", "RDMA read"),
+            ("restore_tcp", "tcp_read", "TCP read"),
+        ):
             o, t = row.get(ours), pr.get(theirs)
             if not t:
                 continue

@@ -52,10 +52,36 @@ def test_the_two_stream_ceiling_runs_both_limits_at_once_and_is_reported(tmp_pat
     from bench import scaling_limits
 
     out = scaling_limits.limit_scaling(1 << 20, 2, str(tmp_path), lead_s=0.5)
-    for name in ("raw_socket", "fdatasync"):
+    for name in ("raw_socket", "raw_socket_mac", "fdatasync"):
         c = out[name]
         assert c["one_MBps"] > 0 and c["two_MBps"] > 0 and c["ratio"] == c["two_MBps"] / c["one_MBps"]
     assert not list(tmp_path.iterdir())  # its files are gone
     r = _result(90.0, 40.0) | {"concurrency": {"tcp": {}}, "concurrency_limits": out}
     md = throughput_report.markdown(r)
-    assert "| raw loopback socket |" in md and "| write + fdatasync |" in md
+    assert "| raw loopback socket |" in md and "| raw socket + frame MAC |" in md and "| write + fdatasync |" in md
+
+
+def test_the_design_floor_does_the_bytes_work_of_a_save(tmp_path):
+    from bench import tcp_limit
+
+    plain = tcp_limit.raw_transfer(1 << 20, 2, mac=True, sync_dir=str(tmp_path))
+    design = tcp_limit.raw_transfer(1 << 20, 2, mac=True, sync_dir=str(tmp_path), chunk=16384)
+    assert design["chunk"] == 16384 and plain["chunk"] == 0 and design["n"] == 2
+    assert not list(tmp_path.iterdir())  # its file is gone
+    row = _result(90.0, 40.0)["sizes"]["rows"][0] | {
+        "raw_socket_mac_floor": {"median_ms": 25.0}, "raw_durable_save_floor": {"median_ms": 45.0},
+        "raw_design_save_floor": {"median_ms": 60.0}}  # fmt: skip
+    md = throughput_report.markdown(_result(90.0, 40.0) | {"sizes": {"rows": [row]}})
+    # tokens, raw, +MAC, +disk, +design work, write+fdatasync, design/sync, restore/MAC, save/disk, save/design
+    assert "| 4,096 | 20.0 | 25.0 | 45.0 | 60.0 | 30.0 | 2.00× | 1.60× | 2.00× | 1.50× |" in md
+
+
+def test_two_clients_report_the_cores_they_keep_busy():
+    r = _result(90.0, 40.0)
+    for op in r["concurrency"]["tcp"].values():
+        op["one"] |= {"client_cpu_s_total": 0.5, "cores_busy": 1.6}
+        op["two"] |= {"client_cpu_s_total": 1.0, "cores_busy": 1.9}
+        op["cpu_cap"] = 2 / 1.6
+    md = throughput_report.markdown(r)
+    assert "| 1.10× | 1.00 / 2.00 | 0.50 / 1.00 | 1.60 / 1.90 | 1.25× |" in md
+    assert "| 1.10× | 1.00 / 2.00 | - | - | - |" in throughput_report.markdown(_result(90.0, 40.0))  # an older run
