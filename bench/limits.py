@@ -68,6 +68,14 @@ def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict
     return out
 
 
+def perftest_write(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict:
+    """ib_write_bw (average MB/s) for messages of ``size`` bytes: the link's limit for a save by WRITE."""
+    bw = _result_row(_perftest("ib_write_bw", size, iters, dev, gid_index, addr, 18517), size)
+    avg = float(bw[3])  # (the columns of ib_read_bw)
+    return {"bytes": size, "iterations": iters, "bw_avg_MBps": avg,
+            "bw_time_per_message_ms": size / (avg * 1e6) * 1e3 if avg else None}  # fmt: skip
+
+
 def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:
     """READ ``size`` bytes between two registered buffers on one device, no store logic."""
     from rdmakv import rdma

@@ -221,7 +221,9 @@ def concurrency_part(ctx: Ctx, n_tokens: int, quick: bool) -> dict:
 
 
 def rdma_limits(ctx: Ctx, rows: list[dict], quick: bool) -> None:
-    """ib_read_bw for each row's bytes, beside the RDMA restore."""
+    """ib_read_bw for each row's bytes, beside the RDMA restore; ib_write_bw beside the save by
+    WRITE, whose floor is that plus the same bytes' write + fdatasync (the server logs what was
+    written; nothing of it can start before the bytes are there)."""
     from rdmakv import rdma
 
     from . import limits as lim
@@ -239,6 +241,17 @@ def rdma_limits(ctx: Ctx, rows: list[dict], quick: bool) -> None:
         row["ib_read_bw_limit"] = pt
         if pt.get("bw_time_per_message_ms") and "restore_rdma" in row:
             row["restore_rdma_over_ib_read_bw"] = row["restore_rdma"]["median_ms"] / pt["bw_time_per_message_ms"]
+        try:
+            if addr is None:
+                raise RuntimeError("device has no IPv4 RoCE GID for perftest")
+            wt = lim.perftest_write(row["bytes"], iters, dev.caps.name, dev.caps.gid_index, addr)
+        except Exception as e:  # noqa: BLE001 - reported, never aborts the bench
+            wt = {"error": str(e)}
+        row["ib_write_bw_limit"] = wt
+        if wt.get("bw_time_per_message_ms") and "cold_save_rdma" in row:
+            floor = wt["bw_time_per_message_ms"] + row["fdatasync_limit"]["median_ms"]
+            row["write_save_floor_ms"] = floor
+            row["cold_save_rdma_over_write_floor"] = row["cold_save_rdma"]["median_ms"] / floor
 
 
 def run(args: argparse.Namespace) -> dict:
