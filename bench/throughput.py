@@ -248,10 +248,10 @@ def rdma_limits(ctx: Ctx, rows: list[dict], quick: bool) -> None:
         except Exception as e:  # noqa: BLE001 - reported, never aborts the bench
             wt = {"error": str(e)}
         row["ib_write_bw_limit"] = wt
-        if wt.get("bw_time_per_message_ms") and "cold_save_rdma" in row:
+        if wt.get("bw_time_per_message_ms"):
             floor = wt["bw_time_per_message_ms"] + row["fdatasync_limit"]["median_ms"]
-            row["write_save_floor_ms"] = floor
-            row["cold_save_rdma_over_write_floor"] = row["cold_save_rdma"]["median_ms"] / floor
+            row["write_save_floor"] = {"median_ms": floor, "ib_write_bw_ms": wt["bw_time_per_message_ms"],
+                                       "fdatasync_ms": row["fdatasync_limit"]["median_ms"]}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:

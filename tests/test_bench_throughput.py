@@ -92,7 +92,8 @@ def test_the_save_by_write_is_put_beside_its_own_floor():
     row = r["sizes"]["rows"][0] | {
         "cold_save_rdma": {"median_ms": 45.0, "transports": {"rdma": 3}},
         "cold_save_write_speedup_over_tcp": 2.0, "ib_write_bw_limit": {"bw_time_per_message_ms": 10.0},
-        "write_save_floor_ms": 40.0, "cold_save_rdma_over_write_floor": 45.0 / 40.0}  # fmt: skip
+        "write_save_floor": {"median_ms": 40.0}}  # fmt: skip
     md = throughput_report.markdown(r | {"sizes": {"rows": [row]}, "rdma_used": True})
     # tokens, WRITE save, ib_write_bw, the floor (+ write+fdatasync), WRITE / floor, TCP save, TCP / floor
     assert "| 4,096 | 45.0 | 10.0 | 40.0 | 1.12× | 90.0 | 2.25× |" in md
+    assert "| cold save, RDMA WRITE | 45.0 | 1,118 | ib_write_bw, then write + fdatasync | 40.0 |" in md
