@@ -1,0 +1,64 @@
+"""Where a save by WRITE spends its time, seen from the client, in the rxe guest: the reserving
+PUT_MANIFEST, the WRITEs (staging included) and the COMMIT, beside a TCP save's calls. A diagnostic
+beside `rdmakv bench throughput` (its output: write_phases.txt):
+`rdmakv rxe-vm --mem 6G -- python bench/results/throughput/guest-profile/write_phases.py`."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import rdmakv.rdma.save as rdma_save
+from bench.suites import session
+from fallback_tcp.transport import TcpChannel
+from rdmakv.client.store import connect
+from rdmakv.store.server.spawn import ServerProcess
+
+spent: collections.defaultdict[str, float] = collections.defaultdict(float)
+
+
+def timed(label: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t0
+
+    return call
+
+
+def main() -> None:
+    for name, label in (("put_manifest_reserving", "reserve_rpc"), ("commit_written", "commit_rpc"),
+                        ("put_manifest", "put_manifest_rpc"), ("put_chunks", "put_chunks")):  # fmt: skip
+        setattr(TcpChannel, name, timed(label, getattr(TcpChannel, name)))
+    rdma_save.write_reserved = timed("write_reserved", rdma_save.write_reserved)  # (imported at each save)
+    key = os.urandom(32).hex()
+    server = ServerProcess(tempfile.mkdtemp(), "4GiB", "--fsync", "manifest", "--transport", "auto", key_hex=key)
+    server.start()
+    try:
+        for n in (256, 4096):
+            for transport in ("rdma", "tcp"):
+                with connect(server.url("ph"), key=key, transport=transport, window=64) as st:
+                    for i in range(6):
+                        kv = session(n, 100 * n + i + (50 if transport == "tcp" else 0))
+                        spent.clear()
+                        c0 = server.cpu_ticks()
+                        rep = st.save(f"s{i}", kv)
+                        ticks = server.cpu_ticks() - c0
+                        st.delete_manifest(f"s{i}")
+                        if i:  # the first warms the connection up
+                            phases = {k: round(v * 1e3, 1) for k, v in spent.items()}
+                            print(n, transport, rep.transport, f"wall {rep.wall_s * 1e3:.1f}", "server ticks", ticks,
+                                  phases, flush=True)  # fmt: skip
+                        time.sleep(0.5)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
