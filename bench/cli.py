@@ -169,6 +169,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "throughput": ("throughput", "large sessions against the disk's and the link's limits (host; --rdma in the guest)"),
     "throughput-compare": ("throughput_report", "the before/after table of two throughput results.json"),
     "throughput-profile": ("throughput_profile", "the top entries of py-spy raw stacks"),
+    "write-phases": ("write_phases", "where a save by WRITE spends its time, beside a TCP save (in the guest)"),
     "check": ("check", "check a results.json against the targets (CI)"),
 }
 

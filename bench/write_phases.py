@@ -1,7 +1,7 @@
-"""Where a save by WRITE spends its time, seen from the client, in the rxe guest: the reserving
-PUT_MANIFEST, the WRITEs (staging included) and the COMMIT, beside a TCP save's calls. A diagnostic
-beside `rdmakv bench throughput` (its output: write_phases.txt):
-`rdmakv rxe-vm --mem 6G -- python bench/results/throughput/guest-profile/write_phases.py`."""
+"""Where a save by WRITE spends its time, seen from the client: the reserving PUT_MANIFEST, the
+WRITEs (staging included) and the COMMIT, beside a TCP save's calls, with the server's CPU ticks. A
+diagnostic beside `rdmakv bench throughput`, run in the rxe guest:
+`rdmakv rxe-vm --mem 6G -- rdmakv bench write-phases` (bench/results/throughput/guest-profile/)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def timed(label: str, f: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Five timed saves (after one warm-up) per size and transport, a line each on stdout."""
+    del argv  # (no options)
     for name, label in (("put_manifest_reserving", "reserve_rpc"), ("commit_written", "commit_rpc"),
                         ("put_manifest", "put_manifest_rpc"), ("put_chunks", "put_chunks")):  # fmt: skip
         setattr(TcpChannel, name, timed(label, getattr(TcpChannel, name)))
@@ -58,7 +60,4 @@ def main() -> None:
                         time.sleep(0.5)
     finally:
         server.stop()
-
-
-if __name__ == "__main__":
-    main()
+    return 0
