@@ -223,10 +223,11 @@ class Slab:
 
         A new region is sized for the whole run (``hint`` bytes still to come, if larger)."""
         out: list[Slot] = []
-        remaining = max(hint, sum(class_size(int(n)) for n in lengths))
+        sizes = {n: class_size(int(n)) for n in set(lengths)}  # (few distinct lengths)
+        remaining = max(hint, sum(sizes[n] for n in lengths))
         try:
             for n in lengths:
-                slot = self._alloc(int(n), remaining)
+                slot = self._alloc(int(n), remaining, sizes[n])
                 remaining -= slot.size
                 out.append(slot)
         except SlabFullError:
@@ -302,8 +303,8 @@ class Slab:
         self.regions.clear()
 
     # -- internals --------------------------------------------------------------
-    def _alloc(self, length: int, run_bytes: int) -> Slot:
-        size = class_size(length)
+    def _alloc(self, length: int, run_bytes: int, size: int = 0) -> Slot:
+        size = size or class_size(length)
         span = self._current.get(size)
         if span is None or span.next_free >= span.n_slots:
             span = self._next_span(size, span)

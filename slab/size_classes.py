@@ -7,6 +7,9 @@ keeps a run of equal chunks back-to-back in memory.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 ALIGN = 64
 
 
@@ -20,3 +23,9 @@ def class_size(length: int) -> int:
     step = top // 8  # classes top/2 + k*step for k = 1..4
     size = -(-length // step) * step
     return -(-size // ALIGN) * ALIGN
+
+
+def total_class_size(lengths: Iterable[int]) -> int:
+    """The sum of ``class_size`` over ``lengths``, each distinct length sized once (a save's
+    chunks have a handful of lengths)."""
+    return sum(class_size(int(n)) * count for n, count in Counter(lengths).items())

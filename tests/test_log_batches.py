@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from rdmakv.errors import DiskFullError, StorageError
 from rdmakv.store.engine import log_batches
 from rdmakv.store.engine import records as rec
@@ -190,3 +193,38 @@ def test_back_to_back_frames_reuse_the_buffer_and_never_move_a_live_payload():
     kept: list = []  # payloads still in use while more frames arrive: their bytes must not change
     assert _read(reader, stream, kept) == payloads
     assert [bytes(p) for p in kept] == payloads
+
+
+def test_a_batch_of_chunk_records_is_each_chunks_record_and_any_buffer_type_logs_alike(tmp_path):
+    import numpy as np
+
+    keys = [7, 8, 9, b"\x01" * 32]
+    bodies = [b"abc", memoryview(b"defg"), bytearray(b"hi"), np.arange(5, dtype=np.uint16)]
+    checks = {b"\x01" * 32: None}
+    batch = rec.chunk_records("ns", keys, bodies, checks)
+    assert batch == [rec.chunk_parts("ns", k, b) for k, b in zip(keys, bodies)]
+    one, many = SegmentLog(tmp_path / "one"), SegmentLog(tmp_path / "many")
+    one.open_for_append()
+    many.open_for_append()
+    assert [one.append(rec.REC_CHUNK, parts)[0] for parts in batch] == many.append_many(rec.REC_CHUNK, batch)
+    one.close()
+    many.close()
+    assert [p.read_bytes() for p in sorted((tmp_path / "one").glob("seg-*"))] == [
+        p.read_bytes() for p in sorted((tmp_path / "many").glob("seg-*"))
+    ]
+
+
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 1 << 20)), max_size=40))
+def test_a_batch_made_live_counts_as_its_records_one_by_one(records):
+    from rdmakv.store.engine.index import Namespace
+    from rdmakv.store.engine.live_bytes import LiveBytes
+    from rdmakv.store.engine.log_files import Location
+    from slab import CapacityBudget, Slab
+
+    locs = [Location(segment, 0, size) for segment, size in records]
+    one, many = LiveBytes(), LiveBytes()
+    ns_one, ns_many = (Namespace("ns", Slab(CapacityBudget(1 << 20))) for _ in range(2))
+    for loc in locs:
+        one.live(ns_one, loc)
+    many.live_many(ns_many, locs)
+    assert (many.total, +many.by_segment, ns_many.disk_live) == (one.total, +one.by_segment, ns_one.disk_live)

@@ -189,3 +189,10 @@ def test_closing_a_region_stops_its_prefault():
     r.close()  # waits for the step under way at most; later steps see it closed
     t.join(10)
     assert not t.is_alive()
+
+
+@given(st.lists(st.integers(1, 1 << 22), max_size=50))
+def test_total_class_size_is_the_sum_of_each_class(lengths):
+    from slab import total_class_size
+
+    assert total_class_size(lengths) == sum(class_size(n) for n in lengths)

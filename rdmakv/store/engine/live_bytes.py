@@ -20,6 +20,18 @@ class LiveBytes:
         self.total += loc.size
         ns.disk_live += loc.size
 
+    def live_many(self, ns: Namespace, locs: list[Location]) -> None:
+        """``live`` for the records of one batch (one update per segment, not per record)."""
+        by_segment: dict[int, int] = {}
+        for loc in locs:
+            by_segment[loc.segment] = by_segment.get(loc.segment, 0) + loc.size
+        total = 0
+        for segment, size in by_segment.items():
+            self.by_segment[segment] += size
+            total += size
+        self.total += total
+        ns.disk_live += total
+
     def dead(self, ns: Namespace, loc: Location) -> None:
         self.by_segment[loc.segment] -= loc.size
         self.total -= loc.size

@@ -61,11 +61,13 @@ class BatchAppends:
         of the failing write are truncated away and those written before it stay (never made
         live by the caller: garbage for the compactor), as a loop of ``append`` would leave them."""
         staged = []
-        for parts in records:
-            sizes = [memoryview(p).nbytes for p in parts]
-            length = sum(sizes)
+        for parts in records:  # (a loop over every chunk of a save: kept to plain statements)
+            length = body = 0
+            for p in parts:
+                body = len(p) if type(p) is bytes else memoryview(p).nbytes
+                length += body
             staged.append((encode_header(rtype, length, payload_checksum(parts)), parts, HEADER_SIZE + length,
-                           HEADER_SIZE + length - sizes[-1]))  # fmt: skip
+                           HEADER_SIZE + length - body))  # fmt: skip
         locs: list[Location] = []
         lsn = 0
         with self._lock:

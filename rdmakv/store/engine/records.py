@@ -26,6 +26,7 @@ delete records had no sequence number (replay numbers them in log order).
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -50,6 +51,8 @@ TYPES = {REC_CHUNK: "chunk", REC_MANIFEST: "manifest", REC_DELETE: "delete", REC
 MAGIC = b"RKL2"
 HEADER = struct.Struct("<4sBBHIQI")
 HEADER_SIZE = HEADER.size  # 24
+_HEADER_CHECKED = struct.Struct("<4sBBHIQ")  # the first 20 bytes, which the last 4 (xxh32) check
+_U32 = struct.Struct("<I")
 MAGIC_V1 = b"RKLG"
 HEADER_V1 = struct.Struct("<4sBxxxIQ")  # magic, type, payload length, xxh3 of type+length+payload
 MAX_PAYLOAD = (1 << 31) - 1
@@ -71,8 +74,8 @@ def payload_checksum(parts: list[bytes | memoryview]) -> int:
 def encode_header(rtype: int, length: int, checksum: int) -> bytes:
     if not 0 <= length <= MAX_PAYLOAD:
         raise CodecError(f"log record payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    head = HEADER.pack(MAGIC, rtype, 0, 0, length, checksum, 0)
-    return head[:20] + struct.pack("<I", xxhash.xxh32_intdigest(head[:20]))
+    head = _HEADER_CHECKED.pack(MAGIC, rtype, 0, 0, length, checksum)
+    return head + _U32.pack(xxhash.xxh32_intdigest(head))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,17 @@ def chunk_parts(
     ns: str, key: int | bytes, data: bytes | memoryview, check: int | bytes | None = None
 ) -> list[bytes | memoryview]:
     return [_str(ns) + _key(key, check), data]
+
+
+def chunk_records(
+    ns: str, keys: Sequence[int | bytes], bodies: Sequence[bytes | memoryview],
+    checks: Mapping[int | bytes, int | bytes] | None = None,
+) -> list[list[bytes | memoryview]]:  # fmt: skip
+    """``chunk_parts`` of a batch in one namespace (its name encoded once)."""
+    prefix = _str(ns)
+    if checks:
+        return [[prefix + _key(k, checks.get(k)), b] for k, b in zip(keys, bodies)]
+    return [[prefix + _key(k, None), b] for k, b in zip(keys, bodies)]
 
 
 def manifest_parts(

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from slab import CapacityBudget, SlabFullError, Slot, class_size
+from slab import CapacityBudget, SlabFullError, Slot, total_class_size
 
 from ...errors import DiskFullError, RdmakvError, StoreFullError
 from ...hashing import Key
@@ -385,7 +385,7 @@ class Tiers:
     ) -> list[Slot]:
         """Slots for a run of chunks, demoting what it takes (``holder``: the save they are for,
         whose reservation they may use); SaveMustWait or StoreFullError when nothing can go."""
-        need = sum(class_size(n) for n in lengths)
+        need = total_class_size(lengths)
         self.make_room(ns, need, protect, holder=holder)
         released = False
         while True:

@@ -79,7 +79,7 @@ class Writes:
                     if s.size > s.length:
                         ns.slab.regions[s.region].zero(s.offset + s.length, s.size - s.length)
             self.tiers.make_disk_room(sum(s.length for s in slots) + 64 * len(slots))
-            records = [rec.chunk_parts(ns_name, k, v) for k, v in zip(keys, views)]
+            records = rec.chunk_records(ns_name, keys, views)
             placed = list(zip(keys, self.log.append_many(rec.REC_CHUNK, records)))  # few writevs, from the slab
             records.clear()
         except BaseException:
@@ -130,7 +130,7 @@ class Writes:
             for data, view in zip(new.values(), views):
                 view[:] = data
             # one writev per run of records, from the slab copies (the frame's buffer can go)
-            records = [rec.chunk_parts(ns_name, key, view, checks.get(key)) for key, view in zip(new, views)]
+            records = rec.chunk_records(ns_name, list(new), views, checks)
             placed = list(zip(new, self.log.append_many(rec.REC_CHUNK, records)))
             records.clear()
         except BaseException:
@@ -148,21 +148,22 @@ class Writes:
     ) -> tuple[int, int]:  # fmt: skip
         """Make chunks whose bytes sit in ``slots`` and whose records are in the log live, held
         for this caller's commit; returns (stored, already present)."""
-        stored = 0
+        made: list[Location] = []
+        chunks = ns.chunks
         with self.lock:
             for (key, loc), slot in zip(placed, slots):
-                if key in ns.chunks:  # a concurrent put of the same chunk won
+                if key in chunks:  # a concurrent put of the same chunk won
                     ns.slab.free(slot)
                     existed += 1
-                    self._hold_pending(holder, ns, ns.chunks[key], now)
+                    self._hold_pending(holder, ns, chunks[key], now)
                     continue
-                c = ns.chunks[key] = Chunk(key, slot.length, loc, slot, check=checks.get(key) if checks else None)
-                self.live.live(ns, loc)
+                c = chunks[key] = Chunk(key, slot.length, loc, slot, check=checks.get(key) if checks else None)
+                made.append(loc)
                 self._hold_pending(holder, ns, c, now)
-                stored += 1
-            ns.counters["chunks_stored"] += stored
+            self.live.live_many(ns, made)
+            ns.counters["chunks_stored"] += len(made)
             ns.counters["chunks_deduped"] += existed
-        return stored, existed
+        return len(made), existed
 
     def _hold_pending(self, holder: Holder, ns: Namespace, c: Chunk, now: float) -> None:
         ident = (ns.name, c.key)
