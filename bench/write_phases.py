@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import rdmakv.rdma.save as rdma_save
 from bench.suites import session
+from bench.throughput import WINDOW
 from fallback_tcp.transport import TcpChannel
 from rdmakv.client.store import connect
 from rdmakv.store.server.spawn import ServerProcess
@@ -40,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         setattr(TcpChannel, name, timed(label, getattr(TcpChannel, name)))
     rdma_save.write_reserved = timed("write_reserved", rdma_save.write_reserved)  # (imported at each save)
     key = os.urandom(32).hex()
-    server = ServerProcess(tempfile.mkdtemp(), "4GiB", "--fsync", "manifest", "--transport", "auto", key_hex=key)
+    data_dir = tempfile.mkdtemp(prefix="rdmakv-phases-")
+    server = ServerProcess(data_dir, "4GiB", "--fsync", "manifest", "--transport", "auto", key_hex=key)
     server.start()
     try:
         for n in (256, 4096):
             for transport in ("rdma", "tcp"):
-                with connect(server.url("ph"), key=key, transport=transport, window=64) as st:
+                with connect(server.url("ph"), key=key, transport=transport, window=WINDOW) as st:
                     for i in range(6):
                         kv = session(n, 100 * n + i + (50 if transport == "tcp" else 0))
                         spent.clear()
@@ -60,4 +63,5 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(0.5)
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return 0
