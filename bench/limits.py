@@ -56,10 +56,7 @@ def _result_row(out: str, size: int) -> list[str]:
 def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict:
     """ib_read_bw (average MB/s) and ib_read_lat (typical us) for messages of ``size`` bytes."""
     out: dict[str, float | None] = {"bytes": size, "iterations": iters}
-    bw = _result_row(_perftest("ib_read_bw", size, iters, dev, gid_index, addr, 18515), size)
-    # columns: #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]
-    out["bw_avg_MBps"] = float(bw[3])
-    out["bw_time_per_message_ms"] = size / (float(bw[3]) * 1e6) * 1e3 if float(bw[3]) else None
+    out |= _bandwidth("ib_read_bw", size, iters, dev, gid_index, addr, 18515)
     lat = _result_row(_perftest("ib_read_lat", size, max(5, iters // 2), dev, gid_index, addr, 18516), size)
     # columns: #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
     nums = [float(x) for x in lat[2:] if re.fullmatch(r"[0-9.]+", x)]
@@ -70,10 +67,15 @@ def perftest(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict
 
 def perftest_write(size: int, iters: int, dev: str, gid_index: int, addr: str) -> dict:
     """ib_write_bw (average MB/s) for messages of ``size`` bytes: the link's limit for a save by WRITE."""
-    bw = _result_row(_perftest("ib_write_bw", size, iters, dev, gid_index, addr, 18517), size)
-    avg = float(bw[3])  # (the columns of ib_read_bw)
-    return {"bytes": size, "iterations": iters, "bw_avg_MBps": avg,
-            "bw_time_per_message_ms": size / (avg * 1e6) * 1e3 if avg else None}  # fmt: skip
+    return {"bytes": size, "iterations": iters} | _bandwidth("ib_write_bw", size, iters, dev, gid_index, addr, 18517)
+
+
+def _bandwidth(tool: str, size: int, iters: int, dev: str, gid_index: int, addr: str, port: int) -> dict:
+    """An ib_*_bw run's average MB/s and the time one message of ``size`` bytes takes at it."""
+    bw = _result_row(_perftest(tool, size, iters, dev, gid_index, addr, port), size)
+    # columns: #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]
+    avg = float(bw[3])
+    return {"bw_avg_MBps": avg, "bw_time_per_message_ms": size / (avg * 1e6) * 1e3 if avg else None}
 
 
 def raw_pyverbs_read(size: int, runs: int, max_read_bytes: int) -> dict:

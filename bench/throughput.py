@@ -22,6 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import rdmakv
 from rdmakv.client.store import connect
@@ -231,27 +233,26 @@ def rdma_limits(ctx: Ctx, rows: list[dict], quick: bool) -> None:
     dev = rdma.Device.open(os.environ.get("RDMAKV_RDMA_DEVICE") or None)
     addr = lim.device_ipv4(dev.caps.gid)
     for row in rows:
-        try:
-            if addr is None:
-                raise RuntimeError("device has no IPv4 RoCE GID for perftest")
-            iters = 5 if row["bytes"] > (64 << 20) else 20 if quick else 50
-            pt = lim.perftest(row["bytes"], iters, dev.caps.name, dev.caps.gid_index, addr)
-        except Exception as e:  # noqa: BLE001 - reported, never aborts the bench
-            pt = {"error": str(e)}
-        row["ib_read_bw_limit"] = pt
+        iters = 5 if row["bytes"] > (64 << 20) else 20 if quick else 50
+        pt = row["ib_read_bw_limit"] = _perftest_or_error(lim.perftest, row["bytes"], iters, dev, addr)
         if pt.get("bw_time_per_message_ms") and "restore_rdma" in row:
             row["restore_rdma_over_ib_read_bw"] = row["restore_rdma"]["median_ms"] / pt["bw_time_per_message_ms"]
-        try:
-            if addr is None:
-                raise RuntimeError("device has no IPv4 RoCE GID for perftest")
-            wt = lim.perftest_write(row["bytes"], iters, dev.caps.name, dev.caps.gid_index, addr)
-        except Exception as e:  # noqa: BLE001 - reported, never aborts the bench
-            wt = {"error": str(e)}
-        row["ib_write_bw_limit"] = wt
+        wt = row["ib_write_bw_limit"] = _perftest_or_error(lim.perftest_write, row["bytes"], iters, dev, addr)
         if wt.get("bw_time_per_message_ms"):
             floor = wt["bw_time_per_message_ms"] + row["fdatasync_limit"]["median_ms"]
             row["write_save_floor"] = {"median_ms": floor, "ib_write_bw_ms": wt["bw_time_per_message_ms"],
                                        "fdatasync_ms": row["fdatasync_limit"]["median_ms"]}  # fmt: skip
+
+
+def _perftest_or_error(tool: Callable[[int, int, str, int, str], dict], nbytes: int, iters: int, dev: Any,
+                       addr: str | None) -> dict:  # fmt: skip
+    """One perftest figure, or {"error": why} (reported; it never aborts the bench)."""
+    try:
+        if addr is None:
+            raise RuntimeError("device has no IPv4 RoCE GID for perftest")
+        return tool(nbytes, iters, dev.caps.name, dev.caps.gid_index, addr)
+    except Exception as e:  # noqa: BLE001 - reported, never aborts the bench
+        return {"error": str(e)}
 
 
 def run(args: argparse.Namespace) -> dict:

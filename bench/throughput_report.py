@@ -58,7 +58,7 @@ def markdown(r: dict[str, Any]) -> str:
                 if not v:
                     continue
                 lm = _limit_ms(row, lim_key)
-                ratio = f"{v['median_ms'] / lm:.2f}×" if lm else "-"
+                ratio = _ratio(v["median_ms"], lm)
                 lines.append(
                     f"| {row['tokens']:,} | {row['bytes']:,} | {label} | {v['median_ms']:.1f} | "
                     f"{_mbps(row['bytes'], v['median_ms'])} | {lim_label} | {lm and f'{lm:.1f}' or '-'} | "
@@ -269,8 +269,8 @@ def compare(before: dict, after: dict, label_before: str = "before", label_after
             b, a = rb[key]["median_ms"], ra[key]["median_ms"]
             lb, la = _limit_ms(rb, lim_key), _limit_ms(ra, lim_key)
             lines.append(
-                f"| {ra['tokens']:,} | {label} | {b:.1f} | {f'{b / lb:.2f}×' if lb else '-'} | {a:.1f} | "
-                f"{f'{a / la:.2f}×' if la else '-'} | {b / a:.2f}× | {rb[key].get('server_cpu_s_per_GB', 0):.2f} / "
+                f"| {ra['tokens']:,} | {label} | {b:.1f} | {_ratio(b, lb)} | {a:.1f} | "
+                f"{_ratio(a, la)} | {b / a:.2f}× | {rb[key].get('server_cpu_s_per_GB', 0):.2f} / "
                 f"{ra[key].get('server_cpu_s_per_GB', 0):.2f} |"
             )
     cb, ca = before.get("concurrency") or {}, after.get("concurrency") or {}
